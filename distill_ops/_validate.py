@@ -1,0 +1,98 @@
+"""Input checks shared by the public functions. Each error names the offending argument and runs
+before any kernel does."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def logits(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a vocabulary axis (shape (..., V)), got a 0-d tensor")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty vocabulary axis (V = 0)")
+    return x
+
+
+def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def leading_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape[:-1] != ref.shape[:-1]:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, whose leading (token) dims differ from "
+            f"{ref_name}'s {tuple(ref.shape)}"
+        )
+
+
+def positive(name: str, value: object) -> float:
+    v = finite(name, value)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return v
+
+
+def finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return v
+
+
+def non_negative(name: str, value: object) -> float:
+    v = finite(name, value)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return v
+
+
+def unit_interval(name: str, value: object) -> float:
+    v = finite(name, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return v
+
+
+def choice(name: str, value: object, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def labels(
+    x: object, ref: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels"
+) -> Optional[torch.Tensor]:
+    """Labels of shape ref.shape[:-1], integer, each in [0, vocab) or == ignore_index."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if tuple(x.shape) != tuple(ref.shape[:-1]):
+        raise ValueError(
+            f"{name} must have shape {tuple(ref.shape[:-1])} (the logits without the vocabulary "
+            f"axis), got {tuple(x.shape)}"
+        )
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {ref.device}")
+    bad = ((x < 0) | (x >= vocab)) & (x != ignore_index)
+    if x.numel() and bool(bad.any()):
+        first = x[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
+        )
+    return x.reshape(-1).to(torch.int64)

@@ -1,0 +1,139 @@
+"""User-facing functions: the fused distillation losses."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as check
+from . import backends
+from .backends.base import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
+from .ops.dense import REDUCTIONS, InplaceDenseKD, dense_kd
+
+DIVERGENCES = tuple(DIVERGENCE_CODES) + ("generalized_jsd",)
+VOCAB_MODES = ("strict", "common_prefix")
+
+
+def resolve_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, float]:
+    """Map a divergence name and its parameters to (kernel code, mix).
+
+    ``generalized_jsd`` follows TRL's GKD convention: beta = 0 is forward KL, beta = 1 reverse KL,
+    and in between JSD(beta) with the mixture M = beta p + (1 - beta) q.
+    """
+    if divergence == "generalized_jsd":
+        if beta == 0.0:
+            return FORWARD_KL, 0.0
+        if beta == 1.0:
+            return REVERSE_KL, 0.0
+        return JSD, beta
+    code = DIVERGENCE_CODES[divergence]
+    if divergence == "jsd":
+        return code, beta
+    if divergence.startswith("skew"):
+        return code, alpha
+    return code, 0.0
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    labels: Optional[torch.Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_temperature: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    vocab: str = "strict",
+    inplace_grad: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused distillation loss between student and teacher logits of shape (..., V).
+
+    Per token: ``soft_weight * tau^2 * D(p, q) + hard_weight * CE(student, label)`` where
+    q = softmax(student / tau), p = softmax(teacher / tau) and D is the chosen divergence
+    (``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd`` with ``beta``, ``skew_forward_kl`` and
+    ``skew_reverse_kl`` with ``alpha``, ``generalized_jsd`` as TRL's GKD). The tau^2 factor is dropped
+    with ``scale_temperature=False``; CE uses the student logits at temperature 1.
+
+    Args:
+        student_logits: (..., V) float32/bfloat16/float16/float64; the gradient flows into it.
+        teacher_logits: (..., V) same leading shape, same device; never differentiated.
+        labels: optional integer (...) hard labels; rows equal to ``ignore_index`` contribute
+            nothing, get a zero gradient and are not counted by ``mean``.
+        reduction: ``none`` (per token, float32), ``sum``, ``mean`` (over non-ignored tokens; 0 if
+            all are ignored) or ``batchmean`` (sum over the number of tokens).
+        softcap: optional c > 0: logits -> c * tanh(logits / c) before the temperature (both sides).
+        vocab: ``strict`` (vocabularies must match) or ``common_prefix`` (use the first
+            min(V_student, V_teacher) entries of both; the rest of the student gets zero gradient).
+        inplace_grad: write the gradient into ``student_logits``' own memory (eager mode only):
+            saves one N x V buffer, but the logits are overwritten by the forward.
+        backend: ``auto``, ``torch``, ``triton``, ``cpu`` or ``cuda`` (env ``DISTILL_OPS_BACKEND``
+            overrides ``auto``).
+
+    Returns:
+        The loss: a scalar, or per-token values for ``reduction="none"`` (float32; float64 for
+        float64 inputs).
+    """
+    student = check.logits("student_logits", student_logits)
+    teacher = check.logits("teacher_logits", teacher_logits)
+    check.same_device("teacher_logits", teacher, "student_logits", student)
+    check.leading_shape("teacher_logits", teacher, "student_logits", student)
+    check.choice("divergence", divergence, DIVERGENCES)
+    check.choice("reduction", reduction, REDUCTIONS)
+    check.choice("vocab", vocab, VOCAB_MODES)
+    check.choice("backend", backend, backends.BACKENDS)
+    tau = check.positive("temperature", temperature)
+    beta = check.unit_interval("beta", beta)
+    alpha = check.unit_interval("alpha", alpha)
+    hard_weight = check.non_negative("hard_weight", hard_weight)
+    soft_weight = check.non_negative("soft_weight", soft_weight)
+    cap = 0.0 if softcap is None else check.positive("softcap", softcap)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    v_student, v_teacher = student.shape[-1], teacher.shape[-1]
+    if v_student != v_teacher:
+        if vocab == "strict":
+            raise ValueError(
+                f"teacher_logits has vocabulary {v_teacher} but student_logits has {v_student}; "
+                "pass vocab='common_prefix' to distill over the first min(V) entries"
+            )
+        v = min(v_student, v_teacher)
+        if inplace_grad:
+            raise ValueError("inplace_grad=True needs equal vocabularies (vocab='common_prefix' "
+                             "would leave the student's extra columns holding logits)")
+        student, teacher = student[..., :v], teacher[..., :v]
+    vocab_size = student.shape[-1]
+    label_rows = check.labels(labels, student, vocab_size, ignore_index)
+    if hard_weight > 0 and label_rows is None:
+        raise ValueError("hard_weight > 0 needs labels")
+
+    name = backends.resolve(backend, student.device)
+    code, mix = resolve_divergence(divergence, beta, alpha)
+    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
+    lead = student.shape[:-1]
+    student2d = student.reshape(-1, vocab_size)
+    teacher2d = teacher.reshape(-1, vocab_size)
+    if student2d.stride(-1) != 1:
+        student2d = student2d.contiguous()
+    if teacher2d.stride(-1) != 1 or teacher2d.dtype != student2d.dtype:
+        # Kernels take one dtype for both sides; a mixed pair costs one cast of the teacher.
+        teacher2d = teacher2d.to(student2d.dtype, memory_format=torch.contiguous_format)
+    red = REDUCTIONS.index(reduction)
+    args = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index, red)
+
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    if inplace_grad and need_grad:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
+        loss, _ = InplaceDenseKD.apply(student2d, teacher2d, label_rows, *args, name)
+    else:
+        loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)
+    return loss.reshape(lead) if red == 0 else loss

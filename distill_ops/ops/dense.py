@@ -1,0 +1,130 @@
+"""The dense distillation loss as a torch.library custom op, with its fake kernel and autograd.
+
+The forward computes the loss and, when the student needs one, its gradient in the same streaming
+passes (the backward then only scales it by the incoming gradient). The op is functional, so
+torch.compile traces it without a graph break; the in-place-gradient variant, which writes the
+gradient into the student-logits buffer, is an autograd.Function for eager mode.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+
+# Reductions, as the op's integer argument.
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+NONE, SUM, MEAN, BATCHMEAN = range(4)
+
+
+def grad_scale_for(reduction: int, labels: Optional[torch.Tensor], ignore_index: int, n: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """The factor each row's gradient carries: 1/count for mean, 1/N for batchmean (no host sync)."""
+    if reduction == MEAN:
+        if labels is None:
+            count = torch.tensor(float(max(n, 1)), device=device)
+        else:
+            count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+        return count.reciprocal().to(torch.float32)
+    if reduction == BATCHMEAN:
+        return torch.tensor(1.0 / max(n, 1), dtype=torch.float32, device=device)
+    return None
+
+
+def reduce_rows(rows: torch.Tensor, reduction: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    if reduction == NONE:
+        return rows
+    total = rows.sum()
+    return total if scale is None else total * scale.to(total.dtype)
+
+
+def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
+         ignore_index, reduction, grad, backend):
+    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device)
+    rows = backends.get(backend, "dense_forward")(
+        student, teacher, labels, divergence=divergence, mix=mix, temperature=temperature,
+        softcap=softcap, soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
+        grad=grad, grad_scale=scale,
+    )
+    return reduce_rows(rows, reduction, scale)
+
+
+@torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
+def dense_kd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    divergence: int,
+    mix: float,
+    temperature: float,
+    softcap: float,
+    soft_coef: float,
+    hard_coef: float,
+    ignore_index: int,
+    reduction: int,
+    need_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    loss = _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
+                hard_coef, ignore_index, reduction, grad if need_grad else None, backend)
+    return loss, grad
+
+
+@dense_kd.register_fake
+def _(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
+      ignore_index, reduction, need_grad, backend):
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    shape = (student.shape[0],) if reduction == NONE else ()
+    loss = student.new_empty(shape, dtype=dtype)
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.need_grad = inputs[11]
+    ctx.save_for_backward(output[1])
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss (scalar, or one value per row), skipping the pass when it is exactly 1."""
+    if grad_loss.dim() == 0:
+        if not torch.compiler.is_compiling() and bool(grad_loss == 1):
+            return grad
+        return grad * grad_loss.to(grad.dtype)
+    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("distill_ops: backward through a loss computed without need_grad")
+    return (scale_saved_grad(grad, grad_loss),) + (None,) * 12
+
+
+dense_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class InplaceDenseKD(torch.autograd.Function):
+    """Eager-mode variant that writes the gradient into the student-logits buffer.
+
+    After the forward the student logits hold the gradient, not the logits: use it only where nothing
+    else reads them (autograd's version counter raises if a saved tensor was overwritten).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
+                hard_coef, ignore_index, reduction, backend):
+        loss = _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
+                    hard_coef, ignore_index, reduction, student, backend)
+        ctx.mark_dirty(student)
+        ctx.save_for_backward(student)
+        return loss, student
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_student):
+        (grad,) = ctx.saved_tensors
+        return (scale_saved_grad(grad, grad_loss),) + (None,) * 11
