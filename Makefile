@@ -1,0 +1,42 @@
+# distill-ops: `make demo` sets everything up and runs the embedded default; `make test` runs the suite.
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(PYTHON) -m pip
+# The CUDA build of torch: it runs on the CPU too, and it is what compiles the CUDA extension.
+TORCH   ?= torch==2.14.1
+DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup build demo test test-gpu bench bench-cpu clean
+
+$(VENV)/.deps:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)" $(DEPS)
+	touch $@
+
+# Rebuilt whenever a C++/CUDA source changes.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup build: $(VENV)/.built
+
+demo: $(VENV)/.built
+	$(PYTHON) -m distill_ops.trainer.demo
+
+test: $(VENV)/.built
+	$(PYTHON) -m pytest -q -ra
+
+test-gpu: $(VENV)/.built
+	$(PYTHON) -m pytest -q -ra -m cuda
+
+bench: $(VENV)/.built
+	$(PYTHON) -m bench all --device cuda
+
+bench-cpu: $(VENV)/.built
+	$(PYTHON) -m bench dense --device cpu
+
+clean:
+	rm -rf build *.egg-info distill_ops/_C*.so $(VENV)
