@@ -87,6 +87,10 @@ def _(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef
 def _setup_context(ctx, inputs, output):
     ctx.need_grad = inputs[11]
     ctx.save_for_backward(output[1])
+    # The gradient output is a by-product, never differentiated: without this, autograd would
+    # materialise an N x V zero tensor for it in every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tenso
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 13
     if not ctx.need_grad:
         raise RuntimeError("distill_ops: backward through a loss computed without need_grad")
     return (scale_saved_grad(grad, grad_loss),) + (None,) * 12
@@ -122,9 +128,12 @@ class InplaceDenseKD(torch.autograd.Function):
                     hard_coef, ignore_index, reduction, student, backend)
         ctx.mark_dirty(student)
         ctx.save_for_backward(student)
+        ctx.set_materialize_grads(False)
         return loss, student
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_student):
         (grad,) = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 12
         return (scale_saved_grad(grad, grad_loss),) + (None,) * 11

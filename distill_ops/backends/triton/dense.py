@@ -111,15 +111,14 @@ def _write_grad(g_row, offs, mask, s, q, qg, C, lse1, label, soft_scale, hard_co
 
 
 @triton.jit
-def _dense_kd_kernel(
-    s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
+def _dense_kd_row(
+    row, s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
     inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, CAP: tl.constexpr,
     NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     g_row = g_ptr + row * stride_g
@@ -169,10 +168,12 @@ def _dense_kd_kernel(
             scale = tl.load(scale_ptr).to(ACC)
 
         # ---- pass 2: loss (and gradient when C is known) ----
+        # Backwards over the row: the blocks pass 1 read last are re-read first, from L2.
         loss_acc = tl.zeros([BLOCK], ACC)
         c_acc = tl.zeros([BLOCK], ACC)
-        for start in range(0, V, BLOCK):
-            offs = start + base
+        n_blocks = tl.cdiv(V, BLOCK)
+        for i in range(0, n_blocks):
+            offs = (n_blocks - 1 - i) * BLOCK + base
             mask = offs < V
             x, s, a, b = _load_row(s_row, t_row, offs, mask, inv_tau, cap, ACC, CAP)
             term, qg, q = _terms(a - lse_a, b - lse_b, mix, DIV)
@@ -206,6 +207,24 @@ def _dense_kd_kernel(
             for start in range(0, V, BLOCK):
                 offs = start + base
                 tl.store(g_row + offs, zeros, mask=offs < V)
+
+
+@triton.jit
+def _dense_kd_kernel(
+    s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
+    V, stride_s, stride_t, stride_g,
+    inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, CAP: tl.constexpr,
+    NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per row. (A persistent grid of 1-8 programs per SM, meant to keep the rows in
+    # flight in L2 between passes, measured no faster on an H100: see bench/NOTES.md.)
+    _dense_kd_row(
+        tl.program_id(0).to(tl.int64), s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
+        V, stride_s, stride_t, stride_g, inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
+        DIV, HAS_LABELS, HARD, CAP, NEED_GRAD, HAS_SCALE, CE_SEPARATE, ACC, BLOCK,
+    )
 
 
 def _block_and_warps(v: int, elem_bytes: int) -> tuple[int, int]:
