@@ -133,7 +133,7 @@ def kd_loss(
     if inplace_grad and need_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
-        loss, _ = InplaceDenseKD.apply(student2d, teacher2d, label_rows, *args, name)
+        loss = InplaceDenseKD.apply(student2d, teacher2d, label_rows, *args, name)
     else:
         loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)
     return loss.reshape(lead) if red == 0 else loss

@@ -117,8 +117,8 @@ dense_kd.register_autograd(_backward, setup_context=_setup_context)
 class InplaceDenseKD(torch.autograd.Function):
     """Eager-mode variant that writes the gradient into the student-logits buffer.
 
-    After the forward the student logits hold the gradient, not the logits: use it only where nothing
-    else reads them (autograd's version counter raises if a saved tensor was overwritten).
+    After the forward the student logits hold the gradient, not the logits. Their version counter is
+    bumped, so autograd raises if anything else had saved them for its backward.
     """
 
     @staticmethod
@@ -126,14 +126,12 @@ class InplaceDenseKD(torch.autograd.Function):
                 hard_coef, ignore_index, reduction, backend):
         loss = _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
                     hard_coef, ignore_index, reduction, student, backend)
-        ctx.mark_dirty(student)
-        ctx.save_for_backward(student)
-        ctx.set_materialize_grads(False)
-        return loss, student
+        torch.autograd.graph.increment_version(student)
+        # Kept as an attribute, not saved: save_for_backward would reject the bumped version.
+        ctx.grad = student
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_student):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:
-            return (None,) * 12
+    def backward(ctx, grad_loss):
+        grad, ctx.grad = ctx.grad, None
         return (scale_saved_grad(grad, grad_loss),) + (None,) * 11
