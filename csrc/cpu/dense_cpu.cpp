@@ -1,0 +1,400 @@
+// CPU kernels of dense_forward (backends/base.py contract): rows in parallel (at::parallel_for),
+// each row streamed in chunks of kChunk elements held in L1-sized buffers, in two or three passes:
+//
+//   pass 1  normalizers: online (max, sum exp) of a = s'/tau, b = t'/tau (and of s' for the CE
+//           term when tau != 1); for reverse KL also sum exp(a - m) (a - b), which gives its loss
+//           R = C before any gradient is written;
+//   pass 2  the loss terms; the gradient too where C is known (forward KL C = -1, reverse KL C = R);
+//           for the mixtures (JSD, skew KL) C = sum qg is accumulated instead;
+//   pass 3  (mixtures) the gradient.
+//
+// Every step is a simple loop over a chunk buffer so that the compiler vectorises it; the element
+// math comes from csrc/include/distill_ops (shared with the CUDA kernels). Row totals are
+// accumulated in double. A student element is always read before the gradient element at the same
+// index is written, so grad may be the student tensor itself.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../dense_op.h"
+#include "distill_ops/dense_args.h"
+#include "distill_ops/divergence.h"
+#include "distill_ops/online_softmax.h"
+
+// The row kernels are compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline, and the
+// right one is picked when the library loads (GCC function multi-versioning; no -march=native).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define DOPS_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define DOPS_CPU_CLONES
+#endif
+
+#if defined(_OPENMP)
+#define DOPS_SIMD _Pragma("omp simd")
+#define DOPS_SIMD_SUM(...) _Pragma(DOPS_STR(omp simd reduction(+ : __VA_ARGS__)))
+#define DOPS_SIMD_MAX(x) _Pragma(DOPS_STR(omp simd reduction(max : x)))
+#define DOPS_STR(x) #x
+#else
+#define DOPS_SIMD
+#define DOPS_SIMD_SUM(...)
+#define DOPS_SIMD_MAX(x)
+#endif
+
+namespace distill_ops {
+namespace cpu {
+
+constexpr int64_t kChunk = 512;
+
+// ------------------------------------------------------------------------------------------------
+// dtype conversions (branch-free, so that they vectorise)
+
+template <typename scalar_t, typename T>
+struct Convert {
+  DOPS_INLINE static T load(scalar_t x) { return static_cast<T>(x); }
+  DOPS_INLINE static scalar_t store(T x) { return static_cast<scalar_t>(x); }
+};
+
+template <>
+struct Convert<c10::BFloat16, float> {
+  DOPS_INLINE static float load(c10::BFloat16 x) {
+    return math::host::from_bits(static_cast<uint32_t>(x.x) << 16);
+  }
+  // Round to nearest even; NaN stays a (quiet) NaN.
+  DOPS_INLINE static c10::BFloat16 store(float f) {
+    const uint32_t u = math::host::to_bits(f);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t bits = f != f ? 0x7FC0u : rounded;
+    return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+  }
+};
+
+template <>
+struct Convert<c10::Half, float> {
+  DOPS_INLINE static float load(c10::Half x) { return static_cast<float>(x); }
+  DOPS_INLINE static c10::Half store(float f) { return c10::Half(f); }
+};
+
+template <typename scalar_t, typename T>
+DOPS_INLINE void load_chunk(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ dst) {
+  DOPS_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i] = Convert<scalar_t, T>::load(src[i]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// One row.
+
+template <typename T>
+struct Buffers {
+  alignas(64) T x[kChunk];   // raw student logits
+  alignas(64) T sp[kChunk];  // softcapped student logits s'
+  alignas(64) T a[kChunk];   // s' / tau
+  alignas(64) T b[kChunk];   // t' / tau
+  alignas(64) T q[kChunk];
+  alignas(64) T qg[kChunk];
+  alignas(64) T g[kChunk];
+};
+
+template <typename scalar_t, typename T, int DIV>
+class RowKernel {
+ public:
+  RowKernel(const DenseArgs& args, const LossConsts<T>& k, T scale, Buffers<T>& buf)
+      : A(args), K(k), scale_(scale), B(buf) {}
+
+  DOPS_INLINE void run(int64_t row) {
+    const int64_t V = A.v;
+    s_row_ = static_cast<const scalar_t*>(A.student) + row * A.stride_s;
+    t_row_ = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
+    g_row_ = K.need_grad ? static_cast<scalar_t*>(A.grad) + row * A.stride_g : nullptr;
+    T* loss_out = static_cast<T*>(A.loss);
+
+    label_ = -1;
+    if (K.has_labels) {
+      label_ = A.labels[row];
+      if (label_ == A.ignore_index) {
+        loss_out[row] = T(0);
+        if (g_row_ != nullptr) {
+          const scalar_t zero = Convert<scalar_t, T>::store(T(0));
+          for (int64_t j = 0; j < V; ++j) g_row_[j] = zero;
+        }
+        return;
+      }
+    }
+    // The labelled logit, read before any gradient is written (grad may alias the student).
+    T s_label = T(0);
+    if (K.hard) {
+      s_label = Convert<scalar_t, T>::load(s_row_[label_]);
+      if (K.cap_on) s_label = softcap(s_label, K.cap, K.inv_cap);
+    }
+
+    // ---- pass 1: normalizers ----
+    SoftmaxState<double> sa = SoftmaxState<double>::empty();
+    SoftmaxState<double> sb = SoftmaxState<double>::empty();
+    SoftmaxState<double> s1 = SoftmaxState<double>::empty();
+    double wa = 0.0;  // reverse KL: sum exp(a - m_a) (a - b)
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+      load(c0, n);
+      if (K.soft) {
+        accumulate<DIV == kReverseKL>(sa, wa, B.a, B.b, n);
+        accumulate<false>(sb, wa, B.b, B.b, n);
+      }
+      if (K.ce_own_lse) accumulate<false>(s1, wa, sp_, sp_, n);
+    }
+    na_ = normalizer<T>(sa);
+    nb_ = normalizer<T>(sb);
+    n1_ = K.ce_own_lse ? normalizer<T>(s1) : na_;
+    c_ = DIV == kForwardKL ? T(-1)
+         : DIV == kReverseKL ? static_cast<T>(reverse_kl_from_states(sa, wa, sb))
+                             : T(0);
+
+    // ---- pass 2: loss (+ gradient when C is known, + C for the mixtures) ----
+    const bool grad_now = K.need_grad && !needs_c_pass(DIV);
+    double loss = 0.0, c_sum = 0.0;
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+      load(c0, n);
+      if (K.soft) {
+        if (grad_now) {
+          loss += terms<true, false>(n, c_sum);
+        } else {
+          loss += terms<false, needs_c_pass(DIV)>(n, c_sum);
+        }
+      }
+      if (grad_now) write_grad(c0, n);
+    }
+    if (needs_c_pass(DIV)) c_ = static_cast<T>(c_sum);
+
+    double total = K.soft ? static_cast<double>(K.soft_coef) * loss : 0.0;
+    if (K.hard) {
+      const double lse_1 = K.ce_own_lse ? s1.lse() : sa.lse();
+      total += static_cast<double>(K.hard_coef) * (lse_1 - static_cast<double>(s_label));
+    }
+    loss_out[row] = static_cast<T>(total);
+
+    // ---- pass 3: gradient of the mixtures ----
+    if (K.need_grad && needs_c_pass(DIV)) {
+      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+        const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+        load(c0, n);
+        if (K.soft) {
+          double unused = 0.0;
+          terms<true, false>(n, unused);
+        }
+        write_grad(c0, n);
+      }
+    }
+  }
+
+ private:
+  // Load a chunk: raw student x, s' = softcap(x), a = s'/tau and (soft term) b = t'/tau.
+  DOPS_INLINE void load(int64_t c0, int64_t n) {
+    load_chunk(s_row_ + c0, n, B.x);
+    sp_ = B.x;
+    if (K.cap_on) {
+      const T cap = K.cap, inv_cap = K.inv_cap;
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) B.sp[i] = softcap(B.x[i], cap, inv_cap);
+      sp_ = B.sp;
+    }
+    if (K.soft) {
+      const T inv_tau = K.inv_tau;
+      const T* __restrict__ sp = sp_;
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) B.a[i] = sp[i] * inv_tau;
+      load_chunk(t_row_ + c0, n, B.b);
+      if (K.cap_on) {
+        const T cap = K.cap, inv_cap = K.inv_cap;
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) B.b[i] = softcap(B.b[i], cap, inv_cap) * inv_tau;
+      } else {
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) B.b[i] = B.b[i] * inv_tau;
+      }
+    }
+  }
+
+  // Fold x[0, n) into the online state; with W, also sum exp(x - m) (x - y) into w.
+  template <bool W>
+  DOPS_INLINE static void accumulate(SoftmaxState<double>& st, double& w_acc,
+                                     const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+    T cm = math::neg_inf<T>();
+    DOPS_SIMD_MAX(cm)
+    for (int64_t i = 0; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
+    double factor;
+    const T shift = static_cast<T>(st.raise(static_cast<double>(cm), factor));
+    if (W) w_acc = scaled(w_acc, factor);
+    // Sums in double: in float, adding many small terms to a partial sum near 1 loses ~1e-6.
+    double z = 0.0;
+    if (W) {
+      double w = 0.0;
+      DOPS_SIMD_SUM(z, w)
+      for (int64_t i = 0; i < n; ++i) {
+        const T e = math::exp_(x[i] - shift);
+        z += static_cast<double>(e);
+        // a - b in double: exact, so that R = w / z - (m_a - m_b) - ... cancels exactly
+        w += weighted(static_cast<double>(e), static_cast<double>(x[i]) - static_cast<double>(y[i]));
+      }
+      w_acc += w;
+    } else {
+      DOPS_SIMD_SUM(z)
+      for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] - shift));
+    }
+    st.z += z;
+  }
+
+  // Per-element divergence terms of the chunk: returns the sum of the loss terms; STORE keeps q
+  // and qg for the gradient; CSUM adds sum qg to c_sum.
+  template <bool STORE, bool CSUM>
+  DOPS_INLINE double terms(int64_t n, double& c_sum) {
+    const LogNormalizer<T> na = na_, nb = nb_;
+    const MixWeights<T> w = K.mix;
+    const T* __restrict__ a = B.a;
+    const T* __restrict__ b = B.b;
+    T* __restrict__ q = B.q;
+    T* __restrict__ qg = B.qg;
+    double lsum = 0.0, csum = 0.0;
+    DOPS_SIMD_SUM(lsum, csum)
+    for (int64_t i = 0; i < n; ++i) {
+      T qi, term, qgi;
+      Terms<DIV, T>::eval(na.log_prob(a[i]), nb.log_prob(b[i]), w, qi, term, qgi);
+      lsum += static_cast<double>(term);
+      if (CSUM) csum += static_cast<double>(qgi);
+      if (STORE) {
+        q[i] = qi;
+        qg[i] = qgi;
+      }
+    }
+    if (CSUM) c_sum += csum;
+    return lsum;
+  }
+
+  // grad[c0, c0 + n) from the chunk buffers (q, qg filled by terms<true, *> when soft).
+  DOPS_INLINE void write_grad(int64_t c0, int64_t n) {
+    T* __restrict__ g = B.g;
+    if (K.soft) {
+      const T c = c_, soft_scale = K.soft_scale;
+      const T* __restrict__ q = B.q;
+      const T* __restrict__ qg = B.qg;
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = soft_grad(qg[i], q[i], c, soft_scale);
+    } else {
+      for (int64_t i = 0; i < n; ++i) g[i] = T(0);
+    }
+    if (K.hard) {
+      const T hard = K.hard_coef;
+      if (K.ce_own_lse) {
+        const LogNormalizer<T> n1 = n1_;
+        const T* __restrict__ sp = sp_;
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          g[i] += hard_grad(math::exp_(n1.log_prob(sp[i])), false, hard);
+        }
+      } else {
+        const T* __restrict__ q = B.q;
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] += hard_grad(q[i], false, hard);
+      }
+      if (label_ >= c0 && label_ < c0 + n) g[label_ - c0] -= hard;
+    }
+    if (K.cap_on) {
+      const T inv_cap = K.inv_cap;
+      const T* __restrict__ x = B.x;
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] *= softcap_grad(x[i], inv_cap);
+    }
+    const T scale = scale_;
+    scalar_t* __restrict__ out = g_row_ + c0;
+    DOPS_SIMD
+    for (int64_t i = 0; i < n; ++i) out[i] = Convert<scalar_t, T>::store(g[i] * scale);
+  }
+
+  const DenseArgs& A;
+  const LossConsts<T>& K;
+  const T scale_;
+  Buffers<T>& B;
+  const scalar_t* s_row_ = nullptr;
+  const scalar_t* t_row_ = nullptr;
+  scalar_t* g_row_ = nullptr;
+  const T* sp_ = nullptr;
+  int64_t label_ = -1;
+  LogNormalizer<T> na_{}, nb_{}, n1_{};
+  T c_ = 0;
+};
+
+template <typename scalar_t, typename T, int DIV>
+DOPS_INLINE void run_rows_div(const DenseArgs& A, const LossConsts<T>& K, T scale, int64_t begin,
+                              int64_t end) {
+  Buffers<T> buf;
+  RowKernel<scalar_t, T, DIV> kernel(A, K, scale, buf);
+  for (int64_t row = begin; row < end; ++row) kernel.run(row);
+}
+
+template <typename scalar_t, typename T>
+DOPS_INLINE void run_rows(const DenseArgs& A, int64_t begin, int64_t end) {
+  const LossConsts<T> K = loss_consts<T>(A);
+  const T scale = A.grad_scale != nullptr ? static_cast<T>(*A.grad_scale) : T(1);
+  switch (A.divergence) {
+    case kForwardKL: run_rows_div<scalar_t, T, kForwardKL>(A, K, scale, begin, end); break;
+    case kReverseKL: run_rows_div<scalar_t, T, kReverseKL>(A, K, scale, begin, end); break;
+    case kJSD: run_rows_div<scalar_t, T, kJSD>(A, K, scale, begin, end); break;
+    case kSkewForwardKL: run_rows_div<scalar_t, T, kSkewForwardKL>(A, K, scale, begin, end); break;
+    default: run_rows_div<scalar_t, T, kSkewReverseKL>(A, K, scale, begin, end); break;
+  }
+}
+
+// Entry points, one per dtype (each multi-versioned).
+DOPS_CPU_CLONES void rows_f32(const DenseArgs& A, int64_t b, int64_t e) {
+  run_rows<float, float>(A, b, e);
+}
+DOPS_CPU_CLONES void rows_bf16(const DenseArgs& A, int64_t b, int64_t e) {
+  run_rows<c10::BFloat16, float>(A, b, e);
+}
+DOPS_CPU_CLONES void rows_f16(const DenseArgs& A, int64_t b, int64_t e) {
+  run_rows<c10::Half, float>(A, b, e);
+}
+DOPS_CPU_CLONES void rows_f64(const DenseArgs& A, int64_t b, int64_t e) {
+  run_rows<double, double>(A, b, e);
+}
+
+at::Tensor dense_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                             const std::optional<at::Tensor>& labels,
+                             const std::optional<at::Tensor>& grad,
+                             const std::optional<at::Tensor>& grad_scale, int64_t divergence,
+                             double mix, double temperature, double softcap, double soft_coef,
+                             double hard_coef, int64_t ignore_index) {
+  DenseCall call = prepare_dense_call(student, teacher, labels, grad, grad_scale, divergence, mix,
+                                      temperature, softcap, soft_coef, hard_coef, ignore_index,
+                                      c10::DeviceType::CPU);
+  const DenseArgs& A = call.args;
+  if (A.n == 0) return call.loss;
+  if (A.labels != nullptr) {
+    for (int64_t r = 0; r < A.n; ++r) {
+      const int64_t l = A.labels[r];
+      TORCH_CHECK(l == A.ignore_index || (l >= 0 && l < A.v),
+                  "distill_ops_native::dense_forward: labels[", r, "] = ", l,
+                  " is neither ignore_index (", A.ignore_index, ") nor in [0, ", A.v, ")");
+    }
+  }
+  void (*rows)(const DenseArgs&, int64_t, int64_t) = nullptr;
+  switch (call.dtype) {
+    case at::kFloat: rows = rows_f32; break;
+    case at::kBFloat16: rows = rows_bf16; break;
+    case at::kHalf: rows = rows_f16; break;
+    default: rows = rows_f64; break;
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / A.v);
+  at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
+  return call.loss;
+}
+
+}  // namespace cpu
+}  // namespace distill_ops
+
+TORCH_LIBRARY_IMPL(distill_ops_native, CPU, m) {
+  m.impl("dense_forward", &distill_ops::cpu::dense_forward_cpu);
+}

@@ -1,0 +1,436 @@
+"""The compiled extension (csrc/) against the float64 oracle, through the backend contract
+(backends/base.py): torch.ops.distill_ops_native.dense_forward on CPU and, marked ``cuda``, on GPU.
+
+The oracle is reference.row_losses on float64 copies of the (already rounded) inputs, differentiated
+by torch.autograd: no hand-derived gradient is trusted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_ops.backends import native, reference
+from distill_ops.backends.base import (FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL,
+                                       SKEW_REVERSE_KL)
+
+DIVS = (FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL)
+MIXTURES = (JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+SPLITS_ENV = "DISTILL_OPS_CUDA_SPLITS"
+
+
+@pytest.fixture(autouse=True)
+def _need_extension(request):
+    device = request.node.callspec.params.get("device", "cpu") if hasattr(request.node, "callspec") else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    ok, why = native.available(device)
+    if not ok:
+        pytest.skip(why)
+
+
+def tol(dtype, div, what):
+    if dtype in (torch.bfloat16, torch.float16):
+        return 1e-2
+    if dtype == torch.float64:
+        return 1e-10
+    return 1e-4 if (what == "grad" and div in MIXTURES) else 1e-5
+
+
+def rel(out, ref, zero=1e-9):
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    d = torch.linalg.vector_norm(out - ref).item()
+    n = torch.linalg.vector_norm(ref).item()
+    return d / n if n > zero else d
+
+
+def logits(n, v, *, seed, dtype=torch.float32, device="cpu", spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * spread
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * spread
+    return s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def labels_for(n, v, *, seed, device="cpu", ignore_index=-100):
+    g = torch.Generator().manual_seed(seed + 1)
+    lab = torch.randint(0, v, (n,), generator=g)
+    drop = torch.rand(n, generator=g) < 0.3
+    drop[0] = False
+    if n > 1:
+        drop[-1] = True
+    lab[drop] = ignore_index
+    return lab.to(device)
+
+
+def opts(**kw):
+    base = dict(divergence=FORWARD_KL, mix=0.3, temperature=1.0, softcap=0.0, soft_coef=1.0,
+                hard_coef=0.0, ignore_index=-100)
+    base.update(kw)
+    return base
+
+
+def oracle(s, t, labels, grad_scale=None, **kw):
+    """float64 (per-row loss, d sum(loss) / d student * grad_scale)."""
+    s64 = s.detach().to(torch.float64).requires_grad_(True)
+    t64 = t.detach().to(torch.float64)
+    with torch.enable_grad():
+        rows = reference.row_losses(s64, t64, labels, **kw)
+        (g,) = torch.autograd.grad(rows.sum(), s64, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(s64)
+    if grad_scale is not None:  # the op takes it as a float32 tensor
+        g = g * torch.tensor(grad_scale, dtype=torch.float32).item()
+    return rows.detach(), g.detach()
+
+
+def run(s, t, labels, *, grad=True, grad_scale=None, **kw):
+    """(loss, grad) from the compiled op; grad written into a fresh tensor."""
+    g = torch.empty_like(s) if grad else None
+    gs = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32,
+                                                      device=s.device)
+    loss = native.dense_forward(s, t, labels, grad=g, grad_scale=gs, **kw)
+    return loss, g
+
+
+def check(s, t, labels=None, *, grad_scale=None, loss_tol=None, grad_tol=None, **kw):
+    loss, g = run(s, t, labels, grad_scale=grad_scale, **kw)
+    ref_loss, ref_g = oracle(s, t, None if labels is None else labels.cpu(), grad_scale, **kw)
+    assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    assert loss.shape == (s.shape[0],) and g.dtype == s.dtype and g.shape == s.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    div = kw["divergence"]
+    lt = tol(s.dtype, div, "loss") if loss_tol is None else loss_tol
+    gt = tol(s.dtype, div, "grad") if grad_tol is None else grad_tol
+    e_loss, e_grad = rel(loss, ref_loss), rel(g, ref_g)
+    assert e_loss < lt, f"loss rel err {e_loss:.3g} >= {lt:g}"
+    assert e_grad < gt, f"grad rel err {e_grad:.3g} >= {gt:g}"
+    return loss, g
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+
+def test_module_flags():
+    from distill_ops import _C
+
+    assert isinstance(_C.WITH_CUDA, bool)
+    assert native.available("cpu") == (True, "")
+
+
+def test_fake_kernel_traces():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        s = torch.empty(7, 33, dtype=torch.bfloat16)
+        out = torch.ops.distill_ops_native.dense_forward(
+            s, s, None, torch.empty_like(s), None, 0, 0.0, 1.0, 0.0, 1.0, 0.0, -100)
+        assert out.shape == (7,) and out.dtype == torch.float32
+        s64 = torch.empty(3, 5, dtype=torch.float64)
+        out = torch.ops.distill_ops_native.dense_forward(
+            s64, s64, None, None, None, 2, 0.5, 2.0, 0.0, 1.0, 0.0, -100)
+        assert out.shape == (3,) and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_name_the_argument(device):
+    s, t = logits(3, 8, seed=0, device=device)
+    with pytest.raises(RuntimeError, match="teacher has shape"):
+        run(s, t[:, :7], None, **opts())
+    with pytest.raises(RuntimeError, match="teacher has dtype"):
+        run(s, t.double(), None, **opts())
+    with pytest.raises(RuntimeError, match="2-D"):
+        run(s[0], t[0], None, **opts())
+    with pytest.raises(RuntimeError, match="labels must be int64"):
+        run(s, t, torch.zeros(3, dtype=torch.int32, device=device), **opts())
+    with pytest.raises(RuntimeError, match="grad has dtype"):
+        native.dense_forward(s, t, None, grad=torch.empty_like(s, dtype=torch.float64),
+                             grad_scale=None, **opts())
+    with pytest.raises(RuntimeError, match="temperature"):
+        run(s, t, None, **opts(temperature=0.0))
+    with pytest.raises(RuntimeError, match="divergence"):
+        run(s, t, None, **opts(divergence=7))
+    with pytest.raises(RuntimeError, match="int64|float32, bfloat16"):
+        run(s.to(torch.int64), t.to(torch.int64), None, **opts())
+
+
+# ---------------------------------------------------------------------------------------------
+# against the oracle
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("div", DIVS)
+def test_matches_oracle(device, div, dtype, tau):
+    """Odd V, some ignored rows, the CE term and a grad scale: loss and gradient."""
+    s, t = logits(6, 1000, seed=div * 10 + int(tau * 4), dtype=dtype, device=device)
+    labels = labels_for(6, 1000, seed=div, device=device)
+    check(s, t, labels, grad_scale=0.37,
+          **opts(divergence=div, temperature=tau, soft_coef=tau * tau, hard_coef=0.5, mix=0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("div", MIXTURES)
+def test_mix_values(device, div, mix):
+    s, t = logits(4, 777, seed=int(mix * 10) + div, device=device)
+    check(s, t, **opts(divergence=div, mix=mix, temperature=0.7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("cap", [2.0, 30.0])
+def test_softcap(device, div, cap):
+    s, t = logits(4, 515, seed=3, device=device, spread=4.0)
+    labels = torch.tensor([3, -100, 514, 0], device=device)
+    check(s, t, labels, **opts(divergence=div, softcap=cap, temperature=2.0, soft_coef=4.0,
+                               hard_coef=0.25))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hard_only_and_soft_only(device, dtype):
+    s, t = logits(5, 300, seed=4, dtype=dtype, device=device)
+    labels = labels_for(5, 300, seed=4, device=device)
+    for tau in (1.0, 3.0):
+        check(s, t, labels, **opts(soft_coef=0.0, hard_coef=1.0, temperature=tau))
+        check(s, t, labels, **opts(divergence=JSD, soft_coef=2.0, hard_coef=0.0, temperature=tau))
+        check(s, t, None, **opts(divergence=REVERSE_KL, soft_coef=0.5, temperature=tau))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_unused_without_soft_term(device):
+    """soft_coef = 0: the teacher is not read, so a NaN in it does not reach the loss."""
+    s, t = logits(3, 50, seed=5, device=device)
+    t[1, 3] = float("nan")
+    labels = torch.tensor([1, 2, 3], device=device)
+    loss, g = run(s, t, labels, **opts(soft_coef=0.0, hard_coef=1.0))
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+def test_ignored_rows(device, div):
+    s, t = logits(6, 64, seed=6, device=device)
+    labels = torch.tensor([1, -1, 2, -1, 63, 0], device=device)
+    loss, g = check(s, t, labels, **opts(divergence=div, ignore_index=-1, hard_coef=0.5))
+    assert torch.count_nonzero(loss[[1, 3]]) == 0 and torch.count_nonzero(g[[1, 3]]) == 0
+    # labels mark ignored rows even without the CE term
+    loss, g = check(s, t, labels, **opts(divergence=div, ignore_index=-1))
+    assert torch.count_nonzero(loss[[1, 3]]) == 0 and torch.count_nonzero(g[[1, 3]]) == 0
+    everything = torch.full((6,), -1, device=device)
+    loss, g = run(s, t, everything, **opts(divergence=div, ignore_index=-1, hard_coef=1.0))
+    assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("div", [FORWARD_KL, REVERSE_KL, JSD, SKEW_REVERSE_KL])
+def test_inplace_grad(device, dtype, div):
+    """grad is the student tensor: same loss and gradient as into a separate buffer."""
+    s, t = logits(5, 1031, seed=7, dtype=dtype, device=device)
+    labels = labels_for(5, 1031, seed=7, device=device)
+    kw = opts(divergence=div, temperature=1.5, hard_coef=0.5, softcap=10.0)
+    loss, g = run(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    gs = torch.tensor(0.5, device=device)
+    loss2 = native.dense_forward(buf, t, labels, grad=buf, grad_scale=gs, **kw)
+    assert torch.equal(loss, loss2)
+    assert torch.equal(g, buf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,v", [(1, 1), (4, 1), (1, 1000), (3, 4097), (2, 2), (9, 8), (1, 9)])
+@pytest.mark.parametrize("div", DIVS)
+def test_shapes(device, n, v, div):
+    s, t = logits(n, v, seed=n * 31 + v, device=device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    loss, g = check(s, t, labels, **opts(divergence=div, temperature=1.3, hard_coef=0.5))
+    if v == 1:
+        assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    s, t = logits(0, 16, seed=0, device=device)
+    loss, g = run(s, t, None, **opts())
+    assert loss.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_row_strides(device, dtype, offset):
+    """Row strides larger than V (column slices of wider buffers; an odd offset misaligns the
+    rows, which takes the CUDA kernels' scalar path); grad a strided view too: nothing outside the
+    view is written."""
+    n, v, width = 5, 301, 320
+    s_buf, t_buf = logits(n, width + 8, seed=8, dtype=dtype, device=device)
+    s, t = s_buf[:, offset:offset + v], t_buf[:, 3:3 + v]
+    labels = torch.tensor([0, -100, 300, 5, 6], device=device)
+    kw = opts(divergence=JSD, temperature=2.0, hard_coef=0.5)
+    g_buf = torch.full((n, width), 7.0, dtype=dtype, device=device)
+    g = g_buf[:, offset:offset + v]
+    loss = native.dense_forward(s, t, labels, grad=g, grad_scale=None, **kw)
+    ref_loss, ref_g = oracle(s.contiguous(), t.contiguous(), labels.cpu(), **kw)
+    assert rel(loss, ref_loss) < tol(dtype, JSD, "loss")
+    assert rel(g, ref_g) < tol(dtype, JSD, "grad")
+    outside = torch.ones_like(g_buf, dtype=torch.bool)
+    outside[:, offset:offset + v] = False
+    assert (g_buf[outside] == 7.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+def test_masked_columns_both_sides(device, div):
+    """-inf in the same columns of student and teacher: finite, equal to the unpadded loss, zero
+    gradient in the pad (0 log 0 = 0)."""
+    s, t = logits(4, 40, seed=9, device=device)
+    s[:, 33:] = -math.inf
+    t[:, 33:] = -math.inf
+    s[2, :5] = -math.inf
+    t[2, :5] = -math.inf
+    labels = torch.tensor([1, -100, 30, 0], device=device)
+    kw = opts(divergence=div, temperature=2.0, hard_coef=0.5, soft_coef=4.0)
+    loss, g = run(s, t, labels, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert torch.count_nonzero(g[:, 33:]) == 0 and torch.count_nonzero(g[2, :5]) == 0
+    ref, ref_g = run(s[:, :33].contiguous(), t[:, :33].contiguous(), labels, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[:, :33], ref_g, rtol=1e-4, atol=1e-6)
+    check(s, t, labels, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+def test_rows_all_minus_inf_but_one(device, div):
+    """A row whose logits are all -inf but one (both sides): a point mass, loss 0 and gradient 0;
+    with the CE term on that token, still 0."""
+    s, t = logits(3, 70, seed=10, device=device)
+    s[0] = -math.inf
+    t[0] = -math.inf
+    s[0, 17] = 2.5
+    t[0, 17] = -1.0
+    s[1, :] = -math.inf  # student masked except one token, teacher spread
+    s[1, 9] = 0.0
+    labels = torch.tensor([17, 9, 4], device=device)
+    kw = opts(divergence=div, temperature=1.5, hard_coef=0.5)
+    loss, g = run(s, t, labels, **kw)
+    assert loss[0].item() == 0.0 and torch.count_nonzero(g[0]) == 0
+    if div == FORWARD_KL:
+        assert loss[1].item() == math.inf  # the teacher has mass where the student has none
+    if div in (REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL):
+        ref, ref_g = oracle(s, t, labels.cpu(), **kw)
+        assert torch.isfinite(loss[1]) and rel(loss[1], ref[1]) < 1e-5
+        assert torch.isfinite(g[1]).all() and rel(g[1], ref_g[1]) < 1e-4
+    ref, ref_g = oracle(s, t, labels.cpu(), **kw)
+    assert rel(loss[2], ref[2]) < 1e-5 and rel(g[2], ref_g[2]) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_propagates(device, div, side):
+    s, t = logits(4, 50, seed=11, device=device)
+    (s if side == "student" else t)[1, 7] = float("nan")
+    loss, _ = run(s, t, None, **opts(divergence=div, temperature=1.5))
+    assert torch.isnan(loss[1])
+    assert torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+def test_no_grad_buffer(device, div):
+    s, t = logits(3, 500, seed=12, device=device)
+    a, _ = run(s, t, None, grad=False, **opts(divergence=div, temperature=0.8))
+    b, _ = run(s, t, None, grad=True, **opts(divergence=div, temperature=0.8))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
+def test_extreme_temperatures_and_wide_logits(device, div):
+    """Near one-hot (tau = 0.05) and near uniform (tau = 50) distributions, logits over +-75.
+    (At tau = 0.05 with logits over +-75 the float64 oracle itself breaks: its mixture
+    M = beta p + (1 - beta) q underflows to 0 where p does not, giving inf.)"""
+    labels = torch.tensor([3, -100, 299, 0], device=device)
+    for tau, spread in ((0.05, 3.0), (1.0, 25.0), (50.0, 25.0)):
+        s, t = logits(4, 300, seed=13, device=device, spread=spread)
+        check(s, t, labels, loss_tol=1e-4, grad_tol=1e-3,
+              **opts(divergence=div, temperature=tau, hard_coef=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: large vocabularies, the split-row path, the vector/scalar paths
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("v", [151936, 262144])
+@pytest.mark.parametrize("n", [3, 64, 300])
+@pytest.mark.parametrize("div", [FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL])
+def test_cuda_large_vocab(device, v, n, div):
+    """N = 3 and 64 take the split-row path on an H100 (fewer rows than 2 x SMs), N = 300 the
+    row kernel."""
+    s, t = logits(n, v, seed=v % 97 + n, dtype=torch.bfloat16, device=device)
+    labels = labels_for(n, v, seed=n, device=device)
+    check(s, t, labels, grad_scale=0.1,
+          **opts(divergence=div, temperature=2.0, soft_coef=4.0, hard_coef=0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("splits", ["1", "2", "7", "64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("div", DIVS)
+def test_cuda_forced_splits(device, splits, dtype, div, monkeypatch):
+    """DISTILL_OPS_CUDA_SPLITS forces the number of blocks per row: every split count gives the
+    oracle's result, in-place too."""
+    monkeypatch.setenv(SPLITS_ENV, splits)
+    s, t = logits(5, 20011, seed=14, dtype=dtype, device=device)
+    labels = labels_for(5, 20011, seed=14, device=device)
+    kw = opts(divergence=div, temperature=0.7, soft_coef=0.49, hard_coef=0.5, softcap=20.0)
+    loss, g = check(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    loss2 = native.dense_forward(buf, t, labels, grad=buf,
+                                 grad_scale=torch.tensor(0.5, device=device), **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, buf)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
+def test_cuda_split_matches_row_kernel(device, monkeypatch):
+    s, t = logits(8, 65536, seed=15, device=device)
+    kw = opts(divergence=SKEW_REVERSE_KL, temperature=1.0)
+    monkeypatch.setenv(SPLITS_ENV, "1")
+    a, ga = run(s, t, None, **kw)
+    monkeypatch.setenv(SPLITS_ENV, "16")
+    b, gb = run(s, t, None, **kw)
+    assert rel(b, a) < 1e-6 and rel(gb, ga) < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("v", [1, 3, 7, 8, 9, 63, 1025])
+def test_cuda_vector_tails(device, v):
+    """V not a multiple of the vector width: vector body plus scalar tail."""
+    s, t = logits(7, v, seed=v, dtype=torch.bfloat16, device=device)
+    check(s, t, **opts(divergence=JSD, temperature=1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
+def test_cuda_matches_cpu(device):
+    s, t = logits(16, 32000, seed=16, device="cpu")
+    labels = labels_for(16, 32000, seed=16)
+    kw = opts(divergence=JSD, temperature=2.0, hard_coef=0.3, softcap=30.0)
+    lc, gc = run(s, t, labels, **kw)
+    lg, gg = run(s.cuda(), t.cuda(), labels.cuda(), **kw)
+    assert rel(lg, lc) < 1e-6 and rel(gg, gc) < 1e-5
