@@ -123,9 +123,12 @@ def kd_loss(
     teacher2d = teacher.reshape(-1, vocab_size)
     if student2d.stride(-1) != 1:
         student2d = student2d.contiguous()
-    if teacher2d.stride(-1) != 1 or teacher2d.dtype != student2d.dtype:
+    if teacher2d.dtype != student2d.dtype:
         # Kernels take one dtype for both sides; a mixed pair costs one cast of the teacher.
-        teacher2d = teacher2d.to(student2d.dtype, memory_format=torch.contiguous_format)
+        teacher2d = teacher2d.to(student2d.dtype)
+    if teacher2d.stride(-1) != 1:
+        # (Not .to(memory_format=...): for a transposed 2-D view that aliases instead of copying.)
+        teacher2d = teacher2d.contiguous()
     red = REDUCTIONS.index(reduction)
     args = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index, red)
 

@@ -9,6 +9,7 @@ held at a time. Inputs are upcast to float32 (float64 stays float64).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,15 +31,42 @@ def apply_softcap(x: torch.Tensor, softcap: float) -> torch.Tensor:
 
 
 def _plogratio(p: torch.Tensor, logp: torch.Tensor, logr: torch.Tensor) -> torch.Tensor:
-    """Elementwise p * (log p - log r) with 0 * log 0 = 0, safe for autograd at p == 0."""
-    live = p > 0
+    """Elementwise p * (log p - log r) with 0 * log 0 = 0, safe for autograd at p == 0.
+
+    Only an exact zero weight is masked: a NaN weight stays NaN (NaN inputs are never hidden)."""
+    live = p != 0
     diff = torch.where(live, logp - logr, torch.zeros_like(p))
     return torch.where(live, p * diff, torch.zeros_like(p))
 
 
-def _safe_log(m: torch.Tensor) -> torch.Tensor:
-    """log m, with log 0 = -inf but a finite autograd path (the zeros are masked by the caller)."""
-    return torch.where(m > 0, torch.log(torch.where(m > 0, m, torch.ones_like(m))), -torch.inf)
+def _weighted(w: float, d: torch.Tensor) -> torch.Tensor:
+    """w * d, exactly 0 when the weight is 0 (whatever d holds: -inf, +inf)."""
+    return torch.zeros_like(d) if w == 0 else w * d
+
+
+def mixture_weights(divergence: int, mix: float) -> tuple[float, float]:
+    """(w_p, w_q) of the mixture M = w_p p + w_q q of a mixture divergence."""
+    if divergence in (JSD, SKEW_FORWARD_KL):
+        return mix, 1.0 - mix
+    if divergence == SKEW_REVERSE_KL:
+        return 1.0 - mix, mix
+    raise ValueError(f"divergence code {divergence} has no mixture")
+
+
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+def log_mixture(logp: torch.Tensor, logq: torch.Tensor, wp: float, wq: float) -> torch.Tensor:
+    """log(w_p p + w_q q) as a log-add-exp of log-probabilities: no underflow of M where p and q
+    are below fp32's range (tau -> 0, wide logits), -inf only where both are exactly 0, and a
+    finite autograd path there (the masked elements get a zero gradient, not NaN)."""
+    x = logp + _log_weight(wp)
+    y = logq + _log_weight(wq)
+    dead = (x == -math.inf) & (y == -math.inf)
+    zero = torch.zeros_like(x)
+    lm = torch.logaddexp(torch.where(dead, zero, x), torch.where(dead, zero, y))
+    return torch.where(dead, torch.full_like(x, -math.inf), lm)
 
 
 def divergence_rows(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix: float) -> torch.Tensor:
@@ -57,14 +85,12 @@ def divergence_rows(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix
     elif divergence == REVERSE_KL:
         terms = _plogratio(q, logq, logp)
     elif divergence == JSD:
-        logm = _safe_log(mix * p + (1 - mix) * q)
-        terms = mix * _plogratio(p, logp, logm) + (1 - mix) * _plogratio(q, logq, logm)
+        logm = log_mixture(logp, logq, mix, 1 - mix)
+        terms = _weighted(mix, _plogratio(p, logp, logm)) + _weighted(1 - mix, _plogratio(q, logq, logm))
     elif divergence == SKEW_FORWARD_KL:
-        logm = _safe_log(mix * p + (1 - mix) * q)
-        terms = _plogratio(p, logp, logm)
+        terms = _plogratio(p, logp, log_mixture(logp, logq, mix, 1 - mix))
     elif divergence == SKEW_REVERSE_KL:
-        logm = _safe_log((1 - mix) * p + mix * q)
-        terms = _plogratio(q, logq, logm)
+        terms = _plogratio(q, logq, log_mixture(logp, logq, 1 - mix, mix))
     else:
         raise ValueError(f"unknown divergence code {divergence}")
     return terms.sum(-1)
@@ -101,22 +127,31 @@ def row_losses(
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
+def _exp_capped(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """exp(min(x, cap)), NaN kept: the ratios p q / M and q^2 / M are bounded by 1 / w_q."""
+    return torch.where(x > cap, torch.full_like(x, cap), x).exp()
+
+
 def _qg(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix: float) -> torch.Tensor:
-    """qg_i = q_i * dD/dq_i: with C = sum_i qg_i, dD/da_j = qg_j - q_j C (a = student logits / tau)."""
-    p, q = logp.exp(), logq.exp()
+    """qg_i = q_i * dD/dq_i: with C = sum_i qg_i, dD/da_j = qg_j - q_j C (a = student logits / tau).
+
+    The mixture ratios p q / M and q^2 / M are formed in log space, as csrc/include/distill_ops/
+    divergence.h does: right where p, q and M underflow fp32, 0 where p or q is exactly 0."""
     if divergence == FORWARD_KL:
-        return -p
+        return -logp.exp()
     if divergence == REVERSE_KL:
-        return _plogratio(q, logq, logp)
+        return _plogratio(logq.exp(), logq, logp)
+    wp, wq = mixture_weights(divergence, mix)
+    logm = log_mixture(logp, logq, wp, wq)
+    cap = -math.log(wq) if wq > 0 else 0.0
+    floor = torch.finfo(logm.dtype).min
+    logm_finite = torch.where(logm > floor, logm, torch.full_like(logm, floor))
     if divergence == JSD:
-        return (1 - mix) * _plogratio(q, logq, _safe_log(mix * p + (1 - mix) * q))
+        return _weighted(wq, _plogratio(logq.exp(), logq, logm))
     if divergence == SKEW_FORWARD_KL:
-        m = mix * p + (1 - mix) * q
-        return torch.where(m > 0, -(1 - mix) * p * q / torch.where(m > 0, m, 1), 0)
+        return _weighted(wq, -_exp_capped(logp + logq - logm_finite, cap))
     if divergence == SKEW_REVERSE_KL:
-        m = (1 - mix) * p + mix * q
-        ratio = torch.where(m > 0, q * q / torch.where(m > 0, m, 1), 0)
-        return _plogratio(q, logq, _safe_log(m)) - mix * ratio
+        return _plogratio(logq.exp(), logq, logm) - _weighted(wq, _exp_capped(2 * logq - logm_finite, cap))
     raise ValueError(f"unknown divergence code {divergence}")
 
 

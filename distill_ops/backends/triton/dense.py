@@ -14,6 +14,7 @@ backward. Accumulation is fp32 (fp64 for fp64 inputs). Indices are 64-bit.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
+from ..reference import mixture_weights
 
 
 @triton.jit
@@ -67,43 +69,61 @@ def _online_update(m, z, x):
 
 
 @triton.jit
-def _plogratio(w, lw, lr):
-    """w * (log w - log r) with 0 log 0 = 0."""
-    return tl.where(w > 0, w * (lw - lr), 0.0)
+def _weighted(w, d):
+    """w * d, exactly 0 where the weight w is 0 (0 log 0 = 0); a NaN weight stays NaN."""
+    return tl.where(w == 0, 0.0, w * d)
 
 
 @triton.jit
-def _terms(lq, lp, mix, DIV: tl.constexpr):
-    """Per-element loss term and qg = q * dD/dq for divergence DIV."""
+def _log_add_exp(x, y):
+    """log(exp(x) + exp(y)); -inf when both are -inf (divergence.h: log_add_exp)."""
+    m = tl.maximum(x, y)
+    d = x - y
+    e = tl.exp(tl.where(d < 0, d, -d))  # exp(-|x - y|) in [0, 1]; NaN when both are -inf
+    # log1p(e) to full precision (Goldberg: log(u) * e / (u - 1), u = 1 + e rounded)
+    u = 1.0 + e
+    l1p = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(x == y, x + 0.6931471805599453, m + l1p)
+
+
+@triton.jit
+def _terms(lq, lp, wp, wq, lwp, lwq, cap, DIV: tl.constexpr):
+    """Per-element loss term and qg = q * dD/dq for divergence DIV (divergence.h: Terms).
+
+    The mixture M = wp p + wq q is taken in log space (lwp, lwq = log of the weights, -inf for 0):
+    no underflow where p and q are tiny. The skew-KL ratios p q / M and q^2 / M are formed as exps
+    of log differences capped at cap = -log wq (their bound; 0 when wq = 0)."""
     q = tl.exp(lq)
-    p = tl.exp(lp)
     if DIV == 0:  # forward KL
-        loss = _plogratio(p, lp, lq)
+        p = tl.exp(lp)
+        loss = _weighted(p, lp - lq)
         qg = -p
     elif DIV == 1:  # reverse KL
-        loss = _plogratio(q, lq, lp)
+        loss = _weighted(q, lq - lp)
         qg = loss
-    elif DIV == 2:  # JSD(beta), M = beta p + (1 - beta) q
-        lm = tl.log(mix * p + (1.0 - mix) * q)
-        qg = (1.0 - mix) * _plogratio(q, lq, lm)
-        loss = mix * _plogratio(p, lp, lm) + qg
-    elif DIV == 3:  # skew forward KL(alpha), M = alpha p + (1 - alpha) q
-        m = mix * p + (1.0 - mix) * q
-        loss = _plogratio(p, lp, tl.log(m))
-        qg = tl.where(m > 0, -(1.0 - mix) * p * (q / m), 0.0)
-    else:  # skew reverse KL(alpha), M = (1 - alpha) p + alpha q
-        m = (1.0 - mix) * p + mix * q
-        loss = _plogratio(q, lq, tl.log(m))
-        qg = loss - mix * tl.where(m > 0, q * (q / m), 0.0)
+    else:
+        lm = _log_add_exp(lp + lwp, lq + lwq)
+        lm_finite = tl.maximum(lm, -3.4028234663852886e38)
+        if DIV == 2:  # JSD(beta), M = beta p + (1 - beta) q
+            p = tl.exp(lp)
+            qg = _weighted(wq, _weighted(q, lq - lm))
+            loss = _weighted(wp, _weighted(p, lp - lm)) + qg
+        elif DIV == 3:  # skew forward KL(alpha), M = alpha p + (1 - alpha) q
+            p = tl.exp(lp)
+            loss = _weighted(p, lp - lm)
+            qg = -wq * tl.exp(tl.minimum(lp + lq - lm_finite, cap))
+        else:  # skew reverse KL(alpha), M = (1 - alpha) p + alpha q
+            loss = _weighted(q, lq - lm)
+            qg = loss - wq * tl.exp(tl.minimum(lq + lq - lm_finite, cap))
     return loss, qg, q
 
 
 @triton.jit
-def _write_grad(g_row, offs, mask, s, q, qg, C, lse1, label, soft_scale, hard_coef, scale,
+def _write_grad(g_row, offs, mask, s, q, qg, C, m1, lz1, label, soft_scale, hard_coef, scale,
                 x_raw, cap, CAP: tl.constexpr, HARD: tl.constexpr):
     g = soft_scale * (qg - q * C)
     if HARD:
-        g += hard_coef * (tl.exp(s - lse1) - tl.where(offs == label, 1.0, 0.0))
+        g += hard_coef * (tl.exp((s - m1) - lz1) - tl.where(offs == label, 1.0, 0.0))
     if CAP:
         g = g * _softcap_grad(x_raw, CAP, cap)
     g = g * scale
@@ -114,7 +134,7 @@ def _write_grad(g_row, offs, mask, s, q, qg, C, lse1, label, soft_scale, hard_co
 def _dense_kd_row(
     row, s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
-    inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
+    inv_tau, wp, wq, lwp, lwq, ratio_cap, cap, soft_coef, hard_coef, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, CAP: tl.constexpr,
     NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -150,11 +170,15 @@ def _dense_kd_row(
                 w_r = w_r * r_a + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), axis=0)
             if HARD and CE_SEPARATE:
                 m_1, z_1, _r1, _e1 = _online_update(m_1, z_1, s)
-        lse_a = m_a + tl.log(z_a)
-        lse_b = m_b + tl.log(z_b)
-        lse_1 = lse_a
+        # log-probabilities are formed as (x - m) - log z, never x - (m + log z): rounding
+        # m + log z to fp32 costs |lse| ulps in every element, which the mixtures' q (g - C) amplify.
+        lz_a = tl.log(z_a)
+        lz_b = tl.log(z_b)
+        m_1s = m_a
+        lz_1 = lz_a
         if HARD and CE_SEPARATE:
-            lse_1 = m_1 + tl.log(z_1)
+            m_1s = m_1
+            lz_1 = tl.log(z_1)
         if DIV == 0:
             C = tl.full([], -1.0, ACC)
         elif DIV == 1:
@@ -166,6 +190,10 @@ def _dense_kd_row(
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(ACC)
+        s_lab = tl.zeros([], ACC)
+        if HARD:
+            # Read before pass 2: with the in-place gradient, pass 2 overwrites the row.
+            s_lab = _softcap(tl.load(s_row + label).to(ACC), CAP, cap)
 
         # ---- pass 2: loss (and gradient when C is known) ----
         # Backwards over the row: the blocks pass 1 read last are re-read first, from L2.
@@ -176,18 +204,16 @@ def _dense_kd_row(
             offs = (n_blocks - 1 - i) * BLOCK + base
             mask = offs < V
             x, s, a, b = _load_row(s_row, t_row, offs, mask, inv_tau, cap, ACC, CAP)
-            term, qg, q = _terms(a - lse_a, b - lse_b, mix, DIV)
+            term, qg, q = _terms((a - m_a) - lz_a, (b - m_b) - lz_b, wp, wq, lwp, lwq, ratio_cap, DIV)
             loss_acc += term
             if DIV >= 2:
                 c_acc += qg
             if NEED_GRAD and DIV <= 1:  # mixtures know C only after this pass: see pass 3
-                _write_grad(g_row, offs, mask, s, q, qg, C, lse_1, label, soft_scale, hard_coef,
+                _write_grad(g_row, offs, mask, s, q, qg, C, m_1s, lz_1, label, soft_scale, hard_coef,
                             scale, x, cap, CAP, HARD)
         loss = soft_coef * tl.sum(loss_acc, axis=0)
         if HARD:
-            s_lab = tl.load(s_row + label).to(ACC)
-            s_lab = _softcap(s_lab, CAP, cap)
-            loss += hard_coef * (lse_1 - s_lab)
+            loss += hard_coef * ((m_1s - s_lab) + lz_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
         # ---- pass 3: gradient of the mixtures ----
@@ -197,8 +223,8 @@ def _dense_kd_row(
                 offs = start + base
                 mask = offs < V
                 x, s, a, b = _load_row(s_row, t_row, offs, mask, inv_tau, cap, ACC, CAP)
-                _term, qg, q = _terms(a - lse_a, b - lse_b, mix, DIV)
-                _write_grad(g_row, offs, mask, s, q, qg, C, lse_1, label, soft_scale, hard_coef,
+                _term, qg, q = _terms((a - m_a) - lz_a, (b - m_b) - lz_b, wp, wq, lwp, lwq, ratio_cap, DIV)
+                _write_grad(g_row, offs, mask, s, q, qg, C, m_1s, lz_1, label, soft_scale, hard_coef,
                             scale, x, cap, CAP, HARD)
     else:
         tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
@@ -213,7 +239,7 @@ def _dense_kd_row(
 def _dense_kd_kernel(
     s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
-    inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
+    inv_tau, wp, wq, lwp, lwq, ratio_cap, cap, soft_coef, hard_coef, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, CAP: tl.constexpr,
     NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -222,7 +248,7 @@ def _dense_kd_kernel(
     # flight in L2 between passes, measured no faster on an H100: see bench/NOTES.md.)
     _dense_kd_row(
         tl.program_id(0).to(tl.int64), s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
-        V, stride_s, stride_t, stride_g, inv_tau, mix, cap, soft_coef, hard_coef, ignore_index,
+        V, stride_s, stride_t, stride_g, inv_tau, wp, wq, lwp, lwq, ratio_cap, cap, soft_coef, hard_coef, ignore_index,
         DIV, HAS_LABELS, HARD, CAP, NEED_GRAD, HAS_SCALE, CE_SEPARATE, ACC, BLOCK,
     )
 
@@ -233,6 +259,16 @@ def _block_and_warps(v: int, elem_bytes: int) -> tuple[int, int]:
     block = max(block, 16)
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
     return block, warps
+
+
+def _mixture_args(divergence: int, mix: float) -> tuple[float, float, float, float, float]:
+    """(w_p, w_q, log w_p, log w_q, -log w_q or 0) of the mixture M = w_p p + w_q q."""
+    if divergence not in (JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL):
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    wp, wq = mixture_weights(divergence, mix)
+    lwp = math.log(wp) if wp > 0 else -math.inf
+    lwq = math.log(wq) if wq > 0 else -math.inf
+    return wp, wq, lwp, lwq, (-lwq if wq > 0 else 0.0)
 
 
 def dense_forward(
@@ -264,7 +300,7 @@ def dense_forward(
         student, teacher, labels if labels is not None else student, g,
         grad_scale if grad_scale is not None else loss, loss,
         v, student.stride(0), teacher.stride(0), g.stride(0),
-        1.0 / temperature, mix, softcap, soft_coef, hard_coef, ignore_index,
+        1.0 / temperature, *_mixture_args(divergence, mix), softcap, soft_coef, hard_coef, ignore_index,
         DIV=divergence, HAS_LABELS=labels is not None, HARD=hard, CAP=softcap != 0,
         NEED_GRAD=grad is not None, HAS_SCALE=grad_scale is not None,
         CE_SEPARATE=temperature != 1.0, ACC=tl.float64 if fp64 else tl.float32,

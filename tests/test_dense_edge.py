@@ -1,0 +1,415 @@
+"""kd_loss on awkward inputs: odd shapes, -inf and NaN logits, extreme temperatures and logit
+ranges, ignored rows, non-contiguous views, common-prefix vocabularies, the in-place gradient, the
+module wrapper and backend selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import distill_ops
+from distill_ops import KDLoss, backends, kd_loss
+from oracle import (DIVERGENCES, INTERPRETER_NOISE, backend, backend_and_device,  # noqa: F401
+                    check_against_oracle, device, make_labels, make_logits, oracle, rel_err, run_kd)
+
+pytestmark = INTERPRETER_NOISE
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+
+
+@pytest.mark.parametrize("n,v", [(1, 1), (5, 1), (1, 257), (3, 1000), (2, 2048), (1, 2049)])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+def test_awkward_shapes(backend, device, n, v, divergence):
+    s, t = make_logits(n, v, seed=n * 7 + v, device=device)
+    labels = make_labels(n, v, seed=v, ignored="some", device=device)
+    check_against_oracle(s, t, labels, divergence=divergence, temperature=1.5, hard_weight=0.5,
+                         backend=backend)
+
+
+def test_vocab_of_one_is_zero_loss(backend, device):
+    """V = 1: both distributions are the point mass, the label can only be 0: loss and grad 0."""
+    s, t = make_logits(4, 1, seed=1, device=device)
+    labels = torch.tensor([0, -100, 0, 0], device=device)
+    for div in DIVERGENCES:
+        loss, grad = run_kd(s, t, labels, divergence=div, hard_weight=1.0, reduction="sum",
+                            backend=backend)
+        assert abs(loss.item()) <= 1e-6, (div, loss)  # zero up to rounding
+        assert grad.abs().max().item() <= 1e-6, (div, grad)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_vocab_larger_than_one_block(backend, device, divergence):
+    """V above the largest Triton block (8192) with a ragged last block: the online softmax
+    merges across blocks."""
+    s, t = make_logits(2, 2 * 8192 + 3, seed=11, device=device)
+    labels = torch.tensor([5, 2 * 8192 + 2], device=device)
+    check_against_oracle(s, t, labels, divergence=divergence, temperature=2.0, hard_weight=0.5,
+                         backend=backend)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "batchmean"])
+def test_three_dim_input(backend, device, reduction):
+    s, t = make_logits((2, 5), 129, seed=3, device=device)
+    labels = make_labels((2, 5), 129, seed=3, ignored="some", device=device)
+    go = torch.rand(2, 5) + 0.5 if reduction == "none" else None
+    check_against_oracle(s, t, labels, grad_output=go, divergence="reverse_kl", hard_weight=0.5,
+                         reduction=reduction, backend=backend)
+    if reduction == "none":
+        assert kd_loss(s, t, reduction="none", backend=backend).shape == (2, 5)
+
+
+def test_empty_batch(backend, device):
+    s, t = make_logits(0, 10, seed=0, device=device)
+    for red, expect in (("sum", 0.0), ("mean", 0.0), ("batchmean", 0.0)):
+        loss, grad = run_kd(s, t, reduction=red, backend=backend)
+        assert loss.item() == expect and grad.shape == (0, 10)
+    assert kd_loss(s, t, reduction="none", backend=backend).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# -inf, NaN, extreme ranges
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_padded_columns_minus_inf(backend, device, divergence):
+    """-inf in the same columns of both (a padded vocabulary): finite, equal to the loss on the
+    unpadded columns, zero gradient in the pad."""
+    s, t = make_logits(4, 40, seed=21, device=device)
+    labels = torch.tensor([1, -100, 30, 0], device=device)
+    s[:, 33:] = -math.inf
+    t[:, 33:] = -math.inf
+    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.5, backend=backend)
+    loss, grad = run_kd(s, t, labels, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad[:, 33:]) == 0
+    ref, ref_grad = run_kd(s[:, :33].contiguous(), t[:, :33].contiguous(), labels, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[:, :33], ref_grad, rtol=1e-4, atol=1e-6)
+    check_against_oracle(s, t, labels, **kw)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_teacher_or_student_columns(backend, device, divergence):
+    """-inf on one side only. Observed (and mathematically right): KL(p||q) is +inf for a row where
+    the student has -inf and the teacher mass, KL(q||p) is +inf where the teacher has -inf and the
+    student mass; the mixtures (JSD, skew KL) stay finite. Other rows are unaffected."""
+    s, t = make_logits(4, 30, seed=22, device=device)
+    s[0, 3] = -math.inf   # student excludes a token the teacher likes
+    t[2, 4] = -math.inf   # teacher excludes a token the student likes
+    kw = dict(divergence=divergence, temperature=1.5, reduction="none", backend=backend)
+    loss, grad = run_kd(s, t, **kw)
+    ref, ref_grad = oracle(s, t, **{k: v for k, v in kw.items() if k != "backend"})
+    inf_rows = {"forward_kl": [0], "reverse_kl": [2]}.get(divergence, [])
+    if divergence == "generalized_jsd":  # default beta = 0.5: JSD
+        inf_rows = []
+    for r in range(4):
+        if r in inf_rows:
+            assert loss[r].item() == math.inf, (r, loss)
+        else:
+            assert math.isfinite(loss[r].item()), (r, loss)
+            assert rel_err(loss[r], ref[r]) < 1e-5
+            assert torch.isfinite(grad[r]).all()
+            assert rel_err(grad[r], ref_grad[r]) < 1e-4
+    # forward KL's gradient (q - p) / tau stays finite even on its infinite row; reverse KL's
+    # gradient on an infinite row is not finite (inf - inf), in the oracle too: not asserted.
+    if divergence == "forward_kl":
+        assert torch.isfinite(grad[0]).all() and rel_err(grad[0], ref_grad[0]) < 1e-5
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_propagates(backend, device, divergence, side):
+    """A NaN logit makes its row's loss NaN and so the reduced loss: never hidden."""
+    s, t = make_logits(4, 50, seed=23, device=device)
+    (s if side == "student" else t)[1, 7] = float("nan")
+    rows = kd_loss(s, t, divergence=divergence, reduction="none", backend=backend)
+    assert torch.isnan(rows[1]), f"row with a NaN {side} logit gave {rows[1].item()}"
+    assert torch.isfinite(rows[[0, 2, 3]]).all()
+    assert torch.isnan(kd_loss(s, t, divergence=divergence, backend=backend))
+
+
+@pytest.mark.parametrize("temperature", [0.05, 50.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_temperature(backend, device, divergence, temperature):
+    """tau = 0.05 makes the distributions near one-hot (log-probabilities down to about -400,
+    probabilities below fp32's smallest normal); tau = 50 makes them near uniform (the loss is
+    small against log V, fp32 keeps about 5 digits: loss tolerance 1e-4)."""
+    s, t = make_logits(4, 100, seed=24, device=device)
+    labels = torch.tensor([3, -100, 99, 0], device=device)
+    check_against_oracle(s, t, labels, divergence=divergence, temperature=temperature,
+                         hard_weight=0.5, loss_tol=1e-4, grad_tol=1e-3, backend=backend)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl",
+                                        "forward_kl", "reverse_kl"])
+def test_wide_logit_range(backend, device, divergence):
+    """Logits spread over about +-75 at tau = 1 (the range of some LLM heads without a softcap):
+    many probabilities underflow fp32; the loss must stay finite and right. Gradient tolerance
+    1e-3: eager fp32 PyTorch reaches 5e-4 on this input for reverse KL (the torch backend 3e-4)."""
+    s, t = make_logits(4, 1000, seed=25, spread=25.0, device=device)
+    check_against_oracle(s, t, divergence=divergence, backend=backend, grad_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# ignored rows
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_all_ignored_is_zero(backend, device, reduction, divergence):
+    s, t = make_logits(6, 64, seed=26, device=device)
+    labels = torch.full((6,), -100, device=device)
+    loss, grad = run_kd(s, t, labels, divergence=divergence, hard_weight=1.0, reduction=reduction,
+                        backend=backend)
+    assert not torch.isnan(loss).any()
+    assert torch.count_nonzero(loss) == 0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_ignored_rows_get_zero_grad_and_custom_ignore_index(backend, device):
+    s, t = make_logits(6, 64, seed=27, device=device)
+    labels = torch.tensor([1, -1, 2, -1, 63, 0], device=device)
+    loss, grad = run_kd(s, t, labels, ignore_index=-1, hard_weight=0.5, reduction="none",
+                        backend=backend)
+    assert torch.count_nonzero(loss[[1, 3]]) == 0 and torch.count_nonzero(grad[[1, 3]]) == 0
+    assert (loss[[0, 2, 4, 5]] > 0).all()
+    check_against_oracle(s, t, labels, ignore_index=-1, hard_weight=0.5, backend=backend)
+    # mean divides by the 4 live rows, batchmean by all 6
+    m = kd_loss(s, t, labels=labels, ignore_index=-1, reduction="mean", backend=backend)
+    bm = kd_loss(s, t, labels=labels, ignore_index=-1, reduction="batchmean", backend=backend)
+    torch.testing.assert_close(m * 4, bm * 6, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts
+
+
+def _views(n, v):
+    """Named (make(buffer) -> view) pairs producing (n, v) student views of various layouts."""
+    return {
+        "transposed": (lambda g: torch.randn(v, n, generator=g) * 3, lambda b: b.t()),
+        "column_slice": (lambda g: torch.randn(n, v + 13, generator=g) * 3,
+                         lambda b: b[:, 5:5 + v]),
+        "row_step": (lambda g: torch.randn(2 * n, v, generator=g) * 3, lambda b: b[::2]),
+        "column_step": (lambda g: torch.randn(n, 2 * v, generator=g) * 3, lambda b: b[:, ::2]),
+    }
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column_slice", "row_step", "column_step"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_non_contiguous_inputs(backend, device, layout, side):
+    """One side a strided view (the other contiguous): same loss and gradient as contiguous
+    copies; no gradient outside the student view."""
+    n, v = 6, 77
+    make, view = _views(n, v)[layout]
+    g = torch.Generator().manual_seed(28)
+    s_buf, t_buf = make(g).to(device), make(g).to(device)
+    if side == "student":
+        leaf = s_buf.clone().requires_grad_(True)
+        s, t = view(leaf), view(t_buf).contiguous()
+    else:
+        leaf = view(s_buf).contiguous().requires_grad_(True)
+        s, t = leaf, view(t_buf)
+    labels = torch.tensor([0, -100, 76, 5, 6, 7], device=device)
+    kw = dict(divergence="jsd", temperature=2.0, hard_weight=0.5)
+    loss = kd_loss(s, t, labels=labels, backend=backend, **kw)
+    loss.backward()
+    ref, ref_grad = oracle(s.detach().contiguous(), t.contiguous(), labels, **kw)
+    assert rel_err(loss, ref) < 1e-5
+    if side == "student":
+        assert rel_err(view(leaf.grad), ref_grad) < 1e-4
+        mask = torch.ones_like(leaf, dtype=torch.bool)
+        view(mask).fill_(False)
+        assert torch.count_nonzero(leaf.grad[mask]) == 0  # nothing outside the view
+    else:
+        assert rel_err(leaf.grad, ref_grad) < 1e-4
+
+
+def test_non_contiguous_three_dim(backend, device):
+    g = torch.Generator().manual_seed(29)
+    s = (torch.randn(5, 2, 33, generator=g) * 3).to(device).transpose(0, 1)  # (2, 5, 33)
+    t = (torch.randn(5, 2, 33, generator=g) * 3).to(device).transpose(0, 1)
+    check_against_oracle(s, t, divergence="skew_forward_kl", reduction="none", backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# vocab="common_prefix"
+
+
+@pytest.mark.parametrize("v_student,v_teacher", [(53, 50), (50, 53)])
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_reverse_kl"])
+def test_common_prefix(backend, device, v_student, v_teacher, divergence):
+    g = torch.Generator().manual_seed(30)
+    s = (torch.randn(2, 3, v_student, generator=g) * 3).to(device)
+    t = (torch.randn(2, 3, v_teacher, generator=g) * 3).to(device)
+    labels = torch.tensor([[0, 49, -100], [3, 4, 5]], device=device)
+    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.5, backend=backend)
+    loss, grad = run_kd(s, t, labels, vocab="common_prefix", **kw)
+    ref, ref_grad = run_kd(s[..., :50].contiguous(), t[..., :50].contiguous(), labels, **kw)
+    assert torch.equal(loss, ref)
+    torch.testing.assert_close(grad[..., :50], ref_grad, rtol=1e-6, atol=1e-9)
+    assert torch.count_nonzero(grad[..., 50:]) == 0
+    check_against_oracle(s, t, labels, vocab="common_prefix", **kw)
+    with pytest.raises(ValueError, match="common_prefix"):
+        kd_loss(s, t, labels=labels, backend=backend)
+    x = s.clone().requires_grad_(True) * 1
+    with pytest.raises(ValueError, match="inplace_grad"):
+        kd_loss(x, t, vocab="common_prefix", inplace_grad=True, backend=backend)
+
+
+def test_common_prefix_label_beyond_prefix_is_rejected(backend, device):
+    s, t = make_logits(2, 53, seed=31, device=device)
+    labels = torch.tensor([51, 0], device=device)  # a valid student id, but outside the common 50
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(s, t[:, :50], labels=labels, vocab="common_prefix", backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace_grad
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_inplace_grad(backend, device, divergence, hard_weight):
+    """Same loss and gradient as the out-of-place path; afterwards the student buffer holds the
+    gradient."""
+    s, t = make_logits(6, 50, seed=32, device=device)
+    labels = make_labels(6, 50, seed=32, ignored="some", device=device)
+    kw = dict(divergence=divergence, hard_weight=hard_weight, temperature=2.0, beta=1.0,
+              backend=backend)  # beta = 1: generalized_jsd runs reverse KL
+    ref_loss, ref_grad = run_kd(s, t, labels, **kw)
+    leaf = s.clone().requires_grad_(True)
+    x = leaf * 1
+    loss = kd_loss(x, t, labels=labels, inplace_grad=True, **kw)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(x.detach(), ref_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_inplace_grad_reduction_none_and_views(backend, device):
+    s, t = make_logits(4, 50, seed=33, device=device)
+    go = torch.linspace(0.5, 2.0, 4, device=device)
+    _, ref_grad = oracle(s, t, reduction="none", grad_output=go)
+    leaf = s.clone().requires_grad_(True)
+    kd_loss(leaf * 1, t, reduction="none", inplace_grad=True, backend=backend).backward(go)
+    assert rel_err(leaf.grad, ref_grad) < 1e-5
+    # a column slice is passed to the kernel as is: its slice of the buffer holds the gradient
+    big = torch.zeros(4, 60, device=device)
+    big[:, 5:55] = s
+    leaf = big.clone().requires_grad_(True)
+    x = leaf * 1
+    kd_loss(x[:, 5:55], t, inplace_grad=True, backend=backend).backward()
+    _, ref_grad = oracle(s, t)
+    assert rel_err(leaf.grad[:, 5:55], ref_grad) < 1e-5
+    assert torch.count_nonzero(leaf.grad[:, :5]) == 0
+    assert rel_err(x.detach()[:, 5:55], ref_grad) < 1e-5
+    # without a gradient to compute, the student is left alone
+    x = s.clone()
+    kd_loss(x, t, inplace_grad=True, backend=backend)
+    assert torch.equal(x, s)
+
+
+def test_inplace_grad_is_caught_when_the_logits_were_saved(backend, device):
+    """The overwritten logits must not silently feed another backward: exp() saves its output,
+    so its backward has to fail loudly after the kernel wrote the gradient over it."""
+    s, t = make_logits(4, 50, seed=35, device=device)
+    leaf = s.clone().requires_grad_(True)
+    x = leaf.exp()
+    loss = kd_loss(x, t, inplace_grad=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# KDLoss
+
+
+def test_module_equals_function(backend, device):
+    s, t = make_logits(6, 50, seed=34, device=device)
+    labels = make_labels(6, 50, seed=34, ignored="some", device=device)
+    kw = dict(divergence="skew_forward_kl", alpha=0.2, temperature=2.0, hard_weight=0.3,
+              softcap=20.0, reduction="sum", backend=backend)
+    mod = KDLoss(**kw)
+    assert "skew_forward_kl" in repr(mod)
+    a_loss, a_grad = run_kd(s, t, labels, **kw)
+    x = s.clone().requires_grad_(True)
+    b_loss = mod(x, t, labels)
+    b_loss.backward()
+    assert torch.equal(a_loss, b_loss.detach()) and torch.equal(a_grad, x.grad)
+
+
+def test_module_rejects_unknown_keywords_at_construction():
+    with pytest.raises(TypeError, match="temprature"):
+        KDLoss(temprature=2.0)
+    with pytest.raises(TypeError, match="labels"):
+        KDLoss(labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError):
+        KDLoss(2.0)  # keywords only
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection
+
+
+def _record_backend(monkeypatch):
+    used = []
+    real = backends.get
+
+    def spy(name, op):
+        used.append(name)
+        return real(name, op)
+
+    monkeypatch.setattr(backends, "get", spy)
+    return used
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    s, t = make_logits(2, 10, seed=35)
+    used = _record_backend(monkeypatch)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    kd_loss(s, t)
+    assert used == ["torch"]
+    # an explicit backend= wins over the variable
+    ok, _ = backends._can_run("triton", torch.device("cpu"))
+    if ok:
+        kd_loss(s, t, backend="triton")
+        assert used[-1] == "triton"
+
+
+def test_env_var_asking_for_unavailable_backend_raises(monkeypatch):
+    s, t = make_logits(2, 10, seed=36)
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match=backends.ENV_VAR):
+        kd_loss(s, t)
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        kd_loss(s, t)
+
+
+def test_auto_on_cpu_never_picks_a_gpu_backend(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    used = _record_backend(monkeypatch)
+    s, t = make_logits(2, 10, seed=37)
+    kd_loss(s, t)
+    expect = "cpu" if backends.native_status("cpu")[0] else "torch"
+    assert used == [expect]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_unavailable_backend_raises_clearly(monkeypatch):
+    s, t = make_logits(2, 10, seed=38)
+    with pytest.raises(RuntimeError, match="cuda"):
+        kd_loss(s, t, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton"):
+        kd_loss(s, t, backend="triton")
+
+
+def test_public_api():
+    assert set(distill_ops.DIVERGENCES) == set(DIVERGENCES)
+    assert distill_ops.kd_loss is kd_loss and distill_ops.KDLoss is KDLoss
