@@ -1,0 +1,284 @@
+"""Triton kernel of the sparse-target loss (the closed forms are in backends/reference_sparse.py).
+
+One program per row:
+
+  pass 1  stream the student row once: online normalizer lse(s / tau) (and lse(s) for the hard-label
+          term when tau != 1);
+  middle  gather the k student logits at the target ids and do the bucket algebra on the k (+1 tail)
+          values held in registers: loss, C = sum qg, the per-target gradients u and the coefficient
+          c_out of the dense part outside the support;
+  pass 2  (only when a gradient is needed) stream once more writing c_out * exp(a_j - lse_out) (+ the
+          hard-label term), then, after a barrier, overwrite the k target columns with their own
+          values (ids are unique in a row, so the scattered stores never collide).
+
+No probability tensor is materialised; the gradient is written in the forward and scaled in the
+backward. fp32 accumulation (fp64 for fp64 inputs); 64-bit row offsets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
+from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _lse(x, axis: tl.constexpr):
+    """logsumexp along ``axis`` (-inf for an all -inf slice, never NaN)."""
+    m = tl.max(x, axis=axis)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(tl.sum(tl.exp(x - m_safe), axis=axis))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (Kahan: (u - 1) x / log u with u = exp(x))."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe = tl.where((u == 1.0) | (um1 == -1.0), 1.0, um1)
+    r = safe * x / tl.log(tl.where(u == 1.0, 2.0, u))
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, r))
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) without cancellation near 0 (Kahan: y log(1 + y) / ((1 + y) - 1))."""
+    w = 1.0 + y
+    d = w - 1.0
+    return tl.where(d == 0.0, y, y * tl.log(w) / tl.where(d == 0.0, 1.0, d))
+
+
+@triton.jit
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0."""
+    x = tl.minimum(x, 0.0)
+    return tl.where(x > -LN2, tl.log(-_expm1(x)), _log1p(-tl.exp(x)))
+
+
+@triton.jit
+def _plogratio(w, lw, lr):
+    return tl.where(w > 0, w * (lw - lr), 0.0)
+
+
+@triton.jit
+def _bucket_terms(lq, lp, mix, DIV: tl.constexpr):
+    """Per-bucket loss term and qg = q dD/dq of divergence DIV (codes of backends/base.py)."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == 0:  # forward KL
+        term = _plogratio(p, lp, lq)
+        qg = -p
+    elif DIV == 1:  # reverse KL
+        term = _plogratio(q, lq, lp)
+        qg = term
+    elif DIV == 2:  # JSD(beta)
+        lm = tl.log(mix * p + (1.0 - mix) * q)
+        qg = (1.0 - mix) * _plogratio(q, lq, lm)
+        term = mix * _plogratio(p, lp, lm) + qg
+    elif DIV == 3:  # skew forward KL(alpha), M = alpha p + (1 - alpha) q
+        m = mix * p + (1.0 - mix) * q
+        term = _plogratio(p, lp, tl.log(m))
+        qg = tl.where(m > 0, -(1.0 - mix) * p * (q / tl.where(m > 0, m, 1.0)), 0.0)
+    else:  # skew reverse KL(alpha), M = (1 - alpha) p + alpha q
+        m = (1.0 - mix) * p + mix * q
+        term = _plogratio(q, lq, tl.log(m))
+        qg = term - mix * tl.where(m > 0, q * (q / tl.where(m > 0, m, 1.0)), 0.0)
+    return term, qg, q
+
+
+@triton.jit
+def _sparse_kd_kernel(
+    s_ptr, ids_ptr, lw_ptr, tail_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
+    V, K, stride_s, stride_i, stride_w, stride_g,
+    inv_tau, mix, target_scale, soft_coef, hard_coef, ignore_index,
+    DIV: tl.constexpr, MODE: tl.constexpr, HAS_TAIL: tl.constexpr, RETEMPER: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HARD: tl.constexpr, NEED_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    g_row = g_ptr + row * stride_g
+    base = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+
+    row_ok = True
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        row_ok = label != ignore_index
+
+    if row_ok:
+        # ---- pass 1: normalizers ----
+        m_a = tl.full([], neg_inf, ACC)
+        z_a = tl.zeros([], ACC)
+        m_1 = tl.full([], neg_inf, ACC)
+        z_1 = tl.zeros([], ACC)
+        for start in range(0, V, BLOCK):
+            offs = start + base
+            mask = offs < V
+            s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(ACC)
+            a = s * inv_tau
+            m_new = tl.maximum(m_a, tl.max(a, axis=0))
+            m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+            z_a = z_a * tl.exp(m_a - m_safe) + tl.sum(tl.exp(a - m_safe), axis=0)
+            m_a = m_new
+            if HARD and CE_SEPARATE:
+                m1_new = tl.maximum(m_1, tl.max(s, axis=0))
+                m1_safe = tl.where(m1_new == neg_inf, 0.0, m1_new)
+                z_1 = z_1 * tl.exp(m_1 - m1_safe) + tl.sum(tl.exp(s - m1_safe), axis=0)
+                m_1 = m1_new
+        lse_a = m_a + tl.log(z_a)
+        lse_1 = lse_a
+        if HARD and CE_SEPARATE:
+            lse_1 = m_1 + tl.log(z_1)
+
+        # ---- the k targets: bucket algebra in registers ----
+        kk = tl.arange(0, KP)
+        kmask = kk < K
+        ids = tl.load(ids_ptr + row * stride_i + kk, mask=kmask, other=-1).to(tl.int64)
+        valid = ids >= 0
+        lw = tl.load(lw_ptr + row * stride_w + kk, mask=valid, other=0.0).to(ACC)
+        lw = tl.where(valid, lw, neg_inf)
+        s_k = tl.load(s_row + ids, mask=valid, other=0.0).to(ACC)
+        a_k = tl.where(valid, s_k * inv_tau, neg_inf)
+        lse_k = _lse(a_k, 0)
+        if MODE == 2:
+            lk = _lse(lw, 0)
+            if HAS_TAIL:
+                lt = tl.load(tail_ptr + row).to(ACC)
+            else:
+                lt = _log1mexp(lk)
+            # Targets covering the whole vocabulary leave no tail bucket (whatever rounding says).
+            lt = tl.where(tl.sum(valid.to(tl.int32), axis=0) == V, neg_inf, lt)
+            mz = tl.maximum(lk, lt)
+            mz_safe = tl.where(mz == neg_inf, 0.0, mz)
+            z = mz_safe + tl.log(tl.exp(lk - mz_safe) + tl.exp(lt - mz_safe))
+            lp = tl.where(valid, lw - z, neg_inf)
+            lp_tail = lt - z
+        else:
+            if RETEMPER:
+                lw = lw * target_scale
+            z = _lse(lw, 0)
+            lp = tl.where(valid, lw - z, neg_inf)
+        live = (z > neg_inf) & (tl.sum(valid.to(tl.int32), axis=0) > 0)
+        if MODE == 1:
+            lq = tl.where(valid, a_k - lse_k, neg_inf)
+        else:
+            lq = tl.where(valid, a_k - lse_a, neg_inf)
+        term, qg, q = _bucket_terms(lq, lp, mix, DIV)
+        soft = tl.sum(term, axis=0)
+        big_c = tl.sum(qg, axis=0)
+        if MODE == 2:
+            lq_tail = _log1mexp(lse_k - lse_a)
+            t_term, t_qg, t_q = _bucket_terms(lq_tail, lp_tail, mix, DIV)
+            soft += t_term
+            big_c += t_qg
+        soft = tl.where(live, soft, 0.0)
+        loss = soft_coef * soft
+        if HARD:
+            s_lab = tl.load(s_row + label).to(ACC)
+            loss += hard_coef * (lse_1 - s_lab)
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+
+        # ---- pass 2: the gradient ----
+        if NEED_GRAD:
+            soft_scale = soft_coef * inv_tau
+            scale = 1.0
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr).to(ACC)
+            lse_out = lse_a
+            if MODE == 0:
+                c_out = -big_c
+            elif MODE == 2:
+                c_out = t_qg - t_q * big_c
+                lse_out = lse_a + lq_tail
+            else:
+                c_out = tl.zeros([], ACC)
+            c_out = tl.where(live, c_out, 0.0)
+            lse_out = tl.where(c_out != 0, lse_out, 0.0)
+            coef = soft_scale * c_out
+            for start in range(0, V, BLOCK):
+                offs = start + base
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(ACC)
+                g = tl.where(coef != 0, coef * tl.exp(s * inv_tau - lse_out), 0.0)
+                if HARD:
+                    g += hard_coef * (tl.exp(s - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                g = g * scale
+                tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+            # The dense stores above must land before the target columns are overwritten.
+            tl.debug_barrier()
+            u = tl.where(valid, qg - q * big_c, 0.0)
+            u = tl.where(live, u, 0.0)
+            g_k = soft_scale * u
+            if HARD:
+                g_k += hard_coef * (tl.exp(s_k - lse_1) - tl.where(ids == label, 1.0, 0.0))
+            g_k = g_k * scale
+            tl.store(g_row + ids, g_k.to(g_row.dtype.element_ty), mask=valid)
+    else:
+        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+        if NEED_GRAD:
+            zeros = tl.zeros([BLOCK], g_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK):
+                offs = start + base
+                tl.store(g_row + offs, zeros, mask=offs < V)
+
+
+def _block_and_warps(v: int, elem_bytes: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(v, 1)), 16384 // elem_bytes if elem_bytes > 2 else 8192)
+    block = max(block, 16)
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, warps
+
+
+def sparse_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail_logmass: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    *,
+    divergence: int,
+    mix: float,
+    mode: int,
+    temperature: float,
+    target_scale: float,
+    soft_coef: float,
+    hard_coef: float,
+    ignore_index: int,
+    grad: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """reference_sparse.sparse_forward's contract on the Triton kernel."""
+    assert divergence in (FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL)
+    assert mode in (MODE_FULL, MODE_SUPPORT, MODE_TAIL)
+    n, v = student.shape
+    k = ids.shape[1]
+    fp64 = torch.float64 in (student.dtype, logprobs.dtype)
+    loss = torch.empty(n, dtype=torch.float64 if fp64 else torch.float32, device=student.device)
+    if n == 0:
+        return loss
+    block, warps = _block_and_warps(v, student.element_size())
+    hard = labels is not None and hard_coef != 0
+    g = grad if grad is not None else student  # never written when NEED_GRAD is False
+    _sparse_kd_kernel[(n,)](
+        student, ids, logprobs, tail_logmass if tail_logmass is not None else logprobs,
+        labels if labels is not None else ids, g,
+        grad_scale if grad_scale is not None else loss, loss,
+        v, k, student.stride(0), ids.stride(0), logprobs.stride(0), g.stride(0),
+        1.0 / temperature, mix, target_scale, soft_coef, hard_coef, ignore_index,
+        DIV=divergence, MODE=mode, HAS_TAIL=tail_logmass is not None,
+        RETEMPER=target_scale != 1.0, HAS_LABELS=labels is not None, HARD=hard,
+        NEED_GRAD=grad is not None, HAS_SCALE=grad_scale is not None,
+        CE_SEPARATE=temperature != 1.0, ACC=tl.float64 if fp64 else tl.float32,
+        BLOCK=block, KP=max(triton.next_power_of_2(k), 2), num_warps=warps,
+    )
+    return loss

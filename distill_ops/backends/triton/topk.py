@@ -1,0 +1,219 @@
+"""Triton kernels of the teacher side: top-k targets and sampled targets, one streaming pass over
+the teacher logits per row, with no probability tensor.
+
+Top-k. Each (value, id) pair is packed into one int64 key, (order-preserving bits of the float32
+value) << 32 | (2^32 - 1 - id), so that one integer comparison orders by value descending and then
+id ascending (ties go to the lower id). A program keeps the row's running top-k keys in registers;
+for each block it updates the online normalizer and, only if some key of the block beats the current
+k-th key, merges the block into the running set with Triton's bitonic top-k. The mass outside the
+top-k is accumulated exactly, without a subtraction: every element that is never in (or drops out
+of) the running set adds its exp to a tail sum at the moment it is rejected.
+
+Sampling. num_samples Gumbel-max races run side by side over the row: for each block, a
+(samples x block) tile of counter-based noise (targets/rng.py: the same bits as the reference)
+is added to the tempered logits and each sample keeps its running argmax (the lower id on ties).
+Then duplicates are merged (a samples x samples comparison), the log normalised importance weights
+log(count_i) + x_i (1/T - 1/(T Tp)) - lse are computed and the unique ids are written by weight
+descending, then id ascending, padded with (-1, -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...targets import rng
+
+MIN_KEY = -(1 << 63)
+# Tests set this to force several blocks per row on small vocabularies (the interpreter is slow).
+BLOCK_OVERRIDE = None
+
+
+@triton.jit
+def _order_bits(x):
+    """float32 -> int32 whose signed order is the float order (-0.0 and +0.0 equal)."""
+    b = (x + 0.0).to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_value(key):
+    """The float32 value packed in a key."""
+    o = (key >> 32).to(tl.int32)
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_id(key):
+    return 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+@triton.jit
+def _topk_kernel(
+    x_ptr, ids_ptr, lp_ptr, tail_ptr,
+    V, K, stride_x, stride_i, stride_l, inv_tau,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    base = tl.arange(0, BLOCK)
+    kk = tl.arange(0, KP)
+    neg_inf = float("-inf")
+    run = tl.full([KP], MIN_KEY, tl.int64)
+    kth = tl.full([], MIN_KEY, tl.int64)
+    m = tl.full([], neg_inf, ACC)
+    z = tl.zeros([], ACC)
+    zt = tl.zeros([], ACC)  # mass outside the running top-k, relative to exp(m)
+    for start in range(0, V, BLOCK):
+        offs = start + base
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=neg_inf)
+        a = x.to(ACC) * inv_tau
+        m_new = tl.maximum(m, tl.max(a, axis=0))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        r = tl.exp(m - m_safe)
+        e = tl.exp(a - m_safe)
+        z = z * r + tl.sum(e, axis=0)
+        zt = zt * r
+        m = m_new
+        key = (_order_bits(x.to(tl.float32)).to(tl.int64) << 32) | (0xFFFFFFFF - offs.to(tl.int64))
+        key = tl.where(mask, key, MIN_KEY)
+        if tl.max(key, axis=0) > kth:
+            cand = tl.topk(key, KP)
+            merged = tl.topk(tl.join(run, cand).reshape(2 * KP), KP)
+            merged = tl.where(kk < K, merged, MIN_KEY)
+            new_kth = tl.min(tl.where(kk < K, merged, 0x7FFFFFFFFFFFFFFF), axis=0)
+            # Rejected now: the block's elements below the new k-th key and the old members that
+            # fell below it (old members below the old k-th key were counted when rejected).
+            zt += tl.sum(tl.where(key < new_kth, e, 0.0), axis=0)
+            old_a = _key_value(run).to(ACC) * inv_tau
+            dropped = (run > MIN_KEY) & (run < new_kth)
+            zt += tl.sum(tl.where(dropped, tl.exp(old_a - m_safe), 0.0), axis=0)
+            run = merged
+            kth = new_kth
+        else:
+            zt += tl.sum(e, axis=0)
+    lse = m + tl.log(z)
+    kmask = kk < K
+    ids = _key_id(run)
+    lp = _key_value(run).to(ACC) * inv_tau - lse
+    tl.store(ids_ptr + row * stride_i + kk, ids.to(tl.int32), mask=kmask)
+    tl.store(lp_ptr + row * stride_l + kk, lp.to(tl.float32), mask=kmask)
+    m_safe = tl.where(m == neg_inf, 0.0, m)
+    tail = tl.log(zt) + m_safe - lse
+    tl.store(tail_ptr + row, tail.to(tl.float32))
+
+
+@triton.jit
+def _fmix32(h):
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit(do_not_specialize=["seed_key"])
+def _sample_kernel(
+    x_ptr, ids_ptr, lp_ptr,
+    V, S, stride_x, stride_i, stride_l, inv_prop, delta, seed_key,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    neg_inf = float("-inf")
+    ss = tl.arange(0, SP)
+    key = seed_key.to(tl.uint32)
+    row_key = _fmix32(key ^ _fmix32(row.to(tl.uint32) + 0x9E3779B9))
+    sample_key = _fmix32(row_key ^ _fmix32(ss.to(tl.uint32) + 0x632BE5AB))
+    best = tl.full([SP], neg_inf, ACC)
+    best_id = tl.zeros([SP], tl.int64)
+    base = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + base
+        mask = offs < V
+        a = tl.load(x_row + offs, mask=mask, other=neg_inf).to(ACC) * inv_prop
+        vocab_key = _fmix32(offs.to(tl.uint32) ^ 0x2545F491)
+        bits = _fmix32(sample_key[:, None] ^ vocab_key[None, :])
+        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+        g = -tl.log(-tl.log(u.to(ACC)))
+        score = tl.where(mask[None, :], a[None, :] + g, neg_inf)
+        bmax, barg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        upd = bmax > best
+        best = tl.where(upd, bmax, best)
+        best_id = tl.where(upd, start + barg.to(tl.int64), best_id)
+
+    # Merge duplicates and weight the unique ids.
+    valid = ss < S
+    x_at = tl.load(x_row + best_id, mask=valid, other=0.0).to(ACC)
+    same = (best_id[:, None] == best_id[None, :]) & valid[:, None] & valid[None, :]
+    count = tl.sum(same.to(tl.int32), axis=1)
+    earlier = same & (ss[None, :] < ss[:, None])
+    first = valid & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
+    lw = tl.where(first, tl.log(count.to(ACC)) + x_at * delta, neg_inf)
+    mx = tl.max(lw, axis=0)
+    lp = lw - (mx + tl.log(tl.sum(tl.exp(lw - mx), axis=0)))
+    # Output slot: rank by (weight desc, id asc) among the unique ids; the duplicates fill the
+    # remaining slots in sample order, as padding.
+    lp_i = lp[:, None]
+    lp_j = lp[None, :]
+    before = first[None, :] & ((lp_j > lp_i) | ((lp_j == lp_i) & (best_id[None, :] < best_id[:, None])))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    n_unique = tl.sum(first.to(tl.int32), axis=0)
+    dup = valid & (first == 0)
+    rank_dup = tl.sum((dup[None, :] & (ss[None, :] < ss[:, None])).to(tl.int32), axis=1)
+    slot = tl.where(first, rank, n_unique + rank_dup)
+    out_id = tl.where(first, best_id, -1)
+    out_lp = tl.where(first, lp, neg_inf)
+    tl.store(ids_ptr + row * stride_i + slot, out_id.to(tl.int32), mask=valid)
+    tl.store(lp_ptr + row * stride_l + slot, out_lp.to(tl.float32), mask=valid)
+
+
+def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
+    """reference_sparse.topk_forward's contract on the Triton kernel. Ranks by the value rounded to
+    float32 (exact for fp32/bf16/fp16 inputs)."""
+    n, v = teacher.shape
+    dev = teacher.device
+    ids = torch.empty(n, k, dtype=torch.int32, device=dev)
+    lps = torch.empty(n, k, dtype=torch.float32, device=dev)
+    tail = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return ids, lps, tail
+    kp = max(triton.next_power_of_2(k), 2)
+    block = max(min(triton.next_power_of_2(v), BLOCK_OVERRIDE or 1024), kp, 16)
+    fp64 = teacher.dtype == torch.float64
+    _topk_kernel[(n,)](
+        teacher, ids, lps, tail, v, k, teacher.stride(0), ids.stride(0), lps.stride(0),
+        1.0 / temperature, ACC=tl.float64 if fp64 else tl.float32, BLOCK=block, KP=kp,
+        num_warps=4,
+    )
+    return ids, lps, tail
+
+
+def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
+                   proposal_temperature: float, seed: int):
+    """reference_sparse.sample_forward's contract on the Triton kernel."""
+    n, v = teacher.shape
+    dev = teacher.device
+    ids = torch.empty(n, num_samples, dtype=torch.int32, device=dev)
+    lps = torch.empty(n, num_samples, dtype=torch.float32, device=dev)
+    tail = torch.full((n,), -torch.inf, dtype=torch.float32, device=dev)
+    if n == 0:
+        return ids, lps, tail
+    sp = max(triton.next_power_of_2(num_samples), 2)
+    block = max(min(triton.next_power_of_2(v), BLOCK_OVERRIDE or max(8192 // sp, 16)), 16)
+    fp64 = teacher.dtype == torch.float64
+    inv_prop = 1.0 / (temperature * proposal_temperature)
+    if fp64:
+        delta = 1.0 / temperature - inv_prop
+    else:  # the same float32 rounding as the reference
+        inv32 = torch.tensor(inv_prop, dtype=torch.float32)
+        delta = float(torch.tensor(1.0 / temperature, dtype=torch.float32) - inv32)
+    _sample_kernel[(n,)](
+        teacher, ids, lps, v, num_samples, teacher.stride(0), ids.stride(0), lps.stride(0),
+        inv_prop, delta, rng.seed_key(seed), ACC=tl.float64 if fp64 else tl.float32,
+        BLOCK=block, SP=sp, num_warps=4,
+    )
+    return ids, lps, tail

@@ -1,0 +1,158 @@
+"""Sparse-target ops as torch.library custom ops, with fake kernels (torch.compile traces them) and,
+for the loss, autograd: the forward computes the gradient in its streaming passes, the backward only
+scales it (as ops/dense.py does).
+
+Dispatch: the sparse kernels exist in the reference (pure torch) and Triton backends; the compiled
+extension (backends "cpu"/"cuda") has none yet. ``auto`` picks Triton on a GPU (where triton imports)
+and the reference otherwise; naming "cpu" or "cuda" (argument or DISTILL_OPS_BACKEND) is an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .. import backends
+from .dense import MEAN, NONE, grad_scale_for, reduce_rows, scale_saved_grad
+
+_SPARSE_MODULES = {
+    "torch": "distill_ops.backends.reference_sparse",
+    "triton_loss": "distill_ops.backends.triton.sparse",
+    "triton_teacher": "distill_ops.backends.triton.topk",
+}
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend ('torch' or 'triton') that runs a sparse op on ``device``, or a clear error."""
+    explicit = name != "auto" or os.environ.get(backends.ENV_VAR, "").strip() not in ("", "auto")
+    chosen = backends.resolve(name, device)
+    if chosen in ("torch", "triton"):
+        return chosen
+    if explicit:
+        source = "backend" if name != "auto" else backends.ENV_VAR
+        raise RuntimeError(
+            f"{source}={chosen!r}: the compiled extension has no sparse-target kernels yet; "
+            "use backend='triton' (GPU) or 'torch'"
+        )
+    # auto picked a compiled backend (dense kernels): fall back within the sparse backends.
+    if device.type == "cuda" and backends.triton_status()[0]:
+        return "triton"
+    return "torch"
+
+
+def _impl(backend: str, kind: str):
+    if backend == "torch":
+        return importlib.import_module(_SPARSE_MODULES["torch"])
+    if backend == "triton":
+        return importlib.import_module(_SPARSE_MODULES[f"triton_{kind}"])
+    raise RuntimeError(f"no sparse kernels for backend {backend!r}")
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@torch.library.custom_op("distill_ops::sparse_kd", mutates_args=())
+def sparse_kd(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail_logmass: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    divergence: int,
+    mix: float,
+    mode: int,
+    temperature: float,
+    target_scale: float,
+    soft_coef: float,
+    hard_coef: float,
+    ignore_index: int,
+    reduction: int,
+    need_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device)
+    if scale is not None and torch.float64 in (student.dtype, logprobs.dtype):
+        # 1/count in float64 (grad_scale_for rounds it to float32)
+        if reduction == MEAN and labels is not None:
+            count = (labels != ignore_index).sum().clamp_min(1)
+        else:
+            count = torch.tensor(max(student.shape[0], 1), device=student.device)
+        scale = count.to(torch.float64).reciprocal()
+    rows = _impl(backend, "loss").sparse_forward(
+        student, ids, logprobs, tail_logmass, labels, divergence=divergence, mix=mix, mode=mode,
+        temperature=temperature, target_scale=target_scale, soft_coef=soft_coef,
+        hard_coef=hard_coef, ignore_index=ignore_index, grad=grad if need_grad else None,
+        grad_scale=scale,
+    )
+    return reduce_rows(rows, reduction, scale), grad
+
+
+@sparse_kd.register_fake
+def _(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
+      target_scale, soft_coef, hard_coef, ignore_index, reduction, need_grad, backend):
+    dtype = torch.float64 if torch.float64 in (student.dtype, logprobs.dtype) else torch.float32
+    shape = (student.shape[0],) if reduction == NONE else ()
+    loss = student.new_empty(shape, dtype=dtype)
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.need_grad = inputs[14]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    n_inputs = 16
+    if grad_loss is None:
+        return (None,) * n_inputs
+    if not ctx.need_grad:
+        raise RuntimeError("distill_ops: backward through a sparse loss computed without need_grad")
+    (grad,) = ctx.saved_tensors
+    return (scale_saved_grad(grad, grad_loss),) + (None,) * (n_inputs - 1)
+
+
+sparse_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the teacher side
+
+
+@torch.library.custom_op("distill_ops::teacher_topk", mutates_args=())
+def teacher_topk_op(
+    teacher: torch.Tensor, k: int, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "teacher").topk_forward(teacher, k, temperature=temperature)
+
+
+@teacher_topk_op.register_fake
+def _(teacher, k, temperature, backend):
+    n = teacher.shape[0]
+    return (teacher.new_empty((n, k), dtype=torch.int32),
+            teacher.new_empty((n, k), dtype=torch.float32),
+            teacher.new_empty((n,), dtype=torch.float32))
+
+
+@torch.library.custom_op("distill_ops::teacher_sample", mutates_args=())
+def teacher_sample_op(
+    teacher: torch.Tensor, num_samples: int, temperature: float, proposal_temperature: float,
+    seed: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "teacher").sample_forward(
+        teacher, num_samples, temperature=temperature,
+        proposal_temperature=proposal_temperature, seed=seed)
+
+
+@teacher_sample_op.register_fake
+def _(teacher, num_samples, temperature, proposal_temperature, seed, backend):
+    n = teacher.shape[0]
+    return (teacher.new_empty((n, num_samples), dtype=torch.int32),
+            teacher.new_empty((n, num_samples), dtype=torch.float32),
+            teacher.new_empty((n,), dtype=torch.float32))

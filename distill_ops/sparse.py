@@ -1,0 +1,220 @@
+"""Public sparse-target functions: the loss against a few teacher targets per token
+(``sparse_kd_loss``), and the teacher side that makes them (``teacher_topk``, ``teacher_sample``)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _validate as check
+from . import backends
+from .backends.base import FORWARD_KL
+from .backends.reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
+from .functional import DIVERGENCES, resolve_divergence
+from .ops.dense import REDUCTIONS
+from .ops.sparse import resolve as resolve_backend
+from .ops.sparse import sparse_kd
+from .targets.sample import teacher_sample
+from .targets.topk import TRITON_MAX_K, teacher_topk
+from .targets.types import SparseTargets
+
+TAILS = ("renorm", "tail")
+# How far above 0 a stored log-mass may sit (rounding of fp16/bf16 storage) before it is an error.
+LOGMASS_SLACK = 1e-2
+
+__all__ = ["sparse_kd_loss", "teacher_topk", "teacher_sample", "SparseTargets", "TAILS"]
+
+
+def _eager() -> bool:
+    """Data-dependent value checks run in eager mode only (under torch.compile they would force a
+    graph break on every call)."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_ids(ids: object, student: torch.Tensor) -> torch.Tensor:
+    name = "target_ids"
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != student.dim() or ids.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"{name} must have shape {tuple(student.shape[:-1])} + (k,) (the student logits' "
+            f"leading dims, then the targets), got {tuple(ids.shape)}"
+        )
+    if ids.shape[-1] < 1:
+        raise ValueError(f"{name} has no target slots (k = 0)")
+    check.same_device(name, ids, "student_logits", student)
+    if _eager() and ids.numel():
+        v = student.shape[-1]
+        bad = (ids < -1) | (ids >= v)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be in [0, {v}) or -1 (padding); found "
+                             f"{ids[bad].flatten()[0].item()}")
+        srt = ids.reshape(-1, ids.shape[-1]).sort(-1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            row, col = dup.nonzero()[0].tolist()
+            raise ValueError(f"{name} repeats id {srt[row, col + 1].item()} in row {row} (of the "
+                             "flattened leading dims); ids must be unique within a row")
+    return ids
+
+
+def _check_logprobs(lp: object, ids: torch.Tensor) -> torch.Tensor:
+    name = "target_logprobs"
+    if not isinstance(lp, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lp).__name__}")
+    if lp.dtype not in check.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {lp.dtype}")
+    if lp.shape != ids.shape:
+        raise ValueError(f"{name} must have the shape of target_ids {tuple(ids.shape)}, "
+                         f"got {tuple(lp.shape)}")
+    check.same_device(name, lp, "target_ids", ids)
+    if _eager() and lp.numel():
+        live = lp[ids >= 0]
+        if bool(torch.isnan(live).any()):
+            raise ValueError(f"{name} has NaN at a valid (id >= 0) slot")
+        if bool((live == torch.inf).any()):
+            raise ValueError(f"{name} has +inf at a valid (id >= 0) slot (weights must be finite)")
+    return lp
+
+
+def _check_tail(tail: object, student: torch.Tensor) -> Optional[torch.Tensor]:
+    name = "tail_logmass"
+    if tail is None:
+        return None
+    if not isinstance(tail, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tail).__name__}")
+    if tail.dtype not in check.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float tensor, got {tail.dtype}")
+    if tail.shape != student.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(student.shape[:-1])} (the student "
+                         f"logits without the vocabulary axis), got {tuple(tail.shape)}")
+    check.same_device(name, tail, "student_logits", student)
+    if _eager() and tail.numel():
+        if bool(torch.isnan(tail).any()):
+            raise ValueError(f"{name} has NaN")
+        if bool((tail > LOGMASS_SLACK).any()):
+            raise ValueError(f"{name} is the log of a mass in [0, 1] and must be <= 0; found "
+                             f"{tail.max().item()}")
+    return tail
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    target_ids: Union[torch.Tensor, SparseTargets],
+    target_logprobs: Optional[torch.Tensor] = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "renorm",
+    tail_logmass: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_temperature: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    target_temperature: Optional[float] = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss against sparse teacher targets (top-k or sampled), fused with its gradient.
+
+    Per token: ``soft_weight * tau^2 * D + hard_weight * CE(student at tau=1, label)``, where the
+    teacher is k (id, log-weight) pairs per token. Targets are used at the temperature they were
+    made with; ``target_temperature=t`` re-tempers them, w_i -> w_i^(1/t) renormalised over the
+    valid ids. The student side uses q = softmax(student_logits / tau). With
+    p~ = exp(target_logprobs) normalised over the valid ids:
+
+    - ``tail="renorm"``, ``forward_kl``: D = sum_K p~_i (log p~_i - log q_i), q over the FULL
+      vocabulary; the gradient (q_j - p~_j [j in K]) / tau is dense over V.
+    - ``tail="renorm"``, other divergences (``reverse_kl``, ``jsd`` with ``beta``,
+      ``skew_forward_kl``/``skew_reverse_kl`` with ``alpha``, ``generalized_jsd``): the divergence
+      between p~ and q restricted and renormalised to the target support; zero gradient outside it.
+    - ``tail="tail"``: one more bucket for the mass outside K: the divergence between the teacher's
+      (P_1..P_k, 1 - P_K) and the student's (q_1..q_k, 1 - Q_K), with P_i = exp(target_logprobs)
+      un-normalised and 1 - P_K = exp(tail_logmass) when given (else 1 - sum P_i); forward KL:
+      sum_K P_i log(P_i / q_i) + (1 - P_K) log((1 - P_K) / (1 - Q_K)). Needs targets whose
+      logprobs are full-vocabulary log-probabilities (top-k), not re-tempered.
+
+    Args:
+        student_logits: (..., V) float32/bfloat16/float16/float64; the gradient flows into it.
+        target_ids: integer (..., k), each in [0, V) and unique in its row, or -1 (padding); rows
+            with no valid id contribute only their CE term. Or a SparseTargets (then
+            target_logprobs and tail_logmass come from it).
+        target_logprobs: float (..., k): log-weights of the ids (no NaN or +inf at valid slots).
+        tail_logmass: optional float (...): log of the teacher mass outside the ids (tail mode).
+        labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction, backend: as in
+            :func:`distill_ops.kd_loss`. Backends: ``torch`` and ``triton`` (``auto`` picks Triton
+            on a GPU, the reference otherwise).
+
+    Returns:
+        The loss (float32; float64 if an input is float64): a scalar, or (...) for
+        ``reduction="none"``.
+    """
+    if isinstance(target_ids, SparseTargets):
+        if target_logprobs is not None:
+            raise ValueError("pass either a SparseTargets or target_ids and target_logprobs")
+        targets = target_ids
+        target_ids, target_logprobs = targets.ids, targets.logprobs
+        if tail_logmass is None:
+            tail_logmass = targets.tail_logmass
+    elif target_logprobs is None:
+        raise TypeError("sparse_kd_loss needs target_logprobs (or a SparseTargets as target_ids)")
+    student = check.logits("student_logits", student_logits)
+    ids = _check_ids(target_ids, student)
+    logprobs = _check_logprobs(target_logprobs, ids)
+    tails = _check_tail(tail_logmass, student)
+    check.choice("divergence", divergence, DIVERGENCES)
+    check.choice("tail", tail, TAILS)
+    check.choice("reduction", reduction, REDUCTIONS)
+    check.choice("backend", backend, backends.BACKENDS)
+    tau = check.positive("temperature", temperature)
+    target_scale = 1.0
+    if target_temperature is not None:
+        target_scale = 1.0 / check.positive("target_temperature", target_temperature)
+        if tail == "tail":
+            raise ValueError("target_temperature re-tempers the targets over their ids and needs "
+                             "tail='renorm' (the tail bucket cannot be re-tempered)")
+    beta = check.unit_interval("beta", beta)
+    alpha = check.unit_interval("alpha", alpha)
+    hard_weight = check.non_negative("hard_weight", hard_weight)
+    soft_weight = check.non_negative("soft_weight", soft_weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v = student.shape[-1]
+    label_rows = check.labels(labels, student, v, ignore_index)
+    if hard_weight > 0 and label_rows is None:
+        raise ValueError("hard_weight > 0 needs labels")
+
+    name = resolve_backend(backend, student.device)
+    if name == "triton" and ids.shape[-1] > TRITON_MAX_K:
+        raise ValueError(f"target_ids has k = {ids.shape[-1]} slots; the Triton backend takes at "
+                         f"most {TRITON_MAX_K}")
+    code, mix = resolve_divergence(divergence, beta, alpha)
+    if tail == "tail":
+        mode = MODE_TAIL
+    else:
+        mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
+    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
+    k = ids.shape[-1]
+    lead = student.shape[:-1]
+    student2d = student.reshape(-1, v)
+    if student2d.stride(-1) != 1:
+        student2d = student2d.contiguous()
+    ids2d = ids.reshape(-1, k).to(torch.int32, memory_format=torch.contiguous_format)
+    lp2d = logprobs.detach().reshape(-1, k)
+    if lp2d.stride(-1) != 1:
+        lp2d = lp2d.contiguous()
+    tail1d = None
+    if tails is not None and mode == MODE_TAIL:
+        tail1d = tails.detach().reshape(-1).contiguous()
+    red = REDUCTIONS.index(reduction)
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _ = sparse_kd(student2d, ids2d, lp2d, tail1d, label_rows, code, mix, mode, tau,
+                        target_scale, soft_coef, hard_weight, ignore_index, red, need_grad, name)
+    return loss.reshape(lead) if red == 0 else loss
+

@@ -1,0 +1,483 @@
+"""The offline cache of sparse teacher targets: sharded safetensors files plus a JSON manifest.
+
+Layout of a cache directory::
+
+    manifest.json              what the cache holds (below); rewritten atomically after each shard
+    shard-00000.safetensors    input_ids int32 (T,), ids int32 (T, k), logprobs fp16/bf16/fp32
+    shard-00001.safetensors    (T, k), tail_logmass float32 (T,), offsets int64 (S + 1,): sequence
+    ...                        s of the shard is tokens offsets[s]:offsets[s+1]
+
+Targets are aligned with the input tokens: row t holds the teacher's distribution at position t
+(its prediction of token t + 1), exactly as the teacher's logits are laid out.
+
+Manifest fields: format_version, teacher, vocab_size, tokenizer_hash, mode ("topk" | "sample"),
+k (slots per token: k of top-k, or the sample count), temperature, dtype (of logprobs),
+shard_tokens, extra (e.g. proposal_temperature and seed of sampled targets), num_sequences,
+num_tokens, complete, and shards: a list of {file, sequences, tokens, bytes, sha256}.
+
+Crash safety: a shard is written to a temporary file, flushed and renamed into place, and only then
+listed in the manifest (itself replaced atomically). A shard being written when the process dies is
+never listed; re-opening the cache with TargetCacheWriter continues after the last listed shard
+(write_teacher_cache skips the sequences already cached). The reader verifies every listed shard's
+size and sha256 on open: a truncated or corrupted shard is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+
+from .types import SparseTargets
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODES = ("topk", "sample")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_SHARD_TOKENS = 1 << 18
+# The fields a re-opened cache must agree on.
+IDENTITY = ("vocab_size", "mode", "k", "temperature", "dtype", "teacher", "tokenizer_hash", "extra")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked: corrupted, of another format, or of another teacher."""
+
+
+def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, dt in DTYPES.items():
+            if dt == dtype:
+                return name
+    elif dtype in DTYPES:
+        return dtype
+    raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - platforms without directory fsync
+        pass
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> Optional[dict]:
+    """The manifest of the cache at ``path``, or None if there is none yet."""
+    f = Path(path) / MANIFEST
+    if not f.exists():
+        return None
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{f} is not valid JSON ({exc})") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(f"{f} has format_version {version!r}; this distill-ops reads version "
+                         f"{FORMAT_VERSION}")
+    return manifest
+
+
+def tokenizer_hash(model_dir: Union[str, os.PathLike]) -> str:
+    """sha256 over the tokenizer files of a transformers model directory ("" if it has none)."""
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+             "tokenizer_config.json", "special_tokens_map.json")
+    h = hashlib.sha256()
+    found = False
+    for name in names:
+        f = Path(model_dir) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest() if found else ""
+
+
+class TargetCacheWriter:
+    """Writes a target cache; re-opening an existing one continues after its last complete shard.
+
+    Example::
+
+        with TargetCacheWriter("cache/", vocab_size=V, mode="topk", k=32, temperature=1.0,
+                               dtype="float16") as w:
+            for input_ids in batches:                        # (B, L) token ids
+                w.add(input_ids, teacher_topk(teacher(input_ids).logits, 32))
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, vocab_size: int, mode: str, k: int,
+                 temperature: float, dtype: Union[str, torch.dtype] = "float16", teacher: str = "",
+                 tokenizer_hash: str = "", shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 extra: Optional[dict] = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, val in (("vocab_size", vocab_size), ("k", k), ("shard_tokens", shard_tokens)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.dtype = DTYPES[_dtype_name(dtype)]
+        wanted = dict(vocab_size=vocab_size, mode=mode, k=k, temperature=float(temperature),
+                      dtype=_dtype_name(dtype), teacher=teacher, tokenizer_hash=tokenizer_hash,
+                      extra=dict(extra or {}))
+        existing = read_manifest(self.path)
+        if existing is not None:
+            for key in IDENTITY:
+                if existing.get(key) != wanted[key]:
+                    raise CacheError(
+                        f"the cache at {self.path} was written with {key}={existing.get(key)!r}, "
+                        f"not {wanted[key]!r}; write to another directory or remove it"
+                    )
+            self.manifest = existing
+            self.manifest["shard_tokens"] = shard_tokens
+            self.manifest["complete"] = False
+        else:
+            self.manifest = dict(format_version=FORMAT_VERSION, **wanted, shard_tokens=shard_tokens,
+                                 num_sequences=0, num_tokens=0, complete=False, shards=[])
+        self._clean_strays()
+        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buf_tokens = 0
+        self._closed = False
+
+    # -- state
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences committed to listed shards (what a resumed run may skip)."""
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def pending_sequences(self) -> int:
+        return len(self._buf)
+
+    def _clean_strays(self) -> None:
+        """Remove temporary files and shards that the manifest does not list (an interrupted
+        write): they would otherwise be overwritten silently later."""
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for f in self.path.iterdir():
+            if f.name.endswith(".tmp") or (f.name.startswith("shard-") and f.name not in listed):
+                f.unlink()
+
+    # -- writing
+
+    def add(self, input_ids: torch.Tensor, targets: SparseTargets,
+            lengths: Optional[Union[torch.Tensor, Iterable[int]]] = None) -> None:
+        """Buffer sequences: ``input_ids`` (L,) or (B, L); ``targets`` with ids/logprobs (..., L, k)
+        and tail_logmass (..., L); ``lengths`` (B,) keeps the first lengths[b] tokens of row b
+        (right padding). Full shards are written as the buffer fills."""
+        if self._closed:
+            raise RuntimeError("add() on a closed TargetCacheWriter")
+        if not isinstance(targets, SparseTargets):
+            targets = SparseTargets(*targets)
+        ids_in = torch.as_tensor(input_ids)
+        if ids_in.dim() == 1:
+            ids_in = ids_in.unsqueeze(0)
+            targets = SparseTargets(targets.ids.unsqueeze(0), targets.logprobs.unsqueeze(0),
+                                    targets.tail_logmass.unsqueeze(0))
+        b, seq = ids_in.shape
+        k = self.manifest["k"]
+        if targets.ids.shape != (b, seq, k) or targets.logprobs.shape != (b, seq, k):
+            raise ValueError(f"targets must have ids and logprobs of shape {(b, seq, k)} (input_ids "
+                             f"{tuple(ids_in.shape)}, k={k}), got {tuple(targets.ids.shape)} and "
+                             f"{tuple(targets.logprobs.shape)}")
+        if targets.tail_logmass.shape != (b, seq):
+            raise ValueError(f"targets.tail_logmass must have shape {(b, seq)}, got "
+                             f"{tuple(targets.tail_logmass.shape)}")
+        v = self.manifest["vocab_size"]
+        if ids_in.numel() and (int(ids_in.min()) < 0 or int(ids_in.max()) >= v):
+            raise ValueError(f"input_ids must be in [0, {v})")
+        t_ids = targets.ids.detach().cpu()
+        if t_ids.numel() and (int(t_ids.min()) < -1 or int(t_ids.max()) >= v):
+            raise ValueError(f"targets.ids must be in [0, {v}) or -1")
+        lens = [seq] * b if lengths is None else [int(x) for x in torch.as_tensor(lengths).tolist()]
+        if len(lens) != b or any(not 0 <= x <= seq for x in lens):
+            raise ValueError(f"lengths must be {b} values in [0, {seq}], got {lens}")
+        lp = targets.logprobs.detach().cpu().to(self.dtype)
+        tail = targets.tail_logmass.detach().cpu().to(torch.float32)
+        ids_cpu = ids_in.detach().cpu().to(torch.int32)
+        for r in range(b):
+            n = lens[r]
+            self._buf.append((ids_cpu[r, :n].clone(), t_ids[r, :n].to(torch.int32).clone(),
+                              lp[r, :n].clone(), tail[r, :n].clone()))
+            self._buf_tokens += n
+        if self._buf_tokens >= self.manifest["shard_tokens"]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered sequences as one shard and list it in the manifest."""
+        if not self._buf:
+            return
+        from safetensors.torch import save
+
+        k = self.manifest["k"]
+        lens = torch.tensor([x[0].numel() for x in self._buf], dtype=torch.int64)
+        offsets = torch.zeros(len(self._buf) + 1, dtype=torch.int64)
+        offsets[1:] = lens.cumsum(0)
+        tensors = {
+            "input_ids": torch.cat([x[0] for x in self._buf]),
+            "ids": torch.cat([x[1] for x in self._buf]).reshape(-1, k),
+            "logprobs": torch.cat([x[2] for x in self._buf]).reshape(-1, k),
+            "tail_logmass": torch.cat([x[3] for x in self._buf]),
+            "offsets": offsets,
+        }
+        index = len(self.manifest["shards"])
+        name = f"shard-{index:05d}.safetensors"
+        data = save({key: t.contiguous() for key, t in tensors.items()},
+                    metadata={"format_version": str(FORMAT_VERSION), "shard": str(index)})
+        _atomic_write(self.path / name, data)
+        tokens = int(offsets[-1])
+        self.manifest["shards"].append(dict(file=name, sequences=len(self._buf), tokens=tokens,
+                                            bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        self.manifest["num_sequences"] += len(self._buf)
+        self.manifest["num_tokens"] += tokens
+        self._write_manifest()
+        self._buf, self._buf_tokens = [], 0
+
+    def _write_manifest(self) -> None:
+        _atomic_write(self.path / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+
+    def close(self) -> dict:
+        """Write what is buffered and mark the cache complete; returns the manifest."""
+        if not self._closed:
+            self.flush()
+            self.manifest["complete"] = True
+            self._write_manifest()
+            self._closed = True
+        return self.manifest
+
+    def __enter__(self) -> "TargetCacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was committed; leave the cache resumable (complete stays False)
+            self._closed = True
+
+
+class TargetCache:
+    """Memory-mapped reader of a target cache.
+
+    ``cache[i]`` is sequence i: dict(input_ids int64 (L,), ids int32 (L, k), logprobs float32
+    (L, k), tail_logmass float32 (L,)); ``cache.targets(i)`` the same as SparseTargets.
+    Opening checks the format version, the expected vocabulary size and tokenizer hash, and (unless
+    ``verify=False``) the size and sha256 of every shard.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, expect_vocab_size: Optional[int] = None,
+                 expect_tokenizer_hash: Optional[str] = None, verify: bool = True) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise CacheError(f"no target cache at {self.path} ({MANIFEST} not found)")
+        self.manifest = manifest
+        if expect_vocab_size is not None and manifest["vocab_size"] != expect_vocab_size:
+            raise CacheError(f"the cache at {self.path} has vocab_size {manifest['vocab_size']}, "
+                             f"but {expect_vocab_size} was expected (another tokenizer/teacher?)")
+        if expect_tokenizer_hash is not None and manifest["tokenizer_hash"] != expect_tokenizer_hash:
+            raise CacheError(f"the cache at {self.path} was made with tokenizer hash "
+                             f"{manifest['tokenizer_hash']!r}, not {expect_tokenizer_hash!r}")
+        self._files = []
+        starts = [0]
+        for shard in manifest["shards"]:
+            f = self.path / shard["file"]
+            if not f.is_file():
+                raise CacheError(f"shard {shard['file']} of {self.path} is missing")
+            size = f.stat().st_size
+            if size != shard["bytes"]:
+                raise CacheError(f"shard {shard['file']} of {self.path} has {size} bytes, the "
+                                 f"manifest says {shard['bytes']} (truncated or overwritten)")
+            if verify and _sha256_file(f) != shard["sha256"]:
+                raise CacheError(f"shard {shard['file']} of {self.path} fails its sha256 check "
+                                 "(corrupted)")
+            try:
+                handle = safe_open(str(f), framework="pt")
+                offsets = handle.get_tensor("offsets")
+            except Exception as exc:
+                raise CacheError(f"shard {shard['file']} of {self.path} cannot be read ({exc})") \
+                    from exc
+            if offsets.numel() != shard["sequences"] + 1 or int(offsets[-1]) != shard["tokens"]:
+                raise CacheError(f"shard {shard['file']} of {self.path} disagrees with the manifest")
+            self._files.append((handle, offsets))
+            starts.append(starts[-1] + shard["sequences"])
+        self._starts = torch.tensor(starts, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sequence {i} out of range for a cache of {n}")
+        shard = int(torch.searchsorted(self._starts, torch.tensor(i), right=True)) - 1
+        return shard, i - int(self._starts[shard])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        shard, j = self._locate(int(i))
+        handle, offsets = self._files[shard]
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        return {
+            "input_ids": handle.get_slice("input_ids")[lo:hi].to(torch.int64),
+            "ids": handle.get_slice("ids")[lo:hi],
+            "logprobs": handle.get_slice("logprobs")[lo:hi].to(torch.float32),
+            "tail_logmass": handle.get_slice("tail_logmass")[lo:hi],
+        }
+
+    def targets(self, i: int) -> SparseTargets:
+        item = self[i]
+        return SparseTargets(item["ids"], item["logprobs"], item["tail_logmass"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"TargetCache({str(self.path)!r}, sequences={len(self)}, tokens={m['num_tokens']}, "
+                f"mode={m['mode']}, k={m['k']}, vocab_size={m['vocab_size']})")
+
+
+# ----------------------------------------------------------------------------- from a teacher
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(input_ids (B, L), attention_mask or None) from a tensor, a (ids, mask) pair or a dict."""
+    if isinstance(batch, dict):
+        return torch.as_tensor(batch["input_ids"]), batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch[0], batch[1]
+    return torch.as_tensor(batch), None
+
+
+def write_teacher_cache(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    path: Union[str, os.PathLike],
+    *,
+    k: int,
+    mode: str = "topk",
+    temperature: float = 1.0,
+    dtype: Union[str, torch.dtype] = "float16",
+    proposal_temperature: float = 1.0,
+    seed: int = 0,
+    teacher: str = "",
+    tokenizer_hash: str = "",
+    vocab_size: Optional[int] = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    device: Optional[Union[str, torch.device]] = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Run ``model`` (a transformers causal LM, or any module returning ``.logits`` or a logits
+    tensor) over ``batches`` of token ids and cache its sparse targets at ``path``.
+
+    ``batches`` yields (B, L) token-id tensors, (input_ids, attention_mask) pairs or dicts with
+    those keys (right padding: a row keeps attention_mask.sum() tokens); its order must be the same
+    on every run. What a previous, interrupted run committed is skipped without running the model.
+    Sampled targets (mode="sample", k draws) use seed (seed, index of the batch's first sequence),
+    so a resumed run draws what an uninterrupted one would. Returns the manifest.
+    """
+    from tqdm.auto import tqdm
+
+    from .sample import teacher_sample
+    from .topk import teacher_topk
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    extra = {"proposal_temperature": float(proposal_temperature), "seed": int(seed)} \
+        if mode == "sample" else {}
+    existing = read_manifest(path)
+    done = 0 if existing is None else int(existing["num_sequences"])
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if vocab_size is None:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    writer: Optional[TargetCacheWriter] = None
+    if vocab_size is not None:
+        writer = TargetCacheWriter(path, vocab_size=int(vocab_size), mode=mode, k=k,
+                                   temperature=temperature, dtype=dtype, teacher=teacher,
+                                   tokenizer_hash=tokenizer_hash, shard_tokens=shard_tokens,
+                                   extra=extra)
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=total, desc="teacher targets", unit="batch", disable=not progress)
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            input_ids, mask = _batch_parts(batch)
+            if input_ids.dim() == 1:
+                input_ids = input_ids.unsqueeze(0)
+                mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+            b = input_ids.shape[0]
+            skip = min(max(done - seen, 0), b)
+            first_seq = seen
+            seen += b
+            if skip == b:
+                bar.update(1)
+                bar.set_postfix(skipped=seen)
+                continue
+            with torch.inference_mode():
+                kwargs = {} if mask is None else {"attention_mask": torch.as_tensor(mask).to(device)}
+                out = model(input_ids.to(device), **kwargs)
+                logits = out.logits if hasattr(out, "logits") else out
+                if mode == "topk":
+                    targets = teacher_topk(logits, k, temperature=temperature, backend=backend)
+                else:
+                    targets = teacher_sample(logits, k, temperature=temperature,
+                                             proposal_temperature=proposal_temperature,
+                                             seed=seed * 1_000_003 + first_seq, backend=backend)
+            if writer is None:
+                writer = TargetCacheWriter(path, vocab_size=int(logits.shape[-1]), mode=mode, k=k,
+                                           temperature=temperature, dtype=dtype, teacher=teacher,
+                                           tokenizer_hash=tokenizer_hash,
+                                           shard_tokens=shard_tokens, extra=extra)
+            lengths = None if mask is None else torch.as_tensor(mask).sum(-1)
+            targets = SparseTargets(*(x.cpu() for x in targets))
+            sl = slice(skip, b)
+            writer.add(input_ids[sl].cpu(), SparseTargets(targets.ids[sl], targets.logprobs[sl],
+                                                          targets.tail_logmass[sl]),
+                       lengths=None if lengths is None else lengths[sl])
+            bar.update(1)
+        if writer is None:  # nothing to do (all skipped, or no batches) but still finish the cache
+            if existing is None:
+                raise ValueError("no batches and no vocab_size: nothing to write")
+            existing["complete"] = True
+            _atomic_write(Path(path) / MANIFEST, (json.dumps(existing, indent=1) + "\n").encode())
+            return existing
+        return writer.close()
+    finally:
+        bar.close()
+        model.train(was_training)

@@ -1,0 +1,293 @@
+"""The offline target cache: exact round trip, sharding, resume after an interruption, corruption and
+mismatch detection, write_teacher_cache on a tiny Llama, and the cache-teacher CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill_ops.sparse import teacher_sample, teacher_topk
+from distill_ops.targets import (CacheError, SparseTargets, TargetCache, TargetCacheWriter,
+                                 write_teacher_cache)
+from distill_ops.targets.cache import read_manifest
+
+V, K = 50, 4
+
+
+def _batch(b, length, seed, k=K):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, V, (b, length), generator=g)
+    t = teacher_topk(torch.randn(b, length, V, generator=g) * 2, k, backend="torch")
+    return input_ids, t
+
+
+def _writer(path, **kw):
+    opts = dict(vocab_size=V, mode="topk", k=K, temperature=1.0, dtype="float32",
+                teacher="t", tokenizer_hash="h", shard_tokens=20)
+    opts.update(kw)
+    return TargetCacheWriter(path, **opts)
+
+
+def _expected(batches, lengths=None):
+    """Per-sequence dicts of what was added."""
+    out = []
+    for bi, (ids, t) in enumerate(batches):
+        for r in range(ids.shape[0]):
+            n = ids.shape[1] if lengths is None else lengths[bi][r]
+            out.append(dict(input_ids=ids[r, :n], ids=t.ids[r, :n], logprobs=t.logprobs[r, :n],
+                            tail_logmass=t.tail_logmass[r, :n]))
+    return out
+
+
+def _assert_cache_equals(cache, expected, dtype=torch.float32):
+    assert len(cache) == len(expected)
+    for i, want in enumerate(expected):
+        got = cache[i]
+        assert torch.equal(got["input_ids"], want["input_ids"].long())
+        assert got["ids"].dtype == torch.int32 and torch.equal(got["ids"], want["ids"])
+        assert got["logprobs"].dtype == torch.float32
+        assert torch.equal(got["logprobs"], want["logprobs"].to(dtype).float())
+        assert torch.equal(got["tail_logmass"], want["tail_logmass"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_exact(tmp_path, dtype):
+    batches = [_batch(3, 7, seed=i) for i in range(4)]
+    lengths = [[7, 5, 0], [7, 7, 7], [1, 2, 3], [7, 6, 7]]
+    with _writer(tmp_path, dtype=dtype) as w:
+        for (ids, t), lens in zip(batches, lengths):
+            w.add(ids, t, lengths=torch.tensor(lens))
+        w.add(batches[0][0][0], SparseTargets(*(x[0] for x in batches[0][1])))  # a 1-D sequence
+    cache = TargetCache(tmp_path, expect_vocab_size=V, expect_tokenizer_hash="h")
+    expected = _expected(batches, lengths) + _expected([(batches[0][0][:1], SparseTargets(
+        *(x[:1] for x in batches[0][1])))])
+    _assert_cache_equals(cache, expected, getattr(torch, dtype))
+    m = cache.manifest
+    assert m["complete"] and m["num_sequences"] == 13 and len(m["shards"]) > 1
+    assert m["num_tokens"] == sum(map(sum, lengths)) + 7
+    assert sum(s["tokens"] for s in m["shards"]) == m["num_tokens"]
+    assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert cache[-1]["input_ids"].shape == (7,) and cache.targets(0).k == K
+    with pytest.raises(IndexError):
+        cache[13]
+
+
+def test_resume_after_interruption(tmp_path):
+    """A run dies with buffered sequences, a half-written temp file and an unlisted shard: the
+    re-opened writer removes the debris, continues after the last listed shard and ends with
+    exactly the content of an uninterrupted run."""
+    batches = [_batch(2, 6, seed=i) for i in range(6)]
+    full, part = tmp_path / "full", tmp_path / "part"
+    with _writer(full) as w:
+        for ids, t in batches:
+            w.add(ids, t)
+    w = _writer(part, shard_tokens=30)
+    for ids, t in batches[:4]:
+        w.add(ids, t)
+    committed = w.num_sequences
+    assert 0 < committed < 8 and not read_manifest(part)["complete"]
+    del w  # the process dies: the buffer is lost
+    (part / "shard-00007.safetensors.tmp").write_bytes(b"half a shard")
+    (part / "shard-00009.safetensors").write_bytes(b"never listed")
+    w = _writer(part, shard_tokens=30)
+    assert w.num_sequences == committed
+    assert not any(f.name.endswith(".tmp") or f.name == "shard-00009.safetensors"
+                   for f in part.iterdir())
+    seqs = [(ids[r], SparseTargets(*(x[r] for x in t))) for ids, t in batches for r in range(2)]
+    for ids, t in seqs[committed:]:
+        w.add(ids, t)
+    w.close()
+    a, b = TargetCache(full), TargetCache(part)
+    _assert_cache_equals(b, [a[i] for i in range(len(a))])
+
+
+def test_reopen_with_other_settings_is_refused(tmp_path):
+    with _writer(tmp_path) as w:
+        w.add(*_batch(1, 5, seed=0))
+    for kw, field in [({"k": 8}, "k"), ({"vocab_size": 51}, "vocab_size"),
+                      ({"dtype": "float16"}, "dtype"), ({"mode": "sample"}, "mode"),
+                      ({"tokenizer_hash": "x"}, "tokenizer_hash"), ({"temperature": 2.0}, "temperature")]:
+        with pytest.raises(CacheError, match=f"written with {field}="):
+            _writer(tmp_path, **kw)
+
+
+def _one_shard_cache(path):
+    with _writer(path, shard_tokens=10) as w:
+        for i in range(3):
+            w.add(*_batch(2, 6, seed=i))
+    return read_manifest(path)
+
+
+def test_corruption_is_detected(tmp_path):
+    m = _one_shard_cache(tmp_path)
+    victim = tmp_path / m["shards"][1]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the tensor data
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001.safetensors .* fails its sha256 check"):
+        TargetCache(tmp_path)
+    victim.write_bytes(bytes(data[:-100]))  # truncated
+    with pytest.raises(CacheError, match="shard-00001.safetensors .* has .* bytes, the manifest"):
+        TargetCache(tmp_path)
+    victim.unlink()
+    with pytest.raises(CacheError, match="shard-00001.safetensors .* is missing"):
+        TargetCache(tmp_path)
+
+
+def test_format_and_identity_checks(tmp_path):
+    m = _one_shard_cache(tmp_path)
+    assert len(TargetCache(tmp_path, expect_vocab_size=V, expect_tokenizer_hash="h")) == 6
+    with pytest.raises(CacheError, match="vocab_size 50, but 64 was expected"):
+        TargetCache(tmp_path, expect_vocab_size=64)
+    with pytest.raises(CacheError, match="tokenizer hash 'h', not 'other'"):
+        TargetCache(tmp_path, expect_tokenizer_hash="other")
+    m["format_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="format_version 99"):
+        TargetCache(tmp_path)
+    with pytest.raises(CacheError, match="no target cache"):
+        TargetCache(tmp_path / "nowhere")
+
+
+def test_add_checks_shapes(tmp_path):
+    w = _writer(tmp_path)
+    ids, t = _batch(2, 5, seed=0)
+    with pytest.raises(ValueError, match="targets must have ids and logprobs of shape"):
+        w.add(ids[:, :4], t)
+    with pytest.raises(ValueError, match="input_ids must be in"):
+        w.add(ids + V, t)
+    with pytest.raises(ValueError, match="lengths must be 2 values"):
+        w.add(ids, t, lengths=[5, 9])
+
+
+# ----------------------------------------------------------------------------- from a teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama with random weights and a small BPE tokenizer, saved as a local model dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return model, path
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+        self.config = model.config
+
+    def forward(self, input_ids, **kw):
+        self.calls += 1
+        return self.model(input_ids, **kw)
+
+
+def _token_batches(n_batches, b=2, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (b, length), generator=g) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_write_teacher_cache_and_resume(tmp_path, tiny_llama, mode):
+    model, _ = tiny_llama
+    batches = _token_batches(5)
+    opts = dict(k=6, mode=mode, temperature=1.5, dtype="float32", shard_tokens=30,
+                proposal_temperature=1.0 if mode == "topk" else 2.0, seed=4, progress=False,
+                backend="torch")
+    full = write_teacher_cache(model, batches, tmp_path / "full", **opts)
+    assert full["complete"] and full["num_sequences"] == 10 and full["extra"] == (
+        {} if mode == "topk" else {"proposal_temperature": 2.0, "seed": 4})
+    cache = TargetCache(tmp_path / "full", expect_vocab_size=97)
+    with torch.no_grad():
+        logits = torch.cat([model(b).logits for b in batches])  # batched as the writer does
+    if mode == "topk":
+        want = teacher_topk(logits, 6, temperature=1.5, backend="torch")
+        for i in range(10):
+            assert torch.equal(cache[i]["ids"], want.ids[i])
+            assert torch.equal(cache[i]["logprobs"], want.logprobs[i])
+            assert torch.equal(cache[i]["input_ids"], torch.cat(batches)[i])
+
+    # An interrupted run: the batch iterator dies after 3 batches.
+    def dying():
+        for i, b in enumerate(batches):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(model, dying(), tmp_path / "part", **opts)
+    done = read_manifest(tmp_path / "part")["num_sequences"]
+    assert 0 < done < 10
+    counting = _Counting(model)
+    write_teacher_cache(counting, batches, tmp_path / "part", **opts)
+    assert counting.calls == 5 - done // 2  # the committed batches are not recomputed
+    a, b = TargetCache(tmp_path / "full"), TargetCache(tmp_path / "part")
+    _assert_cache_equals(b, [a[i] for i in range(len(a))])
+    # A finished cache is a no-op to re-run.
+    counting.calls = 0
+    write_teacher_cache(counting, batches, tmp_path / "part", **opts)
+    assert counting.calls == 0
+
+
+def test_write_teacher_cache_attention_mask(tmp_path, tiny_llama):
+    model, _ = tiny_llama
+    ids = _token_batches(1, b=3, length=8)[0]
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    write_teacher_cache(model, [{"input_ids": ids, "attention_mask": mask}], tmp_path, k=3,
+                        progress=False, backend="torch")
+    cache = TargetCache(tmp_path)
+    assert [cache[i]["input_ids"].numel() for i in range(3)] == [8, 5, 8]
+
+
+def test_cli(tmp_path, tiny_llama):
+    from distill_ops.targets.cache import tokenizer_hash
+    from distill_ops.targets.cache_cli import main
+
+    _, model_dir = tiny_llama
+    stream = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(1))
+    torch.save(stream, tmp_path / "ids.pt")
+    out = tmp_path / "cache"
+    args = ["--model", str(model_dir), "--data", str(tmp_path / "ids.pt"), "--out", str(out),
+            "--k", "5", "--seq-len", "16", "--batch-size", "2", "--dtype", "bfloat16",
+            "--device", "cpu", "--backend", "torch", "--no-progress"]
+    assert main(args) == 0
+    cache = TargetCache(out, expect_vocab_size=97, expect_tokenizer_hash=tokenizer_hash(model_dir))
+    assert len(cache) == 6 and cache.manifest["dtype"] == "bfloat16"
+    assert torch.equal(cache[2]["input_ids"], stream[32:48])
+    assert cache.manifest["teacher"] == model_dir.name and cache.manifest["tokenizer_hash"]
+    # text data, tokenized with the model's tokenizer; sampled targets
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 6)
+    assert main(["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--out",
+                 str(tmp_path / "c2"), "--k", "4", "--mode", "sample", "--seq-len", "8",
+                 "--device", "cpu", "--no-progress"]) == 0
+    c2 = TargetCache(tmp_path / "c2")
+    assert c2.manifest["mode"] == "sample" and len(c2) >= 2
+    lp = c2[0]["logprobs"]
+    assert torch.allclose(lp.exp().nan_to_num().sum(-1), torch.ones(lp.shape[0]), atol=1e-2)
+
+
+def test_sampled_targets_cached_use_distinct_seeds_per_batch(tmp_path, tiny_llama):
+    """Two identical batches get different draws (the seed includes the sequence index)."""
+    model, _ = tiny_llama
+    b = _token_batches(1)[0]
+    write_teacher_cache(model, [b, b], tmp_path, k=8, mode="sample", progress=False,
+                        backend="torch")
+    cache = TargetCache(tmp_path)
+    assert not torch.equal(cache[0]["ids"], cache[2]["ids"])
+    direct = teacher_sample(model(b).logits.detach(), 8, seed=0, backend="torch")
+    assert torch.equal(cache[0]["ids"], direct.ids[0])

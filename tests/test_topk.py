@@ -1,0 +1,175 @@
+"""teacher_topk against a float64 oracle: ids (value descending, ties to the lower id, as a stable
+sort gives them), log-probabilities under the full-vocabulary softmax, and the tail mass (computed
+from the complement, exactly); several blocks per row, ties, -inf logits, dtypes, leading dims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_ops.backends.triton import topk as triton_topk
+from distill_ops.sparse import teacher_topk
+from oracle import INTERPRETER_NOISE, rel_err, require_backend
+
+pytestmark = INTERPRETER_NOISE
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Several blocks per row even on small vocabularies (the merge path of the Triton kernel)."""
+    monkeypatch.setattr(triton_topk, "BLOCK_OVERRIDE", 16)
+
+
+def topk_oracle(t: torch.Tensor, k: int, temperature: float = 1.0):
+    x = t.detach().cpu().double().reshape(-1, t.shape[-1])
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+    logp = torch.log_softmax(x / temperature, -1)
+    rest = logp.scatter(1, order, -torch.inf)
+    lead = t.shape[:-1]
+    return (order.reshape(*lead, k), logp.gather(1, order).reshape(*lead, k),
+            torch.logsumexp(rest, -1).reshape(lead))
+
+
+def check_topk(t, k, *, temperature=1.0, backend="torch", lp_tol=1e-6):
+    out = teacher_topk(t, k, temperature=temperature, backend=backend)
+    ids, lp, tail = topk_oracle(t, k, temperature)
+    assert out.ids.dtype == torch.int32 and out.logprobs.dtype == torch.float32
+    assert out.tail_logmass.dtype == torch.float32
+    assert out.ids.shape == ids.shape and out.tail_logmass.shape == tail.shape
+    assert torch.equal(out.ids.long().cpu(), ids), (out.ids, ids)
+    fin = torch.isfinite(lp)
+    assert torch.equal(torch.isfinite(out.logprobs.cpu()), fin)
+    assert rel_err(out.logprobs.cpu()[fin], lp[fin]) < lp_tol
+    fin_t = torch.isfinite(tail)
+    assert torch.equal(torch.isfinite(out.tail_logmass.cpu()), fin_t)
+    # The tail is accumulated without cancellation: relative accuracy even when it is tiny.
+    torch.testing.assert_close(out.tail_logmass.cpu().double()[fin_t], tail[fin_t], rtol=1e-5,
+                               atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,v,k,temperature", [(1, 1, 1, 1.0), (3, 5, 5, 0.6), (4, 37, 1, 2.5),
+                                               (5, 100, 7, 1.0), (5, 100, 7, 0.6),
+                                               (2, 300, 64, 2.5), (1, 257, 128, 0.6)])
+def test_matches_oracle(backend, n, v, k, temperature):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(n * 1000 + v + k)
+    t = torch.randn(n, v, generator=g) * 4
+    check_topk(t, k, temperature=temperature, backend=backend)
+
+
+@pytest.mark.parametrize("k", [1, 5, 24])
+def test_triton_multi_block_merge(small_blocks, k):
+    """Blocks of 16 over V = 203: the running top-k is merged with many blocks, in increasing,
+    decreasing and random order of the values."""
+    require_backend("triton")
+    g = torch.Generator().manual_seed(k)
+    t = torch.randn(3, 203, generator=g) * 3
+    t[1] = torch.linspace(-5, 5, 203)   # every block beats the running k-th value
+    t[2] = torch.linspace(5, -5, 203)   # no block after the first does
+    check_topk(t, k, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lower_id(backend, small_blocks):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(-3, 3, (4, 70), generator=g).float()  # 6 distinct values: many ties
+    t[3] = 0.0
+    t[3, 1::2] = -0.0  # equal to +0.0: a tie, not an order
+    for k in (1, 9, 31):
+        out = check_topk(t, k, backend=backend)
+        assert torch.equal(out.ids[3].long(), torch.arange(k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_inf_logits(backend, small_blocks):
+    """-inf logits (masked vocabulary): selected only when k exceeds the finite ones, then with
+    -inf log-probabilities, and never NaN; the tail is -inf when nothing finite is left out."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(3, 40, generator=g)
+    t[:, 10:] = -torch.inf
+    out = check_topk(t, 12, backend=backend)
+    assert torch.isneginf(out.logprobs[:, 10:]).all() and torch.isneginf(out.tail_logmass).all()
+    out = check_topk(t, 4, backend=backend)
+    assert torch.isfinite(out.tail_logmass).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(backend, dtype):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn(4, 150, generator=g) * 3).to(dtype)  # bf16: many exact ties
+    check_topk(t, 20, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_strides(backend):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(6)
+    t = (torch.randn(3, 2, 70, generator=g) * 2).transpose(0, 1)  # (2, 3, 70), not contiguous
+    out = check_topk(t, 6, backend=backend)
+    assert out.ids.shape == (2, 3, 6) and out.tail_logmass.shape == (2, 3)
+
+
+def test_tiny_tail_is_accurate():
+    """A peaked teacher: the mass outside the top-k is ~1e-12, far below float32's 1 - sum p
+    resolution; its log is still right to a relative 1e-5."""
+    require_backend("triton")
+    t = torch.full((2, 64), -30.0)
+    t[:, :4] = torch.tensor([3.0, 2.5, 2.0, 1.0])
+    for backend in BACKENDS:
+        out = check_topk(t, 4, backend=backend)
+        assert out.tail_logmass.max() < -20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors(backend):
+    require_backend(backend)
+    t = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="k must be <= the vocabulary size"):
+        teacher_topk(t, 11, backend=backend)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        teacher_topk(t, 0, backend=backend)
+    with pytest.raises(TypeError, match="k must be an int"):
+        teacher_topk(t, 2.0, backend=backend)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        teacher_topk(t, 2, temperature=0.0, backend=backend)
+    with pytest.raises(TypeError, match="teacher_logits must be float"):
+        teacher_topk(t.long(), 2, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        teacher_topk(t, 2, backend="gpu")
+
+
+def test_native_backends_refused():
+    for name in ("cpu", "cuda"):
+        with pytest.raises(RuntimeError, match="cannot run here|no sparse-target kernels"):
+            teacher_topk(torch.randn(2, 10), 2, backend=name)
+
+
+def test_auto_backend_on_cpu_uses_the_reference(monkeypatch):
+    monkeypatch.delenv("DISTILL_OPS_BACKEND", raising=False)
+    t = torch.randn(3, 50)
+    a = teacher_topk(t, 5)
+    b = teacher_topk(t, 5, backend="torch")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [1, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_large(k, dtype):
+    """N=512, V=128256 on CUDA: Triton against the reference on the same tensors."""
+    require_backend("triton", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(k)
+    t = (torch.randn(512, 128256, device="cuda", generator=g) * 4).to(dtype)
+    a = teacher_topk(t, k, temperature=1.5, backend="triton")
+    b = teacher_topk(t, k, temperature=1.5, backend="torch")
+    assert torch.equal(a.ids, b.ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.tail_logmass, b.tail_logmass, rtol=1e-5, atol=1e-5)
+    check_topk(t[:8].float(), k, temperature=1.5, backend="triton")
