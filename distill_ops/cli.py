@@ -1,0 +1,106 @@
+"""The ``distill-ops`` command: ``train``, ``demo`` and ``cache-teacher``.
+
+    distill-ops train --config run.yaml --max-steps 200      # flags override the YAML
+    distill-ops train --student ./s --teacher ./t --train-data corpus.txt --temperature 2
+    distill-ops demo [--out-dir demo_out]
+    distill-ops cache-teacher ...                             # see distill-ops cache-teacher -h
+
+Under ``torchrun --nproc-per-node N -m distill_ops.cli train ...`` each process trains its shard
+(DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import fields
+from typing import Optional, Sequence
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from .trainer.config import TrainConfig
+
+    p = argparse.ArgumentParser(
+        prog="distill-ops train",
+        description="Distil a transformers causal-LM student from a teacher with the fused losses. "
+                    "Every TrainConfig field is a flag (--max-steps or --max_steps); flags "
+                    "override the values of --config.")
+    p.add_argument("--config", help="YAML file of TrainConfig fields (an unknown key is an error)")
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        doc = f"(default: {f.default!r})"
+        dashed, under = "--" + f.name.replace("_", "-"), "--" + f.name
+        names = [dashed] if dashed == under else [dashed, under]
+        p.add_argument(*names, dest=f.name, default=None, metavar="VALUE", help=doc)
+    return p
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from .trainer import dist
+    from .trainer.config import TrainConfig
+    from .trainer.loop import train
+
+    args = _train_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    cfg = (TrainConfig.from_yaml(args.config, overrides) if args.config
+           else TrainConfig.from_dict(overrides))
+    started = dist.init_from_env(cfg.device)
+    try:
+        result = train(cfg)
+    finally:
+        if started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+    if dist.is_main():
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in result.final_eval.items()
+                            if isinstance(v, float))
+        print(f"done: {result.step} steps, {result.tokens_per_s:.0f} tokens/s"
+              + (f"; {summary}" if summary else "") + f"; output in {result.output_dir}")
+    return 0
+
+
+def cmd_cache_teacher(argv: Sequence[str]) -> int:
+    try:
+        module = importlib.import_module("distill_ops.targets.cache_cli")
+    except ImportError as exc:
+        print("distill-ops cache-teacher: the offline target cache (distill_ops.targets.cache_cli) "
+              f"is not available in this installation ({exc})", file=sys.stderr)
+        return 2
+    return int(module.main(list(argv)) or 0)
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    from .trainer import demo
+
+    return int(demo.main(list(argv)) or 0)
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "cache-teacher": cmd_cache_teacher}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = ("usage: distill-ops {train,demo,cache-teacher} [options]\n"
+                 "  train          distil a student (flags or --config YAML)\n"
+                 "  demo           the self-contained CPU/GPU demo (no downloads)\n"
+                 "  cache-teacher  write a teacher's top-k targets to an offline cache")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"distill-ops: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0 if argv else 2
+    from .trainer.config import ConfigError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"distill-ops {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Checkpoints: the student in transformers format (``save_pretrained``: config + safetensors, the
+tokenizer beside it) plus ``trainer_state.pt`` (optimizer, scheduler, step, config) and one
+``rng_state_<rank>.pt`` per process, so a resumed run continues exactly where it stopped: the data
+position is the step (see data.StepBatches).
+
+Layout::
+
+    <output_dir>/checkpoint-<step>/   config.json, model.safetensors, tokenizer files,
+                                      trainer_state.pt, rng_state_0.pt, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import torch
+
+from . import dist
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CKPT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]:
+    """``latest`` -> the newest complete checkpoint in output_dir (None when there is none); a
+    path -> that checkpoint (which must exist)."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+        raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint directory "
+                                f"(no {STATE_FILE})")
+    return resume_from
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, config: dict,
+                    tokenizer=None, extra: Optional[dict] = None, keep: int = 0) -> str:
+    """Write checkpoint-<step> atomically (a temporary directory renamed at the end). Call on every
+    rank: rank 0 writes the model and trainer state, each rank its RNG state."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if dist.is_main():
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    if dist.is_main():
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "config": config,
+                    "world_size": dist.world_size(), "extra": extra or {}},
+                   os.path.join(tmp, STATE_FILE))
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pt"))
+    dist.barrier()
+    if dist.is_main():
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for _, path in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_weights(model: torch.nn.Module, ckpt: str) -> None:
+    """Load safetensors weights written by save_pretrained into ``model`` in place. Keys missing
+    from the files are accepted only when they are tied to a loaded parameter (lm_head = embed)."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        path = os.path.join(ckpt, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {ckpt!r} lacks {shard}")
+        state.update(load_file(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {ckpt!r} has weights the model lacks: "
+                           f"{result.unexpected_keys[:5]}")
+    params = dict(model.state_dict(keep_vars=True))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in result.missing_keys if params[k].data_ptr() not in loaded_ptrs]
+    if untied:
+        raise RuntimeError(f"checkpoint {ckpt!r} lacks weights: {untied[:5]}")
+
+
+def load_checkpoint(ckpt: str, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    load_weights(model, ckpt)
+    state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(ckpt, f"rng_state_{dist.rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return state

@@ -1,0 +1,240 @@
+"""The trainer's configuration: one dataclass, loadable from YAML or command-line flags.
+
+Unknown keys are an error that names the key (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, Union
+
+TARGETS = ("dense", "topk", "cache", "none")
+TAILS = ("renorm", "tail")
+VOCAB_MODES = ("strict", "common_prefix")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a distillation run needs.
+
+    Models
+        student: local directory of a transformers causal LM (``save_pretrained`` output).
+        student_from_scratch: build the student from ``student``'s config.json with fresh weights.
+        teacher: local directory of the teacher (not needed with ``targets="cache"``/``"none"``).
+        tokenizer: local tokenizer directory; defaults to ``student``.
+    Teacher targets
+        targets: ``dense`` (online teacher logits, kd_loss), ``topk`` (online top-k targets,
+            sparse_kd_loss), ``cache`` (offline target cache at ``cache``), ``none`` (plain
+            cross-entropy on the labels: the baseline).
+        topk: k for ``targets="topk"``.  tail: ``renorm`` or ``tail`` (sparse losses).
+    Loss (see distill_ops.kd_loss)
+        divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature, softcap,
+        vocab (``strict`` or ``common_prefix``), backend.
+    Data
+        train_data: a .txt file, a .jsonl file (``text`` field), a directory of those, or
+            ``builtin:pydoc`` (Python's own documentation, always present).
+        eval_data: same forms; without it ``eval_fraction`` of the training sequences is held out.
+        seq_len: tokens per training sequence (documents are packed, separated by EOS).
+    Optimisation
+        micro_batch_size (per process), grad_accum_steps, max_steps, lr, min_lr_ratio (cosine
+        decays to lr * min_lr_ratio), warmup_steps, weight_decay, adam_beta1/2, adam_eps, grad_clip
+        (0 disables), bf16 (``auto``: on a GPU that supports it), gradient_checkpointing, seed.
+    Output
+        output_dir, log_every, eval_every (0: only at the end), eval_batches (batches per
+        periodic evaluation, 0: all; the final one always uses the whole eval set), save_every
+        (0: only at the end), keep_checkpoints, resume_from (``latest``, a checkpoint directory,
+        or empty), progress (tqdm bar), plot (loss-curve PNG).
+    """
+
+    # models
+    student: Optional[str] = None
+    student_from_scratch: bool = False
+    teacher: Optional[str] = None
+    tokenizer: Optional[str] = None
+    # teacher targets
+    targets: str = "dense"
+    cache: Optional[str] = None
+    topk: int = 64
+    tail: str = "renorm"
+    # loss
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    hard_weight: float = 0.0
+    soft_weight: float = 1.0
+    scale_temperature: bool = True
+    softcap: Optional[float] = None
+    vocab: str = "strict"
+    backend: str = "auto"
+    # data
+    train_data: Optional[str] = None
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.05
+    seq_len: int = 256
+    # optimisation
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    bf16: Union[str, bool] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    # output
+    output_dir: str = "distill_out"
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    save_final: bool = True
+    resume_from: Optional[str] = None
+    progress: bool = True
+    plot: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes copied into the metrics header
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        from ..functional import DIVERGENCES
+        from ..backends import BACKENDS
+
+        def choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+        choice("targets", TARGETS)
+        choice("tail", TAILS)
+        choice("divergence", DIVERGENCES)
+        choice("vocab", VOCAB_MODES)
+        choice("backend", BACKENDS)
+        if self.bf16 not in ("auto", True, False):
+            raise ConfigError(f"bf16 must be 'auto', true or false, got {self.bf16!r}")
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "seq_len", "topk"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("log_every", "eval_every", "eval_batches", "save_every", "warmup_steps",
+                     "keep_checkpoints"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.hard_weight < 0 or self.soft_weight < 0:
+            raise ConfigError("hard_weight and soft_weight must be >= 0")
+        if self.targets == "cache" and not self.cache:
+            raise ConfigError("targets='cache' needs cache (the directory written by "
+                              "cache-teacher)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a mapping; an unknown key raises ConfigError naming it (and a close match)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("a config must be a mapping of keys to values, got "
+                              f"{type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+            values[name] = _coerce(known[name], value)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        import yaml
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: the top level of a config must be a mapping")
+        data = dict(data)
+        data.update(overrides or {})
+        return cls.from_dict(data)
+
+    def save_yaml(self, path: str) -> None:
+        import yaml
+
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def _field_type(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn strings from the command line (or loosely typed YAML) into the field's type."""
+    kind = _field_type(f)
+    if value is None:
+        return None
+    if f.name == "bf16":
+        if isinstance(value, str) and value.lower() != "auto":
+            return _to_bool(f.name, value)
+        return value
+    try:
+        if kind == "bool":
+            return _to_bool(f.name, value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "Optional[float]":
+            return None if str(value).lower() in ("none", "null", "") else float(value)
+        if kind in ("Optional[str]", "str"):
+            if kind == "Optional[str]" and str(value).lower() in ("none", "null", ""):
+                return None
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name} expects {kind}, got {value!r}") from None
+    return value
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} expects a boolean, got {value!r}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

@@ -1,0 +1,83 @@
+"""Held-out evaluation: perplexity, teacher-student KL and top-1 agreement.
+
+All three are token averages over the positions that have a next-token label (packing padding and
+the last position excluded), summed across ranks before dividing.
+
+- ``ppl``: exp(mean next-token cross-entropy of the model).
+- ``kl``: mean KL(teacher || student) at temperature 1 (needs teacher logits).
+- ``top1``: fraction of positions where the student's argmax equals the teacher's (from teacher
+  logits, or from the highest-weighted cached target).
+- ``accuracy``: fraction of positions where the model's argmax is the next token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+
+from ..functional import kd_loss
+from . import dist
+from .data import IGNORE_INDEX, as_dataset, eval_batches, shift_labels
+from .objective import cross_entropy_sum
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.device,
+             teacher: Optional[torch.nn.Module] = None, amp_dtype: Optional[torch.dtype] = None,
+             limit: int = 0, backend: str = "auto") -> dict:
+    """Evaluate ``model`` on ``dataset`` (items with ``input_ids``, optionally cached targets
+    ``ids``/``logprobs``). Works under DDP (each rank takes a shard; sums are all-reduced)."""
+    dataset = as_dataset(dataset)
+    was_training = model.training
+    model.eval()
+    ce = kl = agree = correct = 0.0
+    tokens = 0
+    have_kl = have_top1 = False
+    for batch in eval_batches(dataset, batch_size, rank=dist.rank(),
+                              world_size=dist.world_size(), limit=limit):
+        input_ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = mask.to(device) if mask is not None else None
+        labels = shift_labels(input_ids, mask)
+        keep = labels != IGNORE_INDEX
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            t_logits = (teacher(input_ids=input_ids, attention_mask=mask).logits
+                        if teacher is not None else None)
+        logits = logits.float()
+        ce += float(cross_entropy_sum(logits, labels))
+        tokens += int(keep.sum())
+        pred = logits.argmax(-1)
+        correct += float(((pred == labels) & keep).sum())
+        if t_logits is not None:
+            have_kl = have_top1 = True
+            v = min(logits.shape[-1], t_logits.shape[-1])
+            kl += float(kd_loss(logits, t_logits.float(), labels=labels, reduction="sum",
+                                vocab="common_prefix", backend=backend))
+            agree += float(((logits[..., :v].argmax(-1) == t_logits[..., :v].argmax(-1))
+                            & keep).sum())
+        elif "ids" in batch and "logprobs" in batch:
+            have_top1 = True
+            ids, lp = batch["ids"].to(device).long(), batch["logprobs"].to(device)
+            teacher_top = ids.gather(-1, lp.argmax(-1, keepdim=True)).squeeze(-1)
+            agree += float(((pred == teacher_top) & keep).sum())
+    ce, kl, agree, correct, tokens = dist.all_reduce_sum([ce, kl, agree, correct, tokens], device)
+    if was_training:
+        model.train()
+    n = max(tokens, 1.0)
+    out = {"eval_tokens": int(tokens), "eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50.0)),
+           "eval_accuracy": correct / n}
+    if have_kl:
+        out["eval_kl"] = kl / n
+    if have_top1:
+        out["eval_top1"] = agree / n
+    return out

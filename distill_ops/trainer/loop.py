@@ -1,0 +1,346 @@
+"""The training loop: a transformers causal-LM student distilled from a teacher with the fused loss.
+
+One process needs no setup; under ``torchrun`` (or any initialised default process group) the
+student is wrapped in torch's DistributedDataParallel, each rank takes its slice of every global
+batch, and the loss is normalised by the token count of the whole global batch, so N ranks x M
+accumulation steps give the update of one batch N x M times larger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from . import checkpoint as ckpt_lib
+from . import dist
+from .config import ConfigError, TrainConfig
+from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_tokenizer,
+                   pack_documents, shift_labels, split_documents)
+from .eval import autocast, evaluate
+from .metrics import JsonlWriter, PeakMemory, read_jsonl
+from .objective import (check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum, model_vocab,
+                        online_topk, sparse_loss_sum)
+from .optim import build_optimizer, build_scheduler
+
+ModelLike = Union[str, torch.nn.Module, None]
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module                 # the (unwrapped) student, trained
+    step: int                              # optimizer steps completed
+    output_dir: str
+    history: list = field(default_factory=list)   # the JSONL rows (rank 0; empty elsewhere)
+    final_eval: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0              # input tokens per second of training, all ranks
+    train_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    checkpoint: Optional[str] = None       # the last checkpoint written
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(spec: ModelLike, role: str, *, from_scratch: bool = False,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model object as is, or a local directory loaded with AutoModelForCausalLM (never a
+    download). ``from_scratch`` builds the architecture from the directory's config.json."""
+    if isinstance(spec, torch.nn.Module):
+        return spec
+    if not spec:
+        raise ConfigError(f"no {role} model: set {role}= to a local model directory")
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(
+            f"{role} model path {spec!r} does not exist (a local directory written by "
+            "save_pretrained is needed: nothing is downloaded)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if from_scratch:
+        config = AutoConfig.from_pretrained(spec, local_files_only=True)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype)
+
+
+class _Subset:
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def _split_dataset(dataset, fraction: float, seed: int):
+    n = len(dataset)
+    n_eval = int(round(n * fraction))
+    if fraction <= 0 or n_eval == 0:
+        return dataset, None
+    g = torch.Generator().manual_seed(seed + 17)
+    perm = torch.randperm(n, generator=g).tolist()
+    return _Subset(dataset, sorted(perm[n_eval:])), _Subset(dataset, sorted(perm[:n_eval]))
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
+    """(train, eval) datasets from the config: packed text blocks, or the offline target cache."""
+    if cfg.targets == "cache":
+        try:
+            from ..targets.cache import TargetCache
+        except ImportError as exc:
+            raise RuntimeError(f"targets='cache' needs distill_ops.targets.cache ({exc})") from None
+        if not os.path.exists(cfg.cache):
+            raise FileNotFoundError(f"target cache {cfg.cache!r} does not exist")
+        from ..targets.cache import read_manifest, tokenizer_hash
+
+        manifest = read_manifest(cfg.cache) or {}
+        expect = student_vocab if cfg.vocab == "strict" else None
+        # the cache must come from the student's tokenizer when both record one
+        tok_dir = cfg.tokenizer or (cfg.student if isinstance(cfg.student, str) else None)
+        tok_hash = tokenizer_hash(tok_dir) if tok_dir and os.path.isdir(tok_dir) else ""
+        expect_hash = tok_hash if tok_hash and manifest.get("tokenizer_hash") else None
+        cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash)
+        made_at = manifest.get("temperature")
+        if made_at is not None and abs(float(made_at) - cfg.temperature) > 1e-9:
+            warnings.warn(f"the cache's targets were made at temperature {made_at} but the loss "
+                          f"uses temperature={cfg.temperature} on the student side (targets are "
+                          "used at the temperature they were made with)", stacklevel=2)
+        if cfg.eval_data:
+            return cache, BlockDataset(pack_documents(load_documents(cfg.eval_data), tokenizer,
+                                                      cfg.seq_len))
+        return _split_dataset(cache, cfg.eval_fraction, cfg.seed)
+    if not cfg.train_data:
+        raise ConfigError("no training data: set train_data (a .txt/.jsonl file or directory, or "
+                          "builtin:pydoc)")
+    if tokenizer is None:
+        raise ConfigError("text data needs a tokenizer: set tokenizer= (or a student directory "
+                          "that holds one)")
+    docs = load_documents(cfg.train_data)
+    if cfg.eval_data:
+        eval_docs = load_documents(cfg.eval_data)
+    elif cfg.eval_fraction > 0 and len(docs) > 1:
+        docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
+    else:
+        eval_docs = []
+    train = BlockDataset(pack_documents(docs, tokenizer, cfg.seq_len))
+    evald = BlockDataset(pack_documents(eval_docs, tokenizer, cfg.seq_len)) if eval_docs else None
+    if evald is None and cfg.eval_fraction > 0 and len(docs) == 1:
+        train, evald = _split_dataset(train, cfg.eval_fraction, cfg.seed)
+    return train, evald
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.bf16 == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else None
+    return torch.bfloat16 if cfg.bf16 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teacher: ModelLike = None,
+          tokenizer=None, train_dataset=None, eval_dataset=None) -> TrainResult:
+    """Distil (or, with ``targets="none"``, plainly train) a causal-LM student.
+
+    Models and data come from the config's paths unless given as objects: ``student``/``teacher``
+    (nn.Module or local directory), ``tokenizer``, ``train_dataset``/``eval_dataset`` (an
+    (n, seq_len) token tensor, or a dataset of dicts with ``input_ids`` and, for cached targets,
+    ``ids``, ``logprobs``, ``tail_logmass``).
+    """
+    cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    cfg.validate()
+    dist.init_from_env(cfg.device)
+    device = dist.pick_device(cfg.device)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    torch.manual_seed(cfg.seed)
+    amp_dtype = _amp_dtype(cfg, device)
+
+    # models ------------------------------------------------------------------------------
+    student = load_model(student if student is not None else cfg.student, "student",
+                         from_scratch=cfg.student_from_scratch)
+    need_teacher = cfg.targets in ("dense", "topk")
+    if need_teacher or teacher is not None or cfg.teacher:
+        teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
+        teacher = load_model(teacher if teacher is not None else cfg.teacher, "teacher",
+                             dtype=teacher_dtype or torch.float32)
+        teacher.eval().requires_grad_(False).to(device)
+        check_vocab(cfg, model_vocab(student), model_vocab(teacher))
+    else:
+        teacher = None
+    if tokenizer is None:
+        tok_path = cfg.tokenizer or (cfg.student if isinstance(cfg.student, str) else None)
+        if tok_path and (cfg.tokenizer or train_dataset is None):
+            if cfg.tokenizer or os.path.isfile(os.path.join(tok_path, "tokenizer_config.json")):
+                tokenizer = load_tokenizer(tok_path)
+    student_vocab = model_vocab(student)
+
+    # data --------------------------------------------------------------------------------
+    train_ds, eval_ds = as_dataset(train_dataset), as_dataset(eval_dataset)
+    if train_ds is None:
+        train_ds, built_eval = build_datasets(cfg, tokenizer, student_vocab)
+        eval_ds = eval_ds if eval_ds is not None else built_eval
+    batches = StepBatches(train_ds, cfg.micro_batch_size, cfg.grad_accum_steps, rank=rank,
+                          world_size=world, seed=cfg.seed)
+
+    # model, optimizer, resume -------------------------------------------------------------
+    student.to(device).train()
+    if hasattr(student, "config"):
+        student.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        if hasattr(student, "activation_checkpointing_enable"):   # the transformers 5 name
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(student, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    step = 0
+    resume = ckpt_lib.resolve_resume(cfg.resume_from, cfg.output_dir)
+    if resume:
+        state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler)
+        step = int(state["step"])
+    model = student
+    ddp = world > 1
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+    writer = JsonlWriter(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                         resume_step=step if resume else None) if main else None
+
+    def run_eval(at_step: int, full: bool) -> dict:
+        if eval_ds is None or len(eval_ds) == 0:
+            return {}
+        out = evaluate(student, eval_ds, batch_size=cfg.micro_batch_size, device=device,
+                       teacher=teacher, amp_dtype=amp_dtype, limit=0 if full else cfg.eval_batches,
+                       backend=cfg.backend)
+        if writer:
+            writer.write({"step": at_step, **out})
+        return out
+
+    def save(at_step: int) -> str:
+        return ckpt_lib.save_checkpoint(cfg.output_dir, at_step, student, optimizer, scheduler,
+                                        config=cfg.to_dict(), tokenizer=tokenizer,
+                                        keep=cfg.keep_checkpoints)
+
+    progress = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=step, desc="distill" if teacher is not None
+                        or cfg.targets == "cache" else "train", dynamic_ncols=True)
+
+    log_loss = log_tokens = 0.0
+    seen_tokens = 0
+    train_seconds = 0.0
+    final_eval: dict = {}
+    last_ckpt = None
+    peak = PeakMemory(device)
+    with peak:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = batches.micro_batches(step)
+            labels_list = [shift_labels(b["input_ids"], b.get("attention_mask")) for b in micro]
+            local_tokens = sum(count_tokens(lab) for lab in labels_list)
+            (global_tokens,) = dist.all_reduce_sum([local_tokens], device)
+            # mean over the global batch's labelled tokens; DDP averages over ranks, hence * world.
+            scale = world / max(global_tokens, 1.0)
+            lr = scheduler.get_last_lr()[0]
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for a, (batch, labels) in enumerate(zip(micro, labels_list)):
+                sync = model.no_sync() if ddp and a < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss_sum = _micro_step(cfg, model, teacher, batch, labels.to(device), device,
+                                           amp_dtype, student_vocab)
+                    (loss_sum * scale).backward()
+                step_loss += loss_sum.detach().double()
+                seen_tokens += int(batch["input_ids"].numel()) * world
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - t0
+            log_loss += float(step_loss)
+            log_tokens += local_tokens
+
+            last = step == cfg.max_steps
+            if cfg.log_every and (step % cfg.log_every == 0 or last):
+                total_loss, total_tokens = dist.all_reduce_sum([log_loss, log_tokens], device)
+                row = {"step": step, "loss": total_loss / max(total_tokens, 1.0), "lr": lr,
+                       "grad_norm": float(grad_norm), "epoch": round(batches.epoch_of(step), 4),
+                       "tokens": seen_tokens,
+                       "tokens_per_s": seen_tokens / max(train_seconds, 1e-9),
+                       "elapsed_s": round(train_seconds, 3)}
+                if writer:
+                    writer.write(row)
+                if progress:
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                log_loss = log_tokens = 0.0
+            if progress:
+                progress.update(1)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                final_eval = run_eval(step, full=last)   # the last one on the whole eval set
+                if progress and final_eval:
+                    progress.write(f"step {step}: " + ", ".join(
+                        f"{k[5:]}={v:.4g}" for k, v in final_eval.items() if k != "eval_tokens"))
+            if (cfg.save_every and step % cfg.save_every == 0) or (last and cfg.save_final):
+                last_ckpt = save(step)
+    if progress:
+        progress.close()
+
+    history: list = []
+    if main:
+        history = read_jsonl(writer.path)
+        if cfg.plot:
+            from .plot import plot_metrics
+
+            plot_metrics({"student": history}, os.path.join(cfg.output_dir, "loss.png"))
+    return TrainResult(model=student, step=step, output_dir=cfg.output_dir, history=history,
+                       final_eval=final_eval, tokens_per_s=seen_tokens / max(train_seconds, 1e-9),
+                       train_seconds=train_seconds, peak_memory_bytes=peak.peak_bytes,
+                       peak_memory_kind=peak.kind, checkpoint=last_ckpt)
+
+
+def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Tensor,
+                device: torch.device, amp_dtype, student_vocab: int) -> torch.Tensor:
+    """Forward one micro-batch and return its loss summed over labelled tokens."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch.get("attention_mask")
+    mask = mask.to(device, non_blocking=True) if mask is not None else None
+    with autocast(device, amp_dtype):
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        if cfg.targets in ("dense", "topk"):
+            with torch.no_grad():
+                t_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    if cfg.targets == "none":
+        return cross_entropy_sum(logits, labels)
+    if cfg.targets == "dense":
+        return dense_loss_sum(cfg, logits, t_logits, labels)
+    if cfg.targets == "topk":
+        with torch.no_grad():
+            targets = online_topk(cfg, t_logits, student_vocab)
+        del t_logits
+        return sparse_loss_sum(cfg, logits, targets.ids, targets.logprobs, targets.tail_logmass,
+                               labels)
+    # cache
+    return sparse_loss_sum(cfg, logits, batch["ids"].to(device), batch["logprobs"].to(device),
+                           batch["tail_logmass"].to(device) if "tail_logmass" in batch else None,
+                           labels)

@@ -1,0 +1,111 @@
+"""The training objective: where teacher targets come from and which fused loss consumes them.
+
+Every function returns a *sum* over the batch's non-ignored tokens; the loop divides by the number
+of such tokens in the whole (accumulated, all-rank) batch, so gradient accumulation and DDP give the
+same update as one big batch. A batch whose labels are all ``ignore_index`` gives a loss of 0 and a
+zero gradient (no NaN).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import kd_loss
+from .config import TrainConfig
+from .data import IGNORE_INDEX
+
+
+def sparse_api():
+    """``distill_ops.sparse`` (teacher_topk, sparse_kd_loss), or raise saying what is missing."""
+    try:
+        return importlib.import_module("distill_ops.sparse")
+    except ImportError as exc:
+        raise RuntimeError(
+            "sparse targets need distill_ops.sparse (teacher_topk, sparse_kd_loss), which this "
+            f"installation lacks ({exc}); use targets='dense'") from None
+
+
+def sparse_available() -> bool:
+    try:
+        mod = importlib.import_module("distill_ops.sparse")
+    except ImportError:
+        return False
+    return hasattr(mod, "teacher_topk") and hasattr(mod, "sparse_kd_loss")
+
+
+def cache_available() -> bool:
+    try:
+        mod = importlib.import_module("distill_ops.targets.cache")
+    except ImportError:
+        return False
+    return hasattr(mod, "TargetCache") and hasattr(mod, "TargetCacheWriter") and sparse_available()
+
+
+def count_tokens(labels: torch.Tensor) -> int:
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain next-token cross-entropy, summed over non-ignored tokens (0 when all are ignored)."""
+    v = student_logits.shape[-1]
+    return F.cross_entropy(student_logits.reshape(-1, v).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def dense_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    return kd_loss(
+        student_logits, teacher_logits, divergence=cfg.divergence, temperature=cfg.temperature,
+        beta=cfg.beta, alpha=cfg.alpha, labels=labels, hard_weight=cfg.hard_weight,
+        soft_weight=cfg.soft_weight, scale_temperature=cfg.scale_temperature,
+        ignore_index=IGNORE_INDEX, reduction="sum", softcap=cfg.softcap, vocab=cfg.vocab,
+        backend=cfg.backend)
+
+
+def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.Tensor,
+                    logprobs: torch.Tensor, tail_logmass: Optional[torch.Tensor],
+                    labels: torch.Tensor) -> torch.Tensor:
+    sparse = sparse_api()
+    v = student_logits.shape[-1]
+    if ids.numel() and int(ids.max()) >= v:
+        if cfg.vocab != "common_prefix":
+            raise ValueError(f"teacher targets hold token id {int(ids.max())} but the student's "
+                             f"vocabulary is {v}; pass vocab='common_prefix'")
+        raise ValueError(f"teacher targets hold token id {int(ids.max())} >= the student's "
+                         f"vocabulary {v}: make targets over the common prefix")
+    # the sparse kernels are torch (reference) and triton; "cpu"/"cuda" name dense-only kernels
+    backend = cfg.backend if cfg.backend in ("auto", "torch", "triton") else "auto"
+    return sparse.sparse_kd_loss(
+        student_logits, ids, logprobs, divergence=cfg.divergence, temperature=cfg.temperature,
+        tail=cfg.tail, tail_logmass=tail_logmass if cfg.tail == "tail" else None, labels=labels,
+        hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
+        scale_temperature=cfg.scale_temperature, beta=cfg.beta, alpha=cfg.alpha,
+        ignore_index=IGNORE_INDEX, reduction="sum", backend=backend)
+
+
+def online_topk(cfg: TrainConfig, teacher_logits: torch.Tensor, student_vocab: int):
+    """Top-k targets from teacher logits, made at the loss temperature (over the common prefix of
+    the vocabularies when ``vocab='common_prefix'``)."""
+    if cfg.vocab == "common_prefix":
+        teacher_logits = teacher_logits[..., :student_vocab]
+    return sparse_api().teacher_topk(teacher_logits, cfg.topk, temperature=cfg.temperature)
+
+
+def check_vocab(cfg: TrainConfig, student_vocab: int, teacher_vocab: int) -> None:
+    """A teacher/student vocabulary mismatch is an error unless vocab='common_prefix'."""
+    if student_vocab != teacher_vocab and cfg.vocab != "common_prefix":
+        raise ValueError(
+            f"teacher vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}); "
+            "distil over the shared first min(V) entries with vocab='common_prefix' (only when "
+            "both tokenizers agree on those ids)")
+
+
+def model_vocab(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)

@@ -1,0 +1,112 @@
+"""DistillationTrainer: transformers.Trainer with the fused loss, a few steps on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+transformers = pytest.importorskip("transformers")
+
+from distill_ops import kd_loss  # noqa: E402
+from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E402
+from distill_ops.trainer.models import llama  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+V = 64
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, n=16, t=12):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, V, (n, t), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        mask = torch.ones_like(ids)
+        labels = ids.clone()
+        if i % 2 and i < 4:  # right padding on rows 1 and 3: micro-batches differ in tokens
+            ids, mask, labels = ids.clone(), mask.clone(), labels.clone()
+            ids[-3:], mask[-3:], labels[-3:] = 1, 0, -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
+                use_cpu=True, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_compute_loss_is_kd_loss_on_shifted_labels(tmp_path):
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    kd = dict(divergence="forward_kl", temperature=2.0, hard_weight=0.5)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                  train_dataset=ListDataset(), kd_kwargs=kd)
+    batch = {k: torch.stack([ListDataset()[i][k] for i in range(4)])
+             for k in ("input_ids", "attention_mask", "labels")}
+    loss = trainer.compute_loss(student, batch)
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = torch.full_like(batch["labels"], -100)
+    shifted[:, :-1] = batch["labels"][:, 1:]
+    ref = kd_loss(s, t, labels=shifted, **kd)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+    # all labels ignored: loss 0, not NaN
+    batch["labels"][:] = -100
+    assert float(trainer.compute_loss(student, batch).detach()) == 0.0
+
+
+def test_two_training_steps(tmp_path):
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = DistillationTrainer(model=student, teacher_model=teacher,
+                                  args=args(tmp_path, gradient_accumulation_steps=2),
+                                  train_dataset=ListDataset(),
+                                  kd_kwargs=dict(divergence="jsd", beta=0.5))
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(x > 0 for x in logged)
+
+
+def test_bad_arguments():
+    student, teacher = llama(V, 32, 1, heads=2), llama(V, 48, 1, heads=2)
+    with pytest.raises(TypeError, match="teacher_model"):
+        DistillationTrainer(model=student, teacher_model=None)
+    with pytest.raises(TypeError, match="reduction"):
+        DistillationTrainer(model=student, teacher_model=teacher, kd_kwargs={"reduction": "sum"})
+
+
+def test_gradient_accumulation_normalises_over_the_accumulated_batch(tmp_path):
+    """4 x 2 accumulation steps == one batch of 8 (the padded rows make token counts unequal)."""
+    def run(bs, ga, sub):
+        student = llama(V, 32, 1, heads=2, seed=0)
+        trainer = DistillationTrainer(
+            model=student, teacher_model=llama(V, 48, 1, heads=2, seed=1),
+            args=args(tmp_path / sub, per_device_train_batch_size=bs,
+                      gradient_accumulation_steps=ga,
+                      max_steps=1, learning_rate=1e-2, max_grad_norm=0.0, dataloader_drop_last=True,
+                      lr_scheduler_type="constant", train_sampling_strategy="sequential"),
+            train_dataset=ListDataset(n=8), kd_kwargs=dict(temperature=2.0, hard_weight=0.5))
+        trainer.train()
+        return [p.detach().clone() for p in student.parameters()]
+
+    for a, b in zip(run(8, 1, "one"), run(4, 2, "acc")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,405 @@
+"""The thin trainer: config, data, objective, loop, checkpoints and exact resume, bad input, CLI.
+
+Tiny Llama models built from configs (no download); every test runs in a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from distill_ops.trainer import TrainConfig, train
+from distill_ops.trainer import checkpoint as ckpt_lib
+from distill_ops.trainer.config import ConfigError
+from distill_ops.trainer.data import (BlockDataset, StepBatches, collate, pack_documents,
+                                      shift_labels, split_documents, train_bpe_tokenizer)
+from distill_ops.trainer.models import llama
+from distill_ops.trainer.objective import (cross_entropy_sum, dense_loss_sum, sparse_available)
+from distill_ops.trainer.optim import lr_factor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+V = 96
+
+
+def tiny(hidden=32, layers=1, vocab=V, seed=0):
+    return llama(vocab, hidden, layers, heads=2, max_positions=64, seed=seed)
+
+
+def blocks(n=48, t=24, vocab=V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable pattern: token i+1 = token i + 1 (mod V), with noise
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    seq = (start + torch.arange(t)) % vocab
+    noise = torch.rand(n, t, generator=g) < 0.1
+    return torch.where(noise, torch.randint(0, vocab, (n, t), generator=g), seq)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=4, micro_batch_size=4, log_every=1,
+                progress=False, plot=False, save_final=False, lr=3e-3, warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def test_config_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'temprature'.*temperature"):
+        TrainConfig.from_dict({"temprature": 2.0})
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="'learning_rate'"):
+        TrainConfig.from_yaml(str(path))
+
+
+def test_config_yaml_types_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 7\ntemperature: 2\nbf16: false\ndivergence: reverse_kl\n")
+    c = TrainConfig.from_yaml(str(path), {"max-steps": "9", "gradient_checkpointing": "true"})
+    assert (c.max_steps, c.temperature, c.bf16, c.divergence) == (9, 2.0, False, "reverse_kl")
+    assert c.gradient_checkpointing is True
+    c.save_yaml(str(tmp_path / "back.yaml"))
+    assert TrainConfig.from_yaml(str(tmp_path / "back.yaml")) == c
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"divergence": "kl"}, "divergence"), ({"temperature": 0}, "temperature"),
+    ({"targets": "cache"}, "cache"), ({"max_steps": 0}, "max_steps"), ({"vocab": "x"}, "vocab"),
+    ({"max_steps": "many"}, "max_steps"),
+])
+def test_config_bad_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(bad)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 4, 20, 0.1) for s in range(21)]
+    assert f[0] == pytest.approx(0.2) and f[3] == pytest.approx(0.8) and f[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[20] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_shift_labels_masks_last_and_padding():
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert shift_labels(ids, mask).tolist() == [[6, 7, 8, -100], [2, -100, -100, -100]]
+
+
+def test_collate_pads_ragged_sequences():
+    out = collate([{"input_ids": torch.tensor([1, 2, 3])}, {"input_ids": torch.tensor([4])}])
+    assert out["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_step_batches_shard_the_global_batch():
+    ds = BlockDataset(torch.arange(40).view(40, 1))
+    one = StepBatches(ds, 2, 2, seed=3)
+    ranks = [StepBatches(ds, 2, 1, rank=r, world_size=2, seed=3) for r in range(2)]
+    two = StepBatches(ds, 2, 1, rank=0, world_size=2, seed=3)
+    assert two.global_batch == 4 and one.global_batch == 4
+    for step in (0, 5, 11):   # 11 is in the second epoch
+        got = sorted(x for r in ranks for b in r.micro_batches(step)
+                     for x in b["input_ids"].flatten().tolist())
+        ref = sorted(x for b in one.micro_batches(step) for x in b["input_ids"].flatten().tolist())
+        assert got == ref and len(set(got)) == 4
+    again = StepBatches(ds, 2, 2, seed=3)   # a fresh object (a resumed run) gives the same batch
+    assert torch.equal(one.micro_batches(7)[1]["input_ids"], again.micro_batches(7)[1]["input_ids"])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatches(ds, 16, 2, world_size=2)
+
+
+def test_tokenizer_and_packing(tmp_path):
+    docs = ["def f(x):\n    return x + 1\n" * 20, "The quick brown fox jumps. " * 30]
+    tok = train_bpe_tokenizer(docs, 300, str(tmp_path / "tok"))
+    assert os.path.isfile(tmp_path / "tok" / "tokenizer.json")
+    b = pack_documents(docs, tok, 16)
+    assert b.dim() == 2 and b.shape[1] == 16 and int(b.max()) < len(tok)
+    assert tok.decode(tok("return x + 1")["input_ids"]) == "return x + 1"
+    train_docs, held = split_documents(docs * 5, 0.2, 0)
+    assert held and train_docs and len(train_docs) + len(held) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# objective
+
+
+def test_all_ignored_batch_gives_zero_loss_and_gradient(tmp_path):
+    s = torch.randn(2, 5, V, requires_grad=True)
+    t = torch.randn(2, 5, V)
+    labels = torch.full((2, 5), -100)
+    c = cfg(tmp_path, hard_weight=0.5, temperature=2.0)
+    for loss in (dense_loss_sum(c, s, t, labels), cross_entropy_sum(s, labels)):
+        assert float(loss.detach()) == 0.0
+        loss.backward()
+        assert torch.count_nonzero(s.grad) == 0 and not torch.isnan(s.grad).any()
+        s.grad = None
+
+
+def test_all_ignored_batch_in_the_loop(tmp_path):
+    """A step whose batch has no labelled token: loss 0 (logged), no NaN in the weights."""
+    data = torch.randint(0, V, (8, 1))   # length-1 sequences: the only position has no next token
+    res = train(cfg(tmp_path, max_steps=2, micro_batch_size=4, targets="dense"), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=data)
+    assert [r["loss"] for r in res.history if "loss" in r] == [0.0, 0.0]
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@pytest.mark.parametrize("targets", ["dense", "none"])
+def test_training_reduces_loss_and_writes_outputs(tmp_path, targets):
+    res = train(cfg(tmp_path, max_steps=12, targets=targets, temperature=2.0, hard_weight=0.3,
+                    eval_every=6, save_final=True, plot=True),
+                student=tiny(), teacher=tiny(64, 2, seed=1), train_dataset=blocks()[:40],
+                eval_dataset=blocks()[40:])
+    losses = [r["loss"] for r in res.history if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    evals = [r for r in res.history if "eval_ppl" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    if targets == "dense":
+        assert 0 <= evals[-1]["eval_top1"] <= 1 and evals[-1]["eval_kl"] >= 0
+    out = tmp_path / "out"
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+    # transformers format: from_pretrained reads it back to the same weights
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(res.checkpoint)
+    assert_same_weights(weights(back), weights(res.model))
+
+
+def test_exact_resume(tmp_path):
+    """6 steps straight == 3 steps, checkpoint, a fresh process state, 3 more: same weights to the
+    bit, same logged losses (optimizer, scheduler, RNG and data position restored)."""
+    data = blocks()
+    common = dict(max_steps=6, micro_batch_size=4, grad_accum_steps=2, targets="dense",
+                  temperature=1.5, hard_weight=0.2)
+    straight = train(cfg(tmp_path / "a", **common), student=tiny(), teacher=tiny(48, seed=1),
+                     train_dataset=data)
+    half = cfg(tmp_path / "b", **common, save_every=3)
+    half.max_steps = 6
+    # run the first half by stopping at 3 steps, with the same schedule length (max_steps=6)
+    interrupted = _train_until(half, 3, data)
+    assert interrupted.step == 3
+    torch.manual_seed(1234)   # disturb the global RNG: resume must restore it
+    resumed = train(cfg(tmp_path / "b", **common, resume_from="latest"), student=tiny(seed=9),
+                    teacher=tiny(48, seed=1), train_dataset=data)
+    assert resumed.step == 6
+    assert_same_weights(weights(straight.model), weights(resumed.model))
+    loss_a = [r["loss"] for r in straight.history if "loss" in r]
+    loss_b = [r["loss"] for r in resumed.history if "loss" in r]
+    assert loss_a == loss_b
+
+
+def _train_until(config, stop_step, data):
+    """Train with max_steps from the config but stop (crash-like) after ``stop_step`` steps."""
+    import distill_ops.trainer.loop as loop
+
+    class Stop(Exception):
+        pass
+
+    real_save = ckpt_lib.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if args[1] >= stop_step:
+            raise Stop(path)
+        return path
+
+    loop.ckpt_lib.save_checkpoint = save_then_stop
+    try:
+        train(config, student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    except Stop:
+        pass
+    finally:
+        loop.ckpt_lib.save_checkpoint = real_save
+    found = ckpt_lib.list_checkpoints(config.output_dir)
+    assert found and found[-1][0] == stop_step
+
+    class R:
+        step = found[-1][0]
+
+    return R
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    data = blocks()
+    a = train(cfg(tmp_path / "a", micro_batch_size=8, grad_accum_steps=1, max_steps=3),
+              student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    b = train(cfg(tmp_path / "b", micro_batch_size=2, grad_accum_steps=4, max_steps=3),
+              student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    assert_same_weights(weights(a.model), weights(b.model), exact=False)
+
+
+def test_gradient_checkpointing_option(tmp_path):
+    a = train(cfg(tmp_path / "a", max_steps=2), student=tiny(layers=2), teacher=tiny(48, seed=1),
+              train_dataset=blocks())
+    b = train(cfg(tmp_path / "b", max_steps=2, gradient_checkpointing=True), student=tiny(layers=2),
+              teacher=tiny(48, seed=1), train_dataset=blocks())
+    assert_same_weights(weights(a.model), weights(b.model), exact=False)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "generalized_jsd"])
+def test_other_divergences_train(tmp_path, divergence):
+    res = train(cfg(tmp_path, divergence=divergence, max_steps=2), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=blocks())
+    assert all(r["loss"] >= 0 for r in res.history if "loss" in r)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="student model path .*does-not-exist"):
+        train(cfg(tmp_path, student=str(tmp_path / "does-not-exist")), train_dataset=blocks())
+    with pytest.raises(FileNotFoundError, match="teacher model path"):
+        train(cfg(tmp_path, teacher="org/some-hub-name"), student=tiny(), train_dataset=blocks())
+    with pytest.raises(ConfigError, match="no teacher model"):
+        train(cfg(tmp_path, targets="dense"), student=tiny(), train_dataset=blocks())
+
+
+def test_vocab_mismatch(tmp_path):
+    teacher = tiny(48, vocab=V + 8, seed=1)
+    with pytest.raises(ValueError, match="vocabulary.*common_prefix"):
+        train(cfg(tmp_path), student=tiny(), teacher=teacher, train_dataset=blocks())
+    res = train(cfg(tmp_path, vocab="common_prefix", max_steps=2), student=tiny(), teacher=teacher,
+                train_dataset=blocks())
+    assert res.step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse targets (distill_ops.sparse), when present
+
+
+needs_sparse = pytest.mark.skipif(not sparse_available(), reason="distill_ops.sparse is missing")
+
+
+@needs_sparse
+@pytest.mark.parametrize("tail", ["renorm", "tail"])
+def test_online_topk_targets(tmp_path, tail):
+    res = train(cfg(tmp_path, targets="topk", topk=8, tail=tail, max_steps=3, hard_weight=0.2),
+                student=tiny(), teacher=tiny(48, seed=1), train_dataset=blocks())
+    assert res.step == 3 and all(r["loss"] >= 0 for r in res.history if "loss" in r)
+
+
+@needs_sparse
+def test_full_topk_equals_dense(tmp_path):
+    """k = V top-k targets hold the whole teacher distribution: the sparse loss trains exactly
+    like the dense one (online top-k and the offline cache alike)."""
+    from distill_ops.targets.cache import write_teacher_cache
+
+    data = blocks()
+    kw = dict(max_steps=3, temperature=1.0, hard_weight=0.3, eval_fraction=0.0)
+    dense = train(cfg(tmp_path / "d", **kw), student=tiny(), teacher=tiny(48, seed=1),
+                  train_dataset=data)
+    topk = train(cfg(tmp_path / "k", targets="topk", topk=V, **kw), student=tiny(),
+                 teacher=tiny(48, seed=1), train_dataset=data)
+    write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, len(data), 8)],
+                        tmp_path / "cache", k=V, dtype="float32", progress=False)
+    cached = train(cfg(tmp_path / "c", targets="cache", cache=str(tmp_path / "cache"), **kw),
+                   student=tiny())
+    ref = [r["loss"] for r in dense.history if "loss" in r]
+    for other in (topk, cached):
+        assert [r["loss"] for r in other.history if "loss" in r] == pytest.approx(ref, rel=1e-4)
+        assert_same_weights(weights(dense.model), weights(other.model), exact=False)
+
+
+@needs_sparse
+def test_cache_targets_with_held_out_split(tmp_path):
+    from distill_ops.targets.cache import write_teacher_cache
+
+    data = blocks()
+    write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, len(data), 8)],
+                        tmp_path / "cache", k=8, progress=False)
+    res = train(cfg(tmp_path, targets="cache", cache=str(tmp_path / "cache"), eval_fraction=0.25,
+                    max_steps=3), student=tiny())
+    final = [r for r in res.history if "eval_ppl" in r][-1]
+    assert final["eval_tokens"] == 12 * 23 and 0 <= final["eval_top1"] <= 1
+    with pytest.raises(Exception, match="vocab"):
+        train(cfg(tmp_path, targets="cache", cache=str(tmp_path / "cache")),
+              student=tiny(vocab=V + 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_train_from_yaml_with_text_data(tmp_path, capsys):
+    from distill_ops.cli import main
+
+    docs = ["import os\nprint(os.getcwd())\n" * 30, "Lists are mutable sequences. " * 40] * 3
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    tok = train_bpe_tokenizer(docs, 200, str(tmp_path / "student"))
+    tiny(vocab=len(tok)).save_pretrained(tmp_path / "student")
+    tiny(48, vocab=len(tok), seed=1).save_pretrained(tmp_path / "teacher")
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(
+        f"student: {tmp_path / 'student'}\nteacher: {tmp_path / 'teacher'}\n"
+        f"train_data: {corpus}\nseq_len: 16\nmicro_batch_size: 4\nmax_steps: 5\n"
+        f"output_dir: {tmp_path / 'run'}\nprogress: false\neval_fraction: 0.2\n")
+    assert main(["train", "--config", str(yaml_path), "--max-steps", "3", "--temperature",
+                 "2.0"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_ppl" in r for r in rows)
+
+    yaml_path.write_text(yaml_path.read_text() + "temprature: 2\n")
+    assert main(["train", "--config", str(yaml_path)]) == 2
+    assert "unknown config key 'temprature'" in capsys.readouterr().err
+    assert main(["train", "--student", str(tmp_path / "nope"), "--targets", "none",
+                 "--train-data", str(corpus)]) == 2
+    assert "student model path" in capsys.readouterr().err
+
+
+def test_cli_cache_teacher_delegates_or_explains(capsys, monkeypatch):
+    import sys
+    import types
+
+    from distill_ops.cli import main
+
+    fake = types.ModuleType("distill_ops.targets.cache_cli")
+    seen = {}
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "distill_ops.targets.cache_cli", fake)
+    assert main(["cache-teacher", "--k", "8"]) == 0 and seen["argv"] == ["--k", "8"]
+    monkeypatch.setitem(sys.modules, "distill_ops.targets.cache_cli", None)  # import fails
+    assert main(["cache-teacher"]) == 2
+    assert "not available" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
