@@ -1,0 +1,153 @@
+"""Sweeps, presets and the plan (the ordered list of cases a run measures)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+SUITES = ("dense", "sparse", "topk")
+MODES = ("fwd", "bwd", "fwdbwd")
+# Dense cases: a divergence, optionally with the hard-label (cross-entropy) term, written "+ce".
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DENSE_CASES = ("forward_kl", "reverse_kl", "jsd", "forward_kl+ce")
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# The full sweep (GPU). N is shrunk per row where a provider would not fit in free memory.
+FULL_V = (32000, 128256, 151936, 262144)
+FULL_N = (1024, 4096, 8192, 16384)
+FULL_DTYPES = ("bf16", "fp16", "fp32")
+DEFAULT_K = (64,)
+
+# Providers per suite and device (names as in providers.py), in the order rows are printed.
+GPU_DENSE = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda")
+CPU_DENSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
+GPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:triton", "distill_ops:cuda")
+CPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
+DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
+
+# --quick on a GPU: the key rows first, then optional ones while the time budget lasts.
+QUICK_GPU_BUDGET_S = 240.0
+# --quick sparse/topk rows (optional): no torch.compile there, its compilations cost the most time.
+QUICK_SPARSE = ("torch-eager", "distill_ops:triton", "distill_ops:cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    suite: str            # dense | sparse | topk
+    divergence: str       # forward_kl | reverse_kl | jsd (sparse: forward_kl; topk: "topk")
+    hard_label: bool      # dense only: add the hard-label cross-entropy term
+    dtype: str            # bf16 | fp16 | fp32
+    n: int
+    v: int
+    mode: str             # fwd | bwd | fwdbwd
+    k: Optional[int] = None
+    providers: Optional[tuple] = None   # None: the suite's default list for the device
+    optional: bool = False              # skipped (and recorded so) once the time budget is spent
+
+    @property
+    def label(self) -> str:
+        div = self.divergence + ("+ce" if self.hard_label else "")
+        k = f" k={self.k}" if self.k is not None else ""
+        return f"{self.suite} {div} {self.dtype} N={self.n} V={self.v}{k} {self.mode}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def split_list(values: Optional[Sequence[str]], cast=str) -> Optional[list]:
+    """Accept ``--V 32000 128256`` and ``--V 32000,128256`` alike."""
+    if not values:
+        return None
+    out = []
+    for value in values:
+        out.extend(cast(part) for part in str(value).split(",") if part.strip())
+    return out
+
+
+def default_providers(suite: str, device: str) -> tuple:
+    gpu = device == "cuda"
+    if suite == "dense":
+        return GPU_DENSE if gpu else CPU_DENSE
+    return GPU_SPARSE if gpu else CPU_SPARSE
+
+
+def _dense_cases(divs, dtypes, ns, vs, modes, providers=None, optional=False):
+    cases = []
+    for div in divs:
+        base, hard = (div[:-3], True) if div.endswith("+ce") else (div, False)
+        if base not in DIVERGENCES:
+            raise SystemExit(f"unknown divergence {div!r}; choose from {DENSE_CASES} (or +ce)")
+        for dtype in dtypes:
+            for v in vs:
+                for n in ns:
+                    for mode in modes:
+                        cases.append(Case("dense", base, hard, dtype, n, v, mode,
+                                          providers=providers, optional=optional))
+    return cases
+
+
+def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=False):
+    cases = []
+    for dtype in dtypes:
+        for v in vs:
+            for n in ns:
+                for k in ks:
+                    for mode in (("fwd",) if suite == "topk" else modes):
+                        div = "topk" if suite == "topk" else "forward_kl"
+                        cases.append(Case(suite, div, False, dtype, n, v, mode, k=k,
+                                          providers=providers, optional=optional))
+    return cases
+
+
+def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=None, mode=None,
+               divergence=None, k=None) -> list:
+    """The ordered cases of a run. Explicit lists (--V, --N, ...) override the preset's."""
+    suites = SUITES if suite == "all" else (suite,)
+    gpu = device == "cuda"
+    explicit = any(x is not None for x in (V, N, dtype, mode, divergence, k))
+    cases: list = []
+    if quick and gpu and not explicit:
+        # Key rows: every provider at the headline shape, and a short-batch row (N=256) where the
+        # distill_ops kernels may split rows across programs.
+        if "dense" in suites:
+            cases += _dense_cases(("forward_kl", "jsd"), ("bf16",), (8192, 256), (128256,),
+                                  ("fwdbwd",))
+        # If time allows: the large vocabularies, distill_ops kernels only.
+        if "dense" in suites:
+            cases += _dense_cases(("forward_kl", "jsd"), ("bf16",), (4096,), (151936, 262144),
+                                  ("fwdbwd",), providers=DISTILL_GPU, optional=True)
+        for s in ("sparse", "topk"):
+            if s in suites:
+                cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,
+                                       providers=QUICK_SPARSE, optional=True)
+        return cases
+    if gpu:
+        d_v, d_n, d_dtypes, d_modes = FULL_V, FULL_N, FULL_DTYPES, ("fwdbwd",)
+        d_divs = ("forward_kl", "jsd") if quick else DENSE_CASES
+    else:
+        # CPU: fp32, N=512, V=128256, forward KL, forward+backward.
+        d_v, d_n, d_dtypes, d_modes, d_divs = (128256,), (512,), ("fp32",), ("fwdbwd",), ("forward_kl",)
+    vs, ns = V or d_v, N or d_n
+    dtypes, modes = dtype or d_dtypes, mode or d_modes
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"unknown dtype {name!r}; choose from bf16, fp16, fp32")
+    dtypes = [DTYPE_NAMES[DTYPES[name]] for name in dtypes]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
+    if "dense" in suites:
+        cases += _dense_cases(divergence or d_divs, dtypes, ns, vs, modes)
+    for s in ("sparse", "topk"):
+        if s in suites:
+            cases += _sparse_cases(s, dtypes, ns, vs, modes, k or DEFAULT_K)
+    return cases

@@ -1,0 +1,99 @@
+"""The inputs of one case, and the bytes that must move (the bandwidth floor).
+
+Every provider of a case sees the same values (fixed seed). Teacher logits are scaled so the
+distributions are peaked like a real LM's rather than flat.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+SEED = 1234
+LOGIT_SCALE = 4.0
+# Rows processed at a time while making sparse targets (bounds the fp32 temporaries).
+_TARGET_CHUNK_ELEMENTS = 1 << 26
+
+
+def _logits(n: int, v: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    x = torch.randn(n, v, dtype=dtype, device=device, generator=gen)
+    return x.mul_(LOGIT_SCALE)
+
+
+def sparse_targets(teacher: torch.Tensor, k: int) -> tuple:
+    """Top-k ids (int64) and their fp32 log-probabilities under the full-vocabulary softmax."""
+    n, v = teacher.shape
+    ids = torch.empty(n, k, dtype=torch.int64, device=teacher.device)
+    logw = torch.empty(n, k, dtype=torch.float32, device=teacher.device)
+    rows = max(1, _TARGET_CHUNK_ELEMENTS // max(v, 1))
+    for start in range(0, n, rows):
+        chunk = teacher[start:start + rows].float()
+        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        top, idx = chunk.topk(min(k, v), dim=-1)
+        ids[start:start + rows] = idx
+        logw[start:start + rows] = top - lse
+    return ids, logw
+
+
+def make(case, n: int, device: torch.device, *, seed_offset: int = 0) -> dict:
+    """One input set: a dict with the tensors a provider's function takes."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(SEED + seed_offset)
+    dtype = case.torch_dtype
+    out: dict = {}
+    if case.suite == "dense":
+        out["student"] = _logits(n, case.v, dtype, device, gen)
+        out["teacher"] = _logits(n, case.v, dtype, device, gen)
+        if case.hard_label:
+            out["labels"] = torch.randint(0, case.v, (n,), device=device, generator=gen)
+    elif case.suite == "sparse":
+        out["student"] = _logits(n, case.v, dtype, device, gen)
+        teacher = _logits(n, case.v, dtype, device, gen)
+        out["ids"], out["logw"] = sparse_targets(teacher, case.k)
+        del teacher
+    elif case.suite == "topk":
+        out["teacher"] = _logits(n, case.v, dtype, device, gen)
+    else:  # pragma: no cover - config validates suites
+        raise ValueError(case.suite)
+    return out
+
+
+def set_bytes(case, n: int) -> int:
+    """Bytes of one input set."""
+    elem = torch.empty(0, dtype=case.torch_dtype).element_size()
+    nv = n * case.v * elem
+    if case.suite == "dense":
+        return 2 * nv + (8 * n if case.hard_label else 0)
+    if case.suite == "sparse":
+        return nv + n * case.k * 12
+    return nv
+
+
+def copies_for_l2(case, n: int, l2_bytes: Optional[int], max_copies: int = 32) -> int:
+    """How many input sets to rotate among so that together they exceed twice the L2 cache."""
+    if not l2_bytes:
+        return 1
+    one = max(set_bytes(case, n), 1)
+    return max(1, min(max_copies, math.ceil(2 * l2_bytes / one)))
+
+
+def floor_bytes(case, n: int) -> int:
+    """Bytes that must move: read the logits once (fwd), and write the gradient once (fwdbwd, bwd).
+
+    dense  fwd: student + teacher;  fwdbwd: student + teacher + gradient;  bwd: gradient only
+    sparse fwd: student + targets;  fwdbwd: student + targets + gradient;  bwd: gradient only
+    topk   fwd: teacher + the k ids (int64) and log-probabilities (fp32) written per row
+    All in the input dtype. ``bwd`` rows time only what runs after the forward; for kernels that
+    write the gradient in the forward their floor fraction is not a bandwidth statement.
+    """
+    elem = torch.empty(0, dtype=case.torch_dtype).element_size()
+    nv = n * case.v * elem
+    labels = 8 * n if case.hard_label else 0
+    if case.suite == "dense":
+        return {"fwd": 2 * nv + labels, "fwdbwd": 3 * nv + labels, "bwd": nv}[case.mode]
+    targets = n * case.k * 12
+    if case.suite == "sparse":
+        return {"fwd": nv + targets, "fwdbwd": 2 * nv + targets, "bwd": nv}[case.mode]
+    return nv + targets

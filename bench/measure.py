@@ -1,0 +1,207 @@
+"""Timers, peak extra memory and the copy bandwidth.
+
+CUDA: CUDA events around each call, after a time-based warm-up; before every timed call the
+gradients are reset (outside the timing) and the L2 cache is flushed by writing a buffer twice its
+size, so each call reads its inputs from HBM (inputs are also rotated among copies, see inputs.py).
+Peak extra memory: ``torch.cuda.max_memory_allocated()`` during one call minus the memory
+allocated just before it (inputs, rotation copies, anything the provider keeps), after
+``reset_peak_memory_stats``.
+
+CPU: ``time.perf_counter`` around each call, median of the repeats after warm-up. Peak extra
+memory: the process's resident-set high-water mark during one call minus its resident set just
+before, with the high-water mark reset first (Linux: writing 5 to /proc/self/clear_refs resets
+VmHWM). Large torch CPU buffers are mmap'ed by the allocator and returned to the OS when freed, so
+the difference is the memory the call touched beyond what was live before it (it also counts page
+tables and first-touched thread stacks: a few MB of noise). Where clear_refs cannot be written the
+row's peak is null.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantile(sorted_values, q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(times_ms) -> dict:
+    ordered = sorted(times_ms)
+    return {
+        "ms_median": statistics.median(ordered),
+        "ms_min": ordered[0],
+        "ms_max": ordered[-1],
+        "ms_p20": _quantile(ordered, 0.2),
+        "ms_p80": _quantile(ordered, 0.8),
+        "reps": len(ordered),
+    }
+
+
+def l2_bytes(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 0)) or 50 * 2 ** 20
+
+
+class CudaTimer:
+    """Median-of-events timer: warm-up for ``warmup_ms``, then time reps for about ``rep_ms``."""
+
+    def __init__(self, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+                 min_reps: int = 10, max_reps: int = 500):
+        self.device = device
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.min_reps, self.max_reps = min_reps, max_reps
+        flush = 2 * (l2_bytes(device) or 50 * 2 ** 20)
+        self._flush = torch.empty(flush // 4, dtype=torch.int32, device=device)
+
+    def time(self, step: Callable, reset: Callable) -> list:
+        ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        # Estimate the time of one call (3 calls), then size the warm-up and the timed reps.
+        start, end = ev(), ev()
+        reset()
+        start.record()
+        for _ in range(3):
+            step()
+        end.record()
+        sync(self.device)
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        n_warm = max(1, min(1000, int(self.warmup_ms / estimate)))
+        n_rep = max(self.min_reps, min(self.max_reps, int(self.rep_ms / estimate)))
+        for _ in range(n_warm):
+            reset()
+            step()
+        starts = [ev() for _ in range(n_rep)]
+        ends = [ev() for _ in range(n_rep)]
+        for i in range(n_rep):
+            reset()
+            self._flush.zero_()
+            starts[i].record()
+            step()
+            ends[i].record()
+        sync(self.device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    def close(self):
+        self._flush = None
+
+
+class CpuTimer:
+    """perf_counter around each call: ``warmup`` calls, then reps for about ``rep_s`` seconds."""
+
+    def __init__(self, warmup: int = 1, rep_s: float = 3.0, min_reps: int = 5, max_reps: int = 100):
+        self.warmup, self.rep_s = warmup, rep_s
+        self.min_reps, self.max_reps = min_reps, max_reps
+
+    def time(self, step: Callable, reset: Callable) -> list:
+        for _ in range(self.warmup):
+            reset()
+            step()
+        times = []
+        began = time.perf_counter()
+        while len(times) < self.max_reps:
+            reset()
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if len(times) >= self.min_reps and time.perf_counter() - began >= self.rep_s:
+                break
+        return times
+
+    def close(self):
+        pass
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_memory_method() -> str:
+    if _proc_status_kb("VmHWM") is not None and _reset_hwm():
+        return "rss-hwm (VmHWM after clear_refs=5 minus VmRSS before)"
+    return "unavailable (no /proc/self/clear_refs)"
+
+
+def peak_extra_bytes(device: torch.device, step: Callable, reset: Callable) -> Optional[int]:
+    """Memory one call needs beyond what was allocated before it (see the module docstring)."""
+    reset()
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not _reset_hwm():
+        step()
+        return None
+    before = _proc_status_kb("VmRSS")
+    step()
+    hwm = _proc_status_kb("VmHWM")
+    if before is None or hwm is None:
+        return None
+    return max(0, hwm - before) * 1024
+
+
+# ----------------------------------------------------------------------------- copy bandwidth
+
+def copy_bandwidth(device: torch.device, timer, nbytes: Optional[int] = None) -> dict:
+    """A large device-to-device (or RAM-to-RAM) copy: (bytes read + bytes written) / median time."""
+    if nbytes is None:
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            nbytes = int(min(2 ** 30, free // 4))
+        else:
+            nbytes = 256 * 2 ** 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = timer.time(lambda: dst.copy_(src), lambda: None)
+    stats = summarize(times)
+    src = dst = None  # noqa: F841 - free the buffers before the rows run
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "bytes": nbytes,
+        "ms_median": stats["ms_median"],
+        "gb_per_s": 2 * nbytes / (stats["ms_median"] * 1e-3) / 1e9,
+        "method": "dst.copy_(src), bytes read + written over median time",
+    }
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,306 @@
+"""What is measured: the same loss computed by each provider.
+
+Baselines are written the way users write them: log_softmax in fp32 of both sides, then
+``F.kl_div(..., log_target=True)`` (forward and reverse KL), TRL's ``generalized_jsd_loss`` form for
+JSD, ``F.cross_entropy`` for the hard-label term; ``torch-compile`` is torch.compile of exactly those
+functions; ``liger`` feeds the same fp32 log-probabilities to Liger-Kernel's KL / JSD losses.
+``distill_ops:<backend>`` calls the public API with that backend forced.
+
+Every provider's function takes the input dict of inputs.py and returns the scalar loss (topk: the
+ids and log-probabilities). All losses are means over rows (batchmean), at ``TEMPERATURE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 1.0
+JSD_BETA = 0.5
+HARD_WEIGHT = 1.0
+
+
+class Unavailable(Exception):
+    """The provider cannot run here (not installed, not built, wrong device): an 'unavailable' row."""
+
+
+class Missing(Exception):
+    """The distill_ops API this row needs does not exist yet: a 'missing' row."""
+
+
+# ----------------------------------------------------------------------------- eager PyTorch
+
+def eager_forward_kl(student, teacher, temperature: float = TEMPERATURE):
+    """KL(p || q) as users write it: fp32 log-softmax of both, kl_div with a log target."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def eager_reverse_kl(student, teacher, temperature: float = TEMPERATURE):
+    """KL(q || p): the same kl_div with the roles swapped (the gradient flows through the target)."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta: float = 0.5,
+                         temperature: float = 1.0, reduction: str = "batchmean"):
+    """The generalized JSD in the form of TRL's GKD trainer (written here, not imported).
+
+    beta = 0 is KL(p || q), beta = 1 is KL(q || p); otherwise, with M = beta p + (1 - beta) q,
+    beta KL(p || M) + (1 - beta) KL(q || M), the mixture's log built with logsumexp over a stack.
+    """
+    s = student_logits / temperature
+    t = teacher_logits / temperature
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    if beta == 0:
+        per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    elif beta == 1:
+        per_token = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_q.dtype, device=log_q.device)
+        log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(-b), log_p + torch.log(b)]), dim=0)
+        kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+        kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+        per_token = b * kl_p + (1 - b) * kl_q
+    mask = None
+    if labels is not None:
+        mask = labels != -100
+        per_token = per_token[mask]
+    if reduction == "batchmean":
+        rows = mask.sum() if mask is not None else per_token.numel() // per_token.shape[-1]
+        return per_token.sum() / rows
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        return per_token.mean()
+    return per_token
+
+
+def eager_jsd(student, teacher, temperature: float = TEMPERATURE, beta: float = JSD_BETA):
+    # Upcast first, as with the KL baselines: fp32 log-probabilities.
+    return generalized_jsd_loss(student.float(), teacher.float(), beta=beta,
+                                temperature=temperature)
+
+
+EAGER = {"forward_kl": eager_forward_kl, "reverse_kl": eager_reverse_kl, "jsd": eager_jsd}
+
+
+def eager_dense(divergence: str, hard_label: bool) -> Callable:
+    soft = EAGER[divergence]
+    if not hard_label:
+        def loss(student, teacher):
+            return soft(student, teacher)
+    else:
+        def loss(student, teacher, labels):
+            return soft(student, teacher) + HARD_WEIGHT * F.cross_entropy(student.float(), labels)
+    return loss
+
+
+def eager_sparse_kd(student, ids, logw, temperature: float = TEMPERATURE):
+    """Sparse (top-k) forward KL with the teacher renormalised over its k ids, q over the full V."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, ids)
+    log_p = F.log_softmax(logw, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+
+
+def eager_topk(teacher, k: int):
+    """Teacher top-k ids and their log-probabilities under the full-vocabulary softmax."""
+    values, ids = F.log_softmax(teacher.float(), dim=-1).topk(k, dim=-1)
+    return ids, values
+
+
+# ----------------------------------------------------------------------------- providers
+
+class Provider:
+    name = "?"
+    family = "baseline"  # baseline | distill_ops
+
+    def check(self, case, device: torch.device) -> None:
+        """Raise Unavailable / Missing when this provider cannot produce the row."""
+
+    def make(self, case) -> Callable[[dict], object]:
+        raise NotImplementedError
+
+
+def _call_dense(fn, case):
+    if case.hard_label:
+        return lambda x: fn(x["student"], x["teacher"], x["labels"])
+    return lambda x: fn(x["student"], x["teacher"])
+
+
+class TorchEager(Provider):
+    name = "torch-eager"
+
+    def make(self, case):
+        if case.suite == "dense":
+            return _call_dense(eager_dense(case.divergence, case.hard_label), case)
+        if case.suite == "sparse":
+            return lambda x: eager_sparse_kd(x["student"], x["ids"], x["logw"])
+        return lambda x: eager_topk(x["teacher"], case.k)
+
+
+class TorchCompile(Provider):
+    """torch.compile of the eager functions above; a fresh compilation for every row."""
+
+    name = "torch-compile"
+
+    def make(self, case):
+        import torch._dynamo as dynamo
+
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
+        dynamo.reset()
+        if case.suite == "dense":
+            fn = torch.compile(eager_dense(case.divergence, case.hard_label), dynamic=False)
+            return _call_dense(fn, case)
+        if case.suite == "sparse":
+            fn = torch.compile(eager_sparse_kd, dynamic=False)
+            return lambda x: fn(x["student"], x["ids"], x["logw"])
+        k = case.k
+        fn = torch.compile(lambda t: eager_topk(t, k), dynamic=False)
+        return lambda x: fn(x["teacher"])
+
+
+def liger_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("liger-kernel")
+    except Exception:
+        return None
+
+
+class Liger(Provider):
+    """Liger-Kernel's losses on fp32 log-probabilities (how its KL / JSD modules are meant to be fed)."""
+
+    name = "liger"
+
+    def _module(self):
+        try:
+            return importlib.import_module("liger_kernel.transformers")
+        except Exception as exc:
+            raise Unavailable(f"liger_kernel is not importable ({type(exc).__name__}: {exc})")
+
+    def check(self, case, device):
+        if device.type != "cuda":
+            raise Unavailable("Liger-Kernel runs on GPUs only")
+        if case.suite != "dense":
+            raise Unavailable(f"Liger-Kernel has no {case.suite} op")
+        self._module()
+
+    def make(self, case):
+        lk = self._module()
+        tau = TEMPERATURE
+        if case.divergence == "forward_kl":
+            kl = lk.LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+            def soft(log_q, log_p):
+                return kl(log_q, log_p) * tau ** 2
+        else:
+            # Liger's JSD: beta = 1 is the reverse KL, as in TRL.
+            jsd = lk.LigerJSD(beta=1.0 if case.divergence == "reverse_kl" else JSD_BETA)
+
+            def soft(log_q, log_p):
+                return jsd(log_q, log_p) * tau ** 2
+        ce = None
+        if case.hard_label:
+            ce_cls = getattr(lk, "LigerCrossEntropyLoss", None)
+            ce = ce_cls() if ce_cls is not None else torch.nn.CrossEntropyLoss()
+
+        def loss(x):
+            log_q = F.log_softmax(x["student"].float() / tau, dim=-1)
+            log_p = F.log_softmax(x["teacher"].float() / tau, dim=-1)
+            out = soft(log_q, log_p)
+            if ce is not None:
+                out = out + HARD_WEIGHT * ce(x["student"], x["labels"])
+            return out
+
+        return loss
+
+
+class DistillOps(Provider):
+    """distill_ops' public API with one backend forced (torch | triton | cpu | cuda)."""
+
+    family = "distill_ops"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"distill_ops:{backend}"
+
+    def _package(self):
+        try:
+            return importlib.import_module("distill_ops")
+        except Exception as exc:
+            raise Unavailable(f"distill_ops is not importable ({type(exc).__name__}: {exc})")
+
+    # The public name, then where the function lives in case it is not re-exported yet.
+    APIS = {"dense": ("kd_loss", "distill_ops.functional"),
+            "sparse": ("sparse_kd_loss", "distill_ops.sparse"),
+            "topk": ("teacher_topk", "distill_ops.targets.topk")}
+
+    def _api(self, suite: str) -> Callable:
+        pkg = self._package()
+        name, module = self.APIS[suite]
+        fn = getattr(pkg, name, None)
+        if fn is None:
+            try:
+                fn = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                fn = None
+        if fn is None:
+            raise Missing(f"distill_ops.{name} does not exist yet")
+        return fn
+
+    def check(self, case, device):
+        self._api(case.suite)
+        from distill_ops import backends
+
+        resolve = backends.resolve
+        if case.suite != "dense":
+            try:  # the sparse ops have their own (smaller) set of backends
+                resolve = importlib.import_module("distill_ops.ops.sparse").resolve
+            except (ImportError, AttributeError):
+                pass
+        try:
+            resolve(self.backend, device)
+        except Exception as exc:
+            raise Unavailable(str(exc))
+
+    def make(self, case):
+        b = self.backend
+        if case.suite == "dense":
+            kd_loss = self._api("dense")
+            div = case.divergence
+            if case.hard_label:
+                return lambda x: kd_loss(x["student"], x["teacher"], divergence=div, beta=JSD_BETA,
+                                         temperature=TEMPERATURE, labels=x["labels"],
+                                         hard_weight=HARD_WEIGHT, backend=b)
+            return lambda x: kd_loss(x["student"], x["teacher"], divergence=div, beta=JSD_BETA,
+                                     temperature=TEMPERATURE, backend=b)
+        if case.suite == "sparse":
+            sparse = self._api("sparse")
+            return lambda x: sparse(x["student"], x["ids"], x["logw"], temperature=TEMPERATURE,
+                                    backend=b)
+        topk = self._api("topk")
+        k = case.k
+        return lambda x: topk(x["teacher"], k, backend=b)
+
+
+def get(name: str) -> Provider:
+    if name == "torch-eager":
+        return TorchEager()
+    if name == "torch-compile":
+        return TorchCompile()
+    if name == "liger":
+        return Liger()
+    if name.startswith("distill_ops:"):
+        return DistillOps(name.split(":", 1)[1])
+    raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, "
+                     "distill_ops:<torch|triton|cpu|cuda>")

@@ -1,0 +1,117 @@
+"""The benchmark harness's own logic, end to end on tiny CPU shapes (no timing claims)."""
+
+import json
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench import config, readme_table, report
+from bench import providers as prov
+from bench.measure import CpuTimer
+from bench.runner import Runner
+
+FAST = ["--device", "cpu", "--rep-s", "0.01", "--min-reps", "2", "--copy-mb", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run.json"
+    bench_main.main(["all", "--N", "4", "--V", "64", "--k", "8", "--mode", "fwdbwd",
+                     "--divergence", "forward_kl", "jsd+ce",
+                     "--providers", "torch-eager", "liger", "distill_ops:torch", "distill_ops:cpu",
+                     "--out", str(out)] + FAST)
+    return out
+
+
+def test_run_writes_every_row(result):
+    doc = json.loads(result.read_text())
+    assert doc["schema"] == report.SCHEMA
+    assert doc["device"]["type"] == "cpu" and doc["commit"]
+    assert doc["copy_bandwidth"]["gb_per_s"] > 0
+    rows = doc["rows"]
+    # dense: 2 cases, sparse: 1, topk: 1; four providers each, none dropped.
+    assert len(rows) == 4 * 4
+    by = {(r["suite"], r["divergence"], r["hard_label"], r["provider"]): r for r in rows}
+    eager = by[("dense", "forward_kl", False, "torch-eager")]
+    assert eager["status"] == "ok" and eager["ms_median"] > 0 and eager["bytes"] == 3 * 4 * 64 * 4
+    assert eager["gb_per_s"] > 0 and eager["floor_fraction"] > 0
+    ref = by[("dense", "jsd", True, "distill_ops:torch")]
+    assert ref["status"] == "ok" and ref["loss_vs_eager"] < 1e-4
+    liger = by[("dense", "forward_kl", False, "liger")]
+    assert liger["status"] == "unavailable" and liger["error"]
+    native = by[("dense", "forward_kl", False, "distill_ops:cpu")]
+    assert native["status"] in ("ok", "unavailable")
+    assert by[("sparse", "forward_kl", False, "torch-eager")]["status"] == "ok"
+    assert by[("topk", "topk", False, "torch-eager")]["status"] == "ok"
+    for r in rows:
+        assert r["status"] in ("ok", "unavailable", "missing", "error")
+        if r["status"] != "ok":
+            assert r["error"], r
+
+
+def test_readme_table_renders_and_rewrites_only_its_section(result, tmp_path):
+    table = readme_table.render([result])
+    assert "| loss | dtype | N | V |" in table and "torch-eager" in table
+    assert "| forward_kl | fp32 | 4 | 64 |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{readme_table.START}\nold\n{readme_table.END}\nafter\n")
+    assert readme_table.update_readme(readme, table)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{readme_table.END}\nafter\n")
+    assert "old" not in text and "torch-eager" in text
+    readme_table.update_readme(readme, table)
+    assert readme.read_text() == text  # idempotent
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not readme_table.update_readme(plain, table)
+    assert plain.read_text() == "no markers\n"
+
+
+def test_plots(result, tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plots
+
+    written = plots.make_plots([result], tmp_path / "plots")
+    assert written and all(p.exists() and p.stat().st_size > 0 for p in written)
+
+
+class _Failing(prov.Provider):
+    name = "failing"
+
+    def __init__(self, message):
+        self.message = message
+        self.sizes = []
+
+    def make(self, case):
+        def fn(x):
+            self.sizes.append(x["student"].shape[0])
+            raise RuntimeError(self.message)
+        return fn
+
+
+def test_failures_and_oom_become_rows():
+    case = config.Case("dense", "forward_kl", False, "fp32", 8, 16, "fwdbwd")
+    runner = Runner(torch.device("cpu"), CpuTimer(rep_s=0.0, min_reps=1), progress=False)
+    broken = _Failing("kernel exploded")
+    oom = _Failing("CUDA out of memory. Tried to allocate 4.00 GiB")
+    rows = runner.run([case], lambda c: [prov.get("torch-eager"), broken, oom])
+    eager, err, mem = rows
+    assert eager["status"] == "ok"
+    assert err["status"] == "error" and "kernel exploded" in err["error"]
+    assert mem["status"] == "oom" and mem["shrunk"] and mem["N"] == 2
+    assert oom.sizes == [8, 4, 2]  # retried at N / 2, twice
+
+
+def test_plan_presets():
+    quick = config.build_plan("all", "cuda", True)
+    key = [c for c in quick if not c.optional]
+    assert {(c.divergence, c.n, c.v, c.dtype, c.mode) for c in key} == {
+        (d, n, 128256, "bf16", "fwdbwd") for d in ("forward_kl", "jsd") for n in (8192, 256)}
+    assert all(c.providers == config.DISTILL_GPU for c in quick if c.suite == "dense" and c.optional)
+    cpu = config.build_plan("dense", "cpu", False)
+    assert [(c.divergence, c.dtype, c.n, c.v, c.mode) for c in cpu] == [
+        ("forward_kl", "fp32", 512, 128256, "fwdbwd")]
+    custom = config.build_plan("dense", "cuda", False, V=[32000, 64], N=[2], dtype=["fp16"],
+                               mode=["fwd"], divergence=["reverse_kl+ce"])
+    assert [(c.v, c.hard_label, c.dtype) for c in custom] == [(32000, True, "fp16"), (64, True, "fp16")]
