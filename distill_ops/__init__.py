@@ -4,10 +4,19 @@ Public API::
 
     kd_loss(student_logits, teacher_logits, *, divergence="forward_kl", temperature=1.0, ...)
     KDLoss(**same keywords)
+    sparse_kd_loss(student_logits, target_ids, target_logprobs, *, tail="renorm", ...)
+    teacher_topk(teacher_logits, k, *, temperature=1.0) -> SparseTargets
+    teacher_sample(teacher_logits, num_samples, *, temperature=1.0, proposal_temperature=1.0,
+                   seed=0) -> SparseTargets
+
+The trainer (``distill_ops.trainer``), the offline target cache (``distill_ops.targets``) and the
+drop-ins for transformers / TRL (``distill_ops.integrations``) are imported on demand.
 """
 
 from .functional import DIVERGENCES, kd_loss
 from .modules import KDLoss
+from .sparse import TAILS, SparseTargets, sparse_kd_loss, teacher_sample, teacher_topk
 
-__all__ = ["kd_loss", "KDLoss", "DIVERGENCES"]
+__all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "sparse_kd_loss", "teacher_topk", "teacher_sample",
+           "SparseTargets", "TAILS"]
 __version__ = "0.1.0"
