@@ -53,7 +53,8 @@ def mixture_weights(divergence: int, mix: float) -> tuple[float, float]:
     raise ValueError(f"divergence code {divergence} has no mixture")
 
 
-def _log_weight(w: float) -> float:
+def log_weight(w: float) -> float:
+    """log w, -inf for a zero weight."""
     return math.log(w) if w > 0 else -math.inf
 
 
@@ -61,8 +62,8 @@ def log_mixture(logp: torch.Tensor, logq: torch.Tensor, wp: float, wq: float) ->
     """log(w_p p + w_q q) as a log-add-exp of log-probabilities: no underflow of M where p and q
     are below fp32's range (tau -> 0, wide logits), -inf only where both are exactly 0, and a
     finite autograd path there (the masked elements get a zero gradient, not NaN)."""
-    x = logp + _log_weight(wp)
-    y = logq + _log_weight(wq)
+    x = logp + log_weight(wp)
+    y = logq + log_weight(wq)
     dead = (x == -math.inf) & (y == -math.inf)
     zero = torch.zeros_like(x)
     lm = torch.logaddexp(torch.where(dead, zero, x), torch.where(dead, zero, y))

@@ -14,7 +14,6 @@ backward. Accumulation is fp32 (fp64 for fp64 inputs). Indices are 64-bit.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
-from ..reference import mixture_weights
+from ..reference import log_weight, mixture_weights
 
 
 @triton.jit
@@ -266,8 +265,7 @@ def _mixture_args(divergence: int, mix: float) -> tuple[float, float, float, flo
     if divergence not in (JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL):
         return 0.0, 0.0, 0.0, 0.0, 0.0
     wp, wq = mixture_weights(divergence, mix)
-    lwp = math.log(wp) if wp > 0 else -math.inf
-    lwq = math.log(wq) if wq > 0 else -math.inf
+    lwp, lwq = log_weight(wp), log_weight(wq)
     return wp, wq, lwp, lwq, (-lwq if wq > 0 else 0.0)
 
 
