@@ -78,10 +78,10 @@ def extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # No -ffast-math or -march=native: NaN/inf semantics are part of the contract, and wheels must
-    # run on any x86-64 (the CPU kernels carry their own AVX2 clone, picked at load time).
+    # run on any x86-64 (the CPU kernels carry their own AVX-512 and AVX2 clones, picked at load time).
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     ldflags = ["-fopenmp"]
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "sparse_call.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
     no_cuda = _flag("DISTILL_OPS_NO_CUDA")
     force = _flag("DISTILL_OPS_FORCE_CUDA")

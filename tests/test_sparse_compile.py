@@ -29,7 +29,8 @@ class TinyStudent(nn.Module):
 # The ops are opaque to the compiler: aot_eager covers Triton, inductor (slow to start) torch once.
 @pytest.mark.parametrize("backend,compiler,tail", [
     ("torch", "inductor", "renorm"), ("torch", "aot_eager", "tail"),
-    ("triton", "aot_eager", "renorm"), ("triton", "aot_eager", "tail")])
+    ("triton", "aot_eager", "renorm"), ("triton", "aot_eager", "tail"),
+    ("cpu", "aot_eager", "renorm"), ("cpu", "inductor", "tail")])
 def test_compiled_matches_eager(backend, compiler, tail):
     require_backend(backend)
     torch._dynamo.reset()
@@ -50,10 +51,12 @@ def test_compiled_matches_eager(backend, compiler, tail):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_teacher_sample_compiles():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_teacher_sample_compiles(backend):
+    require_backend(backend)
     torch._dynamo.reset()
     t = torch.randn(3, 40)
-    fn = torch.compile(lambda x: teacher_sample(x, 8, seed=3, backend="torch"), fullgraph=True,
+    fn = torch.compile(lambda x: teacher_sample(x, 8, seed=3, backend=backend), fullgraph=True,
                        backend="aot_eager")
-    a, b = fn(t), teacher_sample(t, 8, seed=3, backend="torch")
+    a, b = fn(t), teacher_sample(t, 8, seed=3, backend=backend)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

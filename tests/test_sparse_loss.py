@@ -30,7 +30,7 @@ def seed_of(*parts) -> int:
 
 def _sweep():
     cases = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cpu"):
         for i, div in enumerate(DIVERGENCES):
             for j, tail in enumerate(TAILS):
                 for dtype in (torch.float32, torch.bfloat16):
@@ -59,7 +59,7 @@ def test_matches_oracle(backend, divergence, tail, dtype, reduction):
                  hard_weight=0.25, reduction=reduction, beta=0.3, alpha=0.2, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_tail_logmass_given(backend, divergence):
     """tail='tail' with the teacher's own tail mass instead of 1 - sum exp(logprobs)."""
@@ -72,7 +72,7 @@ def test_tail_logmass_given(backend, divergence):
                  temperature=1.5, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("target_temperature", [0.5, 3.0])
 def test_target_temperature(backend, divergence, target_temperature):
@@ -83,7 +83,7 @@ def test_target_temperature(backend, divergence, target_temperature):
                  temperature=2.0, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes(backend, dtype):
     require_backend(backend)
@@ -93,7 +93,7 @@ def test_other_dtypes(backend, dtype):
                  backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("n,v,k", [(1, 1, 1), (3, 2, 2), (2, 33, 33), (5, 300, 1), (4, 129, 17)])
 def test_awkward_shapes(backend, n, v, k):
     require_backend(backend)
@@ -103,7 +103,21 @@ def test_awkward_shapes(backend, n, v, k):
         check_sparse(s, ids, lp, tail=tail, temperature=1.3, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cpu_kernel_over_several_chunks(divergence, dtype):
+    """The compiled CPU kernel streams 512-column chunks: long rows, every tail mode."""
+    require_backend("cpu")
+    n, v, k = 4, 1300, 33
+    ids, lp, tails = make_targets(n, v, k, seed=v)
+    s = make_student(n, v, seed=v, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
+    for tail in TAILS:
+        check_sparse(s, ids, lp, divergence=divergence, tail=tail, tail_logmass=tails,
+                     temperature=0.8, labels=labels, hard_weight=0.4, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_leading_dims_and_noncontiguous(backend):
     require_backend(backend)
     ids, lp, tails = make_targets(2 * 3, V, K, seed=14)
@@ -116,7 +130,7 @@ def test_leading_dims_and_noncontiguous(backend):
                  backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_empty_rows_and_ignored_rows(backend):
     """Rows with no valid target give only their CE term; ignored rows give nothing; all-ignored
     batches give 0 (not NaN) under mean."""
@@ -136,7 +150,7 @@ def test_empty_rows_and_ignored_rows(backend):
     assert torch.count_nonzero(loss[1:]) == 0 and torch.count_nonzero(grad[1:]) == 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_inf_logits_and_zero_weights(backend):
     """-inf student logits outside the targets and -inf target logprobs (zero teacher weight) give
     finite results, no NaN."""
@@ -157,7 +171,7 @@ def test_inf_logits_and_zero_weights(backend):
         assert loss.item() == torch.inf
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_topk_targets_with_full_support_equal_dense(backend):
     """k = V top-k targets reproduce the dense forward KL (renorm and tail alike)."""
     require_backend(backend)
@@ -174,7 +188,7 @@ def test_topk_targets_with_full_support_equal_dense(backend):
         assert rel_err(loss, dense) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_scale_temperature_and_weights(backend):
     require_backend(backend)
     ids, lp, _ = make_targets(N, V, K, seed=18)
@@ -184,9 +198,9 @@ def test_scale_temperature_and_weights(backend):
                  hard_weight=0.6, labels=labels, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_backends_agree_bitwise_close(backend):
-    """The Triton kernel and the torch reference compute the same closed forms."""
+    """The kernels and the torch reference compute the same closed forms."""
     require_backend(backend)
     ids, lp, tails = make_targets(N, 150, 9, seed=19)
     s = make_student(N, 150, seed=19)
@@ -195,9 +209,11 @@ def test_backends_agree_bitwise_close(backend):
     assert rel_err(a[0], b[0]) < 1e-6 and rel_err(a[1], b[1]) < 1e-6
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck(backend):
     """torch.autograd.gradcheck on float64 inputs (the closed-form gradient vs finite differences),
     every mode."""
+    require_backend(backend)
     ids, lp, _ = make_targets(3, 11, 4, seed=20)
     lp = lp.double()
     s = make_student(3, 11, seed=20, dtype=torch.float64).requires_grad_(True)
@@ -206,12 +222,12 @@ def test_gradcheck():
                       ("tail", "forward_kl")]:
         def fn(x, div=div, tail=tail):
             return sparse_kd_loss(x, ids, lp, divergence=div, tail=tail, temperature=0.8,
-                                  labels=labels, hard_weight=0.5, reduction="sum", backend="torch")
+                                  labels=labels, hard_weight=0.5, reduction="sum", backend=backend)
 
         assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_no_grad_and_detached_paths(backend):
     require_backend(backend)
     ids, lp, _ = make_targets(N, V, K, seed=21)

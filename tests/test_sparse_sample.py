@@ -59,26 +59,31 @@ def _same_targets(a, b):
     torch.testing.assert_close(la[fin], lb[fin], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("v,s,tp", [(37, 8, 1.0), (300, 16, 2.0), (5, 32, 0.7), (1, 4, 1.0)])
-def test_triton_draws_the_reference_ids(v, s, tp):
-    require_backend("triton")
-    t = _logits(5, v, seed=v + s)
+def test_kernels_draw_the_reference_ids(backend, dtype, v, s, tp):
+    require_backend(backend)
+    t = _logits(5, v, seed=v + s).to(dtype)
     a = teacher_sample(t, s, temperature=1.3, proposal_temperature=tp, seed=11, backend="torch")
-    b = teacher_sample(t, s, temperature=1.3, proposal_temperature=tp, seed=11, backend="triton")
+    b = teacher_sample(t, s, temperature=1.3, proposal_temperature=tp, seed=11, backend=backend)
     _same_targets(a, b)
     assert torch.equal(a.ids, b.ids)  # same order too (weight desc, then id asc)
 
 
-def test_triton_draws_the_reference_ids_small_blocks(monkeypatch):
-    require_backend("triton")
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_kernels_draw_the_reference_ids_over_several_blocks(monkeypatch, backend):
+    """Several Triton blocks / CPU chunks per row (the CPU chunk is 512 columns)."""
+    require_backend(backend)
     monkeypatch.setattr(triton_topk, "BLOCK_OVERRIDE", 16)
-    t = _logits(3, 150, seed=3, dtype=torch.bfloat16)
+    v = 150 if backend == "triton" else 1300
+    t = _logits(3, v, seed=3, dtype=torch.bfloat16)
     a = teacher_sample(t, 12, proposal_temperature=1.5, seed=5, backend="torch")
-    b = teacher_sample(t, 12, proposal_temperature=1.5, seed=5, backend="triton")
+    b = teacher_sample(t, 12, proposal_temperature=1.5, seed=5, backend=backend)
     _same_targets(a, b)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_target_format(backend):
     require_backend(backend)
     t = _logits(6, 20, seed=4, spread=3.0)
@@ -223,7 +228,7 @@ def test_tempered_proposal_is_consistent():
     assert (mean - dense).abs().max().item() < 2e-2
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_errors(backend):
     require_backend(backend)
     t = torch.randn(2, 10)

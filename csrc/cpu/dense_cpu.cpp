@@ -22,68 +22,13 @@
 #include <cstring>
 
 #include "../dense_op.h"
+#include "cpu_common.h"
 #include "distill_ops/dense_args.h"
 #include "distill_ops/divergence.h"
 #include "distill_ops/online_softmax.h"
 
-// The row kernels are compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline, and the
-// right one is picked when the library loads (GCC function multi-versioning; no -march=native).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define DOPS_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define DOPS_CPU_CLONES
-#endif
-
-#if defined(_OPENMP)
-#define DOPS_SIMD _Pragma("omp simd")
-#define DOPS_SIMD_SUM(...) _Pragma(DOPS_STR(omp simd reduction(+ : __VA_ARGS__)))
-#define DOPS_SIMD_MAX(x) _Pragma(DOPS_STR(omp simd reduction(max : x)))
-#define DOPS_STR(x) #x
-#else
-#define DOPS_SIMD
-#define DOPS_SIMD_SUM(...)
-#define DOPS_SIMD_MAX(x)
-#endif
-
 namespace distill_ops {
 namespace cpu {
-
-constexpr int64_t kChunk = 512;
-
-// ------------------------------------------------------------------------------------------------
-// dtype conversions (branch-free, so that they vectorise)
-
-template <typename scalar_t, typename T>
-struct Convert {
-  DOPS_INLINE static T load(scalar_t x) { return static_cast<T>(x); }
-  DOPS_INLINE static scalar_t store(T x) { return static_cast<scalar_t>(x); }
-};
-
-template <>
-struct Convert<c10::BFloat16, float> {
-  DOPS_INLINE static float load(c10::BFloat16 x) {
-    return math::host::from_bits(static_cast<uint32_t>(x.x) << 16);
-  }
-  // Round to nearest even; NaN stays a (quiet) NaN.
-  DOPS_INLINE static c10::BFloat16 store(float f) {
-    const uint32_t u = math::host::to_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t bits = f != f ? 0x7FC0u : rounded;
-    return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-  }
-};
-
-template <>
-struct Convert<c10::Half, float> {
-  DOPS_INLINE static float load(c10::Half x) { return static_cast<float>(x); }
-  DOPS_INLINE static c10::Half store(float f) { return c10::Half(f); }
-};
-
-template <typename scalar_t, typename T>
-DOPS_INLINE void load_chunk(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ dst) {
-  DOPS_SIMD
-  for (int64_t i = 0; i < n; ++i) dst[i] = Convert<scalar_t, T>::load(src[i]);
-}
 
 // ------------------------------------------------------------------------------------------------
 // One row.

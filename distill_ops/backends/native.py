@@ -51,3 +51,64 @@ def dense_forward(student, teacher, labels, *, divergence, mix, temperature, sof
         student, teacher, labels, grad, grad_scale, divergence, float(mix), float(temperature),
         float(softcap), float(soft_coef), float(hard_coef), int(ignore_index),
     )
+
+
+# ----------------------------------------------------------------------------- sparse targets
+# The compiled sparse kernels exist for the CPU (csrc/cpu/sparse_cpu.cpp, teacher_cpu.cpp); the
+# CUDA ones are not written yet (ops/sparse.py says so when backend="cuda" is asked for).
+
+if _C is not None:
+
+    @torch.library.register_fake("distill_ops_native::sparse_forward")
+    def _sparse_forward_fake(student, ids, logprobs, tail, labels, grad, grad_scale, divergence,
+                             mix, mode, temperature, target_scale, soft_coef, hard_coef,
+                             ignore_index):
+        dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+        return student.new_empty((student.shape[0],), dtype=dtype)
+
+    @torch.library.register_fake("distill_ops_native::teacher_topk")
+    def _teacher_topk_fake(teacher, k, temperature):
+        n = teacher.shape[0]
+        return (teacher.new_empty((n, k), dtype=torch.int32),
+                teacher.new_empty((n, k), dtype=torch.float32),
+                teacher.new_empty((n,), dtype=torch.float32))
+
+    @torch.library.register_fake("distill_ops_native::teacher_sample")
+    def _teacher_sample_fake(teacher, num_samples, inv_prop, delta, seed_key):
+        n = teacher.shape[0]
+        return (teacher.new_empty((n, num_samples), dtype=torch.int32),
+                teacher.new_empty((n, num_samples), dtype=torch.float32),
+                teacher.new_empty((n,), dtype=torch.float32))
+
+
+def sparse_forward(student, ids, logprobs, tail_logmass, labels, *, divergence, mix, mode,
+                   temperature, target_scale, soft_coef, hard_coef, ignore_index, grad, grad_scale):
+    """reference_sparse.sparse_forward's contract, run by the compiled kernels. The weights (N x k,
+    small) are handed over in float32, or float64 when the call computes in float64."""
+    wide = torch.float64 if torch.float64 in (student.dtype, logprobs.dtype) else torch.float32
+    lp = logprobs.to(wide).contiguous()
+    tail = None if tail_logmass is None else tail_logmass.to(wide).contiguous()
+    scale = None if grad_scale is None else grad_scale.to(wide)
+    return torch.ops.distill_ops_native.sparse_forward(
+        student, ids.to(torch.int32).contiguous(), lp, tail,
+        None if labels is None else labels.contiguous(), grad, scale, int(divergence), float(mix),
+        int(mode), float(temperature), float(target_scale), float(soft_coef), float(hard_coef),
+        int(ignore_index))
+
+
+def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
+    """reference_sparse.topk_forward's contract, run by the compiled kernels."""
+    return torch.ops.distill_ops_native.teacher_topk(teacher, int(k), float(temperature))
+
+
+def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
+                   proposal_temperature: float, seed: int):
+    """reference_sparse.sample_forward's contract, run by the compiled kernels: inv_prop and delta
+    are rounded to the compute dtype the way the reference rounds them, so the draws agree."""
+    from ..targets import rng
+
+    dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    inv_prop = torch.tensor(1.0 / (temperature * proposal_temperature), dtype=dtype)
+    delta = torch.tensor(1.0 / temperature, dtype=dtype) - inv_prop
+    return torch.ops.distill_ops_native.teacher_sample(
+        teacher, int(num_samples), float(inv_prop), float(delta), rng.seed_key(seed))

@@ -2,9 +2,10 @@
 for the loss, autograd: the forward computes the gradient in its streaming passes, the backward only
 scales it (as ops/dense.py does).
 
-Dispatch: the sparse kernels exist in the reference (pure torch) and Triton backends; the compiled
-extension (backends "cpu"/"cuda") has none yet. ``auto`` picks Triton on a GPU (where triton imports)
-and the reference otherwise; naming "cpu" or "cuda" (argument or DISTILL_OPS_BACKEND) is an error.
+Dispatch: the sparse kernels exist in the reference (pure torch), Triton and the compiled CPU
+backend; the compiled CUDA backend has none yet. ``auto`` picks Triton on a GPU (where triton
+imports), the compiled CPU kernels on the CPU (where the extension loads), the reference otherwise;
+naming "cuda" (argument or DISTILL_OPS_BACKEND) is an error.
 """
 
 from __future__ import annotations
@@ -22,30 +23,32 @@ _SPARSE_MODULES = {
     "torch": "distill_ops.backends.reference_sparse",
     "triton_loss": "distill_ops.backends.triton.sparse",
     "triton_teacher": "distill_ops.backends.triton.topk",
+    "cpu": "distill_ops.backends.native",
 }
 
 
 def resolve(name: str, device: torch.device) -> str:
-    """The backend ('torch' or 'triton') that runs a sparse op on ``device``, or a clear error."""
+    """The backend ('torch', 'triton' or 'cpu') that runs a sparse op on ``device``, or a clear
+    error."""
     explicit = name != "auto" or os.environ.get(backends.ENV_VAR, "").strip() not in ("", "auto")
     chosen = backends.resolve(name, device)
-    if chosen in ("torch", "triton"):
+    if chosen in ("torch", "triton", "cpu"):
         return chosen
     if explicit:
         source = "backend" if name != "auto" else backends.ENV_VAR
         raise RuntimeError(
-            f"{source}={chosen!r}: the compiled extension has no sparse-target kernels yet; "
+            f"{source}={chosen!r}: the compiled CUDA extension has no sparse-target kernels yet; "
             "use backend='triton' (GPU) or 'torch'"
         )
-    # auto picked a compiled backend (dense kernels): fall back within the sparse backends.
+    # auto picked the compiled CUDA backend (dense kernels): fall back within the sparse backends.
     if device.type == "cuda" and backends.triton_status()[0]:
         return "triton"
     return "torch"
 
 
 def _impl(backend: str, kind: str):
-    if backend == "torch":
-        return importlib.import_module(_SPARSE_MODULES["torch"])
+    if backend in ("torch", "cpu"):
+        return importlib.import_module(_SPARSE_MODULES[backend])
     if backend == "triton":
         return importlib.import_module(_SPARSE_MODULES[f"triton_{kind}"])
     raise RuntimeError(f"no sparse kernels for backend {backend!r}")

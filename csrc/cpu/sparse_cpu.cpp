@@ -1,0 +1,262 @@
+// CPU kernel of sparse_forward (backends/reference_sparse.py is the contract): rows in parallel,
+// each row in two streaming passes over the student logits, as the Triton kernel does:
+//
+//   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1);
+//   slots   gather the k student logits at the target ids and run the row algebra of
+//           csrc/include/distill_ops/sparse_math.h (in double): loss, C, the per-slot gradients and
+//           the coefficient of the dense part outside the support;
+//   pass 2  (gradient) write soft_scale * c_out * exp(a_j - lse_out) (+ the hard-label term) over
+//           the row, then overwrite the k target columns (ids are unique in a row).
+//
+// No probability tensor; the gradient is written in the forward and scaled in the backward.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../sparse_op.h"
+#include "cpu_common.h"
+#include "distill_ops/online_softmax.h"
+#include "distill_ops/sparse_args.h"
+#include "distill_ops/sparse_math.h"
+
+namespace distill_ops {
+namespace cpu {
+
+namespace {
+
+template <typename T>
+struct SparseBuffers {
+  alignas(64) T x[kChunk];  // raw student logits
+  alignas(64) T g[kChunk];
+  std::vector<double> q, qg, a_k;  // per slot
+  explicit SparseBuffers(int64_t k) : q(k), qg(k), a_k(k) {}
+};
+
+// Fold x[0, n) * scale into the online state (sums in double).
+template <typename T>
+DOPS_INLINE void fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n) {
+  T cm = math::neg_inf<T>();
+  DOPS_SIMD_MAX(cm)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i] * scale;
+    cm = v > cm ? v : cm;
+  }
+  // NaN: `>` drops it from the max, but exp(NaN - shift) makes z NaN below.
+  const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
+  double z = 0.0;
+  DOPS_SIMD_SUM(z)
+  for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
+  st.z += z;
+}
+
+template <typename scalar_t, typename T, int DIV>
+void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& B) {
+  using C = Convert<scalar_t, T>;
+  const int64_t V = A.v, K = A.k;
+  const scalar_t* s_row = static_cast<const scalar_t*>(A.student) + row * A.stride_s;
+  scalar_t* g_row = A.grad != nullptr ? static_cast<scalar_t*>(A.grad) + row * A.stride_g : nullptr;
+  const int32_t* ids = A.ids + row * K;
+  auto weight = [&](int64_t i) {
+    return A.fp64 ? static_cast<const double*>(A.logprobs)[row * K + i]
+                  : static_cast<double>(static_cast<const float*>(A.logprobs)[row * K + i]);
+  };
+  auto store_loss = [&](double v) {
+    if (A.fp64) {
+      static_cast<double*>(A.loss)[row] = v;
+    } else {
+      static_cast<float*>(A.loss)[row] = static_cast<float>(v);
+    }
+  };
+  double scale = 1.0;
+  if (A.grad_scale != nullptr) {
+    scale = A.fp64 ? *static_cast<const double*>(A.grad_scale)
+                   : static_cast<double>(*static_cast<const float*>(A.grad_scale));
+  }
+
+  int64_t label = -1;
+  if (A.labels != nullptr) {
+    label = A.labels[row];
+    if (label == A.ignore_index) {
+      store_loss(0.0);
+      if (g_row != nullptr) {
+        const scalar_t zero = C::store(T(0));
+        for (int64_t j = 0; j < V; ++j) g_row[j] = zero;
+      }
+      return;
+    }
+  }
+  const bool hard = A.labels != nullptr && A.hard_coef != 0.0;
+  const bool ce_own = hard && A.temperature != 1.0;
+  const T inv_tau = static_cast<T>(1.0 / A.temperature);
+
+  // ---- pass 1: normalizers ----
+  SoftmaxState<double> sa = SoftmaxState<double>::empty();
+  SoftmaxState<double> s1 = SoftmaxState<double>::empty();
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+    load_chunk(s_row + c0, n, B.x);
+    fold(sa, B.x, inv_tau, n);
+    if (ce_own) fold(s1, B.x, T(1), n);
+  }
+  const double lse_a = sa.lse();
+  const SoftmaxState<double>& st1 = ce_own ? s1 : sa;
+  const double lse_1 = st1.lse();
+
+  // ---- the k slots ----
+  sparse::LseAcc tw, sk;
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (ids[i] < 0) continue;
+    ++n_valid;
+    const T a = C::load(s_row[ids[i]]) * inv_tau;
+    B.a_k[i] = static_cast<double>(a);
+    sk.add(B.a_k[i]);
+    tw.add(A.mode == kModeTail ? weight(i) : weight(i) * A.target_scale);
+  }
+  const double lse_k = sk.lse();
+  double tail_in = 0.0;
+  if (A.tail != nullptr) {
+    tail_in = A.fp64 ? static_cast<const double*>(A.tail)[row]
+                     : static_cast<double>(static_cast<const float*>(A.tail)[row]);
+  }
+  const sparse::TeacherNorm tn =
+      sparse::teacher_norm(A.mode, tw.lse(), A.tail != nullptr, tail_in, n_valid == V);
+  const bool live = n_valid > 0 && tn.z > -INFINITY;
+  const MixWeights<double> w = mix_weights<double>(A.divergence, A.mix);
+  double soft = 0.0, c_sum = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (ids[i] < 0) continue;
+    const double lw = A.mode == kModeTail ? weight(i) : weight(i) * A.target_scale;
+    const double lq = sparse::student_logprob(A.mode, B.a_k[i], lse_a, lse_k);
+    double term;
+    Terms<DIV, double>::eval(lq, lw - tn.z, w, B.q[i], term, B.qg[i]);
+    soft += term;
+    c_sum += B.qg[i];
+  }
+  const sparse::RowFinish fin =
+      sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, lse_k, tn.lp_tail, w, live);
+  double loss = A.soft_coef * fin.soft;
+  if (hard) loss += A.hard_coef * (lse_1 - static_cast<double>(C::load(s_row[label])));
+  store_loss(loss);
+  if (g_row == nullptr) return;
+
+  // ---- pass 2: the gradient ----
+  // Exponents as (x - m) - offset, with m a value of the stream (exact), as LogNormalizer does.
+  const double soft_scale = A.soft_coef / A.temperature;
+  const T coef = static_cast<T>(soft_scale * fin.c_out * scale);
+  const T m_a = static_cast<T>(sa.m == -INFINITY ? 0.0 : sa.m);
+  const T off_a = static_cast<T>(fin.lse_out - static_cast<double>(m_a));
+  const T m_1 = static_cast<T>(st1.m == -INFINITY ? 0.0 : st1.m);
+  const T off_1 = static_cast<T>(lse_1 - static_cast<double>(m_1));
+  const T hard_c = static_cast<T>(A.hard_coef * scale);
+  const bool dense_soft = fin.c_out != 0.0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+    load_chunk(s_row + c0, n, B.x);
+    const T* __restrict__ x = B.x;
+    T* __restrict__ g = B.g;
+    if (dense_soft) {
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = coef * math::exp_((x[i] * inv_tau - m_a) - off_a);
+    } else {
+      for (int64_t i = 0; i < n; ++i) g[i] = T(0);
+    }
+    if (hard) {
+      const T tau1 = ce_own ? T(1) : inv_tau;
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] += hard_c * math::exp_((x[i] * tau1 - m_1) - off_1);
+      if (label >= c0 && label < c0 + n) g[label - c0] -= hard_c;
+    }
+    scalar_t* __restrict__ out = g_row + c0;
+    DOPS_SIMD
+    for (int64_t i = 0; i < n; ++i) out[i] = C::store(g[i]);
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t id = ids[i];
+    if (id < 0) continue;
+    double gi = soft_scale * sparse::slot_grad(B.qg[i], B.q[i], fin.c, live);
+    if (hard) {
+      const T x = C::load(s_row[id]);
+      const T tau1 = ce_own ? T(1) : inv_tau;
+      const double p1 = static_cast<double>(math::exp_((x * tau1 - m_1) - off_1));
+      gi += A.hard_coef * (p1 - (id == label ? 1.0 : 0.0));
+    }
+    g_row[id] = C::store(static_cast<T>(gi * scale));
+  }
+}
+
+template <typename scalar_t, typename T>
+DOPS_INLINE void run_sparse_rows(const SparseArgs& A, int64_t begin, int64_t end) {
+  SparseBuffers<T> buf(A.k);
+  for (int64_t row = begin; row < end; ++row) {
+    switch (A.divergence) {
+      case kForwardKL: sparse_row<scalar_t, T, kForwardKL>(A, row, buf); break;
+      case kReverseKL: sparse_row<scalar_t, T, kReverseKL>(A, row, buf); break;
+      case kJSD: sparse_row<scalar_t, T, kJSD>(A, row, buf); break;
+      case kSkewForwardKL: sparse_row<scalar_t, T, kSkewForwardKL>(A, row, buf); break;
+      default: sparse_row<scalar_t, T, kSkewReverseKL>(A, row, buf); break;
+    }
+  }
+}
+
+DOPS_CPU_CLONES void sparse_rows_f32(const SparseArgs& A, int64_t b, int64_t e) {
+  run_sparse_rows<float, float>(A, b, e);
+}
+DOPS_CPU_CLONES void sparse_rows_bf16(const SparseArgs& A, int64_t b, int64_t e) {
+  run_sparse_rows<c10::BFloat16, float>(A, b, e);
+}
+DOPS_CPU_CLONES void sparse_rows_f16(const SparseArgs& A, int64_t b, int64_t e) {
+  run_sparse_rows<c10::Half, float>(A, b, e);
+}
+DOPS_CPU_CLONES void sparse_rows_f64(const SparseArgs& A, int64_t b, int64_t e) {
+  run_sparse_rows<double, double>(A, b, e);
+}
+
+}  // namespace
+
+at::Tensor sparse_forward_cpu(const at::Tensor& student, const at::Tensor& ids,
+                              const at::Tensor& logprobs, const std::optional<at::Tensor>& tail,
+                              const std::optional<at::Tensor>& labels,
+                              const std::optional<at::Tensor>& grad,
+                              const std::optional<at::Tensor>& grad_scale, int64_t divergence,
+                              double mix, int64_t mode, double temperature, double target_scale,
+                              double soft_coef, double hard_coef, int64_t ignore_index) {
+  SparseCall call = prepare_sparse_call(student, ids, logprobs, tail, labels, grad, grad_scale,
+                                        divergence, mix, mode, temperature, target_scale,
+                                        soft_coef, hard_coef, ignore_index, c10::DeviceType::CPU);
+  const SparseArgs& A = call.args;
+  if (A.n == 0) return call.loss;
+  // The kernel indexes the row with the ids and labels: check them first (cheap: N x k).
+  for (int64_t i = 0; i < A.n * A.k; ++i) {
+    TORCH_CHECK(A.ids[i] >= -1 && A.ids[i] < A.v, "distill_ops_native::sparse_forward: ids[",
+                i / A.k, ", ", i % A.k, "] = ", A.ids[i], " is neither -1 nor in [0, ", A.v, ")");
+  }
+  if (A.labels != nullptr) {
+    for (int64_t r = 0; r < A.n; ++r) {
+      const int64_t l = A.labels[r];
+      TORCH_CHECK(l == A.ignore_index || (l >= 0 && l < A.v),
+                  "distill_ops_native::sparse_forward: labels[", r, "] = ", l,
+                  " is neither ignore_index (", A.ignore_index, ") nor in [0, ", A.v, ")");
+    }
+  }
+  void (*rows)(const SparseArgs&, int64_t, int64_t) = nullptr;
+  switch (call.dtype) {
+    case at::kFloat: rows = sparse_rows_f32; break;
+    case at::kBFloat16: rows = sparse_rows_bf16; break;
+    case at::kHalf: rows = sparse_rows_f16; break;
+    default: rows = sparse_rows_f64; break;
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / A.v);
+  at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
+  return call.loss;
+}
+
+}  // namespace cpu
+}  // namespace distill_ops
+
+TORCH_LIBRARY_IMPL(distill_ops_native, CPU, m) {
+  m.impl("sparse_forward", &distill_ops::cpu::sparse_forward_cpu);
+}

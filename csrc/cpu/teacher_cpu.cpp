@@ -1,0 +1,307 @@
+// CPU kernels of the teacher side (backends/reference_sparse.py is the contract): top-k targets and
+// sampled targets, one streaming pass over each row of teacher logits, no probability tensor.
+//
+// Top-k: the row streams in chunks through an online normalizer; a candidate list holds the
+// elements that beat the current k-th best (value descending, then id ascending; NaN ranks as
+// +inf, as in the reference); when it reaches 2k it is cut back to k. Every element that is
+// rejected (on arrival or at a cut) adds its exp to the tail sum at that moment, relative to the
+// running max, so the tail mass is exact even when it is tiny (no 1 - sum subtraction).
+//
+// Sampling: num_samples Gumbel-max races over the row on the counter-based noise of
+// csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), then duplicates
+// are merged and weighted as in reference_sparse._dedupe.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../sparse_op.h"
+#include "cpu_common.h"
+#include "distill_ops/online_softmax.h"
+#include "distill_ops/rng.h"
+#include "distill_ops/sparse_args.h"
+
+namespace distill_ops {
+namespace cpu {
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// top-k
+
+template <typename T>
+struct Cand {
+  T value;  // the raw logit (NaN as +inf), the ranking key
+  int64_t id;
+};
+
+template <typename T>
+DOPS_INLINE bool better(const Cand<T>& x, const Cand<T>& y) {
+  return x.value > y.value || (x.value == y.value && x.id < y.id);
+}
+
+template <typename T>
+DOPS_INLINE T rank_value(T x) {
+  return x != x ? static_cast<T>(INFINITY) : x;
+}
+
+template <typename scalar_t, typename T>
+struct TopkRow {
+  const TeacherArgs& A;
+  std::vector<Cand<T>> cand;
+  alignas(64) T x[kChunk];
+  alignas(64) T e[kChunk];
+
+  explicit TopkRow(const TeacherArgs& a) : A(a) { cand.reserve(2 * a.k + 1); }
+
+  // Keep the k best candidates; the others' mass goes to the tail (relative to `shift`).
+  void cut(double& zt, T shift, T inv_tau) {
+    const int64_t k = A.k;
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better<T>);
+    for (size_t i = k; i < cand.size(); ++i) {
+      const T v = cand[i].value;
+      zt += static_cast<double>(math::exp_(v * inv_tau - shift));
+    }
+    cand.resize(k);
+  }
+
+  void run(int64_t row) {
+    const int64_t V = A.v, k = A.k;
+    const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
+    const T inv_tau = static_cast<T>(A.inv_tau);
+    SoftmaxState<double> st = SoftmaxState<double>::empty();
+    double zt = 0.0;  // the tail mass, relative to exp(st.m)
+    cand.clear();
+    Cand<T> kth{static_cast<T>(INFINITY), -1};  // meaningful once cand holds >= k (after a cut)
+    bool have_kth = false;
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+      load_chunk(t_row + c0, n, x);
+      T cm = math::neg_inf<T>();
+      DOPS_SIMD_MAX(cm)
+      for (int64_t i = 0; i < n; ++i) {
+        const T a = x[i] * inv_tau;
+        cm = a > cm ? a : cm;
+      }
+      double factor;
+      const T shift = static_cast<T>(st.raise(static_cast<double>(cm), factor));
+      zt = scaled(zt, factor);
+      double z = 0.0;
+      DOPS_SIMD_SUM(z)
+      for (int64_t i = 0; i < n; ++i) {
+        e[i] = math::exp_(x[i] * inv_tau - shift);
+        z += static_cast<double>(e[i]);
+      }
+      st.z += z;
+      for (int64_t i = 0; i < n; ++i) {
+        const Cand<T> c{rank_value(x[i]), c0 + i};
+        if (!have_kth || better(c, kth)) {
+          cand.push_back(c);
+          if (static_cast<int64_t>(cand.size()) >= 2 * k) {
+            cut(zt, shift, inv_tau);
+            kth = *std::min_element(cand.begin(), cand.end(),
+                                    [](const Cand<T>& p, const Cand<T>& q) { return better(q, p); });
+            have_kth = true;
+          }
+        } else {
+          zt += static_cast<double>(e[i]);
+        }
+      }
+    }
+    const T shift = static_cast<T>(st.m == -INFINITY ? 0.0 : st.m);
+    if (static_cast<int64_t>(cand.size()) > k) cut(zt, shift, inv_tau);
+    std::sort(cand.begin(), cand.end(), better<T>);
+    const double log_z = std::log(st.z);
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t id = cand[i].id;
+      const T a = Convert<scalar_t, T>::load(t_row[id]) * inv_tau;
+      // (a - m) - log z, as LogNormalizer: exact near the max
+      A.ids[row * k + i] = static_cast<int32_t>(id);
+      A.logprobs[row * k + i] =
+          static_cast<float>((static_cast<double>(a) - static_cast<double>(shift)) - log_z);
+    }
+    A.tail[row] = static_cast<float>(std::log(zt) - log_z);
+  }
+};
+
+template <typename scalar_t, typename T>
+void topk_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
+  TopkRow<scalar_t, T> r(A);
+  for (int64_t row = begin; row < end; ++row) r.run(row);
+}
+
+// ------------------------------------------------------------------------------------------------
+// sampling
+
+template <typename scalar_t, typename T>
+void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
+  const int64_t V = A.v, S = A.k;
+  const T inv_prop = static_cast<T>(A.inv_prop);
+  const T delta = static_cast<T>(A.delta);
+  std::vector<uint32_t> skey(S);
+  std::vector<T> best(S), x_at(S), lw(S);
+  std::vector<int64_t> best_id(S), order(S);
+  std::vector<char> first(S);
+  alignas(64) T a[kChunk];
+  alignas(64) T score[kChunk];
+  alignas(64) uint32_t vkey[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
+    const uint32_t rk = rng::row_key(A.seed_key, row);
+    for (int64_t s = 0; s < S; ++s) {
+      skey[s] = rng::sample_key(rk, s);
+      best[s] = math::neg_inf<T>();
+      best_id[s] = 0;
+    }
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+      load_chunk(t_row + c0, n, a);
+      for (int64_t i = 0; i < n; ++i) {
+        a[i] = a[i] * inv_prop;
+        vkey[i] = rng::vocab_key(c0 + i);
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        T bmax = math::neg_inf<T>();
+        for (int64_t i = 0; i < n; ++i) {
+          // Gumbel noise in the compute dtype, as the reference computes it.
+          const T u = static_cast<T>(rng::uniform(skey[s], vkey[i]));
+          score[i] = a[i] + -std::log(-std::log(u));
+          bmax = score[i] > bmax ? score[i] : bmax;
+        }
+        if (bmax > best[s]) {  // the lowest id on ties: strict > across chunks, first hit within
+          int64_t i = 0;
+          while (score[i] != bmax) ++i;
+          best[s] = bmax;
+          best_id[s] = c0 + i;
+        }
+      }
+    }
+    // Merge duplicates: the first draw of each id carries log(count) + x * delta.
+    T mx = math::neg_inf<T>();
+    for (int64_t s = 0; s < S; ++s) {
+      int64_t count = 0;
+      bool is_first = true;
+      for (int64_t r = 0; r < S; ++r) {
+        if (best_id[r] == best_id[s]) {
+          ++count;
+          if (r < s) is_first = false;
+        }
+      }
+      first[s] = is_first;
+      x_at[s] = Convert<scalar_t, T>::load(t_row[best_id[s]]);
+      lw[s] = is_first ? std::log(static_cast<T>(count)) + x_at[s] * delta : math::neg_inf<T>();
+      mx = lw[s] > mx ? lw[s] : mx;
+    }
+    T z = T(0);
+    for (int64_t s = 0; s < S; ++s) z += std::exp(lw[s] - mx);
+    const T lse = mx + std::log(z);
+    for (int64_t s = 0; s < S; ++s) {
+      order[s] = s;
+      lw[s] = first[s] ? lw[s] - lse : math::neg_inf<T>();
+    }
+    // weight descending, then id ascending; merged duplicates (padding) last
+    std::sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
+      if (first[p] != first[q]) return first[p] > first[q];
+      if (!first[p]) return p < q;
+      if (lw[p] != lw[q]) return lw[p] > lw[q];
+      return best_id[p] < best_id[q];
+    });
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t o = order[s];
+      A.ids[row * S + s] = first[o] ? static_cast<int32_t>(best_id[o]) : -1;
+      A.logprobs[row * S + s] = first[o] ? static_cast<float>(lw[o]) : -INFINITY;
+    }
+    A.tail[row] = -INFINITY;
+  }
+}
+
+// Entry points, one per dtype (each multi-versioned).
+DOPS_CPU_CLONES void topk_f32(const TeacherArgs& A, int64_t b, int64_t e) {
+  topk_rows<float, float>(A, b, e);
+}
+DOPS_CPU_CLONES void topk_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
+  topk_rows<c10::BFloat16, float>(A, b, e);
+}
+DOPS_CPU_CLONES void topk_f16(const TeacherArgs& A, int64_t b, int64_t e) {
+  topk_rows<c10::Half, float>(A, b, e);
+}
+DOPS_CPU_CLONES void topk_f64(const TeacherArgs& A, int64_t b, int64_t e) {
+  topk_rows<double, double>(A, b, e);
+}
+void sample_f32(const TeacherArgs& A, int64_t b, int64_t e) { sample_rows<float, float>(A, b, e); }
+void sample_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
+  sample_rows<c10::BFloat16, float>(A, b, e);
+}
+void sample_f16(const TeacherArgs& A, int64_t b, int64_t e) {
+  sample_rows<c10::Half, float>(A, b, e);
+}
+void sample_f64(const TeacherArgs& A, int64_t b, int64_t e) {
+  sample_rows<double, double>(A, b, e);
+}
+
+using RowsFn = void (*)(const TeacherArgs&, int64_t, int64_t);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher(TeacherCall& call, RowsFn f32,
+                                                           RowsFn bf16, RowsFn f16, RowsFn f64) {
+  const TeacherArgs& A = call.args;
+  RowsFn rows = call.dtype == at::kFloat      ? f32
+                : call.dtype == at::kBFloat16 ? bf16
+                : call.dtype == at::kHalf     ? f16
+                                              : f64;
+  if (A.n > 0) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (A.v * (A.k > 8 ? 2 : 1)));
+    at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
+  }
+  return {call.ids, call.logprobs, call.tail};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(const at::Tensor& teacher,
+                                                                int64_t k, double temperature) {
+  const char* op = "distill_ops_native::teacher_topk: ";
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              "temperature must be finite and > 0, got ", temperature);
+  TeacherCall call = prepare_teacher_call(op, teacher, k, c10::DeviceType::CPU);
+  call.args.inv_tau = 1.0 / temperature;
+  return run_teacher(call, topk_f32, topk_bf16, topk_f16, topk_f64);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_sample_cpu(const at::Tensor& teacher,
+                                                                  int64_t num_samples,
+                                                                  double inv_prop, double delta,
+                                                                  int64_t seed_key) {
+  const char* op = "distill_ops_native::teacher_sample: ";
+  TORCH_CHECK(std::isfinite(inv_prop) && inv_prop > 0.0, op,
+              "inv_prop must be finite and > 0, got ", inv_prop);
+  TORCH_CHECK(std::isfinite(delta), op, "delta must be finite, got ", delta);
+  TORCH_CHECK(seed_key >= 0 && seed_key <= 0xFFFFFFFFll, op, "seed_key must be a 32-bit key, got ",
+              seed_key);
+  // num_samples may exceed V (draws with replacement): check it apart from top-k's k <= V.
+  TORCH_CHECK(num_samples >= 1, op, "num_samples must be >= 1, got ", num_samples);
+  TeacherCall call = prepare_teacher_call(op, teacher, 1, c10::DeviceType::CPU);
+  const int64_t n = teacher.size(0);
+  call.ids = at::empty({n, num_samples}, teacher.options().dtype(at::kInt));
+  call.logprobs = at::empty({n, num_samples}, teacher.options().dtype(at::kFloat));
+  call.args.ids = call.ids.data_ptr<int32_t>();
+  call.args.logprobs = call.logprobs.data_ptr<float>();
+  call.args.k = num_samples;
+  call.args.inv_prop = inv_prop;
+  call.args.delta = delta;
+  call.args.seed_key = static_cast<uint32_t>(seed_key);
+  return run_teacher(call, sample_f32, sample_bf16, sample_f16, sample_f64);
+}
+
+}  // namespace cpu
+}  // namespace distill_ops
+
+TORCH_LIBRARY_IMPL(distill_ops_native, CPU, m) {
+  m.impl("teacher_topk", &distill_ops::cpu::teacher_topk_cpu);
+  m.impl("teacher_sample", &distill_ops::cpu::teacher_sample_cpu);
+}

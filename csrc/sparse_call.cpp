@@ -1,0 +1,163 @@
+// Argument checks of the sparse-target operators (each error names the argument), shared by the
+// CPU and CUDA implementations. The Python API (distill_ops/sparse.py) checks values (ids in range
+// and unique, no NaN weights) before it gets here; this layer checks what the kernels rely on.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+
+#include <cmath>
+#include <limits>
+
+#include "sparse_op.h"
+
+namespace distill_ops {
+
+namespace {
+
+bool float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& student) {
+  TORCH_CHECK(t.device() == student.device(), op, name, " is on ", t.device(),
+              " but student is on ", student.device());
+  TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+}
+
+}  // namespace
+
+SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
+                               const at::Tensor& logprobs, const std::optional<at::Tensor>& tail,
+                               const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad,
+                               const std::optional<at::Tensor>& grad_scale, int64_t divergence,
+                               double mix, int64_t mode, double temperature, double target_scale,
+                               double soft_coef, double hard_coef, int64_t ignore_index,
+                               c10::DeviceType device_type) {
+  const char* op = "distill_ops_native::sparse_forward: ";
+  TORCH_CHECK(student.device().type() == device_type, op, "student is on ", student.device(),
+              ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
+  TORCH_CHECK(student.dim() == 2, op, "student must be 2-D (N, V), got shape ", student.sizes());
+  TORCH_CHECK(float_dtype(student.scalar_type()), op,
+              "student must be float32, bfloat16, float16 or float64, got ", student.scalar_type());
+  const int64_t n = student.size(0), v = student.size(1);
+  TORCH_CHECK(v >= 1 || n == 0, op, "the vocabulary (student.size(1)) must not be empty");
+  TORCH_CHECK(v <= 1 || student.stride(1) == 1, op,
+              "student must have unit stride on the last axis, got strides ", student.strides());
+  TORCH_CHECK(student.stride(0) >= 0, op, "student has a negative row stride");
+  TORCH_CHECK(ids.scalar_type() == at::kInt, op, "ids must be int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == n && ids.size(1) >= 1, op,
+              "ids must have shape (", n, ", k >= 1), got ", ids.sizes());
+  check_rows(op, "ids", ids, student);
+  const bool fp64 = logprobs.scalar_type() == at::kDouble;
+  TORCH_CHECK(logprobs.scalar_type() == at::kFloat || fp64, op,
+              "logprobs must be float32 or float64, got ", logprobs.scalar_type());
+  TORCH_CHECK(logprobs.sizes() == ids.sizes(), op, "logprobs has shape ", logprobs.sizes(),
+              " but ids has shape ", ids.sizes());
+  check_rows(op, "logprobs", logprobs, student);
+  TORCH_CHECK(divergence >= 0 && divergence <= 4, op, "divergence must be a code in 0..4, got ",
+              divergence);
+  TORCH_CHECK(mode >= 0 && mode <= 2, op, "mode must be a code in 0..2, got ", mode);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(target_scale) && target_scale > 0.0, op,
+              "target_scale must be finite and > 0, got ", target_scale);
+  TORCH_CHECK(std::isfinite(mix) && mix >= 0.0 && mix <= 1.0, op, "mix must be in [0, 1], got ",
+              mix);
+
+  SparseCall call;
+  call.dtype = student.scalar_type();
+  SparseArgs& a = call.args;
+  a.student = student.data_ptr();
+  a.ids = ids.data_ptr<int32_t>();
+  a.logprobs = logprobs.data_ptr();
+  a.n = n;
+  a.v = v;
+  a.k = ids.size(1);
+  a.stride_s = student.stride(0);
+  a.fp64 = fp64;
+  a.divergence = static_cast<int>(divergence);
+  a.mode = static_cast<int>(mode);
+  a.mix = mix;
+  a.temperature = temperature;
+  a.target_scale = target_scale;
+  a.soft_coef = soft_coef;
+  a.hard_coef = hard_coef;
+  a.ignore_index = ignore_index;
+  if (tail.has_value()) {
+    TORCH_CHECK(tail->scalar_type() == logprobs.scalar_type(), op, "tail has dtype ",
+                tail->scalar_type(), " but logprobs has dtype ", logprobs.scalar_type());
+    TORCH_CHECK(tail->dim() == 1 && tail->size(0) == n, op, "tail must have shape (", n,
+                ",), got ", tail->sizes());
+    check_rows(op, "tail", *tail, student);
+    a.tail = tail->data_ptr();
+  }
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong, op, "labels must be int64, got ",
+                labels->scalar_type());
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n, op, "labels must have shape (", n,
+                ",), got ", labels->sizes());
+    check_rows(op, "labels", *labels, student);
+    a.labels = labels->data_ptr<int64_t>();
+  }
+  if (grad.has_value()) {
+    const at::Tensor& g = *grad;
+    TORCH_CHECK(g.sizes() == student.sizes(), op, "grad has shape ", g.sizes(),
+                " but student has shape ", student.sizes());
+    TORCH_CHECK(g.scalar_type() == student.scalar_type(), op, "grad has dtype ", g.scalar_type(),
+                " but student has dtype ", student.scalar_type());
+    TORCH_CHECK(g.device() == student.device(), op, "grad is on ", g.device(),
+                " but student is on ", student.device());
+    TORCH_CHECK(v <= 1 || g.stride(1) == 1, op,
+                "grad must have unit stride on the last axis, got strides ", g.strides());
+    TORCH_CHECK(g.stride(0) >= 0, op, "grad has a negative row stride");
+    TORCH_CHECK(!g.is_same(student), op, "grad must not be the student tensor");
+    a.grad = g.data_ptr();
+    a.stride_g = g.stride(0);
+  }
+  if (grad_scale.has_value()) {
+    const at::Tensor& gs = *grad_scale;
+    TORCH_CHECK(gs.dim() == 0, op, "grad_scale must be a 0-dim tensor, got shape ", gs.sizes());
+    TORCH_CHECK(gs.scalar_type() == logprobs.scalar_type(), op, "grad_scale has dtype ",
+                gs.scalar_type(), " but logprobs has dtype ", logprobs.scalar_type());
+    TORCH_CHECK(gs.device() == student.device(), op, "grad_scale is on ", gs.device(),
+                " but student is on ", student.device());
+    a.grad_scale = gs.data_ptr();
+  }
+  call.loss = at::empty({n}, student.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  a.loss = call.loss.data_ptr();
+  return call;
+}
+
+TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int64_t k,
+                                 c10::DeviceType device_type) {
+  TORCH_CHECK(teacher.device().type() == device_type, op, "teacher is on ", teacher.device(),
+              ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
+  TORCH_CHECK(teacher.dim() == 2, op, "teacher must be 2-D (N, V), got shape ", teacher.sizes());
+  TORCH_CHECK(float_dtype(teacher.scalar_type()), op,
+              "teacher must be float32, bfloat16, float16 or float64, got ", teacher.scalar_type());
+  const int64_t n = teacher.size(0), v = teacher.size(1);
+  TORCH_CHECK(v >= 1, op, "the vocabulary (teacher.size(1)) must not be empty");
+  TORCH_CHECK(k >= 1 && k <= v, op, "k must be in [1, V = ", v, "], got ", k);
+  TORCH_CHECK(v <= std::numeric_limits<int32_t>::max(), op, "V = ", v, " does not fit int32 ids");
+  TORCH_CHECK(v <= 1 || teacher.stride(1) == 1, op,
+              "teacher must have unit stride on the last axis, got strides ", teacher.strides());
+  TORCH_CHECK(teacher.stride(0) >= 0, op, "teacher has a negative row stride");
+  TeacherCall call;
+  call.dtype = teacher.scalar_type();
+  call.ids = at::empty({n, k}, teacher.options().dtype(at::kInt));
+  call.logprobs = at::empty({n, k}, teacher.options().dtype(at::kFloat));
+  call.tail = at::empty({n}, teacher.options().dtype(at::kFloat));
+  TeacherArgs& a = call.args;
+  a.teacher = teacher.data_ptr();
+  a.ids = call.ids.data_ptr<int32_t>();
+  a.logprobs = call.logprobs.data_ptr<float>();
+  a.tail = call.tail.data_ptr<float>();
+  a.n = n;
+  a.v = v;
+  a.k = k;
+  a.stride_t = teacher.stride(0);
+  return call;
+}
+
+}  // namespace distill_ops
