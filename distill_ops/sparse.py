@@ -148,8 +148,8 @@ def sparse_kd_loss(
         target_logprobs: float (..., k): log-weights of the ids (no NaN or +inf at valid slots).
         tail_logmass: optional float (...): log of the teacher mass outside the ids (tail mode).
         labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction, backend: as in
-            :func:`distill_ops.kd_loss`. Backends: ``torch`` and ``triton`` (``auto`` picks Triton
-            on a GPU, the reference otherwise).
+            :func:`distill_ops.kd_loss`. Backends: ``torch``, ``triton`` and ``cpu`` (``auto``
+            picks Triton on a GPU, the compiled CPU kernels on the CPU; ``cuda`` when named).
 
     Returns:
         The loss (float32; float64 if an input is float64): a scalar, or (...) for
@@ -190,7 +190,7 @@ def sparse_kd_loss(
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
 
-    name = resolve_backend(backend, student.device)
+    name = resolve_backend(backend, student.device, "loss")
     if name == "triton" and ids.shape[-1] > TRITON_MAX_K:
         raise ValueError(f"target_ids has k = {ids.shape[-1]} slots; the Triton backend takes at "
                          f"most {TRITON_MAX_K}")

@@ -54,8 +54,8 @@ def dense_forward(student, teacher, labels, *, divergence, mix, temperature, sof
 
 
 # ----------------------------------------------------------------------------- sparse targets
-# The compiled sparse kernels exist for the CPU (csrc/cpu/sparse_cpu.cpp, teacher_cpu.cpp); the
-# CUDA ones are not written yet (ops/sparse.py says so when backend="cuda" is asked for).
+# CPU: the loss and the teacher ops (csrc/cpu/sparse_cpu.cpp, teacher_cpu.cpp); CUDA: the loss only
+# (csrc/cuda/sparse_cuda.cu; ops/sparse.py refuses backend="cuda" for the teacher ops).
 
 if _C is not None:
 

@@ -3,9 +3,10 @@ for the loss, autograd: the forward computes the gradient in its streaming passe
 scales it (as ops/dense.py does).
 
 Dispatch: the sparse kernels exist in the reference (pure torch), Triton and the compiled CPU
-backend; the compiled CUDA backend has none yet. ``auto`` picks Triton on a GPU (where triton
+backend; the compiled CUDA backend has the loss only. ``auto`` picks Triton on a GPU (where triton
 imports), the compiled CPU kernels on the CPU (where the extension loads), the reference otherwise;
-naming "cuda" (argument or DISTILL_OPS_BACKEND) is an error.
+the CUDA loss kernel runs when named (backend="cuda"); naming "cuda" for the teacher ops is an
+error.
 """
 
 from __future__ import annotations
@@ -27,18 +28,21 @@ _SPARSE_MODULES = {
 }
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The backend ('torch', 'triton' or 'cpu') that runs a sparse op on ``device``, or a clear
-    error."""
+def resolve(name: str, device: torch.device, kind: str = "teacher") -> str:
+    """The backend that runs a sparse op of ``kind`` ('loss' or 'teacher') on ``device``, or a
+    clear error. The compiled CUDA extension has the loss kernel only, and ``auto`` does not pick
+    it yet (it has not been run on a GPU): it takes backend='cuda' explicitly."""
     explicit = name != "auto" or os.environ.get(backends.ENV_VAR, "").strip() not in ("", "auto")
     chosen = backends.resolve(name, device)
     if chosen in ("torch", "triton", "cpu"):
         return chosen
     if explicit:
+        if kind == "loss":
+            return chosen
         source = "backend" if name != "auto" else backends.ENV_VAR
         raise RuntimeError(
-            f"{source}={chosen!r}: the compiled CUDA extension has no sparse-target kernels yet; "
-            "use backend='triton' (GPU) or 'torch'"
+            f"{source}={chosen!r}: the compiled CUDA extension has no teacher top-k/sampling "
+            "kernels yet; use backend='triton' (GPU) or 'torch'"
         )
     # auto picked the compiled CUDA backend (dense kernels): fall back within the sparse backends.
     if device.type == "cuda" and backends.triton_status()[0]:
@@ -47,8 +51,8 @@ def resolve(name: str, device: torch.device) -> str:
 
 
 def _impl(backend: str, kind: str):
-    if backend in ("torch", "cpu"):
-        return importlib.import_module(_SPARSE_MODULES[backend])
+    if backend in ("torch", "cpu", "cuda"):
+        return importlib.import_module(_SPARSE_MODULES["cpu" if backend == "cuda" else backend])
     if backend == "triton":
         return importlib.import_module(_SPARSE_MODULES[f"triton_{kind}"])
     raise RuntimeError(f"no sparse kernels for backend {backend!r}")
