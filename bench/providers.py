@@ -264,8 +264,12 @@ class DistillOps(Provider):
 
         resolve = backends.resolve
         if case.suite != "dense":
-            try:  # the sparse ops have their own (smaller) set of backends
-                resolve = importlib.import_module("distill_ops.ops.sparse").resolve
+            try:  # the sparse ops have their own (smaller) set of backends, per op kind
+                sparse_resolve = importlib.import_module("distill_ops.ops.sparse").resolve
+                kind = "loss" if case.suite == "sparse" else "teacher"
+
+                def resolve(name, dev):
+                    return sparse_resolve(name, dev, kind)
             except (ImportError, AttributeError):
                 pass
         try:
