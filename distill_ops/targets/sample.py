@@ -1,14 +1,14 @@
 """Sampled teacher targets (after "Sparse Logit Sampling", arXiv 2503.16870).
 
-Per position, ``num_samples`` ids are drawn with replacement from the proposal
-q = softmax(teacher_logits / (temperature * proposal_temperature)), by the Gumbel-max trick on the
-counter-based noise of targets/rng.py (reproducible from ``seed``; the reference, the Triton and
-the CPU kernels draw the same ids). Duplicates are merged into unique ids with counts c_i, and each
-unique id gets the importance weight w_i = c_i p_i / q_i normalised over the draws,
-p = softmax(teacher_logits / temperature). With proposal_temperature = 1 the proposal is p itself and w_i = c_i / num_samples:
-E[w_i] = p_i, so the sparse forward-KL gradient sum_i w_i d(-log q_student_i) is an unbiased
-estimate of the dense one. Other proposal temperatures (> 1 draws more of the tail) give the
-self-normalised estimate: consistent, with a bias of order 1 / num_samples.
+Per position, ``num_samples`` ids are drawn with replacement from the proposal q =
+softmax(teacher_logits / (temperature * proposal_temperature)), by the Gumbel-max trick on the
+counter-based noise of targets/rng.py (reproducible from ``seed``; the reference, the Triton and the
+CPU kernels draw the same ids). Duplicates are merged into unique ids with counts c_i, and each
+unique id gets the importance weight w_i = c_i p_i / q_i normalised over the draws, p =
+softmax(teacher_logits / temperature). With proposal_temperature = 1 the proposal is p itself and
+w_i = c_i / num_samples: E[w_i] = p_i, so the sparse forward-KL gradient sum_i w_i d(-log
+q_student_i) is an unbiased estimate of the dense one. Other proposal temperatures (> 1 draws more
+of the tail) give the self-normalised estimate: consistent, with a bias of order 1 / num_samples.
 """
 
 from __future__ import annotations
