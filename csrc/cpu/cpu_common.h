@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 #include "distill_ops/primitives.h"
@@ -67,6 +69,17 @@ template <typename scalar_t, typename T>
 DOPS_INLINE void load_chunk(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ dst) {
   DOPS_SIMD
   for (int64_t i = 0; i < n; ++i) dst[i] = Convert<scalar_t, T>::load(src[i]);
+}
+
+// Every label is ignore_index or in [0, v): the kernels index the row with it.
+inline void check_labels(const char* op, const int64_t* labels, int64_t n, int64_t v,
+                         int64_t ignore_index) {
+  if (labels == nullptr) return;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t l = labels[r];
+    TORCH_CHECK(l == ignore_index || (l >= 0 && l < v), op, "labels[", r, "] = ", l,
+                " is neither ignore_index (", ignore_index, ") nor in [0, ", v, ")");
+  }
 }
 
 }  // namespace cpu

@@ -317,14 +317,7 @@ at::Tensor dense_forward_cpu(const at::Tensor& student, const at::Tensor& teache
                                       c10::DeviceType::CPU);
   const DenseArgs& A = call.args;
   if (A.n == 0) return call.loss;
-  if (A.labels != nullptr) {
-    for (int64_t r = 0; r < A.n; ++r) {
-      const int64_t l = A.labels[r];
-      TORCH_CHECK(l == A.ignore_index || (l >= 0 && l < A.v),
-                  "distill_ops_native::dense_forward: labels[", r, "] = ", l,
-                  " is neither ignore_index (", A.ignore_index, ") nor in [0, ", A.v, ")");
-    }
-  }
+  check_labels("distill_ops_native::dense_forward: ", A.labels, A.n, A.v, A.ignore_index);
   void (*rows)(const DenseArgs&, int64_t, int64_t) = nullptr;
   switch (call.dtype) {
     case at::kFloat: rows = rows_f32; break;

@@ -234,14 +234,7 @@ at::Tensor sparse_forward_cpu(const at::Tensor& student, const at::Tensor& ids,
     TORCH_CHECK(A.ids[i] >= -1 && A.ids[i] < A.v, "distill_ops_native::sparse_forward: ids[",
                 i / A.k, ", ", i % A.k, "] = ", A.ids[i], " is neither -1 nor in [0, ", A.v, ")");
   }
-  if (A.labels != nullptr) {
-    for (int64_t r = 0; r < A.n; ++r) {
-      const int64_t l = A.labels[r];
-      TORCH_CHECK(l == A.ignore_index || (l >= 0 && l < A.v),
-                  "distill_ops_native::sparse_forward: labels[", r, "] = ", l,
-                  " is neither ignore_index (", A.ignore_index, ") nor in [0, ", A.v, ")");
-    }
-  }
+  check_labels("distill_ops_native::sparse_forward: ", A.labels, A.n, A.v, A.ignore_index);
   void (*rows)(const SparseArgs&, int64_t, int64_t) = nullptr;
   switch (call.dtype) {
     case at::kFloat: rows = sparse_rows_f32; break;
