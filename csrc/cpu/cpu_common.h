@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "distill_ops/primitives.h"
 
@@ -23,12 +24,12 @@
 #if defined(_OPENMP)
 #define DOPS_SIMD _Pragma("omp simd")
 #define DOPS_SIMD_SUM(...) _Pragma(DOPS_STR(omp simd reduction(+ : __VA_ARGS__)))
-#define DOPS_SIMD_MAX(x) _Pragma(DOPS_STR(omp simd reduction(max : x)))
+#define DOPS_SIMD_MAX(...) _Pragma(DOPS_STR(omp simd reduction(max : __VA_ARGS__)))
 #define DOPS_STR(x) #x
 #else
 #define DOPS_SIMD
 #define DOPS_SIMD_SUM(...)
-#define DOPS_SIMD_MAX(x)
+#define DOPS_SIMD_MAX(...)
 #endif
 
 namespace distill_ops {
@@ -69,6 +70,18 @@ template <typename scalar_t, typename T>
 DOPS_INLINE void load_chunk(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ dst) {
   DOPS_SIMD
   for (int64_t i = 0; i < n; ++i) dst[i] = Convert<scalar_t, T>::load(src[i]);
+}
+
+// A chunk of a row as T: the row itself when it is stored as T (no copy), else converted into buf.
+// Only for kernels whose output never aliases the row they read.
+template <typename scalar_t, typename T>
+DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ buf) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    load_chunk(src, n, buf);
+    return buf;
+  }
 }
 
 // Every label is ignore_index or in [0, v): the kernels index the row with it.

@@ -52,8 +52,10 @@ DOPS_INLINE void fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale
   st.z += z;
 }
 
+// Force-inlined (as every step below the clone entry points): a function that is not inlined
+// into the DOPS_CPU_CLONES entry points is compiled once, for the baseline ISA.
 template <typename scalar_t, typename T, int DIV>
-void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& B) {
+DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& B) {
   using C = Convert<scalar_t, T>;
   const int64_t V = A.v, K = A.k;
   const scalar_t* s_row = static_cast<const scalar_t*>(A.student) + row * A.stride_s;
@@ -97,9 +99,9 @@ void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& B) {
   SoftmaxState<double> s1 = SoftmaxState<double>::empty();
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    load_chunk(s_row + c0, n, B.x);
-    fold(sa, B.x, inv_tau, n);
-    if (ce_own) fold(s1, B.x, T(1), n);
+    const T* x = chunk_as(s_row + c0, n, B.x);
+    fold(sa, x, inv_tau, n);
+    if (ce_own) fold(s1, x, T(1), n);
   }
   const double lse_a = sa.lse();
   const SoftmaxState<double>& st1 = ce_own ? s1 : sa;
@@ -155,8 +157,7 @@ void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& B) {
   const bool dense_soft = fin.c_out != 0.0;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    load_chunk(s_row + c0, n, B.x);
-    const T* __restrict__ x = B.x;
+    const T* __restrict__ x = chunk_as(s_row + c0, n, B.x);  // grad never aliases the student
     T* __restrict__ g = B.g;
     if (dense_soft) {
       DOPS_SIMD

@@ -5,7 +5,9 @@
 // elements that beat the current k-th best (value descending, then id ascending; NaN ranks as
 // +inf, as in the reference); when it reaches 2k it is cut back to k. Every element that is
 // rejected (on arrival or at a cut) adds its exp to the tail sum at that moment, relative to the
-// running max, so the tail mass is exact even when it is tiny (no 1 - sum subtraction).
+// running max, so the tail mass is exact even when it is tiny (no 1 - sum subtraction). Once there
+// has been a cut, a chunk is screened with vectorised loops (its max; the masked sum of what
+// cannot enter) and only the few elements above the k-th best are handled one at a time.
 //
 // Sampling: num_samples Gumbel-max races over the row on the counter-based noise of
 // csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), then duplicates
@@ -51,17 +53,20 @@ DOPS_INLINE T rank_value(T x) {
   return x != x ? static_cast<T>(INFINITY) : x;
 }
 
+constexpr int64_t kGroup = 64;  // the screening unit inside a chunk
+
 template <typename scalar_t, typename T>
 struct TopkRow {
   const TeacherArgs& A;
   std::vector<Cand<T>> cand;
-  alignas(64) T x[kChunk];
+  alignas(64) T xbuf[kChunk];  // a chunk converted to T (low-precision inputs)
   alignas(64) T e[kChunk];
 
   explicit TopkRow(const TeacherArgs& a) : A(a) { cand.reserve(2 * a.k + 1); }
 
-  // Keep the k best candidates; the others' mass goes to the tail (relative to `shift`).
-  void cut(double& zt, T shift, T inv_tau) {
+  // Keep the k best candidates; the others' mass goes to the tail (relative to `shift`). Returns
+  // the k-th best.
+  DOPS_INLINE Cand<T> cut(double& zt, T shift, T inv_tau) {
     const int64_t k = A.k;
     std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better<T>);
     for (size_t i = k; i < cand.size(); ++i) {
@@ -69,25 +74,37 @@ struct TopkRow {
       zt += static_cast<double>(math::exp_(v * inv_tau - shift));
     }
     cand.resize(k);
+    return cand[k - 1];
   }
 
-  void run(int64_t row) {
+  // Add a candidate; at 2k, cut back to k and update the k-th best. Returns whether it cut.
+  DOPS_INLINE bool push(const Cand<T>& c, double& zt, T shift, T inv_tau, Cand<T>& kth) {
+    cand.push_back(c);
+    if (static_cast<int64_t>(cand.size()) < 2 * A.k) return false;
+    kth = cut(zt, shift, inv_tau);
+    return true;
+  }
+
+  DOPS_INLINE void run(int64_t row) {
     const int64_t V = A.v, k = A.k;
     const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
     const T inv_tau = static_cast<T>(A.inv_tau);
     SoftmaxState<double> st = SoftmaxState<double>::empty();
     double zt = 0.0;  // the tail mass, relative to exp(st.m)
     cand.clear();
-    Cand<T> kth{static_cast<T>(INFINITY), -1};  // meaningful once cand holds >= k (after a cut)
+    Cand<T> kth{static_cast<T>(INFINITY), -1};  // the k-th best, once there has been a cut
     bool have_kth = false;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-      load_chunk(t_row + c0, n, x);
+      const T* __restrict__ x = chunk_as(t_row + c0, n, xbuf);
       T cm = math::neg_inf<T>();
-      DOPS_SIMD_MAX(cm)
+      T best = math::neg_inf<T>();  // the chunk's best ranking value
+      DOPS_SIMD_MAX(cm, best)
       for (int64_t i = 0; i < n; ++i) {
         const T a = x[i] * inv_tau;
         cm = a > cm ? a : cm;
+        const T r = rank_value(x[i]);
+        best = r > best ? r : best;
       }
       double factor;
       const T shift = static_cast<T>(st.raise(static_cast<double>(cm), factor));
@@ -99,16 +116,42 @@ struct TopkRow {
         z += static_cast<double>(e[i]);
       }
       st.z += z;
-      for (int64_t i = 0; i < n; ++i) {
+      if (have_kth) {
+        // Elements in later chunks lose ties to the k-th best (their ids are larger): only a
+        // value above `thr` can enter. `thr` is the k-th best as the chunk starts; a cut inside
+        // the chunk raises the real one, and what it then drops is tail at that cut.
+        const T thr = kth.value;
+        if (!(best > thr)) {  // the whole chunk is tail: almost every chunk once k are held
+          zt += z;
+          continue;
+        }
+        double zr = 0.0;
+        DOPS_SIMD_SUM(zr)
+        for (int64_t i = 0; i < n; ++i) {
+          zr += rank_value(x[i]) > thr ? 0.0 : static_cast<double>(e[i]);
+        }
+        zt += zr;
+        // Most chunks early in the row hold an entrant or two: screen groups of kGroup first.
+        for (int64_t g0 = 0; g0 < n; g0 += kGroup) {
+          const int64_t m = n - g0 < kGroup ? n - g0 : kGroup;
+          T gbest = math::neg_inf<T>();
+          DOPS_SIMD_MAX(gbest)
+          for (int64_t j = 0; j < m; ++j) {
+            const T r = rank_value(x[g0 + j]);
+            gbest = r > gbest ? r : gbest;
+          }
+          if (!(gbest > thr)) continue;
+          for (int64_t i = g0; i < g0 + m; ++i) {
+            const T r = rank_value(x[i]);
+            if (r > thr) push({r, c0 + i}, zt, shift, inv_tau, kth);
+          }
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i) {  // until the first cut: every element enters
         const Cand<T> c{rank_value(x[i]), c0 + i};
         if (!have_kth || better(c, kth)) {
-          cand.push_back(c);
-          if (static_cast<int64_t>(cand.size()) >= 2 * k) {
-            cut(zt, shift, inv_tau);
-            kth = *std::min_element(cand.begin(), cand.end(),
-                                    [](const Cand<T>& p, const Cand<T>& q) { return better(q, p); });
-            have_kth = true;
-          }
+          have_kth = push(c, zt, shift, inv_tau, kth) || have_kth;
         } else {
           zt += static_cast<double>(e[i]);
         }
@@ -131,7 +174,7 @@ struct TopkRow {
 };
 
 template <typename scalar_t, typename T>
-void topk_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
+DOPS_INLINE void topk_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
   TopkRow<scalar_t, T> r(A);
   for (int64_t row = begin; row < end; ++row) r.run(row);
 }
@@ -140,7 +183,7 @@ void topk_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
 // sampling
 
 template <typename scalar_t, typename T>
-void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
+DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
   const int64_t V = A.v, S = A.k;
   const T inv_prop = static_cast<T>(A.inv_prop);
   const T delta = static_cast<T>(A.delta);
@@ -234,14 +277,16 @@ DOPS_CPU_CLONES void topk_f16(const TeacherArgs& A, int64_t b, int64_t e) {
 DOPS_CPU_CLONES void topk_f64(const TeacherArgs& A, int64_t b, int64_t e) {
   topk_rows<double, double>(A, b, e);
 }
-void sample_f32(const TeacherArgs& A, int64_t b, int64_t e) { sample_rows<float, float>(A, b, e); }
-void sample_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
+DOPS_CPU_CLONES void sample_f32(const TeacherArgs& A, int64_t b, int64_t e) {
+  sample_rows<float, float>(A, b, e);
+}
+DOPS_CPU_CLONES void sample_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
   sample_rows<c10::BFloat16, float>(A, b, e);
 }
-void sample_f16(const TeacherArgs& A, int64_t b, int64_t e) {
+DOPS_CPU_CLONES void sample_f16(const TeacherArgs& A, int64_t b, int64_t e) {
   sample_rows<c10::Half, float>(A, b, e);
 }
-void sample_f64(const TeacherArgs& A, int64_t b, int64_t e) {
+DOPS_CPU_CLONES void sample_f64(const TeacherArgs& A, int64_t b, int64_t e) {
   sample_rows<double, double>(A, b, e);
 }
 
