@@ -9,20 +9,13 @@
 #include <cmath>
 
 #include "dense_op.h"
+#include "tensor_checks.h"
 
 #ifndef DISTILL_OPS_WITH_CUDA
 #define DISTILL_OPS_WITH_CUDA 0
 #endif
 
 namespace distill_ops {
-
-namespace {
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
-}  // namespace
 
 DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& labels,
@@ -38,7 +31,7 @@ DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teache
               " but student has shape ", student.sizes());
   TORCH_CHECK(teacher.device() == student.device(), op, "teacher is on ", teacher.device(),
               " but student is on ", student.device());
-  TORCH_CHECK(supported_dtype(student.scalar_type()), op,
+  TORCH_CHECK(supported_float_dtype(student.scalar_type()), op,
               "student must be float32, bfloat16, float16 or float64, got ", student.scalar_type());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), op, "teacher has dtype ",
               teacher.scalar_type(), " but student has dtype ", student.scalar_type());
@@ -88,15 +81,7 @@ DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teache
   }
   if (grad.has_value()) {
     const at::Tensor& g = *grad;
-    TORCH_CHECK(g.sizes() == student.sizes(), op, "grad has shape ", g.sizes(),
-                " but student has shape ", student.sizes());
-    TORCH_CHECK(g.scalar_type() == student.scalar_type(), op, "grad has dtype ", g.scalar_type(),
-                " but student has dtype ", student.scalar_type());
-    TORCH_CHECK(g.device() == student.device(), op, "grad is on ", g.device(),
-                " but student is on ", student.device());
-    TORCH_CHECK(v <= 1 || g.stride(1) == 1, op,
-                "grad must have unit stride on the last axis, got strides ", g.strides());
-    TORCH_CHECK(g.stride(0) >= 0, op, "grad has a negative row stride");
+    check_grad_out(op, g, student);
     a.grad = g.data_ptr();
     a.stride_g = g.stride(0);
   }

@@ -9,14 +9,11 @@
 #include <limits>
 
 #include "sparse_op.h"
+#include "tensor_checks.h"
 
 namespace distill_ops {
 
 namespace {
-
-bool float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
 
 void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& student) {
   TORCH_CHECK(t.device() == student.device(), op, name, " is on ", t.device(),
@@ -38,7 +35,7 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
   TORCH_CHECK(student.device().type() == device_type, op, "student is on ", student.device(),
               ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
   TORCH_CHECK(student.dim() == 2, op, "student must be 2-D (N, V), got shape ", student.sizes());
-  TORCH_CHECK(float_dtype(student.scalar_type()), op,
+  TORCH_CHECK(supported_float_dtype(student.scalar_type()), op,
               "student must be float32, bfloat16, float16 or float64, got ", student.scalar_type());
   const int64_t n = student.size(0), v = student.size(1);
   TORCH_CHECK(v >= 1 || n == 0, op, "the vocabulary (student.size(1)) must not be empty");
@@ -102,15 +99,7 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
   }
   if (grad.has_value()) {
     const at::Tensor& g = *grad;
-    TORCH_CHECK(g.sizes() == student.sizes(), op, "grad has shape ", g.sizes(),
-                " but student has shape ", student.sizes());
-    TORCH_CHECK(g.scalar_type() == student.scalar_type(), op, "grad has dtype ", g.scalar_type(),
-                " but student has dtype ", student.scalar_type());
-    TORCH_CHECK(g.device() == student.device(), op, "grad is on ", g.device(),
-                " but student is on ", student.device());
-    TORCH_CHECK(v <= 1 || g.stride(1) == 1, op,
-                "grad must have unit stride on the last axis, got strides ", g.strides());
-    TORCH_CHECK(g.stride(0) >= 0, op, "grad has a negative row stride");
+    check_grad_out(op, g, student);
     TORCH_CHECK(!g.is_same(student), op, "grad must not be the student tensor");
     a.grad = g.data_ptr();
     a.stride_g = g.stride(0);
@@ -134,7 +123,7 @@ TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int6
   TORCH_CHECK(teacher.device().type() == device_type, op, "teacher is on ", teacher.device(),
               ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
   TORCH_CHECK(teacher.dim() == 2, op, "teacher must be 2-D (N, V), got shape ", teacher.sizes());
-  TORCH_CHECK(float_dtype(teacher.scalar_type()), op,
+  TORCH_CHECK(supported_float_dtype(teacher.scalar_type()), op,
               "teacher must be float32, bfloat16, float16 or float64, got ", teacher.scalar_type());
   const int64_t n = teacher.size(0), v = teacher.size(1);
   TORCH_CHECK(v >= 1, op, "the vocabulary (teacher.size(1)) must not be empty");

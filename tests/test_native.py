@@ -159,6 +159,32 @@ def test_errors_name_the_argument(device):
         run(s.to(torch.int64), t.to(torch.int64), None, **opts())
 
 
+def _bad_grads(s):
+    """Gradient outputs the kernels must refuse (csrc/tensor_checks.h), with the error they get."""
+    wide = torch.empty(s.shape[0], 2 * s.shape[1], dtype=s.dtype, device=s.device)
+    return [
+        (torch.empty(s.shape[0] + 1, s.shape[1], dtype=s.dtype, device=s.device), "grad has shape"),
+        (torch.empty_like(s, dtype=torch.float64), "grad has dtype"),
+        (wide[:, ::2], "grad must have unit stride"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_grad_outputs_are_refused_by_both_ops(device):
+    s, t = logits(3, 8, seed=0, device=device)
+    ids = torch.tensor([[0, 1], [2, -1], [5, 7]], dtype=torch.int32, device=device)
+    lp = torch.log(torch.full((3, 2), 0.5, device=device))
+    for grad, match in _bad_grads(s):
+        with pytest.raises(RuntimeError, match=match):
+            native.dense_forward(s, t, None, grad=grad, grad_scale=None, **opts())
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.distill_ops_native.sparse_forward(
+                s, ids, lp, None, None, grad, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="must not be the student"):
+        torch.ops.distill_ops_native.sparse_forward(
+            s, ids, lp, None, None, s, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
+
+
 # ---------------------------------------------------------------------------------------------
 # against the oracle
 
