@@ -115,3 +115,12 @@ def test_plan_presets():
     custom = config.build_plan("dense", "cuda", False, V=[32000, 64], N=[2], dtype=["fp16"],
                                mode=["fwd"], divergence=["reverse_kl+ce"])
     assert [(c.v, c.hard_label, c.dtype) for c in custom] == [(32000, True, "fp16"), (64, True, "fp16")]
+
+
+def test_sanitize_driver_runs_every_op_family():
+    """bench/sanitize_ops.py (the compute-sanitizer driver) through the CPU kernels: it must not
+    rot unseen between GPU sessions."""
+    pytest.importorskip("distill_ops._C")
+    from bench import sanitize_ops
+
+    assert sanitize_ops.main(["--device", "cpu", "--quick"]) == 0

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks, for a lent GPU machine (see /work/.library/device): one call builds, tests,
+# sanitizes and benchmarks, each phase under its own time limit, logs under $OUT.
+#
+#   bench/gpu_check.sh [phase ...]     phases: build test sanitize bench (default: all, in order)
+#
+# A phase that fails is reported and the next one still runs; the summary is printed last (the
+# device tool returns the end of the output). Bench JSON lands in $OUT/results: copy it into
+# bench/results/ and run `python -m bench.readme_table` on the dev machine.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT/results"
+PY=${PY:-python3}
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench)
+summary=()
+
+run_phase() {  # name, limit (s), command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")")
+}
+
+for p in "${phases[@]}"; do
+  case $p in
+    build)  # sm_90 only: the lent machines are Hopper; 16 cores
+      run_phase build 420 env DISTILL_OPS_FORCE_CUDA=1 DISTILL_OPS_CUDA_ARCHS=90 MAX_JOBS=16 \
+        "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
+    test)
+      run_phase test 420 "$PY" -m pytest -q -ra -m cuda -x -p no:cacheprovider ;;
+    sanitize)
+      run_phase memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m bench.sanitize_ops
+      run_phase racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m bench.sanitize_ops --quick ;;
+    bench)
+      run_phase bench 300 "$PY" -m bench all --device cuda --quick --no-progress \
+        --out "$OUT/results/" ;;
+    *) summary+=("unknown phase: $p") ;;
+  esac
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+echo "== $(cat "$OUT/gpu.txt") | commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+for line in "${summary[@]}"; do echo "$line"; done
