@@ -136,29 +136,42 @@ class RowKernel {
   }
 
  private:
-  // Load a chunk: raw student x, s' = softcap(x), a = s'/tau and (soft term) b = t'/tau.
+  // Load a chunk: a = s'/tau and (soft term) b = t'/tau, with s' = softcap(x) of the raw student
+  // x. x itself is kept in B.x only where something reads it again (the softcap, the CE term's own
+  // normalizer); otherwise the scaling is fused with the load (one pass, no copy).
   DOPS_INLINE void load(int64_t c0, int64_t n) {
-    load_chunk(s_row_ + c0, n, B.x);
-    sp_ = B.x;
-    if (K.cap_on) {
-      const T cap = K.cap, inv_cap = K.inv_cap;
+    using C = Convert<scalar_t, T>;
+    const T inv_tau = K.inv_tau;
+    const bool keep_x = K.cap_on || K.ce_own_lse || !K.soft;
+    if (keep_x) {
+      load_chunk(s_row_ + c0, n, B.x);
+      sp_ = B.x;
+      if (K.cap_on) {
+        const T cap = K.cap, inv_cap = K.inv_cap;
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) B.sp[i] = softcap(B.x[i], cap, inv_cap);
+        sp_ = B.sp;
+      }
+      if (K.soft) {
+        const T* __restrict__ sp = sp_;
+        DOPS_SIMD
+        for (int64_t i = 0; i < n; ++i) B.a[i] = sp[i] * inv_tau;
+      }
+    } else {
+      const scalar_t* __restrict__ src = s_row_ + c0;
       DOPS_SIMD
-      for (int64_t i = 0; i < n; ++i) B.sp[i] = softcap(B.x[i], cap, inv_cap);
-      sp_ = B.sp;
+      for (int64_t i = 0; i < n; ++i) B.a[i] = C::load(src[i]) * inv_tau;
     }
     if (K.soft) {
-      const T inv_tau = K.inv_tau;
-      const T* __restrict__ sp = sp_;
-      DOPS_SIMD
-      for (int64_t i = 0; i < n; ++i) B.a[i] = sp[i] * inv_tau;
-      load_chunk(t_row_ + c0, n, B.b);
       if (K.cap_on) {
+        load_chunk(t_row_ + c0, n, B.b);
         const T cap = K.cap, inv_cap = K.inv_cap;
         DOPS_SIMD
         for (int64_t i = 0; i < n; ++i) B.b[i] = softcap(B.b[i], cap, inv_cap) * inv_tau;
       } else {
+        const scalar_t* __restrict__ src = t_row_ + c0;
         DOPS_SIMD
-        for (int64_t i = 0; i < n; ++i) B.b[i] = B.b[i] * inv_tau;
+        for (int64_t i = 0; i < n; ++i) B.b[i] = C::load(src[i]) * inv_tau;
       }
     }
   }
