@@ -266,7 +266,7 @@ class DistillOps(Provider):
         if case.suite != "dense":
             try:  # the sparse ops have their own (smaller) set of backends, per op kind
                 sparse_resolve = importlib.import_module("distill_ops.ops.sparse").resolve
-                kind = "loss" if case.suite == "sparse" else "teacher"
+                kind = "loss" if case.suite == "sparse" else "topk"
 
                 def resolve(name, dev):
                     return sparse_resolve(name, dev, kind)

@@ -54,7 +54,7 @@ def _teacher(shapes, dtypes) -> None:
             t = torch.randn(n, v, device=DEV, dtype=dtype)
             for k in sorted({1, min(v, 5), min(v, 64), v if v <= 2048 else 2048}):
                 distill_ops.teacher_topk(t, k, backend=BACKEND)
-            distill_ops.teacher_sample(t, 8, backend=BACKEND)
+    # teacher_sample has no CUDA kernel yet (backend="cuda" refuses it): nothing to sanitize.
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,4 +149,14 @@ TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int6
   return call;
 }
 
+TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double temperature,
+                              c10::DeviceType device_type) {
+  const char* op = "distill_ops_native::teacher_topk: ";
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              "temperature must be finite and > 0, got ", temperature);
+  TeacherCall call = prepare_teacher_call(op, teacher, k, device_type);
+  call.args.inv_tau = 1.0 / temperature;
+  return call;
+}
+
 }  // namespace distill_ops

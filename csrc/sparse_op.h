@@ -38,4 +38,8 @@ struct TeacherCall {
 TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int64_t k,
                                  c10::DeviceType device_type);
 
+// prepare_teacher_call for teacher_topk, with its temperature checked and set (CPU and CUDA).
+TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double temperature,
+                              c10::DeviceType device_type);
+
 }  // namespace distill_ops

@@ -267,3 +267,11 @@ def test_cuda_large(dtype):
     pick = lambda x: type(x)(x.ids[same_rows], x.logprobs[same_rows],  # noqa: E731
                              x.tail_logmass[same_rows])
     _same_targets(pick(a), pick(b))
+
+
+@pytest.mark.cuda
+def test_cuda_backend_refused_for_sampling():
+    """The compiled CUDA extension has no sampling kernel: naming it is a clear error."""
+    require_backend("cuda", "cuda")
+    with pytest.raises(RuntimeError, match="no teacher sampling kernel"):
+        teacher_sample(torch.randn(2, 10, device="cuda"), 4, backend="cuda")

@@ -159,9 +159,63 @@ def test_errors(backend):
         teacher_topk(t, 2, backend="gpu")
 
 
-def test_cuda_backend_refused():
+def test_cuda_backend_refused_on_cpu_tensors():
     with pytest.raises(RuntimeError, match="cannot run here|no sparse-target kernels"):
         teacher_topk(torch.randn(2, 10), 2, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernel (radix select; csrc/cuda/teacher_cuda.cu), on a GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n,v,k,temperature", [(1, 1, 1, 1.0), (3, 7, 3, 0.6), (5, 1000, 64, 1.0),
+                                               (2, 1000, 1000, 2.5), (3, 4099, 1000, 0.8),
+                                               (4, 128256, 64, 1.5), (2, 151936, 3, 1.0)])
+def test_cuda_kernel_matches_oracle(dtype, n, v, k, temperature):
+    require_backend("cuda", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(v + k)
+    t = (torch.randn(n, v, device="cuda", generator=g) * 4).to(dtype)
+    t[0, -1] = 40.0  # the max at the end of the row
+    check_topk(t, k, temperature=temperature, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [1, 9, 31, 700])
+def test_cuda_kernel_ties_nan_inf(k):
+    """Integer logits (ties everywhere, across radix digits and tiles), -0.0 against +0.0, NaN
+    (ranks as +inf) and -inf, with k across a tile boundary."""
+    require_backend("cuda", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(k)
+    t = torch.randint(-3, 3, (4, 1500), device="cuda", generator=g).float()
+    t[1] = 0.0
+    t[1, 1::2] = -0.0
+    t[2, 5:900:7] = -torch.inf
+    out = check_topk(t, k, backend="cuda")
+    assert torch.equal(out.ids[1].long().cpu(), torch.arange(k))
+    t[3, 10] = torch.nan
+    out = teacher_topk(t, k, backend="cuda")
+    ref = teacher_topk(t.cpu(), k, backend="cpu")
+    assert torch.equal(out.ids.cpu(), ref.ids)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_tiny_tail():
+    require_backend("cuda", "cuda")
+    t = torch.full((2, 5000), -60.0, device="cuda", dtype=torch.float32)
+    t[:, 7] = 0.0
+    out = check_topk(t, 1, backend="cuda")
+    assert float(out.tail_logmass[0]) < -50.0  # log(4999) - 60, not -inf and not 0
+
+
+@pytest.mark.cuda
+def test_auto_does_not_pick_the_cuda_kernel(monkeypatch):
+    from distill_ops.ops.sparse import resolve
+
+    monkeypatch.delenv("DISTILL_OPS_BACKEND", raising=False)
+    assert resolve("auto", torch.device("cuda"), "topk") != "cuda"
 
 
 def test_auto_backend_on_cpu(monkeypatch):
@@ -171,7 +225,7 @@ def test_auto_backend_on_cpu(monkeypatch):
 
     monkeypatch.delenv("DISTILL_OPS_BACKEND", raising=False)
     want = "cpu" if backends.native_status("cpu")[0] else "torch"
-    assert resolve("auto", torch.device("cpu")) == want
+    assert resolve("auto", torch.device("cpu"), "topk") == want
     t = torch.randn(3, 50)
     a = teacher_topk(t, 5)
     b = teacher_topk(t, 5, backend="torch")

@@ -310,11 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher(TeacherCall& call, Ro
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(const at::Tensor& teacher,
                                                                 int64_t k, double temperature) {
-  const char* op = "distill_ops_native::teacher_topk: ";
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              "temperature must be finite and > 0, got ", temperature);
-  TeacherCall call = prepare_teacher_call(op, teacher, k, c10::DeviceType::CPU);
-  call.args.inv_tau = 1.0 / temperature;
+  TeacherCall call = prepare_topk_call(teacher, k, temperature, c10::DeviceType::CPU);
   return run_teacher(call, topk_f32, topk_bf16, topk_f16, topk_f64);
 }
 

@@ -3,10 +3,10 @@ for the loss, autograd: the forward computes the gradient in its streaming passe
 scales it (as ops/dense.py does).
 
 Dispatch: the sparse kernels exist in the reference (pure torch), Triton and the compiled CPU
-backend; the compiled CUDA backend has the loss only. ``auto`` picks Triton on a GPU (where triton
-imports), the compiled CPU kernels on the CPU (where the extension loads), the reference otherwise;
-the CUDA loss kernel runs when named (backend="cuda"); naming "cuda" for the teacher ops is an
-error.
+backend; the compiled CUDA backend has the loss and teacher top-k (no sampling). ``auto`` picks
+Triton on a GPU (where triton imports), the compiled CPU kernels on the CPU (where the extension
+loads), the reference otherwise; the CUDA kernels run only when named (backend="cuda": they have
+not been run on a GPU yet); naming "cuda" for teacher sampling is an error.
 """
 
 from __future__ import annotations
@@ -28,21 +28,21 @@ _SPARSE_MODULES = {
 }
 
 
-def resolve(name: str, device: torch.device, kind: str = "teacher") -> str:
-    """The backend that runs a sparse op of ``kind`` ('loss' or 'teacher') on ``device``, or a
-    clear error. The compiled CUDA extension has the loss kernel only, and ``auto`` does not pick
-    it yet (it has not been run on a GPU): it takes backend='cuda' explicitly."""
+def resolve(name: str, device: torch.device, kind: str) -> str:
+    """The backend that runs a sparse op of ``kind`` ('loss', 'topk' or 'sample') on ``device``, or
+    a clear error. The compiled CUDA extension has the loss and top-k kernels, and ``auto`` does
+    not pick them yet (they have not been run on a GPU): they take backend='cuda' explicitly."""
     explicit = name != "auto" or os.environ.get(backends.ENV_VAR, "").strip() not in ("", "auto")
     chosen = backends.resolve(name, device)
     if chosen in ("torch", "triton", "cpu"):
         return chosen
     if explicit:
-        if kind == "loss":
+        if kind in ("loss", "topk"):
             return chosen
         source = "backend" if name != "auto" else backends.ENV_VAR
         raise RuntimeError(
-            f"{source}={chosen!r}: the compiled CUDA extension has no teacher top-k/sampling "
-            "kernels yet; use backend='triton' (GPU) or 'torch'"
+            f"{source}={chosen!r}: the compiled CUDA extension has no teacher sampling kernel "
+            "yet; use backend='triton' (GPU) or 'torch'"
         )
     # auto picked the compiled CUDA backend (dense kernels): fall back within the sparse backends.
     if device.type == "cuda" and backends.triton_status()[0]:

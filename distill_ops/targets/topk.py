@@ -39,14 +39,14 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     first), logprobs float32 (..., k) = log softmax(teacher_logits / temperature) at those ids (the
     full-vocabulary normaliser, so they sum to less than 1), and tail_logmass float32 (...) = log of
     the probability mass outside the k ids (-inf when k == V). One streaming pass per row on the
-    Triton and CPU backends; no (N x V) probability tensor is made. Never differentiated.
+    Triton and CPU backends (a radix select on CUDA); no (N x V) probability tensor is made. Never differentiated.
     """
     x = check.logits("teacher_logits", teacher_logits)
     v = x.shape[-1]
     k = count_arg("k", k, high=v, high_name=f"the vocabulary size V = {v}")
     tau = check.positive("temperature", temperature)
     check.choice("backend", backend, backends.BACKENDS)
-    name = sparse_ops.resolve(backend, x.device)
+    name = sparse_ops.resolve(backend, x.device, "topk")
     if name == "triton" and k > TRITON_MAX_K:
         raise ValueError(f"k must be <= {TRITON_MAX_K} on the Triton backend, got {k}")
     lead = x.shape[:-1]

@@ -1,0 +1,240 @@
+// CUDA kernel of teacher_topk (backends/reference_sparse.py is the contract; csrc/cpu/teacher_cpu.cpp
+// computes the same thing). One block per row (grid-stride over rows), no probability tensor:
+//
+//   radix   the k-th largest ranking key of the row by a most-significant-digit radix select,
+//           8 bits a pass over a shared-memory histogram (4 passes for 32-bit keys, 8 for fp64);
+//           the first pass also builds the row's online normalizer (max, sum exp) of a = x / tau;
+//   select  one pass in id order: every element above the k-th key is taken, and of those equal to
+//           it the lowest ids (a block scan per tile) until there are k; the rest adds
+//           exp(a - m) to the tail sum, so the tail mass is exact however small (no 1 - sum).
+//
+// The k winners are written unsorted (a slot counter); the host then orders them, value
+// descending then id ascending, with two torch sorts (ids are unique, the second sort is stable).
+//
+// Ranking keys: the logit's bits mapped so that unsigned order is float order; NaN ranks as +inf
+// and -0.0 as +0.0 (the CPU kernel and the reference compare values, where they are equal).
+//
+// Not yet run on a GPU: `auto` never picks it (distill_ops/ops/sparse.py); backend="cuda" does.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gather.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "../sparse_op.h"
+#include "dense_kernels.cuh"
+#include "distill_ops/online_softmax.h"
+#include "distill_ops/sparse_args.h"
+
+namespace distill_ops {
+namespace cuda {
+
+namespace {
+
+constexpr int kTopkThreads = 256;
+constexpr int kTopkWarps = kTopkThreads / 32;
+constexpr int kRadixBits = 8;
+constexpr int kBins = 1 << kRadixBits;
+
+template <typename T>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+};
+
+__device__ __forceinline__ uint32_t bits_of(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint64_t bits_of(double x) {
+  return static_cast<uint64_t>(__double_as_longlong(x));
+}
+
+// Unsigned keys in the order of the ranking values (NaN as +inf, -0.0 as +0.0).
+template <typename T>
+__device__ __forceinline__ typename KeyOf<T>::type rank_key(T x) {
+  using K = typename KeyOf<T>::type;
+  constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
+  const T r = x != x ? static_cast<T>(INFINITY) : (x == T(0) ? T(0) : x);
+  const K b = bits_of(r);
+  return (b & sign) ? ~b : (b | sign);
+}
+
+template <typename T>
+struct TopkShared {
+  unsigned int hist[kBins];
+  SoftmaxState<T, double> states[kTopkWarps];
+  double sums[kTopkWarps];
+  int warp_eq[kTopkWarps];
+  typename KeyOf<T>::type prefix;
+  int64_t need;  // how many of the elements whose key prefix matches are still to be taken
+  SoftmaxState<T, double> row;
+  unsigned int slot;
+};
+
+template <typename T>
+__device__ __forceinline__ SoftmaxState<T, double> shfl_state(const SoftmaxState<T, double>& s,
+                                                              int off) {
+  return SoftmaxState<T, double>{__shfl_down_sync(0xffffffffu, s.m, off),
+                                 __shfl_down_sync(0xffffffffu, s.z, off)};
+}
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kTopkThreads)
+    topk_row_kernel(const TeacherArgs A, double* __restrict__ rank_out) {
+  using K = typename KeyOf<T>::type;
+  constexpr int kPasses = static_cast<int>(sizeof(K)) * 8 / kRadixBits;
+  __shared__ TopkShared<T> sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t V = A.v, k = A.k;
+  const T inv_tau = static_cast<T>(A.inv_tau);
+  for (int64_t row = blockIdx.x; row < A.n; row += gridDim.x) {
+    const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
+    K prefix = 0, mask = 0;
+    int64_t need = k;
+    SoftmaxState<T, double> st = SoftmaxState<T, double>::empty();
+    // ---- radix select (pass 0 also builds the normalizer) ----
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int shift = static_cast<int>(sizeof(K)) * 8 - kRadixBits * (pass + 1);
+      for (int b = tid; b < kBins; b += kTopkThreads) sh.hist[b] = 0;
+      __syncthreads();
+      for (int64_t i = tid; i < V; i += kTopkThreads) {
+        const T x = static_cast<T>(t_row[i]);
+        if (pass == 0) {
+          const T a = x * inv_tau;
+          const T sft = st.raise(a);
+          st.z += static_cast<double>(math::exp_(a - sft));
+        }
+        const K key = rank_key(x);
+        if ((key & mask) == prefix) {
+          atomicAdd(&sh.hist[static_cast<int>((key >> shift) & K(kBins - 1))], 1u);
+        }
+      }
+      __syncthreads();
+      if (tid == 0) {
+        // The digit of the k-th largest: walk the bins from the top until `need` is covered.
+        int64_t above = 0;
+        int d = kBins - 1;
+        for (; d > 0; --d) {
+          if (above + static_cast<int64_t>(sh.hist[d]) >= need) break;
+          above += sh.hist[d];
+        }
+        sh.prefix = prefix | (static_cast<K>(d) << shift);
+        sh.need = need - above;
+      }
+      __syncthreads();
+      prefix = sh.prefix;
+      need = sh.need;
+      mask |= static_cast<K>(kBins - 1) << shift;
+      __syncthreads();  // sh.hist and sh.prefix are rewritten by the next pass
+    }
+    const K kth = prefix;  // every bit decided; `need` of the elements equal to it are taken
+
+    // ---- the row's normalizer: warp then block merge ----
+    for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
+    if (lane == 0) sh.states[warp] = st;
+    __syncthreads();
+    if (tid == 0) {
+      SoftmaxState<T, double> r = sh.states[0];
+      for (int w = 1; w < kTopkWarps; ++w) r = merge(r, sh.states[w]);
+      sh.row = r;
+      sh.slot = 0;
+    }
+    __syncthreads();
+    const SoftmaxState<T, double> rs = sh.row;
+    const T m = rs.m == math::neg_inf<T>() ? T(0) : rs.m;  // the shift, as the CPU kernel takes it
+    const double log_z = ::log(rs.z);
+
+    // ---- select in id order; the rest is tail ----
+    double tail = 0.0;
+    int64_t eq_base = 0;  // elements equal to the k-th key in earlier tiles
+    for (int64_t base = 0; base < V; base += kTopkThreads) {
+      const int64_t i = base + tid;
+      const bool valid = i < V;
+      const T x = valid ? static_cast<T>(t_row[i]) : T(0);
+      const K key = rank_key(x);
+      const bool eq = valid && key == kth;
+      const unsigned int ballot = __ballot_sync(0xffffffffu, eq);
+      if (lane == 0) sh.warp_eq[warp] = __popc(ballot);
+      __syncthreads();
+      int64_t before = __popc(ballot & ((1u << lane) - 1u));
+      int64_t tile_eq = 0;
+      for (int w = 0; w < kTopkWarps; ++w) {
+        if (w < warp) before += sh.warp_eq[w];
+        tile_eq += sh.warp_eq[w];
+      }
+      const bool take = valid && (key > kth || (eq && eq_base + before < need));
+      const T a = x * inv_tau;
+      if (take) {
+        const unsigned int s = atomicAdd(&sh.slot, 1u);
+        const int64_t o = row * k + s;
+        A.ids[o] = static_cast<int32_t>(i);
+        // (a - m) - log z, as LogNormalizer: exact near the max
+        A.logprobs[o] =
+            static_cast<float>((static_cast<double>(a) - static_cast<double>(m)) - log_z);
+        rank_out[o] = x != x ? static_cast<double>(INFINITY) : static_cast<double>(x);
+      } else if (valid) {
+        tail += static_cast<double>(math::exp_(a - m));
+      }
+      eq_base += tile_eq;
+      __syncthreads();  // sh.warp_eq is rewritten by the next tile
+    }
+    for (int off = 16; off > 0; off >>= 1) tail += __shfl_down_sync(0xffffffffu, tail, off);
+    if (lane == 0) sh.sums[warp] = tail;
+    __syncthreads();
+    if (tid == 0) {
+      double zt = 0.0;
+      for (int w = 0; w < kTopkWarps; ++w) zt += sh.sums[w];
+      A.tail[row] = static_cast<float>(::log(zt) - log_z);
+    }
+    __syncthreads();  // sh is reused by the next row
+  }
+}
+
+template <typename scalar_t, typename T>
+void launch_topk(const TeacherArgs& A, double* rank, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(A.n, int64_t(1) << 30));
+  topk_row_kernel<scalar_t, T><<<grid, kTopkThreads, 0, stream>>>(A, rank);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tensor& teacher,
+                                                                 int64_t k, double temperature) {
+  c10::cuda::CUDAGuard guard(teacher.device());
+  TeacherCall call = prepare_topk_call(teacher, k, temperature, c10::DeviceType::CUDA);
+  const TeacherArgs& A = call.args;
+  if (A.n == 0) return {call.ids, call.logprobs, call.tail};
+  at::Tensor rank = at::empty({A.n, A.k}, teacher.options().dtype(at::kDouble));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(teacher.device().index()).stream();
+  switch (call.dtype) {
+    case at::kFloat: launch_topk<float, float>(A, rank.data_ptr<double>(), stream); break;
+    case at::kBFloat16:
+      launch_topk<c10::BFloat16, float>(A, rank.data_ptr<double>(), stream);
+      break;
+    case at::kHalf: launch_topk<c10::Half, float>(A, rank.data_ptr<double>(), stream); break;
+    default: launch_topk<double, double>(A, rank.data_ptr<double>(), stream); break;
+  }
+  // Order the winners: by id, then (stable) by value descending, so ties keep the lower id first.
+  const at::Tensor by_id = std::get<1>(at::sort(call.ids, /*dim=*/1));
+  const at::Tensor rank_by_id = rank.gather(1, by_id);
+  const at::Tensor by_value = std::get<1>(at::sort(rank_by_id, /*stable=*/true, /*dim=*/1,
+                                                   /*descending=*/true));
+  const at::Tensor order = by_id.gather(1, by_value);
+  return {call.ids.gather(1, order), call.logprobs.gather(1, order), call.tail};
+}
+
+}  // namespace cuda
+}  // namespace distill_ops
+
+TORCH_LIBRARY_IMPL(distill_ops_native, CUDA, m) {
+  m.impl("teacher_topk", &distill_ops::cuda::teacher_topk_cuda);
+}
