@@ -28,6 +28,7 @@
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/rng.h"
 #include "distill_ops/sparse_args.h"
+#include "distill_ops/topk_rank.h"
 
 namespace distill_ops {
 namespace cpu {
@@ -46,11 +47,6 @@ struct Cand {
 template <typename T>
 DOPS_INLINE bool better(const Cand<T>& x, const Cand<T>& y) {
   return x.value > y.value || (x.value == y.value && x.id < y.id);
-}
-
-template <typename T>
-DOPS_INLINE T rank_value(T x) {
-  return x != x ? static_cast<T>(INFINITY) : x;
 }
 
 constexpr int64_t kGroup = 64;  // the screening unit inside a chunk

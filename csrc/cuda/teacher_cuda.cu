@@ -30,6 +30,7 @@
 #include "dense_kernels.cuh"
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/sparse_args.h"
+#include "distill_ops/topk_rank.h"
 
 namespace distill_ops {
 namespace cuda {
@@ -62,8 +63,8 @@ template <typename T>
 __device__ __forceinline__ typename KeyOf<T>::type rank_key(T x) {
   using K = typename KeyOf<T>::type;
   constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
-  const T r = x != x ? static_cast<T>(INFINITY) : (x == T(0) ? T(0) : x);
-  const K b = bits_of(r);
+  const T r = rank_value(x);
+  const K b = bits_of(r == T(0) ? T(0) : r);  // -0.0 ranks as +0.0: one key for equal values
   return (b & sign) ? ~b : (b | sign);
 }
 
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kTopkThreads)
         // (a - m) - log z, as LogNormalizer: exact near the max
         A.logprobs[o] =
             static_cast<float>((static_cast<double>(a) - static_cast<double>(m)) - log_z);
-        rank_out[o] = x != x ? static_cast<double>(INFINITY) : static_cast<double>(x);
+        rank_out[o] = static_cast<double>(rank_value(x));
       } else if (valid) {
         tail += static_cast<double>(math::exp_(a - m));
       }
