@@ -1,4 +1,4 @@
-"""python -m bench [dense|sparse|topk|all] [--device cuda|cpu] [--quick] [--V ...] [--N ...] ...
+"""python -m bench [dense|sparse|topk|sample|all] [--device cuda|cpu] [--quick] [--V ...] [--N ...] ...
 
 Runs the plan (config.py), one row per (case, provider), writes bench/results/<date>_<device>_<suite>.json
 (rewritten after every row) and prints a summary table to stdout. See bench/README.md.
@@ -26,14 +26,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="GPU: bf16 V=128256 N=8192 and N=256, forward_kl + jsd, fwdbwd, every "
                         "provider; then, while the time budget lasts, V=151936/262144 at N=4096 "
-                        "for the distill_ops kernels and the sparse/topk rows")
+                        "for the distill_ops kernels and the sparse/topk/sample rows")
     p.add_argument("--V", nargs="+", help="vocabulary sizes (space- or comma-separated)")
     p.add_argument("--N", nargs="+", help="rows (tokens)")
     p.add_argument("--dtype", nargs="+", help="bf16 fp16 fp32")
     p.add_argument("--mode", nargs="+", help="fwd bwd fwdbwd")
     p.add_argument("--divergence", nargs="+",
                    help="dense: forward_kl reverse_kl jsd, each optionally with +ce (hard label)")
-    p.add_argument("--k", nargs="+", help="sparse/topk: k")
+    p.add_argument("--k", nargs="+", help="sparse/topk: k; sample: the number of samples")
     p.add_argument("--providers", nargs="+",
                    help="torch-eager torch-compile liger distill_ops:triton distill_ops:cuda "
                         "distill_ops:cpu distill_ops:torch (default: per suite and device)")

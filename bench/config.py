@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
-SUITES = ("dense", "sparse", "topk")
+SUITES = ("dense", "sparse", "topk", "sample")
+# Suites that time the teacher side (a forward only, no gradient): top-k and sampled targets.
+TEACHER_SUITES = ("topk", "sample")
 MODES = ("fwd", "bwd", "fwdbwd")
 # Dense cases: a divergence, optionally with the hard-label (cross-entropy) term, written "+ce".
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -24,7 +26,8 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 FULL_V = (32000, 128256, 151936, 262144)
 FULL_N = (1024, 4096, 8192, 16384)
 FULL_DTYPES = ("bf16", "fp16", "fp32")
-DEFAULT_K = (64,)
+DEFAULT_K = (64,)  # top-k size, and the number of samples of the sample suite
+CPU_SAMPLE_N = (32,)
 
 # Providers per suite and device (names as in providers.py), in the order rows are printed.
 GPU_DENSE = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda")
@@ -35,14 +38,14 @@ DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
 
 # --quick on a GPU: the key rows first, then optional ones while the time budget lasts.
 QUICK_GPU_BUDGET_S = 240.0
-# --quick sparse/topk rows (optional): no torch.compile there, its compilations cost the most time.
+# --quick sparse/topk/sample rows (optional): no torch.compile there, its compilations cost the most time.
 QUICK_SPARSE = ("torch-eager", "distill_ops:triton", "distill_ops:cuda")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    suite: str            # dense | sparse | topk
-    divergence: str       # forward_kl | reverse_kl | jsd (sparse: forward_kl; topk: "topk")
+    suite: str            # dense | sparse | topk | sample
+    divergence: str       # forward_kl | reverse_kl | jsd (sparse: forward_kl; topk, sample: the suite)
     hard_label: bool      # dense only: add the hard-label cross-entropy term
     dtype: str            # bf16 | fp16 | fp32
     n: int
@@ -101,8 +104,9 @@ def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=Fal
         for v in vs:
             for n in ns:
                 for k in ks:
-                    for mode in (("fwd",) if suite == "topk" else modes):
-                        div = "topk" if suite == "topk" else "forward_kl"
+                    teacher = suite in TEACHER_SUITES
+                    for mode in (("fwd",) if teacher else modes):
+                        div = suite if teacher else "forward_kl"
                         cases.append(Case(suite, div, False, dtype, n, v, mode, k=k,
                                           providers=providers, optional=optional))
     return cases
@@ -125,7 +129,7 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
         if "dense" in suites:
             cases += _dense_cases(("forward_kl", "jsd"), ("bf16",), (4096,), (151936, 262144),
                                   ("fwdbwd",), providers=DISTILL_GPU, optional=True)
-        for s in ("sparse", "topk"):
+        for s in ("sparse",) + TEACHER_SUITES:
             if s in suites:
                 cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,
                                        providers=QUICK_SPARSE, optional=True)
@@ -147,7 +151,9 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
             raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
     if "dense" in suites:
         cases += _dense_cases(divergence or d_divs, dtypes, ns, vs, modes)
-    for s in ("sparse", "topk"):
+    for s in ("sparse",) + TEACHER_SUITES:
         if s in suites:
-            cases += _sparse_cases(s, dtypes, ns, vs, modes, k or DEFAULT_K)
+            # CPU sampling: S x V Gumbel draws per row (two logs each), ~100x a top-k: fewer rows.
+            s_ns = ns if (N or gpu or s != "sample") else CPU_SAMPLE_N
+            cases += _sparse_cases(s, dtypes, s_ns, vs, modes, k or DEFAULT_K)
     return cases

@@ -53,7 +53,7 @@ def make(case, n: int, device: torch.device, *, seed_offset: int = 0) -> dict:
         teacher = _logits(n, case.v, dtype, device, gen)
         out["ids"], out["logw"] = sparse_targets(teacher, case.k)
         del teacher
-    elif case.suite == "topk":
+    elif case.suite in ("topk", "sample"):
         out["teacher"] = _logits(n, case.v, dtype, device, gen)
     else:  # pragma: no cover - config validates suites
         raise ValueError(case.suite)
@@ -85,6 +85,7 @@ def floor_bytes(case, n: int) -> int:
     dense  fwd: student + teacher;  fwdbwd: student + teacher + gradient;  bwd: gradient only
     sparse fwd: student + targets;  fwdbwd: student + targets + gradient;  bwd: gradient only
     topk   fwd: teacher + the k ids (int64) and log-probabilities (fp32) written per row
+    sample fwd: the same, k = the number of samples (compute-bound: S x V noise draws per row)
     All in the input dtype. ``bwd`` rows time only what runs after the forward; for kernels that
     write the gradient in the forward their floor fraction is not a bandwidth statement.
     """

@@ -115,6 +115,21 @@ def eager_topk(teacher, k: int):
     return ids, values
 
 
+def eager_sample(teacher, num_samples: int):
+    """num_samples teacher ids per row drawn with replacement (torch.multinomial over the softmax),
+    merged into unique ids (-1 pads the duplicates) weighted by count / num_samples: sampled
+    targets as users write them."""
+    probs = F.softmax(teacher.float(), dim=-1)
+    ids = torch.multinomial(probs, num_samples, replacement=True).sort(-1).values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = first.long().cumsum(-1) - 1
+    ones = torch.ones(ids.shape, device=ids.device)
+    counts = torch.zeros_like(ones).scatter_add_(1, group, ones).gather(1, group)
+    logw = torch.where(first, (counts / num_samples).log(), -torch.inf)
+    return torch.where(first, ids, -1), logw
+
+
 # ----------------------------------------------------------------------------- providers
 
 class Provider:
@@ -142,7 +157,8 @@ class TorchEager(Provider):
             return _call_dense(eager_dense(case.divergence, case.hard_label), case)
         if case.suite == "sparse":
             return lambda x: eager_sparse_kd(x["student"], x["ids"], x["logw"])
-        return lambda x: eager_topk(x["teacher"], case.k)
+        teacher_fn = eager_sample if case.suite == "sample" else eager_topk
+        return lambda x: teacher_fn(x["teacher"], case.k)
 
 
 class TorchCompile(Provider):
@@ -164,7 +180,8 @@ class TorchCompile(Provider):
             fn = torch.compile(eager_sparse_kd, dynamic=False)
             return lambda x: fn(x["student"], x["ids"], x["logw"])
         k = case.k
-        fn = torch.compile(lambda t: eager_topk(t, k), dynamic=False)
+        teacher_fn = eager_sample if case.suite == "sample" else eager_topk
+        fn = torch.compile(lambda t: teacher_fn(t, k), dynamic=False)
         return lambda x: fn(x["teacher"])
 
 
@@ -243,7 +260,8 @@ class DistillOps(Provider):
     # The public name, then where the function lives in case it is not re-exported yet.
     APIS = {"dense": ("kd_loss", "distill_ops.functional"),
             "sparse": ("sparse_kd_loss", "distill_ops.sparse"),
-            "topk": ("teacher_topk", "distill_ops.targets.topk")}
+            "topk": ("teacher_topk", "distill_ops.targets.topk"),
+            "sample": ("teacher_sample", "distill_ops.targets.sample")}
 
     def _api(self, suite: str) -> Callable:
         pkg = self._package()
@@ -264,12 +282,8 @@ class DistillOps(Provider):
 
         resolve = backends.resolve
         if case.suite != "dense":
-            try:  # the sparse ops have their own (smaller) set of backends, per op kind
-                sparse_resolve = importlib.import_module("distill_ops.ops.sparse").resolve
-                kind = "loss" if case.suite == "sparse" else "topk"
-
-                def resolve(name, dev):
-                    return sparse_resolve(name, dev, kind)
+            try:  # the sparse ops have their own (smaller) set of backends
+                resolve = importlib.import_module("distill_ops.ops.sparse").resolve
             except (ImportError, AttributeError):
                 pass
         try:
@@ -292,9 +306,9 @@ class DistillOps(Provider):
             sparse = self._api("sparse")
             return lambda x: sparse(x["student"], x["ids"], x["logw"], temperature=TEMPERATURE,
                                     backend=b)
-        topk = self._api("topk")
+        teacher_fn = self._api(case.suite)
         k = case.k
-        return lambda x: topk(x["teacher"], k, backend=b)
+        return lambda x: teacher_fn(x["teacher"], k, backend=b)
 
 
 def get(name: str) -> Provider:

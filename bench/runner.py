@@ -17,7 +17,7 @@ from . import providers as prov
 # Bytes of fp32 (N x V) temporaries an eager-style provider holds at its peak, per divergence
 # (forward+backward; a forward alone holds about 60 %). Used only to shrink N before a row is tried;
 # a row that still runs out of memory is retried at N / 2 (twice at most).
-EAGER_FACTOR = {"forward_kl": 6, "reverse_kl": 7, "jsd": 12, "topk": 3}
+EAGER_FACTOR = {"forward_kl": 6, "reverse_kl": 7, "jsd": 12, "topk": 3, "sample": 3}
 SHRINK_HEADROOM = 0.9
 OOM_RETRIES = 2
 
@@ -46,7 +46,7 @@ def estimate_bytes(case, provider, n: int, copies: int) -> int:
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
     nv = n * case.v
     total = inputs.set_bytes(case, n) * copies
-    grad = nv * elem if (case.mode != "fwd" and case.suite != "topk") else 0
+    grad = nv * elem if (case.mode != "fwd" and case.suite in ("dense", "sparse")) else 0
     total += grad
     if provider.family == "baseline":
         factor = EAGER_FACTOR.get(case.divergence, 6) + (2 if case.hard_label else 0)

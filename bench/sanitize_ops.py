@@ -54,7 +54,9 @@ def _teacher(shapes, dtypes) -> None:
             t = torch.randn(n, v, device=DEV, dtype=dtype)
             for k in sorted({1, min(v, 5), min(v, 64), v if v <= 2048 else 2048}):
                 distill_ops.teacher_topk(t, k, backend=BACKEND)
-    # teacher_sample has no CUDA kernel yet (backend="cuda" refuses it): nothing to sanitize.
+            # sample groups of 1, 2, 4 and 8 (S = 13: a partial group), and the column splits
+            for s in (1, 2, 3, 13):
+                distill_ops.teacher_sample(t, s, proposal_temperature=1.5, seed=s, backend=BACKEND)
 
 
 def main(argv: list[str] | None = None) -> int:

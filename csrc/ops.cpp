@@ -119,6 +119,9 @@ TORCH_LIBRARY(distill_ops_native, m) {
   m.def(
       "teacher_sample(Tensor teacher, int num_samples, float inv_prop, float delta, "
       "int seed_key) -> (Tensor, Tensor, Tensor)");
+  // The raw draws of teacher_sample, int64 (N, num_samples) ids, before duplicates are merged:
+  // the CUDA path merges them with reference_sparse.merge_draws (one definition of the weights).
+  m.def("teacher_sample_draws(Tensor teacher, int num_samples, float inv_prop, int seed_key) -> Tensor");
 }
 
 // The Python module: no functions, only flags; importing it loads the library above.

@@ -118,8 +118,10 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
   return call;
 }
 
-TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int64_t k,
-                                 c10::DeviceType device_type) {
+namespace {
+
+// The checks and geometry the teacher ops share; the outputs are allocated by the callers.
+TeacherCall teacher_call(const char* op, const at::Tensor& teacher, c10::DeviceType device_type) {
   TORCH_CHECK(teacher.device().type() == device_type, op, "teacher is on ", teacher.device(),
               ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
   TORCH_CHECK(teacher.dim() == 2, op, "teacher must be 2-D (N, V), got shape ", teacher.sizes());
@@ -127,35 +129,65 @@ TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int6
               "teacher must be float32, bfloat16, float16 or float64, got ", teacher.scalar_type());
   const int64_t n = teacher.size(0), v = teacher.size(1);
   TORCH_CHECK(v >= 1, op, "the vocabulary (teacher.size(1)) must not be empty");
-  TORCH_CHECK(k >= 1 && k <= v, op, "k must be in [1, V = ", v, "], got ", k);
   TORCH_CHECK(v <= std::numeric_limits<int32_t>::max(), op, "V = ", v, " does not fit int32 ids");
   TORCH_CHECK(v <= 1 || teacher.stride(1) == 1, op,
               "teacher must have unit stride on the last axis, got strides ", teacher.strides());
   TORCH_CHECK(teacher.stride(0) >= 0, op, "teacher has a negative row stride");
   TeacherCall call;
   call.dtype = teacher.scalar_type();
-  call.ids = at::empty({n, k}, teacher.options().dtype(at::kInt));
-  call.logprobs = at::empty({n, k}, teacher.options().dtype(at::kFloat));
-  call.tail = at::empty({n}, teacher.options().dtype(at::kFloat));
   TeacherArgs& a = call.args;
   a.teacher = teacher.data_ptr();
-  a.ids = call.ids.data_ptr<int32_t>();
-  a.logprobs = call.logprobs.data_ptr<float>();
-  a.tail = call.tail.data_ptr<float>();
   a.n = n;
   a.v = v;
-  a.k = k;
   a.stride_t = teacher.stride(0);
   return call;
 }
+
+// ids int32 (N, k), logprobs float32 (N, k), tail float32 (N,).
+void allocate_targets(TeacherCall& call, const at::Tensor& teacher, int64_t k) {
+  const int64_t n = call.args.n;
+  call.ids = at::empty({n, k}, teacher.options().dtype(at::kInt));
+  call.logprobs = at::empty({n, k}, teacher.options().dtype(at::kFloat));
+  call.tail = at::empty({n}, teacher.options().dtype(at::kFloat));
+  call.args.ids = call.ids.data_ptr<int32_t>();
+  call.args.logprobs = call.logprobs.data_ptr<float>();
+  call.args.tail = call.tail.data_ptr<float>();
+  call.args.k = k;
+}
+
+}  // namespace
 
 TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double temperature,
                               c10::DeviceType device_type) {
   const char* op = "distill_ops_native::teacher_topk: ";
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
               "temperature must be finite and > 0, got ", temperature);
-  TeacherCall call = prepare_teacher_call(op, teacher, k, device_type);
+  TeacherCall call = teacher_call(op, teacher, device_type);
+  TORCH_CHECK(k >= 1 && k <= call.args.v, op, "k must be in [1, V = ", call.args.v, "], got ", k);
+  allocate_targets(call, teacher, k);
   call.args.inv_tau = 1.0 / temperature;
+  return call;
+}
+
+TeacherCall prepare_sample_call(const char* op, const at::Tensor& teacher, int64_t num_samples,
+                                double inv_prop, int64_t seed_key, bool draws_only,
+                                c10::DeviceType device_type) {
+  TORCH_CHECK(std::isfinite(inv_prop) && inv_prop > 0.0, op,
+              "inv_prop must be finite and > 0, got ", inv_prop);
+  TORCH_CHECK(seed_key >= 0 && seed_key <= 0xFFFFFFFFll, op, "seed_key must be a 32-bit key, got ",
+              seed_key);
+  // Draws are with replacement: num_samples may exceed V.
+  TORCH_CHECK(num_samples >= 1, op, "num_samples must be >= 1, got ", num_samples);
+  TeacherCall call = teacher_call(op, teacher, device_type);
+  if (draws_only) {
+    call.ids = at::empty({call.args.n, num_samples}, teacher.options().dtype(at::kLong));
+    call.args.draws = call.ids.data_ptr<int64_t>();
+    call.args.k = num_samples;
+  } else {
+    allocate_targets(call, teacher, num_samples);
+  }
+  call.args.inv_prop = inv_prop;
+  call.args.seed_key = static_cast<uint32_t>(seed_key);
   return call;
 }
 

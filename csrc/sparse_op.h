@@ -35,11 +35,15 @@ struct TeacherCall {
   at::ScalarType dtype;
 };
 
-TeacherCall prepare_teacher_call(const char* op, const at::Tensor& teacher, int64_t k,
-                                 c10::DeviceType device_type);
-
-// prepare_teacher_call for teacher_topk, with its temperature checked and set (CPU and CUDA).
+// A validated teacher_topk call, its temperature checked and set (CPU and CUDA).
 TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double temperature,
                               c10::DeviceType device_type);
+
+// A validated teacher_sample call (outputs ids, logprobs, tail of (N, num_samples)) or,
+// with `draws_only`, for teacher_sample_draws (output: the int64 draws (N, num_samples) in `ids`;
+// the caller merges them); inv_prop and seed_key are checked and set (CPU and CUDA).
+TeacherCall prepare_sample_call(const char* op, const at::Tensor& teacher, int64_t num_samples,
+                                double inv_prop, int64_t seed_key, bool draws_only,
+                                c10::DeviceType device_type);
 
 }  // namespace distill_ops

@@ -190,7 +190,7 @@ def sparse_kd_loss(
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
 
-    name = resolve_backend(backend, student.device, "loss")
+    name = resolve_backend(backend, student.device)
     if name == "triton" and ids.shape[-1] > TRITON_MAX_K:
         raise ValueError(f"target_ids has k = {ids.shape[-1]} slots; the Triton backend takes at "
                          f"most {TRITON_MAX_K}")

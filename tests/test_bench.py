@@ -30,8 +30,8 @@ def test_run_writes_every_row(result):
     assert doc["device"]["type"] == "cpu" and doc["commit"]
     assert doc["copy_bandwidth"]["gb_per_s"] > 0
     rows = doc["rows"]
-    # dense: 2 cases, sparse: 1, topk: 1; four providers each, none dropped.
-    assert len(rows) == 4 * 4
+    # dense: 2 cases, sparse: 1, topk: 1, sample: 1; four providers each, none dropped.
+    assert len(rows) == 5 * 4
     by = {(r["suite"], r["divergence"], r["hard_label"], r["provider"]): r for r in rows}
     eager = by[("dense", "forward_kl", False, "torch-eager")]
     assert eager["status"] == "ok" and eager["ms_median"] > 0 and eager["bytes"] == 3 * 4 * 64 * 4
@@ -44,6 +44,8 @@ def test_run_writes_every_row(result):
     assert native["status"] in ("ok", "unavailable")
     assert by[("sparse", "forward_kl", False, "torch-eager")]["status"] == "ok"
     assert by[("topk", "topk", False, "torch-eager")]["status"] == "ok"
+    assert by[("sample", "sample", False, "torch-eager")]["status"] == "ok"
+    assert by[("sample", "sample", False, "distill_ops:torch")]["status"] == "ok"
     for r in rows:
         assert r["status"] in ("ok", "unavailable", "missing", "error")
         if r["status"] != "ok":

@@ -253,14 +253,15 @@ def test_reference_chunking_does_not_change_draws(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_large(dtype):
-    """N=512, V=128256, 64 samples: Triton on CUDA draws what the reference draws (allowing a
-    handful of near-tie flips from the GPU's log approximations)."""
-    require_backend("triton", "cuda")
+def test_cuda_large(backend, dtype):
+    """N=512, V=128256, 64 samples: Triton and the CUDA kernel draw what the reference draws on the
+    GPU (allowing a handful of near-tie flips from log approximations)."""
+    require_backend(backend, "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     t = (torch.randn(512, 128256, device="cuda", generator=g) * 4).to(dtype)
-    a = teacher_sample(t, 64, proposal_temperature=1.5, seed=1, backend="triton")
+    a = teacher_sample(t, 64, proposal_temperature=1.5, seed=1, backend=backend)
     b = teacher_sample(t, 64, proposal_temperature=1.5, seed=1, backend="torch")
     same_rows = (a.ids.sort(-1).values == b.ids.sort(-1).values).all(-1)
     assert same_rows.float().mean().item() > 0.99
@@ -270,8 +271,83 @@ def test_cuda_large(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_backend_refused_for_sampling():
-    """The compiled CUDA extension has no sampling kernel: naming it is a clear error."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n,v,s", [(5, 37, 8), (3, 300, 13), (4, 5, 32), (2, 1, 3), (1, 70000, 64),
+                                   (2, 20000, 2), (6, 4099, 1)])
+def test_cuda_kernel_draws_the_reference_ids(dtype, n, v, s):
+    """The CUDA sampling kernel against the reference on the same GPU: groups of 1/2/4/8 samples,
+    S not a multiple of the group, and few long rows (the column-split path)."""
     require_backend("cuda", "cuda")
-    with pytest.raises(RuntimeError, match="no teacher sampling kernel"):
-        teacher_sample(torch.randn(2, 10, device="cuda"), 4, backend="cuda")
+    g = torch.Generator(device="cuda").manual_seed(v + s)
+    t = (torch.randn(n, v, device="cuda", generator=g) * 3).to(dtype)
+    t[0, : min(v, 4)] = 2.0  # ties in the logits
+    a = teacher_sample(t, s, temperature=1.3, proposal_temperature=1.7, seed=9, backend="torch")
+    b = teacher_sample(t, s, temperature=1.3, proposal_temperature=1.7, seed=9, backend="cuda")
+    _same_targets(a, b)
+    assert torch.equal(a.ids, b.ids) and torch.isneginf(b.tail_logmass).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("v,s", [(37, 8), (1300, 13), (3, 16)])
+def test_raw_draws_merged_on_the_host_equal_the_fused_op(dtype, v, s):
+    """The CUDA path's pieces on the CPU: the teacher_sample_draws op (the kernel's raw ids) merged
+    by native.merge_sampled (reference_sparse.merge_draws) equals the CPU kernel's fused op."""
+    require_backend("cpu")
+    from distill_ops.backends import native
+
+    t = _logits(6, v, seed=v, dtype=dtype)
+    fp = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_prop = torch.tensor(1 / (1.2 * 1.5), dtype=fp)
+    delta = torch.tensor(1 / 1.2, dtype=fp) - inv_prop
+    draws = native.sample_draws(t, s, inv_prop, rng.seed_key(3))
+    assert draws.dtype == torch.int64 and draws.shape == (6, s)
+    assert 0 <= draws.min() and draws.max() < v
+    got = native.merge_sampled(t, draws, delta)
+    want = teacher_sample(t, s, temperature=1.2, proposal_temperature=1.5, seed=3, backend="cpu")
+    assert torch.equal(got[0], want.ids) and torch.equal(got[2], want.tail_logmass)
+    torch.testing.assert_close(got[1], want.logprobs, rtol=1e-6, atol=1e-7)
+
+
+def test_raw_draws_op_refuses_bad_arguments():
+    require_backend("cpu")
+    op = torch.ops.distill_ops_native.teacher_sample_draws
+    t = torch.randn(2, 10)
+    for args, match in [((t, 0, 1.0, 1), "num_samples"), ((t, 4, 0.0, 1), "inv_prop"),
+                        ((t, 4, float("nan"), 1), "inv_prop"), ((t, 4, 1.0, -1), "seed_key"),
+                        ((t, 4, 1.0, 1 << 32), "seed_key"), ((t[:, :0], 4, 1.0, 1), "vocabulary"),
+                        ((t.int(), 4, 1.0, 1), "float32"), ((t[0], 4, 1.0, 1), "2-D")]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_pruned_race_draws_the_reference_ids(dtype):
+    """Peaked rows (most columns more than kGumbelMax below the max: skipped by the CPU kernel's
+    exact pruning), a row whose max is tied across chunks, a row of -inf but one column, a row of
+    -inf only, and rows where nothing is pruned."""
+    require_backend("cpu")
+    t = _logits(8, 3000, seed=21, spread=12.0).to(torch.float64)
+    t[1] = -30.0
+    t[1, [5, 700, 2999]] = 4.0  # the max three times, in three chunks
+    t[2] = -torch.inf
+    t[2, 1234] = 0.0
+    t[3] = -torch.inf
+    t[4] = t[4] * 0.05  # nothing pruned
+    t[5, 2000:] = -torch.inf
+    t = t.to(dtype)
+    for tp in (1.0, 3.0):
+        a = teacher_sample(t, 24, temperature=0.8, proposal_temperature=tp, seed=6, backend="torch")
+        b = teacher_sample(t, 24, temperature=0.8, proposal_temperature=tp, seed=6, backend="cpu")
+        _same_targets(a, b)
+        assert torch.equal(a.ids, b.ids)
+    assert set(b.ids[1][b.ids[1] >= 0].tolist()) <= {5, 700, 2999}
+    assert b.ids[2, 0] == 1234 and b.ids[3, 0] == 0
+
+
+def test_gumbel_bound_holds_for_the_largest_uniform():
+    """kGumbelMax (csrc/include/distill_ops/rng.h) bounds the noise: the largest u the noise makes,
+    (2^23 - 0.5) / 2^23, gives -log(-log(u)) = 16.6355 in float32 and float64."""
+    u = torch.tensor([(2**23 - 0.5) / 2**23], dtype=torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        g = -torch.log(-torch.log(u.to(dtype)))
+        assert 16.6 < g.item() < 16.7

@@ -10,8 +10,9 @@
 // cannot enter) and only the few elements above the k-th best are handled one at a time.
 //
 // Sampling: num_samples Gumbel-max races over the row on the counter-based noise of
-// csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), then duplicates
-// are merged and weighted as in reference_sparse._dedupe.
+// csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), started at the
+// row's largest logit and skipping the columns too far below it to win (rng::kGumbelMax: exact);
+// then duplicates are merged and weighted as in reference_sparse.merge_draws.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -178,48 +179,93 @@ DOPS_INLINE void topk_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
 // ------------------------------------------------------------------------------------------------
 // sampling
 
+// One sample's race over a candidate column: a higher score, or the same score at a lower id.
+template <typename T>
+DOPS_INLINE void race(T score, int64_t j, T& best, int64_t& best_id) {
+  if (score > best || (score == best && j < best_id)) {
+    best = score;
+    best_id = j;
+  }
+}
+
 template <typename scalar_t, typename T>
 DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
   const int64_t V = A.v, S = A.k;
   const T inv_prop = static_cast<T>(A.inv_prop);
   const T delta = static_cast<T>(A.delta);
+  const T gmax = static_cast<T>(rng::kGumbelMax);
   std::vector<uint32_t> skey(S);
   std::vector<T> best(S), x_at(S), lw(S);
   std::vector<int64_t> best_id(S), order(S);
   std::vector<char> first(S);
   alignas(64) T a[kChunk];
-  alignas(64) T score[kChunk];
-  alignas(64) uint32_t vkey[kChunk];
+  int64_t cand[kChunk];  // pass 2: the chunk's columns that may still win
+  const auto scaled_chunk = [&](const scalar_t* t_row, int64_t c0, int64_t n) {
+    load_chunk(t_row + c0, n, a);
+    T cmax = math::neg_inf<T>();  // NaN ignored: a NaN score never wins
+    DOPS_SIMD_MAX(cmax)
+    for (int64_t i = 0; i < n; ++i) {
+      a[i] = a[i] * inv_prop;
+      cmax = a[i] > cmax ? a[i] : cmax;
+    }
+    return cmax;
+  };
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
     const uint32_t rk = rng::row_key(A.seed_key, row);
-    for (int64_t s = 0; s < S; ++s) {
-      skey[s] = rng::sample_key(rk, s);
-      best[s] = math::neg_inf<T>();
-      best_id[s] = 0;
-    }
+    // Pass 1: the largest a_j and its first column jm. Every sample's score at jm bounds its
+    // winner's from below, so the race starts there and pass 2 skips every column j with
+    // a_j + kGumbelMax below the bound (most of a peaked row).
+    T amax = math::neg_inf<T>();
+    int64_t jm = 0;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-      load_chunk(t_row + c0, n, a);
-      for (int64_t i = 0; i < n; ++i) {
-        a[i] = a[i] * inv_prop;
-        vkey[i] = rng::vocab_key(c0 + i);
+      const T cmax = scaled_chunk(t_row, c0, n);
+      if (cmax > amax) {
+        int64_t i = 0;
+        while (a[i] != cmax) ++i;
+        amax = cmax;
+        jm = c0 + i;
       }
-      for (int64_t s = 0; s < S; ++s) {
-        T bmax = math::neg_inf<T>();
+    }
+    const uint32_t vk_m = rng::vocab_key(jm);
+    for (int64_t s = 0; s < S; ++s) {
+      skey[s] = rng::sample_key(rk, s);
+      // The same score the scan would compute at jm (amax is a_jm, rounded as a chunk's a[i]).
+      best[s] = amax + rng::gumbel<T>(skey[s], vk_m);
+      best_id[s] = jm;
+    }
+    // Nothing beats -inf when every a_j is -inf or NaN: every sample keeps column 0 (the CPU,
+    // CUDA and reference kernels agree).
+    if (amax == math::neg_inf<T>()) {
+      for (int64_t s = 0; s < S; ++s) best_id[s] = 0;
+    } else {
+      // Pass 2: the columns that can still win some sample (a_j + kGumbelMax >= the lowest best).
+      T floor_best = *std::min_element(best.begin(), best.end());
+      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+        const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+        const T cmax = scaled_chunk(t_row, c0, n);
+        if (!(cmax + gmax >= floor_best)) continue;
+        int64_t nc = 0;
         for (int64_t i = 0; i < n; ++i) {
-          // Gumbel noise in the compute dtype, as the reference computes it.
-          const T u = static_cast<T>(rng::uniform(skey[s], vkey[i]));
-          score[i] = a[i] + -std::log(-std::log(u));
-          bmax = score[i] > bmax ? score[i] : bmax;
+          cand[nc] = i;
+          nc += a[i] + gmax >= floor_best ? 1 : 0;
         }
-        if (bmax > best[s]) {  // the lowest id on ties: strict > across chunks, first hit within
-          int64_t i = 0;
-          while (score[i] != bmax) ++i;
-          best[s] = bmax;
-          best_id[s] = c0 + i;
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t i = cand[c], j = c0 + i;
+          const T ai = a[i];
+          const uint32_t vk = rng::vocab_key(j);
+          for (int64_t s = 0; s < S; ++s) {
+            if (ai + gmax < best[s]) continue;
+            race(ai + rng::gumbel<T>(skey[s], vk), j, best[s], best_id[s]);
+          }
         }
+        floor_best = *std::min_element(best.begin(), best.end());
       }
+    }
+    if (A.draws != nullptr) {  // teacher_sample_draws: the caller merges
+      for (int64_t s = 0; s < S; ++s) A.draws[row * S + s] = best_id[s];
+      continue;
     }
     // Merge duplicates: the first draw of each id carries log(count) + x * delta.
     T mx = math::neg_inf<T>();
@@ -315,24 +361,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_sample_cpu(const at::Tens
                                                                   double inv_prop, double delta,
                                                                   int64_t seed_key) {
   const char* op = "distill_ops_native::teacher_sample: ";
-  TORCH_CHECK(std::isfinite(inv_prop) && inv_prop > 0.0, op,
-              "inv_prop must be finite and > 0, got ", inv_prop);
   TORCH_CHECK(std::isfinite(delta), op, "delta must be finite, got ", delta);
-  TORCH_CHECK(seed_key >= 0 && seed_key <= 0xFFFFFFFFll, op, "seed_key must be a 32-bit key, got ",
-              seed_key);
-  // num_samples may exceed V (draws with replacement): check it apart from top-k's k <= V.
-  TORCH_CHECK(num_samples >= 1, op, "num_samples must be >= 1, got ", num_samples);
-  TeacherCall call = prepare_teacher_call(op, teacher, 1, c10::DeviceType::CPU);
-  const int64_t n = teacher.size(0);
-  call.ids = at::empty({n, num_samples}, teacher.options().dtype(at::kInt));
-  call.logprobs = at::empty({n, num_samples}, teacher.options().dtype(at::kFloat));
-  call.args.ids = call.ids.data_ptr<int32_t>();
-  call.args.logprobs = call.logprobs.data_ptr<float>();
-  call.args.k = num_samples;
-  call.args.inv_prop = inv_prop;
+  TeacherCall call = prepare_sample_call(op, teacher, num_samples, inv_prop, seed_key,
+                                         /*draws_only=*/false, c10::DeviceType::CPU);
   call.args.delta = delta;
-  call.args.seed_key = static_cast<uint32_t>(seed_key);
   return run_teacher(call, sample_f32, sample_bf16, sample_f16, sample_f64);
+}
+
+at::Tensor teacher_sample_draws_cpu(const at::Tensor& teacher, int64_t num_samples,
+                                    double inv_prop, int64_t seed_key) {
+  TeacherCall call = prepare_sample_call("distill_ops_native::teacher_sample_draws: ", teacher,
+                                         num_samples, inv_prop, seed_key, /*draws_only=*/true,
+                                         c10::DeviceType::CPU);
+  return std::get<0>(run_teacher(call, sample_f32, sample_bf16, sample_f16, sample_f64));
 }
 
 }  // namespace cpu
@@ -341,4 +382,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_sample_cpu(const at::Tens
 TORCH_LIBRARY_IMPL(distill_ops_native, CPU, m) {
   m.impl("teacher_topk", &distill_ops::cpu::teacher_topk_cpu);
   m.impl("teacher_sample", &distill_ops::cpu::teacher_sample_cpu);
+  m.impl("teacher_sample_draws", &distill_ops::cpu::teacher_sample_draws_cpu);
 }

@@ -54,8 +54,8 @@ def dense_forward(student, teacher, labels, *, divergence, mix, temperature, sof
 
 
 # ----------------------------------------------------------------------------- sparse targets
-# CPU: the loss and the teacher ops (csrc/cpu/sparse_cpu.cpp, teacher_cpu.cpp); CUDA: the loss only
-# (csrc/cuda/sparse_cuda.cu; ops/sparse.py refuses backend="cuda" for the teacher ops).
+# CPU: the loss and the teacher ops (csrc/cpu/sparse_cpu.cpp, teacher_cpu.cpp); CUDA: the loss, the
+# top-k and the sampling draws (csrc/cuda/sparse_cuda.cu, teacher_cuda.cu, sample_cuda.cu).
 
 if _C is not None:
 
@@ -79,6 +79,10 @@ if _C is not None:
         return (teacher.new_empty((n, num_samples), dtype=torch.int32),
                 teacher.new_empty((n, num_samples), dtype=torch.float32),
                 teacher.new_empty((n,), dtype=torch.float32))
+
+    @torch.library.register_fake("distill_ops_native::teacher_sample_draws")
+    def _teacher_sample_draws_fake(teacher, num_samples, inv_prop, seed_key):
+        return teacher.new_empty((teacher.shape[0], num_samples), dtype=torch.int64)
 
 
 def sparse_forward(student, ids, logprobs, tail_logmass, labels, *, divergence, mix, mode,
@@ -104,11 +108,33 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
 def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
                    proposal_temperature: float, seed: int):
     """reference_sparse.sample_forward's contract, run by the compiled kernels: inv_prop and delta
-    are rounded to the compute dtype the way the reference rounds them, so the draws agree."""
+    are rounded to the compute dtype the way the reference rounds them, so the draws agree. On the
+    CPU one kernel draws and merges; on CUDA the kernel draws and reference_sparse.merge_draws
+    merges the duplicates (a few small sorts of (N, num_samples))."""
     from ..targets import rng
 
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
     inv_prop = torch.tensor(1.0 / (temperature * proposal_temperature), dtype=dtype)
     delta = torch.tensor(1.0 / temperature, dtype=dtype) - inv_prop
-    return torch.ops.distill_ops_native.teacher_sample(
-        teacher, int(num_samples), float(inv_prop), float(delta), rng.seed_key(seed))
+    key = rng.seed_key(seed)
+    if teacher.device.type == "cpu":
+        return torch.ops.distill_ops_native.teacher_sample(
+            teacher, int(num_samples), float(inv_prop), float(delta), key)
+    return merge_sampled(teacher, sample_draws(teacher, num_samples, inv_prop, key), delta)
+
+
+def sample_draws(teacher: torch.Tensor, num_samples: int, inv_prop: torch.Tensor,
+                 key: int) -> torch.Tensor:
+    """The raw draws (int64 (N, num_samples)) of teacher_sample, duplicates not merged."""
+    return torch.ops.distill_ops_native.teacher_sample_draws(teacher, int(num_samples),
+                                                             float(inv_prop), key)
+
+
+def merge_sampled(teacher: torch.Tensor, draws: torch.Tensor, delta: torch.Tensor):
+    """sample_forward's outputs from raw draws: merge_draws over the logits at the drawn ids."""
+    from .reference_sparse import merge_draws
+
+    dtype = delta.dtype
+    ids, lps = merge_draws(draws, teacher.gather(1, draws).to(dtype), delta.to(teacher.device))
+    tail = torch.full((teacher.shape[0],), -torch.inf, dtype=torch.float32, device=teacher.device)
+    return ids.to(torch.int32), lps.to(torch.float32), tail

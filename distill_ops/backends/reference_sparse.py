@@ -244,8 +244,9 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
     return ids, lps, tail
 
 
-def _dedupe(best_id: torch.Tensor, x_at: torch.Tensor, delta: torch.Tensor):
-    """Merge duplicate draws: unique ids with log normalised weights log(count) + x delta, ordered
+def merge_draws(best_id: torch.Tensor, x_at: torch.Tensor, delta: torch.Tensor):
+    """Merge duplicate draws (best_id int64 (N, S); x_at, the logits at them, in the compute dtype;
+    delta, 0-dim in that dtype): unique ids with log normalised weights log(count) + x delta, ordered
     by weight descending then id ascending, padded with (-1, -inf)."""
     sorted_ids, order = torch.sort(best_id, dim=-1, stable=True)
     xs = x_at.gather(1, order)
@@ -296,7 +297,7 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
                 upd = bmax > best
                 best = torch.where(upd, bmax, best)
                 best_id = torch.where(upd, barg + c0, best_id)
-            out_ids, out_lp = _dedupe(best_id, x.gather(1, best_id), delta)
+            out_ids, out_lp = merge_draws(best_id, x.gather(1, best_id), delta)
             ids[lo:hi] = out_ids.to(torch.int32)
             lps[lo:hi] = out_lp.to(torch.float32)
     return ids, lps, tail

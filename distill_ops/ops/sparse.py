@@ -28,22 +28,14 @@ _SPARSE_MODULES = {
 }
 
 
-def resolve(name: str, device: torch.device, kind: str) -> str:
-    """The backend that runs a sparse op of ``kind`` ('loss', 'topk' or 'sample') on ``device``, or
-    a clear error. The compiled CUDA extension has the loss and top-k kernels, and ``auto`` does
-    not pick them yet (they have not been run on a GPU): they take backend='cuda' explicitly."""
+def resolve(name: str, device: torch.device) -> str:
+    """The backend that runs a sparse op (the loss, top-k, sampling) on ``device``, or a clear
+    error. The compiled CUDA extension has kernels for all three, and ``auto`` does not pick them
+    yet (they have not been run on a GPU): they take backend='cuda' explicitly."""
     explicit = name != "auto" or os.environ.get(backends.ENV_VAR, "").strip() not in ("", "auto")
     chosen = backends.resolve(name, device)
-    if chosen in ("torch", "triton", "cpu"):
+    if chosen in ("torch", "triton", "cpu") or explicit:
         return chosen
-    if explicit:
-        if kind in ("loss", "topk"):
-            return chosen
-        source = "backend" if name != "auto" else backends.ENV_VAR
-        raise RuntimeError(
-            f"{source}={chosen!r}: the compiled CUDA extension has no teacher sampling kernel "
-            "yet; use backend='triton' (GPU) or 'torch'"
-        )
     # auto picked the compiled CUDA backend (dense kernels): fall back within the sparse backends.
     if device.type == "cuda" and backends.triton_status()[0]:
         return "triton"

@@ -42,7 +42,7 @@ def teacher_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatur
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     check.choice("backend", backend, backends.BACKENDS)
-    name = sparse_ops.resolve(backend, x.device, "sample")
+    name = sparse_ops.resolve(backend, x.device)
     lead = x.shape[:-1]
     ids, lps, tail = sparse_ops.teacher_sample_op(_teacher_2d(x), n, tau, tp, seed % (1 << 63), name)
     return SparseTargets(ids.reshape(*lead, n), lps.reshape(*lead, n), tail.reshape(lead))

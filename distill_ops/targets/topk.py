@@ -46,7 +46,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     k = count_arg("k", k, high=v, high_name=f"the vocabulary size V = {v}")
     tau = check.positive("temperature", temperature)
     check.choice("backend", backend, backends.BACKENDS)
-    name = sparse_ops.resolve(backend, x.device, "topk")
+    name = sparse_ops.resolve(backend, x.device)
     if name == "triton" and k > TRITON_MAX_K:
         raise ValueError(f"k must be <= {TRITON_MAX_K} on the Triton backend, got {k}")
     lead = x.shape[:-1]

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "macros.h"
+#include "primitives.h"
 
 namespace distill_ops {
 namespace rng {
@@ -40,6 +41,20 @@ DOPS_HD DOPS_INLINE float uniform(uint32_t sample_key, uint32_t vocab_key) {
   const uint32_t bits = fmix32(sample_key ^ vocab_key);
   return (static_cast<float>(bits >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
+
+// The Gumbel noise of (sample, column) in the compute dtype T (float, or double for float64
+// logits): -log(-log(u)) with u in T, the precise library logs, as the reference computes it.
+template <typename T>
+DOPS_HD DOPS_INLINE T gumbel(uint32_t sample_key, uint32_t vocab_key) {
+  const T u = static_cast<T>(uniform(sample_key, vocab_key));
+  return -math::log_(-math::log_(u));
+}
+
+// An upper bound of every gumbel() value: u <= 1 - 2^-24 gives -log(-log(u)) = 16.6355...; the
+// margin covers any ulp-level non-monotonicity of a log implementation. A column j whose
+// a_j + kGumbelMax is below a sample's best score so far cannot win that sample's race (its score
+// a_j + gumbel <= a_j + kGumbelMax, rounding is monotone), so the kernels skip it: exact pruning.
+constexpr float kGumbelMax = 16.7f;
 
 }  // namespace rng
 }  // namespace distill_ops

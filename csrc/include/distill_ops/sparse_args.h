@@ -31,6 +31,7 @@ struct TeacherArgs {
   int32_t* ids = nullptr;
   float* logprobs = nullptr;
   float* tail = nullptr;
+  int64_t* draws = nullptr;  // sampling, draws only: the id each (row, sample) drew, (n, k)
   int64_t n = 0, v = 0, k = 0;  // k: top-k size, or the number of samples
   int64_t stride_t = 0;
   double inv_tau = 1.0;   // top-k: 1 / temperature
