@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "../sparse_op.h"
+#include "dense_kernels.cuh"  // sm_count
 #include "distill_ops/macros.h"
 #include "distill_ops/rng.h"
 #include "distill_ops/sparse_args.h"
@@ -138,10 +139,7 @@ template <typename scalar_t, typename T, int kGroup>
 void launch_group(const at::Tensor& teacher, const TeacherArgs& A, cudaStream_t stream) {
   const int64_t groups = (A.k + kGroup - 1) / kGroup;
   // Enough blocks for ~4 waves of 8 per SM; a split keeps at least 16 columns per thread.
-  int sms = 0, dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t want = int64_t(sms) * 32;
+  const int64_t want = int64_t(sm_count(teacher.get_device())) * 32;
   const int64_t max_splits = std::max<int64_t>(1, A.v / (int64_t(kSampleThreads) * 16));
   int64_t splits = std::min<int64_t>({max_splits, (want + A.n * groups - 1) / (A.n * groups),
                                       int64_t(65535)});
