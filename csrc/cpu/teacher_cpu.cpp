@@ -12,6 +12,8 @@
 // Sampling: num_samples Gumbel-max races over the row on the counter-based noise of
 // csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), started at the
 // row's largest logit and skipping the columns too far below it to win (rng::kGumbelMax: exact);
+// among the columns left, the (sample, column) pairs whose uniform cannot reach the races' lowest
+// leader are skipped on the hash alone (rng::losing_rank: exact too), before the logs;
 // then duplicates are merged and weighted as in reference_sparse.merge_draws.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -199,7 +201,8 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
   std::vector<int64_t> best_id(S), order(S);
   std::vector<char> first(S);
   alignas(64) T a[kChunk];
-  int64_t cand[kChunk];  // pass 2: the chunk's columns that may still win
+  alignas(64) uint32_t lose[kChunk];  // pass 2: the chunk's losing ranks (rng::losing_rank)
+  alignas(64) uint32_t vk[kChunk];  // and vocabulary keys
   const auto scaled_chunk = [&](const scalar_t* t_row, int64_t c0, int64_t n) {
     load_chunk(t_row + c0, n, a);
     T cmax = math::neg_inf<T>();  // NaN ignored: a NaN score never wins
@@ -246,18 +249,27 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
         const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
         const T cmax = scaled_chunk(t_row, c0, n);
         if (!(cmax + gmax >= floor_best)) continue;
-        int64_t nc = 0;
+        // Ranks below lose[i] cannot lift column i to floor_best (<= every best): for most
+        // (sample, column) pairs of a flat row the integer hash decides, in loops vectorised over
+        // the chunk, and only the few pairs left pay for the two logs. A column more than
+        // kGumbelMax below floor_best is skipped by that test; a NaN column has lose = 0 and
+        // races, where a NaN score never wins.
+        DOPS_SIMD
         for (int64_t i = 0; i < n; ++i) {
-          cand[nc] = i;
-          nc += a[i] + gmax >= floor_best ? 1 : 0;
+          vk[i] = rng::vocab_key(c0 + i);
+          lose[i] = rng::losing_rank(a[i], floor_best);
         }
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t i = cand[c], j = c0 + i;
-          const T ai = a[i];
-          const uint32_t vk = rng::vocab_key(j);
-          for (int64_t s = 0; s < S; ++s) {
-            if (ai + gmax < best[s]) continue;
-            race(ai + rng::gumbel<T>(skey[s], vk), j, best[s], best_id[s]);
+        for (int64_t s = 0; s < S; ++s) {
+          if (cmax + gmax < best[s]) continue;
+          const uint32_t sk = skey[s];
+          int32_t live = 0;
+          DOPS_SIMD_SUM(live)
+          for (int64_t i = 0; i < n; ++i) live += rng::uniform_rank(sk, vk[i]) >= lose[i] ? 1 : 0;
+          if (live == 0) continue;
+          for (int64_t i = 0; i < n; ++i) {
+            const uint32_t k = rng::uniform_rank(sk, vk[i]);
+            if (k < lose[i] || a[i] + gmax < best[s]) continue;
+            race(a[i] + rng::gumbel_of<T>(rng::uniform_of_rank(k)), c0 + i, best[s], best_id[s]);
           }
         }
         floor_best = *std::min_element(best.begin(), best.end());

@@ -7,15 +7,17 @@
 // counter-based noise of csrc/include/distill_ops/rng.h in the compute dtype T (float, or double
 // for float64 logits), computed exactly as the reference computes it: the product x * inv_prop is
 // rounded before the noise is added (__fmul_rn / __dmul_rn: never contracted into an FMA) and the
-// logarithms are the precise ones (no fast math), so the scores are the reference's bits.
+// logs are rng::noise_log (fixed operations, products rounded on their own), so the scores are the
+// reference's bits.
 //
-// The work is S x V noise evaluations per row (two logs each): compute-bound, so the grid is
-// (rows, groups of up to kMaxGroup samples, column splits). A block reads its slice of the row once and
-// races the group's samples over it; each thread keeps a running (score, id) per sample (strict >: its
-// lowest id on ties, the ids it visits increase), merged across the block by (score desc, id asc).
-// With one split the winner is the draw; with several (few rows: too few blocks to fill the GPU)
-// each split writes its winner to a workspace and a second kernel merges the splits in column
-// order. A NaN score never wins (as in the CPU kernel).
+// Unpruned, the work is S x V noise evaluations per row (two logs each): compute-bound, so the
+// grid is (rows, groups of up to kMaxGroup samples, column splits). A block reads its slice of the
+// row twice (its argmax, then the races; the second read is mostly from L2) and races the group's
+// samples over it, skipping exactly what cannot win (sample_draw_kernel); each thread keeps a
+// running (score, id) per sample, merged across the block by (score desc, id asc). With one split
+// the winner is the draw; with several (few rows: too few blocks to fill the GPU) each split
+// writes its winner to a workspace and a second kernel merges the splits in column order. A NaN
+// score never wins; a row of -inf and NaN only draws id 0 (as in the CPU kernel).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -70,12 +72,33 @@ __device__ __forceinline__ Draw<T> warp_best(Draw<T> d) {
   return d;
 }
 
+// The block's best draw, on every thread (sh: one slot per warp).
+template <typename T>
+__device__ __forceinline__ Draw<T> block_best(Draw<T> d, Draw<T>* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  d = warp_best(d);
+  if (lane == 0) sh[warp] = d;
+  __syncthreads();
+  d = sh[0];
+  for (int w = 1; w < kSampleWarps; ++w) {
+    if (beats(sh[w], d)) d = sh[w];
+  }
+  __syncthreads();  // sh may be reused
+  return d;
+}
+
 // Grid (row, group, split). Writes the winner of each of the group's samples over the split's
 // columns: to draws (n, S) when there is one split, else to part (n, S, splits).
+//
+// Pass 1 finds the slice's largest a_j and its first column jm; every race starts at jm's score
+// (a lower bound of its winner's), so in pass 2 a thread skips, exactly, each column more than
+// kGumbelMax below its lowest leader, and each (sample, column) pair whose uniform rank is below
+// rng::losing_rank (on the hash alone, before the two logs): most of a peaked or a flat row.
 template <typename scalar_t, typename T, int kGroup>
 __global__ void __launch_bounds__(kSampleThreads)
     sample_draw_kernel(const TeacherArgs A, int64_t cols_per_split, Draw<T>* __restrict__ part) {
   __shared__ Draw<T> sh[kSampleWarps][kGroup];
+  __shared__ Draw<T> sh_top[kSampleWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row = blockIdx.x, S = A.k, splits = gridDim.z;
   const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kGroup;
@@ -83,22 +106,49 @@ __global__ void __launch_bounds__(kSampleThreads)
   const int64_t c1 = c0 + cols_per_split < A.v ? c0 + cols_per_split : A.v;
   const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
   const T inv_prop = static_cast<T>(A.inv_prop);
+  const T gmax = static_cast<T>(rng::kGumbelMax);
+  Draw<T> top{-INFINITY, -1};  // NaN never wins; -inf only: jm = c0
+  for (int64_t j = c0 + tid; j < c1; j += kSampleThreads) {
+    const T a = mul_rn(static_cast<T>(t_row[j]), inv_prop);
+    if (a > top.score) top = Draw<T>{a, j};
+  }
+  top = block_best(top, sh_top);
+  const int64_t jm = top.id < 0 ? c0 : top.id;
   const uint32_t rk = rng::row_key(A.seed_key, row);
+  const uint32_t vk_m = rng::vocab_key(jm);
   uint32_t skey[kGroup];
   Draw<T> best[kGroup];
+  T floor_best = INFINITY;  // this thread's lowest leader
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
     skey[g] = rng::sample_key(rk, s0 + g);
-    best[g] = Draw<T>{-INFINITY, -1};
+    // The score the race computes at jm; samples past S never race (+inf leads, never written).
+    best[g] = s0 + g < S ? Draw<T>{top.score + rng::gumbel<T>(skey[g], vk_m), jm}
+                         : Draw<T>{INFINITY, jm};
+    floor_best = best[g].score < floor_best ? best[g].score : floor_best;
   }
   for (int64_t j = c0 + tid; j < c1; j += kSampleThreads) {
     const T a = mul_rn(static_cast<T>(t_row[j]), inv_prop);
+    if (!(a + gmax >= floor_best)) continue;  // NaN too
+    const uint32_t lose = rng::losing_rank(static_cast<float>(a), static_cast<float>(floor_best));
     const uint32_t vk = rng::vocab_key(j);
+    bool moved = false;
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
-      // Samples past S race too (their keys are valid); their winners are not written.
-      const T score = a + rng::gumbel<T>(skey[g], vk);
-      if (score > best[g].score) best[g] = Draw<T>{score, j};
+      const uint32_t k = rng::uniform_rank(skey[g], vk);
+      if (k < lose) continue;
+      const Draw<T> d{a + rng::gumbel_of<T>(rng::uniform_of_rank(k)), j};
+      if (beats(d, best[g])) {
+        best[g] = d;
+        moved = true;
+      }
+    }
+    if (moved) {
+      floor_best = best[0].score;
+#pragma unroll
+      for (int g = 1; g < kGroup; ++g) {
+        floor_best = best[g].score < floor_best ? best[g].score : floor_best;
+      }
     }
   }
 #pragma unroll
@@ -114,7 +164,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     }
     const int64_t s = s0 + tid;
     if (splits == 1) {
-      A.draws[row * S + s] = d.id < 0 ? 0 : d.id;  // all-NaN row: id 0, as the CPU kernel's start
+      A.draws[row * S + s] = d.id;
     } else {
       part[(row * S + s) * splits + blockIdx.z] = d;
     }
@@ -132,7 +182,7 @@ __global__ void merge_splits_kernel(const Draw<T>* __restrict__ part, int64_t co
     const Draw<T> o = part[i * splits + p];
     if (beats(o, d)) d = o;
   }
-  draws[i] = d.id < 0 ? 0 : d.id;
+  draws[i] = d.id;
 }
 
 template <typename scalar_t, typename T, int kGroup>

@@ -26,6 +26,12 @@ import triton.language as tl
 from ...targets import rng
 
 MIN_KEY = -(1 << 63)
+# rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
+P0, P1, P2, P3, P4, P5, P6, P7, P8 = (tl.constexpr(c) for c in rng.LOG_POLY)
+LN2_HI = tl.constexpr(rng.LN2_HI)
+LN2_LO = tl.constexpr(rng.LN2_LO)
+SQRT_HALF = tl.constexpr(rng.SQRT_HALF)
+GUMBEL_MAX = tl.constexpr(rng.GUMBEL_MAX)
 # Tests set this to force several blocks per row on small vocabularies (the interpreter is slow).
 BLOCK_OVERRIDE = None
 
@@ -115,6 +121,49 @@ def _fmix32(h):
     return h
 
 
+@triton.jit
+def _noise_log(x):
+    """rng.noise_log: the same operations in the same order (the kernel is compiled without FMA
+    contraction, so every product is rounded on its own)."""
+    b = x.to(tl.int32, bitcast=True)
+    e = ((b >> 23) - 126).to(tl.float32)
+    m = ((b & 0x7FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    small = m < SQRT_HALF
+    e = tl.where(small, e - 1.0, e)
+    f = tl.where(small, (m + m) - 1.0, m - 1.0)
+    z = f * f
+    p = f * 0.0 + P0
+    p = p * f + P1
+    p = p * f + P2
+    p = p * f + P3
+    p = p * f + P4
+    p = p * f + P5
+    p = p * f + P6
+    p = p * f + P7
+    p = p * f + P8
+    y = (p * f) * z
+    y = y + e * LN2_LO
+    y = y - z * 0.5
+    r = f + y
+    return r + e * LN2_HI
+
+
+@triton.jit
+def _gumbel_of_rank(k, ACC: tl.constexpr):
+    u = (k.to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    return (-_noise_log(-_noise_log(u))).to(ACC)
+
+
+@triton.jit
+def _losing_rank(a, bound):
+    """rng.h losing_rank: ranks below it cannot lift a column at a to the score `bound`."""
+    d = a - bound
+    raised = d * tl.where(d < 0.0, 1.0 - 2e-6, 1.0 + 2e-6) + (2e-3 + 4e-6 * tl.abs(bound))
+    lose = tl.exp(-tl.exp(raised)) * 0.99999
+    k = tl.ceil(lose * 8388608.0 - 0.5)
+    return tl.where(k > 0.0, k, 0.0).to(tl.uint32)
+
+
 @triton.jit(do_not_specialize=["seed_key"])
 def _sample_kernel(
     x_ptr, ids_ptr, lp_ptr,
@@ -128,22 +177,43 @@ def _sample_kernel(
     key = seed_key.to(tl.uint32)
     row_key = _fmix32(key ^ _fmix32(row.to(tl.uint32) + 0x9E3779B9))
     sample_key = _fmix32(row_key ^ _fmix32(ss.to(tl.uint32) + 0x632BE5AB))
-    best = tl.full([SP], neg_inf, ACC)
-    best_id = tl.zeros([SP], tl.int64)
     base = tl.arange(0, BLOCK)
+    # Pass 1: the row's largest a_j = x_j * inv_prop and its first column jm (NaN ignored). Every
+    # race starts at jm's score, a good leader from the start, so pass 2 can skip exactly: a block
+    # whose largest a_j is more than GUMBEL_MAX below the lowest leader, and otherwise, unless some
+    # (sample, column) rank of the block reaches rng.h losing_rank, the block's logs.
+    amax = tl.full([], neg_inf, ACC)
+    jm = tl.zeros([], tl.int64)
+    for start in range(0, V, BLOCK):
+        offs = start + base
+        a = tl.load(x_row + offs, mask=offs < V, other=neg_inf).to(ACC) * inv_prop
+        a = tl.where(a == a, a, neg_inf)
+        bm, bi = tl.max(a, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        upd = bm > amax
+        jm = tl.where(upd, start + bi.to(tl.int64), jm)
+        amax = tl.where(upd, bm, amax)
+    vk_m = _fmix32(jm.to(tl.uint32) ^ 0x2545F491)
+    best = amax + _gumbel_of_rank(_fmix32(sample_key ^ vk_m) >> 9, ACC)
+    best_id = tl.zeros([SP], tl.int64) + jm
+    real = ss < S
     for start in range(0, V, BLOCK):
         offs = start + base
         mask = offs < V
         a = tl.load(x_row + offs, mask=mask, other=neg_inf).to(ACC) * inv_prop
-        vocab_key = _fmix32(offs.to(tl.uint32) ^ 0x2545F491)
-        bits = _fmix32(sample_key[:, None] ^ vocab_key[None, :])
-        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        g = -tl.log(-tl.log(u.to(ACC)))
-        score = tl.where(mask[None, :], a[None, :] + g, neg_inf)
-        bmax, barg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        upd = bmax > best
-        best = tl.where(upd, bmax, best)
-        best_id = tl.where(upd, start + barg.to(tl.int64), best_id)
+        floor = tl.min(tl.where(real, best, float("inf")), axis=0)
+        if tl.max(tl.where(a == a, a, neg_inf), axis=0) + GUMBEL_MAX >= floor:
+            lose = _losing_rank(a.to(tl.float32), floor.to(tl.float32))
+            vocab_key = _fmix32(offs.to(tl.uint32) ^ 0x2545F491)
+            rank = _fmix32(sample_key[:, None] ^ vocab_key[None, :]) >> 9
+            live = (rank >= lose[None, :]) & mask[None, :] & real[:, None]
+            if tl.max(live.to(tl.int32)) > 0:
+                score = tl.where(live, a[None, :] + _gumbel_of_rank(rank, ACC), neg_inf)
+                bmax, barg = tl.max(score, axis=1, return_indices=True,
+                                    return_indices_tie_break_left=True)
+                bid = start + barg.to(tl.int64)
+                upd = (bmax > best) | ((bmax == best) & (bid < best_id))
+                best = tl.where(upd, bmax, best)
+                best_id = tl.where(upd, bid, best_id)
 
     # Merge duplicates and weight the unique ids.
     valid = ss < S
@@ -214,6 +284,6 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     _sample_kernel[(n,)](
         teacher, ids, lps, v, num_samples, teacher.stride(0), ids.stride(0), lps.stride(0),
         inv_prop, delta, rng.seed_key(seed), ACC=tl.float64 if fp64 else tl.float32,
-        BLOCK=block, SP=sp, num_warps=4,
+        BLOCK=block, SP=sp, num_warps=4, enable_fp_fusion=False,
     )
     return ids, lps, tail
