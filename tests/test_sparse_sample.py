@@ -358,7 +358,7 @@ def test_noise_on_every_rank():
         ulp = (torch.nextafter(exact.float().abs(), torch.tensor(torch.inf)) - exact.float().abs()).double()
         assert ((lx.double() - exact).abs() / ulp).max() < 0.82
     g = rng.gumbel_of(u, torch.float32)
-    assert torch.equal(g, -outer)
+    assert torch.equal(g, -outer) and torch.equal(g, rng.gumbel_table("cpu"))
     assert (g.diff() >= 0).all()
     assert -2.82 < g.min().item() and g.max().item() < rng.GUMBEL_MAX
     assert (g.double() - -torch.log(-torch.log(u.double()))).abs().max() < 6e-7
