@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, for a lent GPU machine (see /work/.library/device): one call builds, tests,
-# sanitizes and benchmarks, each phase under its own time limit, logs under $OUT.
+# sanitizes and benchmarks, each phase under its own time limit and all of them under one deadline
+# (GPU_CHECK_DEADLINE_S, default 570 s: one device call of at most 600 s), logs under $OUT.
 #
 #   bench/gpu_check.sh [phase ...]     phases: build test sanitize bench (default: all, in order)
 #
-# A phase that fails is reported and the next one still runs; the summary is printed last (the
-# device tool returns the end of the output). Bench JSON lands in $OUT/results: copy it into
-# bench/results/ and run `python -m bench.readme_table` on the dev machine.
+# A phase that fails is reported and the next one still runs; a phase that the deadline leaves
+# no time for is reported as skipped; the summary is printed last (the device tool returns the end
+# of the output). Bench JSON lands in $OUT/results, written after every row (so a cut run keeps
+# its rows): copy it into bench/results/ and run `python -m bench.readme_table` on the dev machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -16,9 +18,17 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench)
 summary=()
 
-run_phase() {  # name, limit (s), command...
+DEADLINE=${GPU_CHECK_DEADLINE_S:-570}
+left() { echo $((DEADLINE - SECONDS - 10)); }  # 10 s kept for the summary
+
+run_phase() {  # name, limit (s), command...: the limit is cut to what the deadline leaves
   local name=$1 limit=$2
   shift 2
+  [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -lt 20 ]; then
+    summary+=("$(printf '%-10s skipped: the %ss deadline leaves %ss' "$name" "$DEADLINE" "$(left)")")
+    return
+  fi
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
@@ -28,18 +38,20 @@ run_phase() {  # name, limit (s), command...
 for p in "${phases[@]}"; do
   case $p in
     build)  # sm_90 only: the lent machines are Hopper; 16 cores
-      run_phase build 420 env DISTILL_OPS_FORCE_CUDA=1 DISTILL_OPS_CUDA_ARCHS=90 MAX_JOBS=16 \
+      run_phase build 300 env DISTILL_OPS_FORCE_CUDA=1 DISTILL_OPS_CUDA_ARCHS=90 MAX_JOBS=16 \
         "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
-    test)
-      run_phase test 420 "$PY" -m pytest -q -ra -m cuda -x -p no:cacheprovider ;;
+    test)  # a first run on a GPU: see many failures at once rather than stop at the first
+      run_phase test 200 "$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider ;;
     sanitize)
-      run_phase memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      run_phase memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m bench.sanitize_ops
-      run_phase racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 \
+      run_phase racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
         "$PY" -m bench.sanitize_ops --quick ;;
-    bench)
+    bench)  # the bench's own budget stops it (rows kept) before the phase's limit would
+      b=$(($(left) - 40))
+      [ "$b" -gt 240 ] && b=240
       run_phase bench 300 "$PY" -m bench all --device cuda --quick --no-progress \
-        --out "$OUT/results/" ;;
+        --budget-s "$b" --out "$OUT/results/" ;;
     *) summary+=("unknown phase: $p") ;;
   esac
 done
