@@ -242,6 +242,13 @@ def test_errors(backend):
         teacher_sample(t, 4, temperature=0, backend=backend)
     with pytest.raises(TypeError, match="seed must be an int"):
         teacher_sample(t, 4, seed=1.5, backend=backend)
+    bad = t.clone()
+    bad[1, 7] = torch.nan
+    with pytest.raises(ValueError, match="teacher_logits has NaN"):
+        teacher_sample(bad, 4, backend=backend)
+    bad[1] = torch.nan  # a whole row too (the row max propagates it)
+    with pytest.raises(ValueError, match="teacher_logits has NaN"):
+        teacher_sample(bad, 4, backend=backend)
 
 
 def test_reference_chunking_does_not_change_draws(monkeypatch):

@@ -33,7 +33,8 @@ def teacher_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatur
     of merged duplicates), ordered by weight descending then id ascending; logprobs = log of the
     normalised importance weights (float32; -inf in padding); tail_logmass = -inf (the weights stand
     for the whole distribution; use these targets with tail="renorm"). A row's draws depend only on
-    (seed, its row index in the flattened leading dims, the logits).
+    (seed, its row index in the flattened leading dims, the logits). NaN logits are refused;
+    -inf ones are never drawn (a row of -inf only draws id 0).
     """
     x = check.logits("teacher_logits", teacher_logits)
     n = count_arg("num_samples", num_samples, high=MAX_SAMPLES)
@@ -43,6 +44,9 @@ def teacher_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatur
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     check.choice("backend", backend, backends.BACKENDS)
     name = sparse_ops.resolve(backend, x.device)
+    # A NaN logit has no probability to draw from; the row max propagates it (one read, N floats).
+    if x.numel() and bool(torch.isnan(x.amax(dim=-1)).any()):
+        raise ValueError("teacher_logits has NaN")
     lead = x.shape[:-1]
     ids, lps, tail = sparse_ops.teacher_sample_op(_teacher_2d(x), n, tau, tp, seed % (1 << 63), name)
     return SparseTargets(ids.reshape(*lead, n), lps.reshape(*lead, n), tail.reshape(lead))

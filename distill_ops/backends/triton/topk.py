@@ -200,8 +200,9 @@ def _sample_kernel(
         offs = start + base
         mask = offs < V
         a = tl.load(x_row + offs, mask=mask, other=neg_inf).to(ACC) * inv_prop
+        a = tl.where(a == a, a, neg_inf)  # a NaN score never wins (as in the CPU and CUDA kernels)
         floor = tl.min(tl.where(real, best, float("inf")), axis=0)
-        if tl.max(tl.where(a == a, a, neg_inf), axis=0) + GUMBEL_MAX >= floor:
+        if tl.max(a, axis=0) + GUMBEL_MAX >= floor:
             lose = _losing_rank(a.to(tl.float32), floor.to(tl.float32))
             vocab_key = _fmix32(offs.to(tl.uint32) ^ 0x2545F491)
             rank = _fmix32(sample_key[:, None] ^ vocab_key[None, :]) >> 9
