@@ -3,7 +3,9 @@
 # sanitizes and benchmarks, each phase under its own time limit and all of them under one deadline
 # (GPU_CHECK_DEADLINE_S, default 570 s: one device call of at most 600 s), logs under $OUT.
 #
-#   bench/gpu_check.sh [phase ...]     phases: build test sanitize bench (default: all, in order)
+#   bench/gpu_check.sh [phase ...]     phases: build test sanitize bench trainer (default: all, in
+#                                      order; what the deadline skips, a second call can run:
+#                                      `bench/gpu_check.sh trainer` on the still-warm machine)
 #
 # A phase that fails is reported and the next one still runs; a phase that the deadline leaves
 # no time for is reported as skipped; the summary is printed last (the device tool returns the end
@@ -15,7 +17,7 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT/results"
 PY=${PY:-python3}
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench)
+[ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench trainer)
 summary=()
 
 DEADLINE=${GPU_CHECK_DEADLINE_S:-570}
@@ -52,6 +54,11 @@ for p in "${phases[@]}"; do
       [ "$b" -gt 240 ] && b=240
       run_phase bench 300 "$PY" -m bench all --device cuda --quick --no-progress \
         --budget-s "$b" --out "$OUT/results/" ;;
+    trainer)  # 3B -> 1B Llama shapes, V = 128256: tokens/s and the largest batch x 2048 per loss
+      b=$(($(left) - 60))
+      [ "$b" -gt 180 ] && b=180
+      run_phase trainer 240 "$PY" -m bench.trainer_step --find-max --budget-s "$b" \
+        --out "$OUT/results/" ;;
     *) summary+=("unknown phase: $p") ;;
   esac
 done

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import report
+from . import report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "distill_ops:cuda", "distill_ops:triton",
@@ -62,9 +62,19 @@ def _order(name: str) -> tuple:
 
 
 def render(paths) -> str:
+    """The kernel suites' tables, then the trainer step's (bench/trainer_step.py)."""
+    paths = list(paths)
+    kernels = render_kernels(paths)
+    trainer = trainer_step.render(paths)
+    if trainer is None:
+        return kernels
+    return kernels + "\n" + trainer.rstrip() + "\n"
+
+
+def render_kernels(paths) -> str:
     rows = report.latest(report.load_rows(paths))
     if not rows:
-        return "_No benchmark results yet: run `python -m bench` and commit bench/results/*.json._"
+        return "_No benchmark results yet: run `python -m bench` and commit bench/results/*.json._\n"
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["device"], row["suite"]), []).append(row)
