@@ -77,7 +77,9 @@ def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.T
                              f"vocabulary is {v}; pass vocab='common_prefix'")
         raise ValueError(f"teacher targets hold token id {int(ids.max())} >= the student's "
                          f"vocabulary {v}: make targets over the common prefix")
-    # the sparse kernels are torch (reference) and triton; "cpu"/"cuda" name dense-only kernels
+    # cfg.backend names the dense kernels; the sparse ops get it only for torch and triton, else
+    # auto (the C++ kernel on the CPU, Triton on a GPU: the CUDA sparse kernel, not yet run on a
+    # GPU, is only used when a caller names it)
     backend = cfg.backend if cfg.backend in ("auto", "torch", "triton") else "auto"
     return sparse.sparse_kd_loss(
         student_logits, ids, logprobs, divergence=cfg.divergence, temperature=cfg.temperature,
