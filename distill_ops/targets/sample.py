@@ -45,7 +45,8 @@ def teacher_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatur
     check.choice("backend", backend, backends.BACKENDS)
     name = sparse_ops.resolve(backend, x.device)
     # A NaN logit has no probability to draw from; the row max propagates it (one read, N floats).
-    if x.numel() and bool(torch.isnan(x.amax(dim=-1)).any()):
+    # Eager mode only: under torch.compile a value check would break the graph on every call.
+    if not torch.compiler.is_compiling() and x.numel() and bool(torch.isnan(x.amax(dim=-1)).any()):
         raise ValueError("teacher_logits has NaN")
     lead = x.shape[:-1]
     ids, lps, tail = sparse_ops.teacher_sample_op(_teacher_2d(x), n, tau, tp, seed % (1 << 63), name)
