@@ -224,7 +224,7 @@ def _evaluate_samples(teacher_logits, student_logits, ks, dtype, seeds, proposal
             grads, losses, kls, masses, uniq = [], [], [], [], []
             for seed in range(seeds):
                 smp = _stored(teacher_sample(teacher_logits.float(), k, proposal_temperature=tp,
-                                             seed=seed, backend="torch"), dtype)
+                                             seed=seed), dtype)  # same draws on every backend
                 valid = smp.ids >= 0
                 masses.append(torch.where(valid, p.gather(1, torch.where(valid, smp.ids.long(), 0)),
                                           0).sum(-1))
