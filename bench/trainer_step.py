@@ -50,7 +50,8 @@ SHAPES = {
              "teacher": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176),
              "student": dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=96)},
 }
-DEFAULTS = {"cuda": dict(shape="3b-1b", batch=4, seq=2048), "cpu": dict(shape="small", batch=4, seq=256)}
+DEFAULTS = {"cuda": dict(shape="3b-1b", batch=4, seq=2048),
+            "cpu": dict(shape="small", batch=4, seq=256)}
 PROVIDERS = ("eager", "distill_ops")
 MAX_TOKENS = 1 << 21  # --find-max stops doubling here
 
@@ -271,7 +272,8 @@ def summary_line(row: dict) -> str:
     if row.get("peak_step_extra_gb") is not None:
         text += f"  step memory {1e3 * row['peak_step_extra_gb']:.0f} MB"
     if "max_tokens" in row:
-        text += f"  max batch {row['max_batch']}{'' if row['max_exact'] else '+'} ({row['max_tokens']} tokens)"
+        more = "" if row["max_exact"] else "+"
+        text += f"  max batch {row['max_batch']}{more} ({row['max_tokens']} tokens)"
     return text
 
 
@@ -290,11 +292,13 @@ def render(paths) -> Optional[str]:
     out = []
     for name, doc in sorted(newest.items()):
         s = doc["settings"]
-        out.append(f"**{name}**, trainer step ({s['shape']}: V = {s['vocab']}, batch {s['batch']} x "
+        out.append(f"**{name}**, trainer step ({s['shape']}: V = {s['vocab']}, batch "
+                   f"{s['batch']} x "
                    f"{s['seq']} tokens; torch {doc['versions'].get('torch')}; commit "
                    f"{doc['commit'][:10]}; {doc['date'][:10]})")
         out.append("")
-        out.append("| provider | ms / step | tokens / s | peak memory | largest batch | first loss |")
+        out.append("| provider | ms / step | tokens / s | peak memory | largest batch "
+                   "| first loss |")
         out.append("|---|---|---|---|---|---|")
         for r in doc["rows"]:
             if r["status"] != "ok":
@@ -308,7 +312,8 @@ def render(paths) -> Optional[str]:
                 peak = "n/a"
             big = (f"{r['max_batch']}{'' if r['max_exact'] else '+'} x {r['seq']}"
                    if "max_batch" in r else "not searched")
-            out.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} | "
+            out.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                       f"{peak} | "
                        f"{big} | {r['first_loss']:.5f} |")
         out.append("")
     return "\n".join(out)

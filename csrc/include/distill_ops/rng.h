@@ -148,12 +148,13 @@ constexpr float kGumbelMax = 16.7f;
 // In real arithmetic -log(-log u) < bound - a  <=>  u < L = exp(-exp(a - bound)). L is evaluated
 // in float and made safe: the exponent is raised by 2e-3 plus 2e-6 of the magnitudes
 // (|a| <= |bound| + |d|), which covers the computed noise's error (under 6e-7 on every rank;
-// tests/test_sparse_sample.py), the rounding of a + noise (about 6e-8 of the magnitudes) and this evaluation's own
-// (a few ulp per exp, approximate GPU exps included) with 1e-3 to spare, and L is scaled by
-// 1 - 1e-5 so that the outer exp's error cannot round it up. Then u < L <=> k < ceil(L 2^23 - 0.5)
-// exactly (u = (k + 0.5) / 2^23; L 2^23 - 0.5 is exact in float for L <= 1). So the test never
-// skips a pair that could win. d = a - bound = -inf (a = -inf) gives 2^23 - 84 (almost every rank
-// is skipped; kGumbelMax skips them all); a NaN, or an infinite bound, gives 0: nothing skipped.
+// tests/test_sparse_sample.py), the rounding of a + noise (about 6e-8 of the magnitudes) and
+// this evaluation's own (a few ulp per exp, approximate GPU exps included) with 1e-3 to spare,
+// and L is scaled by 1 - 1e-5 so that the outer exp's error cannot round it up. Then
+// u < L <=> k < ceil(L 2^23 - 0.5) exactly (u = (k + 0.5) / 2^23; L 2^23 - 0.5 is exact in float
+// for L <= 1). So the test never skips a pair that could win. d = a - bound = -inf (a = -inf)
+// gives 2^23 - 84 (almost every rank is skipped; kGumbelMax skips them all); a NaN, or an
+// infinite bound, gives 0: nothing is skipped.
 DOPS_HD DOPS_INLINE uint32_t losing_rank(float a, float bound) {
   const float d = a - bound;
   const float raised = d * (d < 0.0f ? 1.0f - 2e-6f : 1.0f + 2e-6f) +
