@@ -26,7 +26,7 @@ import triton.language as tl
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
 
 
 @triton.jit

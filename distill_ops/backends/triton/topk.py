@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ...targets import rng
 
-MIN_KEY = -(1 << 63)
+MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
 # rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
 P0, P1, P2, P3, P4, P5, P6, P7, P8 = (tl.constexpr(c) for c in rng.LOG_POLY)
 LN2_HI = tl.constexpr(rng.LN2_HI)
