@@ -87,7 +87,7 @@ def capture(launcher: Callable[[], object]) -> list:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """REG, LOCAL (spill and stack memory), SHARED of the cubin's kernel, from cuobjdump."""
+    """REG, STACK and LOCAL (where spills go), SHARED of the cubin's kernel, from cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
@@ -194,8 +194,8 @@ def main(argv=None) -> int:
             if fn.__name__ == "_sample_kernel" and fmas:
                 failures += 1
                 note = f"  FAIL: {fmas} float32 fused multiply-adds in the sampling kernel"
-            if use.get("local"):
-                note += f"  (local memory {use['local']} B: spills)"
+            if use.get("local") or use.get("stack"):
+                note += f"  (stack {use['stack']} B, local {use['local']} B: spills)"
             print(f"ok   {label}: {fn.__name__} sm_{args.arch} regs {use.get('regs')} "
                   f"shared {use.get('shared')} B  {time.monotonic() - t0:.1f} s{note}")
     print(f"{failures} failure(s)")
