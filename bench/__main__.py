@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -109,10 +108,8 @@ def main(argv=None) -> dict:
     doc = report.header(device, suite_name, args.quick, list(sys.argv[1:] if argv is None else argv),
                         settings)
     when = report._dt.datetime.fromisoformat(doc["date"])
-    out = report.default_path(doc["device"], suite_name, args.quick, when)
-    if args.out is not None:  # a directory (existing, or written with a trailing /) gets the auto name
-        is_dir = Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
-        out = Path(args.out) / out.name if is_dir else Path(args.out)
+    out = report.output_path(args.out, report.default_path(doc["device"], suite_name, args.quick,
+                                                           when))
 
     copy_bytes = None if args.copy_mb is None else int(args.copy_mb * 2 ** 20)
     try:

@@ -131,6 +131,15 @@ def header(device: torch.device, suite: str, quick: bool, argv: list, settings: 
     }
 
 
+def output_path(out_arg: Optional[str], default: Path) -> Path:
+    """--out: None keeps the default path; a directory (existing, or written with a trailing /)
+    gets the default file name; anything else is the file."""
+    if out_arg is None:
+        return default
+    is_dir = Path(out_arg).is_dir() or out_arg.endswith(("/", "\\"))
+    return Path(out_arg) / default.name if is_dir else Path(out_arg)
+
+
 def write(doc: dict, path: Path) -> None:
     """Write atomically (the file is rewritten after every row: a killed run keeps its rows)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -73,7 +72,7 @@ LOSSES: dict = {"eager": eager_loss, "distill_ops": fused_loss}
 
 def build_models(shape: dict, device: torch.device, seq: int):
     """The teacher (bf16 on a GPU, eval mode) and the student (fp32), built on the device."""
-    from distill_ops.trainer.models import llama
+    from distill_ops.trainer.models import llama  # transformers: only when a run needs models
 
     with torch.device(device):
         teacher = llama(shape["vocab"], **shape["teacher"], max_positions=seq, seed=1)
@@ -115,11 +114,6 @@ def _tokens(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -145,10 +139,10 @@ def time_steps(step: Step, ids: torch.Tensor, warmup: int, steps: int) -> dict:
         base = torch.cuda.memory_allocated(device)
     times = []
     for _ in range(steps):
-        _sync(device)
+        measure.sync(device)
         t0 = time.perf_counter()
         loss = step(ids)
-        _sync(device)
+        measure.sync(device)
         times.append(time.perf_counter() - t0)
         first_loss = loss if first_loss is None else first_loss
     med = statistics.median(times)
@@ -171,7 +165,7 @@ def find_max_batch(step: Step, vocab: int, seq: int, deadline: float) -> dict:
     def fits(b: int) -> bool:
         try:
             step(_tokens(vocab, b, seq, device, seed=b))
-            _sync(device)
+            measure.sync(device)
             ok = True
         except Exception as exc:  # noqa: BLE001 - only an OOM is an answer; re-raise the rest
             if not _is_oom(exc):
@@ -214,6 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from distill_ops.trainer.models import count_parameters
+
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -232,10 +228,7 @@ def main(argv=None) -> dict:
                         settings)
     doc["schema"] = SCHEMA
     when = report._dt.datetime.fromisoformat(doc["date"])
-    out = report.default_path(doc["device"], "trainer", False, when)
-    if args.out is not None:
-        is_dir = Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
-        out = Path(args.out) / out.name if is_dir else Path(args.out)
+    out = report.output_path(args.out, report.default_path(doc["device"], "trainer", False, when))
     deadline = time.monotonic() + args.budget_s
     for name in args.providers:
         row = {"provider": name, "shape": shape_name, "V": shape["vocab"], "batch": batch,
@@ -244,8 +237,8 @@ def main(argv=None) -> dict:
         try:
             torch.manual_seed(0)
             teacher, student = build_models(shape, device, seq)
-            row["teacher_params"] = sum(p.numel() for p in teacher.parameters())
-            row["student_params"] = sum(p.numel() for p in student.parameters())
+            row["teacher_params"] = count_parameters(teacher)
+            row["student_params"] = count_parameters(student)
             step = Step(teacher, student, LOSSES[name], device)
             row.update(time_steps(step, _tokens(shape["vocab"], batch, seq, device), args.warmup,
                                   args.steps))

@@ -356,8 +356,7 @@ def test_noise_on_every_rank():
     feeds it): within 0.82 ulp of the float64 log. The noise is nondecreasing in the rank (the
     losing_rank test relies on it) and below GUMBEL_MAX = rng.h kGumbelMax, and within 6e-7 of the
     exact -log(-log u) (losing_rank's error budget)."""
-    k = torch.arange(1 << 23)
-    u = (k.to(torch.float32) + 0.5) * rng.U_SCALE
+    u = rng.uniform_of_rank(torch.arange(1 << 23))
     inner = rng.noise_log(u)
     outer = rng.noise_log(-inner)
     for x, lx in ((u, inner), (-inner, outer)):

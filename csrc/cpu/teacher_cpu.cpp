@@ -251,9 +251,10 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
         if (!(cmax + gmax >= floor_best)) continue;
         // Ranks below lose[i] cannot lift column i to floor_best (<= every best): for most
         // (sample, column) pairs of a flat row the integer hash decides, in loops vectorised over
-        // the chunk, and only the few pairs left pay for the two logs. A column more than
-        // kGumbelMax below floor_best is skipped by that test; a NaN column has lose = 0 and
-        // races, where a NaN score never wins.
+        // the chunk, and only the few pairs left pay for the two logs. A column far below
+        // floor_best still passes its top 84 ranks (losing_rank's 1 - 1e-5 margin): the race
+        // loop's kGumbelMax test drops those. A NaN column has lose = 0 and races, where a NaN
+        // score never wins.
         DOPS_SIMD
         for (int64_t i = 0; i < n; ++i) {
           vk[i] = rng::vocab_key(c0 + i);

@@ -6,7 +6,7 @@
 // Sample s of row r is argmax_j (x_j * inv_prop + gumbel(s, j)), the lowest j on ties, with the
 // counter-based noise of csrc/include/distill_ops/rng.h in the compute dtype T (float, or double
 // for float64 logits), computed exactly as the reference computes it: the product x * inv_prop is
-// rounded before the noise is added (__fmul_rn / __dmul_rn: never contracted into an FMA) and the
+// rounded before the noise is added (math::mul_rn: never contracted into an FMA) and the
 // logs are rng::noise_log (fixed operations, products rounded on their own), so the scores are the
 // reference's bits.
 //
@@ -45,9 +45,6 @@ namespace {
 constexpr int kSampleThreads = 256;
 constexpr int kSampleWarps = kSampleThreads / 32;
 constexpr int kMaxGroup = 8;  // samples raced per block: the row slice is read once for all of them
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 template <typename T>
 struct Draw {
@@ -109,7 +106,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   const T gmax = static_cast<T>(rng::kGumbelMax);
   Draw<T> top{-INFINITY, -1};  // NaN never wins; -inf only: jm = c0
   for (int64_t j = c0 + tid; j < c1; j += kSampleThreads) {
-    const T a = mul_rn(static_cast<T>(t_row[j]), inv_prop);
+    const T a = math::mul_rn(static_cast<T>(t_row[j]), inv_prop);
     if (a > top.score) top = Draw<T>{a, j};
   }
   top = block_best(top, sh_top);
@@ -128,7 +125,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     floor_best = best[g].score < floor_best ? best[g].score : floor_best;
   }
   for (int64_t j = c0 + tid; j < c1; j += kSampleThreads) {
-    const T a = mul_rn(static_cast<T>(t_row[j]), inv_prop);
+    const T a = math::mul_rn(static_cast<T>(t_row[j]), inv_prop);
     if (!(a + gmax >= floor_best)) continue;  // NaN too
     const uint32_t lose = rng::losing_rank(static_cast<float>(a), static_cast<float>(floor_best));
     const uint32_t vk = rng::vocab_key(j);

@@ -115,10 +115,15 @@ def noise_log(x: torch.Tensor) -> torch.Tensor:
     return r + e * LN2_HI
 
 
-def uniform(sample_key: torch.Tensor, vocab_key: torch.Tensor) -> torch.Tensor:
-    """u for every (sample, column) pair: sample_key (..., S, 1), vocab_key (B,) -> (..., S, B), float32."""
-    bits = fmix32(sample_key ^ vocab_key)
-    return ((bits >> 9).to(torch.float32) + 0.5) * U_SCALE
+def uniform_rank(sample_key: torch.Tensor, vocab_key: torch.Tensor) -> torch.Tensor:
+    """The rank bits >> 9 in [0, 2^23) of every (sample, column) pair: sample_key (..., S, 1),
+    vocab_key (B,) -> (..., S, B). u, and so the noise, is a function of it alone."""
+    return fmix32(sample_key ^ vocab_key) >> 9
+
+
+def uniform_of_rank(k: torch.Tensor) -> torch.Tensor:
+    """u = (k + 0.5) / 2^23, float32 (exact)."""
+    return (k.to(torch.float32) + 0.5) * U_SCALE
 
 
 def gumbel_of(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,14 +141,13 @@ def gumbel_table(device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     table = _TABLES.get(device)
     if table is None:
-        k = torch.arange(1 << 23, device=device)
-        table = gumbel_of((k.to(torch.float32) + 0.5) * U_SCALE, torch.float32)
+        table = gumbel_of(uniform_of_rank(torch.arange(1 << 23, device=device)), torch.float32)
         _TABLES[device] = table
     return table
 
 
 def gumbel(sample_key: torch.Tensor, vocab_key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Gumbel noise for every (sample, column) pair: sample_key (..., S, 1), vocab_key (B,) ->
-    (..., S, B) in ``dtype`` (gumbel_of(uniform), looked up by rank in gumbel_table)."""
-    bits = fmix32(sample_key ^ vocab_key)
-    return gumbel_table(bits.device)[bits >> 9].to(dtype)
+    (..., S, B) in ``dtype`` (gumbel_of(u), looked up by rank in gumbel_table)."""
+    k = uniform_rank(sample_key, vocab_key)
+    return gumbel_table(k.device)[k].to(dtype)

@@ -139,6 +139,42 @@ DOPS_HD DOPS_INLINE float tanh_(float x) {
 
 DOPS_HD DOPS_INLINE double tanh_(double x) { return ::tanh(x); }
 
+// a * b rounded on its own: never contracted with a following add into an FMA (which rounds once
+// and gives other bits than a separate multiply and add, as torch computes them). Device: the
+// _rn intrinsics, which nvcc never contracts. Host: an empty asm makes the product a value that
+// must exist, rounded, in a register (GCC contracts a * b + c across statements otherwise, in the
+// FMA-capable clones).
+#if !DOPS_DEVICE_PASS
+template <typename T>
+DOPS_INLINE T host_rounded(T r) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(r));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(r));
+#else
+  volatile T v = r;
+  r = v;
+#endif
+  return r;
+}
+#endif
+
+DOPS_HD DOPS_INLINE float mul_rn(float a, float b) {
+#if DOPS_DEVICE_PASS
+  return __fmul_rn(a, b);
+#else
+  return host_rounded(a * b);
+#endif
+}
+
+DOPS_HD DOPS_INLINE double mul_rn(double a, double b) {
+#if DOPS_DEVICE_PASS
+  return __dmul_rn(a, b);
+#else
+  return host_rounded(a * b);
+#endif
+}
+
 // Natural log for per-row scalars (not in vectorised loops).
 DOPS_HD DOPS_INLINE float log_(float x) { return ::logf(x); }
 DOPS_HD DOPS_INLINE double log_(double x) { return ::log(x); }

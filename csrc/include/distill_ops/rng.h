@@ -56,9 +56,7 @@ DOPS_HD DOPS_INLINE uint32_t float_bits(float x) {
 #if DOPS_DEVICE_PASS
   return __float_as_uint(x);
 #else
-  uint32_t b;
-  __builtin_memcpy(&b, &x, sizeof(b));
-  return b;
+  return math::host::to_bits(x);
 #endif
 }
 
@@ -66,28 +64,7 @@ DOPS_HD DOPS_INLINE float bits_float(uint32_t b) {
 #if DOPS_DEVICE_PASS
   return __uint_as_float(b);
 #else
-  float x;
-  __builtin_memcpy(&x, &b, sizeof(x));
-  return x;
-#endif
-}
-
-// a * b rounded to float on its own: never contracted with a following add into an FMA (which
-// rounds once and would give other bits than torch's separate multiply and add).
-DOPS_HD DOPS_INLINE float mul_rn(float a, float b) {
-#if DOPS_DEVICE_PASS
-  return __fmul_rn(a, b);
-#else
-  float r = a * b;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __asm__("" : "+x"(r));  // r must exist as a rounded float in a register: no fusion
-#elif defined(__GNUC__) && defined(__aarch64__)
-  __asm__("" : "+w"(r));
-#else
-  volatile float v = r;
-  r = v;
-#endif
-  return r;
+  return math::host::from_bits(b);
 #endif
 }
 
@@ -99,7 +76,7 @@ DOPS_HD DOPS_INLINE float mul_rn(float a, float b) {
 // sqrt(2)), f = m - 1 exact, log x = f - f^2/2 + f^3 P(f) + e ln 2 in this order, each product
 // rounded on its own. For the positive normal floats the noise feeds it.
 DOPS_HD DOPS_INLINE float noise_log(float x) {
-  using detail::mul_rn;
+  using math::mul_rn;
   const uint32_t b = detail::float_bits(x);
   float e = static_cast<float>(static_cast<int32_t>(b >> 23) - 126);
   const float m = detail::bits_float((b & 0x7FFFFFu) | 0x3F000000u);  // in [1/2, 1)

@@ -122,6 +122,17 @@ def _fmix32(h):
 
 
 @triton.jit
+def _vocab_key(cols):
+    return _fmix32(cols.to(tl.uint32) ^ 0x2545F491)
+
+
+@triton.jit
+def _uniform_rank(sample_key, vocab_key):
+    """rng.uniform_rank: bits >> 9, the 23-bit rank that u (and the noise) is a function of."""
+    return _fmix32(sample_key ^ vocab_key) >> 9
+
+
+@triton.jit
 def _noise_log(x):
     """rng.noise_log: the same operations in the same order (the kernel is compiled without FMA
     contraction, so every product is rounded on its own)."""
@@ -192,21 +203,19 @@ def _sample_kernel(
         upd = bm > amax
         jm = tl.where(upd, start + bi.to(tl.int64), jm)
         amax = tl.where(upd, bm, amax)
-    vk_m = _fmix32(jm.to(tl.uint32) ^ 0x2545F491)
-    best = amax + _gumbel_of_rank(_fmix32(sample_key ^ vk_m) >> 9, ACC)
+    best = amax + _gumbel_of_rank(_uniform_rank(sample_key, _vocab_key(jm)), ACC)
     best_id = tl.zeros([SP], tl.int64) + jm
-    real = ss < S
+    valid = ss < S  # the padding samples up to SP: not in the floor, not raced, not written
     for start in range(0, V, BLOCK):
         offs = start + base
         mask = offs < V
         a = tl.load(x_row + offs, mask=mask, other=neg_inf).to(ACC) * inv_prop
         a = tl.where(a == a, a, neg_inf)  # a NaN score never wins (as in the CPU and CUDA kernels)
-        floor = tl.min(tl.where(real, best, float("inf")), axis=0)
+        floor = tl.min(tl.where(valid, best, float("inf")), axis=0)
         if tl.max(a, axis=0) + GUMBEL_MAX >= floor:
             lose = _losing_rank(a.to(tl.float32), floor.to(tl.float32))
-            vocab_key = _fmix32(offs.to(tl.uint32) ^ 0x2545F491)
-            rank = _fmix32(sample_key[:, None] ^ vocab_key[None, :]) >> 9
-            live = (rank >= lose[None, :]) & mask[None, :] & real[:, None]
+            rank = _uniform_rank(sample_key[:, None], _vocab_key(offs)[None, :])
+            live = (rank >= lose[None, :]) & mask[None, :] & valid[:, None]
             if tl.max(live.to(tl.int32)) > 0:
                 score = tl.where(live, a[None, :] + _gumbel_of_rank(rank, ACC), neg_inf)
                 bmax, barg = tl.max(score, axis=1, return_indices=True,
@@ -217,7 +226,6 @@ def _sample_kernel(
                 best_id = tl.where(upd, bid, best_id)
 
     # Merge duplicates and weight the unique ids.
-    valid = ss < S
     x_at = tl.load(x_row + best_id, mask=valid, other=0.0).to(ACC)
     same = (best_id[:, None] == best_id[None, :]) & valid[:, None] & valid[None, :]
     count = tl.sum(same.to(tl.int32), axis=1)
