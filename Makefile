@@ -6,6 +6,8 @@ PIP     := $(PYTHON) -m pip
 # The CUDA build of torch: it runs on the CPU too, and it is what compiles the CUDA extension.
 TORCH   ?= torch==2.14.1
 DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
+# The peers the tests and benchmarks compare against (their real code, not transcriptions).
+PEERS   := trl liger-kernel
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup build demo test test-gpu bench bench-cpu clean
@@ -13,7 +15,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)" $(DEPS)
+	$(PIP) install -q "$(TORCH)" $(DEPS) $(PEERS)
 	touch $@
 
 # Rebuilt whenever a C++/CUDA source changes.

@@ -99,11 +99,12 @@ def test_cross_entropy_conventions(backend):
 
 
 def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
-                             temperature=1.0, reduction="batchmean"):
-    """Transcription of TRL's ``GKDTrainer.generalized_jsd_loss`` (written from its definition):
-    JSD(beta) with M = beta p + (1 - beta) q computed in log space, forward KL at beta = 0, reverse
-    KL at beta = 1, no tau^2 factor; tokens with label -100 dropped; batchmean divides by the
-    number of kept tokens (by B*T without labels)."""
+                             temperature=1.0, reduction="batchmean", num_items_in_batch=None):
+    """Transcription of TRL 1.16's ``GKDTrainer.generalized_jsd_loss`` (written from its
+    definition): JSD(beta) with M = beta p + (1 - beta) q computed in log space, forward KL at
+    beta = 0, reverse KL at beta = 1, no tau^2 factor; tokens with label -100 dropped; batchmean
+    divides by the number of kept tokens (at least 1), by size(0) = B without labels;
+    num_items_in_batch, when given, divides the sum instead."""
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
     if beta == 0:
@@ -113,7 +114,7 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
     else:
         b = torch.tensor(beta, dtype=student_log_probs.dtype)
         mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - b), teacher_log_probs + torch.log(b)]),
+            torch.stack([student_log_probs + torch.log1p(-b), teacher_log_probs + torch.log(b)]),
             dim=0)
         kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none",
                               log_target=True)
@@ -123,10 +124,10 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
     if labels is not None:
         mask = labels != -100
         jsd = jsd[mask]
+    if num_items_in_batch is not None:
+        return jsd.sum() / num_items_in_batch
     if reduction == "batchmean":
-        if labels is not None:
-            return jsd.sum() / mask.sum()
-        return jsd.sum() / (jsd.size(0) * jsd.size(1))
+        return jsd.sum() / (mask.sum().clamp_min(1) if labels is not None else max(jsd.size(0), 1))
     if reduction == "sum":
         return jsd.sum()
     if reduction == "mean":
@@ -135,13 +136,17 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
 
 
 def _real_trl():
+    """TRL's own GKDTrainer.generalized_jsd_loss, found where the integration looks for it
+    (trl.experimental.gkd in trl >= 1.x, trl.trainer before); None without trl."""
     if importlib.util.find_spec("trl") is None:
         return None
-    try:
-        from trl import GKDTrainer
-    except Exception:  # pragma: no cover - a broken install
-        return None
-    return GKDTrainer.generalized_jsd_loss
+    from distill_ops.integrations import trl as dtrl
+
+    dtrl.unpatch_gkd_trainer()
+    classes = dtrl._gkd_classes()
+    if not classes:
+        pytest.fail("trl is installed but no GKDTrainer was found: update GKD_MODULES")
+    return classes[0].generalized_jsd_loss
 
 
 TRL_IMPLS = {"transcribed": trl_generalized_jsd_loss, "trl": None}
@@ -175,14 +180,16 @@ def test_generalized_jsd_matches_trl(backend, trl_loss, beta, temperature):
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_generalized_jsd_matches_trl_without_labels(backend, trl_loss, beta):
-    """TRL batchmean without labels divides by B*T (our batchmean and mean); TRL sum == our sum."""
+    """TRL sum == our sum; TRL batchmean without labels divides by B (the first dimension), its
+    mean by every element (B * T * V); num_items_in_batch divides the sum."""
     s, t = make_logits((2, 5), 64, seed=6)
     kw = dict(divergence="generalized_jsd", beta=beta, temperature=1.5, scale_temperature=False,
               backend=backend)
-    close(kd_loss(s, t, reduction="batchmean", **kw), trl_loss(s, t, beta=beta, temperature=1.5))
-    close(kd_loss(s, t, reduction="mean", **kw), trl_loss(s, t, beta=beta, temperature=1.5))
-    close(kd_loss(s, t, reduction="sum", **kw),
-          trl_loss(s, t, beta=beta, temperature=1.5, reduction="sum"))
+    total = kd_loss(s, t, reduction="sum", **kw)
+    close(total, trl_loss(s, t, beta=beta, temperature=1.5, reduction="sum"))
+    close(total / 2, trl_loss(s, t, beta=beta, temperature=1.5))
+    close(total / (10 * 64), trl_loss(s, t, beta=beta, temperature=1.5, reduction="mean"))
+    close(total / 7, trl_loss(s, t, beta=beta, temperature=1.5, num_items_in_batch=7))
 
 
 def test_trl_transcription_is_the_divergence_it_claims():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 
@@ -22,7 +23,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def gkd_reference(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchmean"):
+def gkd_reference(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchmean",
+                  num_items_in_batch=None):
     """GKD's generalized JSD written from its definition, in float64, element-wise over V."""
     s, t = s.double() / temperature, t.double() / temperature
     lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
@@ -37,8 +39,10 @@ def gkd_reference(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batch
     if labels is not None:
         mask = labels != -100
         elem = elem[mask]
-    if reduction == "batchmean":
-        return elem.sum() / (mask.sum() if labels is not None else s.shape[0] * s.shape[1])
+    if num_items_in_batch is not None:
+        return elem.sum() / num_items_in_batch
+    if reduction == "batchmean":   # TRL 1.16: kept tokens (at least 1), else the batch size
+        return elem.sum() / (mask.sum().clamp_min(1) if labels is not None else s.shape[0])
     if reduction == "sum":
         return elem.sum()
     if reduction == "mean":
@@ -77,6 +81,19 @@ def test_matches_gkd_semantics(beta, temperature, reduction, with_labels):
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_num_items_in_batch_divides_the_sum(with_labels):
+    """GKDTrainer.compute_loss passes num_items_in_batch (gradient accumulation): sum / it, as an
+    int or a tensor, whatever the reduction."""
+    s, t = logits(8)
+    lab = labels_for() if with_labels else None
+    ref = gkd_reference(s, t, labels=lab, beta=0.4, num_items_in_batch=9)
+    for n in (9, torch.tensor(9)):
+        got = dtrl.generalized_jsd_loss(s, t, labels=lab, beta=0.4, reduction="mean",
+                                        num_items_in_batch=n)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
+
+
 def test_none_reduction_is_per_token_row_sum():
     s, t = logits(3)
     lab = labels_for()
@@ -97,14 +114,15 @@ def test_all_masked_batch_is_zero():
 def fake_trl(monkeypatch):
     """A stand-in trl with GKDTrainer where recent versions keep it (trl.experimental.gkd)."""
     def original(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
-                 reduction="batchmean"):
+                 reduction="batchmean", num_items_in_batch=None):
         return "original"
 
     class GKDTrainer:
         generalized_jsd_loss = staticmethod(original)
 
-        def compute_loss(self, s, t, labels):
-            return self.generalized_jsd_loss(s, t, labels=labels, beta=0.1)
+        def compute_loss(self, s, t, labels):   # keywords as TRL 1.16's compute_loss passes them
+            return self.generalized_jsd_loss(student_logits=s, teacher_logits=t, labels=labels,
+                                             beta=0.1, num_items_in_batch=None)
 
     class Subclass(GKDTrainer):
         pass
@@ -143,13 +161,27 @@ def test_patch_without_trl_says_so(monkeypatch):
 
 
 def test_real_trl_if_installed():
+    """Against the installed trl itself: our signature takes every argument of TRL's (its
+    compute_loss passes them by keyword), and each reduction gives TRL's value."""
     if importlib.util.find_spec("trl") is None:
         pytest.skip("trl is not installed")
+    dtrl.unpatch_gkd_trainer()
+    theirs = dtrl._gkd_classes()[0].generalized_jsd_loss
+    missing = (set(inspect.signature(theirs).parameters)
+               - set(inspect.signature(dtrl.generalized_jsd_loss).parameters))
+    assert not missing, f"TRL's generalized_jsd_loss takes {missing}, ours does not"
+    s, t = logits(6)
+    for lab in (labels_for(), None):
+        for kw in (dict(reduction="batchmean"), dict(reduction="sum"), dict(reduction="mean"),
+                   dict(num_items_in_batch=torch.tensor(5))):
+            want = theirs(s, t, labels=lab, beta=0.3, temperature=1.3, **kw)
+            got = dtrl.generalized_jsd_loss(s, t, labels=lab, beta=0.3, temperature=1.3, **kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{kw} {lab is None}")
     classes = dtrl.patch_gkd_trainer()
     try:
-        s, t = logits(6)
         lab = labels_for()
-        got = classes[0].generalized_jsd_loss(s, t, labels=lab, beta=0.5)
+        got = classes[0].generalized_jsd_loss(student_logits=s, teacher_logits=t, labels=lab,
+                                              beta=0.5, num_items_in_batch=None)
         torch.testing.assert_close(got.double(), gkd_reference(s, t, labels=lab), rtol=1e-5,
                                    atol=1e-7)
     finally:
