@@ -1,12 +1,13 @@
 """The benchmark harness's own logic, end to end on tiny CPU shapes (no timing claims)."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import config, readme_table, report
+from bench import config, inputs, readme_table, report
 from bench import providers as prov
 from bench.measure import CpuTimer
 from bench.runner import Runner
@@ -126,3 +127,18 @@ def test_sanitize_driver_runs_every_op_family():
     from bench import sanitize_ops
 
     assert sanitize_ops.main(["--device", "cpu", "--quick"]) == 0
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_liger_provider_computes_the_eager_loss(divergence):
+    """The liger rows compare like with like: Liger's JSD fed as the provider feeds it gives the
+    eager loss (run here under the Triton interpreter; its KL-div kernel does not run there, and
+    the GPU run records loss_vs_eager for every row)."""
+    pytest.importorskip("liger_kernel")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter on the CPU")
+    case = config.Case("dense", divergence, False, "fp32", 6, 96, "fwd")
+    x = inputs.make(case, 6, torch.device("cpu"))
+    ours = prov.Liger().make(case)(x)
+    eager = prov.TorchEager().make(case)(x)
+    torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
