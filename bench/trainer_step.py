@@ -11,7 +11,9 @@ backward and an AdamW step; gradient checkpointing on the student on a GPU. Only
 - eager: fp32 log_softmax of both, F.kl_div(batchmean, log_target) x tau^2 (bench/providers.py's
   eager_forward_kl, as users write it);
 - distill_ops: distill_ops.kd_loss(..., inplace_grad=True): no probability tensor, the logits'
-  gradient written over the student logits.
+  gradient written over the student logits;
+- distill_ops-fused: distill_ops.fused_linear_kd_loss on both models' last hidden states and
+  lm_heads (the trainer's fused_linear=True): neither model's logits exist, chunks of them do.
 
 Per provider: the median step time and tokens per second at (B, T), the peak memory of a step,
 the first step's loss (the two must agree: same models, same data), and with --find-max (CUDA) the
@@ -51,7 +53,7 @@ SHAPES = {
 }
 DEFAULTS = {"cuda": dict(shape="3b-1b", batch=4, seq=2048),
             "cpu": dict(shape="small", batch=4, seq=256)}
-PROVIDERS = ("eager", "distill_ops")
+PROVIDERS = ("eager", "distill_ops", "distill_ops-fused")
 MAX_TOKENS = 1 << 21  # --find-max stops doubling here
 
 
@@ -67,7 +69,7 @@ def fused_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
                                reduction="mean", inplace_grad=True)
 
 
-LOSSES: dict = {"eager": eager_loss, "distill_ops": fused_loss}
+LOSSES: dict = {"eager": eager_loss, "distill_ops": fused_loss, "distill_ops-fused": None}
 
 
 def build_models(shape: dict, device: torch.device, seq: int):
@@ -89,20 +91,36 @@ def build_models(shape: dict, device: torch.device, seq: int):
 class Step:
     """One training step with a given loss; the optimizer persists across calls."""
 
-    def __init__(self, teacher, student, loss: Callable, device: torch.device):
+    def __init__(self, teacher, student, loss: Optional[Callable], device: torch.device):
+        """``loss`` takes (student logits, teacher logits); None: the fused-linear loss on the
+        models' hidden states and lm_heads."""
+        from distill_ops.trainer.objective import LastHidden
+
         self.teacher, self.student, self.loss, self.device = teacher, student, loss, device
         self.opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
         self.amp = torch.bfloat16 if device.type == "cuda" else None
+        if loss is None:
+            self.s_body, self.t_body = LastHidden(student), LastHidden(teacher)
 
     def __call__(self, input_ids: torch.Tensor) -> float:
+        from distill_ops.fused_linear import fused_linear_kd_loss
         from distill_ops.trainer.eval import autocast
 
         with autocast(self.device, self.amp):
-            s_logits = self.student(input_ids=input_ids, use_cache=False).logits
-            with torch.no_grad():
-                t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        loss = self.loss(s_logits, t_logits)
-        del t_logits
+            if self.loss is None:
+                h = self.s_body(input_ids)
+                with torch.no_grad():
+                    h_t = self.t_body(input_ids)
+                loss = fused_linear_kd_loss(h, self.s_body.head.weight, h_t,
+                                            self.t_body.head.weight, temperature=TEMPERATURE,
+                                            reduction="mean")
+            else:
+                s_logits = self.student(input_ids=input_ids, use_cache=False).logits
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+        if self.loss is not None:
+            loss = self.loss(s_logits, t_logits)
+            del t_logits
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

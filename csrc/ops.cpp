@@ -89,11 +89,12 @@ DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teache
     const at::Tensor& gs = *grad_scale;
     TORCH_CHECK(gs.numel() == 1 && gs.dim() == 0, op, "grad_scale must be a 0-dim tensor, got shape ",
                 gs.sizes());
-    TORCH_CHECK(gs.scalar_type() == at::kFloat, op, "grad_scale must be float32, got ",
-                gs.scalar_type());
+    TORCH_CHECK(gs.scalar_type() == at::kFloat || gs.scalar_type() == at::kDouble, op,
+                "grad_scale must be float32 or float64, got ", gs.scalar_type());
     TORCH_CHECK(gs.device() == student.device(), op, "grad_scale is on ", gs.device(),
                 " but student is on ", student.device());
-    a.grad_scale = gs.data_ptr<float>();
+    a.grad_scale = gs.data_ptr();
+    a.grad_scale_fp64 = gs.scalar_type() == at::kDouble;
   }
   const auto loss_dtype = call.dtype == at::kDouble ? at::kDouble : at::kFloat;
   call.loss = at::empty({n}, student.options().dtype(loss_dtype));

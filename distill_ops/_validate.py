@@ -11,11 +11,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def logits(name: str, x: object) -> torch.Tensor:
+def float_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def logits(name: str, x: object) -> torch.Tensor:
+    float_tensor(name, x)
     if x.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary axis (shape (..., V)), got a 0-d tensor")
     if x.shape[-1] < 1:

@@ -35,6 +35,26 @@ def resolve_divergence(divergence: str, beta: float, alpha: float) -> tuple[int,
     return code, 0.0
 
 
+def loss_constants(divergence: str, temperature: float, beta: float, alpha: float,
+                   hard_weight: float, soft_weight: float, scale_temperature: bool,
+                   ignore_index: int, softcap: Optional[float]) -> tuple:
+    """Check the loss keywords shared by every dense entry point (each error names its argument)
+    and turn them into the kernels' constants: (divergence code, mix, tau, softcap or 0,
+    soft coefficient with the tau^2 factor, hard coefficient)."""
+    check.choice("divergence", divergence, DIVERGENCES)
+    tau = check.positive("temperature", temperature)
+    beta = check.unit_interval("beta", beta)
+    alpha = check.unit_interval("alpha", alpha)
+    hard_weight = check.non_negative("hard_weight", hard_weight)
+    soft_weight = check.non_negative("soft_weight", soft_weight)
+    cap = 0.0 if softcap is None else check.positive("softcap", softcap)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    code, mix = resolve_divergence(divergence, beta, alpha)
+    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
+    return code, mix, tau, cap, soft_coef, hard_weight
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -85,18 +105,12 @@ def kd_loss(
     teacher = check.logits("teacher_logits", teacher_logits)
     check.same_device("teacher_logits", teacher, "student_logits", student)
     check.leading_shape("teacher_logits", teacher, "student_logits", student)
-    check.choice("divergence", divergence, DIVERGENCES)
     check.choice("reduction", reduction, REDUCTIONS)
     check.choice("vocab", vocab, VOCAB_MODES)
     check.choice("backend", backend, backends.BACKENDS)
-    tau = check.positive("temperature", temperature)
-    beta = check.unit_interval("beta", beta)
-    alpha = check.unit_interval("alpha", alpha)
-    hard_weight = check.non_negative("hard_weight", hard_weight)
-    soft_weight = check.non_negative("soft_weight", soft_weight)
-    cap = 0.0 if softcap is None else check.positive("softcap", softcap)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
+        divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature,
+        ignore_index, softcap)
 
     v_student, v_teacher = student.shape[-1], teacher.shape[-1]
     if v_student != v_teacher:
@@ -116,8 +130,6 @@ def kd_loss(
         raise ValueError("hard_weight > 0 needs labels")
 
     name = backends.resolve(backend, student.device)
-    code, mix = resolve_divergence(divergence, beta, alpha)
-    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
     lead = student.shape[:-1]
     student2d = student.reshape(-1, vocab_size)
     teacher2d = teacher.reshape(-1, vocab_size)

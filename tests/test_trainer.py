@@ -279,6 +279,32 @@ def test_other_divergences_train(tmp_path, divergence):
     assert all(r["loss"] >= 0 for r in res.history if "loss" in r)
 
 
+@pytest.mark.parametrize("vocab_extra", [0, 8])
+def test_fused_linear_trains_like_the_logits_path(tmp_path, vocab_extra):
+    """fused_linear (the loss from hidden states and lm_heads, no logits) is the same objective:
+    the same losses and weights as kd_loss on the models' logits, tied embeddings included, and
+    over the common vocabulary when the teacher's is larger."""
+    data = blocks()
+    kw = dict(max_steps=3, temperature=2.0, hard_weight=0.3, divergence="jsd",
+              vocab="common_prefix" if vocab_extra else "strict", eval_fraction=0.0)
+    runs = [train(cfg(tmp_path / str(fused), fused_linear=fused, **kw), student=tiny(),
+                  teacher=tiny(48, vocab=V + vocab_extra, seed=1), train_dataset=data)
+            for fused in (False, True)]
+    losses = [[r["loss"] for r in run.history if "loss" in r] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert_same_weights(weights(runs[0].model), weights(runs[1].model), exact=False)
+
+
+def test_fused_linear_refuses_what_it_cannot_compute(tmp_path):
+    with pytest.raises(ConfigError, match="fused_linear needs targets='dense'"):
+        cfg(tmp_path, fused_linear=True, targets="topk")
+    student = tiny()
+    student.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        train(cfg(tmp_path, fused_linear=True), student=student, teacher=tiny(48, seed=1),
+              train_dataset=blocks())
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 

@@ -45,7 +45,7 @@ def _config(out, **kw):
     return TrainConfig(**base)
 
 
-def _worker(rank, world, tmp, data):
+def _worker(rank, world, tmp, data, fused):
     # A crash in C++ (gloo) dumps every thread's Python stack to stderr, which pytest shows.
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
@@ -55,8 +55,8 @@ def _worker(rank, world, tmp, data):
         # different initial weights per rank: DDP must broadcast rank 0's
         student = llama(V, 32, 1, heads=2, max_positions=32, seed=rank)
         teacher = llama(V, 48, 1, heads=2, max_positions=32, seed=7)
-        res = train(_config(os.path.join(tmp, "ddp")), student=student, teacher=teacher,
-                    train_dataset=data, eval_dataset=data[:8])
+        res = train(_config(os.path.join(tmp, "ddp"), fused_linear=fused), student=student,
+                    teacher=teacher, train_dataset=data, eval_dataset=data[:8])
         flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         tdist.all_gather(gathered, flat)
@@ -74,9 +74,12 @@ def _worker(rank, world, tmp, data):
     os._exit(0)
 
 
-def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
+def test_ddp_two_gloo_processes_match_single_process(tmp_path, fused):
+    """fused_linear: DDP wraps the student without its lm_head (LastHidden); the head's gradient,
+    made inside the loss, must still be all-reduced."""
     data = _data()
-    mp.spawn(_worker, args=(2, str(tmp_path), data), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), data, fused), nprocs=2, join=True)
     out = torch.load(tmp_path / "result.pt", weights_only=False)
     a, b = out["gathered"]
     assert out["step"] == 4
@@ -85,7 +88,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     assert (tmp_path / "ddp" / "checkpoint-4" / "rng_state_1.pt").is_file()
 
     # one process, same global batches (2 ranks x 4 = 1 process x 4 x 2 accumulation steps)
-    single = train(_config(str(tmp_path / "single"), grad_accum_steps=2),
+    single = train(_config(str(tmp_path / "single"), grad_accum_steps=2, fused_linear=fused),
                    student=llama(V, 32, 1, heads=2, max_positions=32, seed=0),
                    teacher=llama(V, 48, 1, heads=2, max_positions=32, seed=7), train_dataset=data)
     ref = torch.cat([p.detach().flatten() for p in single.model.parameters()])

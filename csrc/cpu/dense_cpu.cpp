@@ -295,7 +295,7 @@ DOPS_INLINE void run_rows_div(const DenseArgs& A, const LossConsts<T>& K, T scal
 template <typename scalar_t, typename T>
 DOPS_INLINE void run_rows(const DenseArgs& A, int64_t begin, int64_t end) {
   const LossConsts<T> K = loss_consts<T>(A);
-  const T scale = A.grad_scale != nullptr ? static_cast<T>(*A.grad_scale) : T(1);
+  const T scale = grad_scale_of<T>(A);
   switch (A.divergence) {
     case kForwardKL: run_rows_div<scalar_t, T, kForwardKL>(A, K, scale, begin, end); break;
     case kReverseKL: run_rows_div<scalar_t, T, kReverseKL>(A, K, scale, begin, end); break;

@@ -382,11 +382,6 @@ __device__ __forceinline__ void pass_terms(const RowPtrs<scalar_t, T>& P, const 
   });
 }
 
-template <typename T>
-__device__ __forceinline__ T grad_scale_value(const DenseArgs& A) {
-  return A.grad_scale != nullptr ? static_cast<T>(*A.grad_scale) : T(1);
-}
-
 // ------------------------------------------------------------------------------------------------
 // kernels
 
@@ -395,7 +390,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     row_kernel(const DenseArgs A, const LossConsts<T> Kc, const bool vec) {
   __shared__ SharedScratch<T> sh;
   T* __restrict__ loss_out = static_cast<T*>(A.loss);
-  const T scale = grad_scale_value<T>(A);
+  const T scale = grad_scale_of<T>(A);
   for (int64_t row = blockIdx.x; row < A.n; row += gridDim.x) {
     const int64_t label = Kc.has_labels ? A.labels[row] : int64_t(-1);
     const RowPtrs<scalar_t, T> P = row_ptrs<scalar_t, T>(A, row, label);
@@ -475,7 +470,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ SharedScratch<T> sh;
   const int split = blockIdx.x;
   const int64_t lo = split * slice, hi = std::min<int64_t>(A.v, lo + slice);
-  const T scale = grad_scale_value<T>(A);
+  const T scale = grad_scale_of<T>(A);
   for (int64_t row = blockIdx.y; row < A.n; row += gridDim.y) {
     const int64_t label = Kc.has_labels ? A.labels[row] : int64_t(-1);
     const RowPtrs<scalar_t, T> P = row_ptrs<scalar_t, T>(A, row, label);
@@ -511,7 +506,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ SharedScratch<T> sh;
   const int split = blockIdx.x;
   const int64_t lo = split * slice, hi = std::min<int64_t>(A.v, lo + slice);
-  const T scale = grad_scale_value<T>(A);
+  const T scale = grad_scale_of<T>(A);
   for (int64_t row = blockIdx.y; row < A.n; row += gridDim.y) {
     const int64_t label = Kc.has_labels ? A.labels[row] : int64_t(-1);
     if (Kc.has_labels && label == A.ignore_index) continue;  // zeroed by split_terms_kernel

@@ -20,16 +20,18 @@ NONE, SUM, MEAN, BATCHMEAN = range(4)
 
 
 def grad_scale_for(reduction: int, labels: Optional[torch.Tensor], ignore_index: int, n: int,
-                   device: torch.device) -> Optional[torch.Tensor]:
-    """The factor each row's gradient carries: 1/count for mean, 1/N for batchmean (no host sync)."""
+                   device: torch.device, wide: bool = False) -> Optional[torch.Tensor]:
+    """The factor each row's gradient carries: 1/count for mean, 1/N for batchmean (no host sync).
+    float32, or float64 when ``wide`` (a float64 call: 1/3 rounded to float32 is 3e-8 off)."""
+    dtype = torch.float64 if wide else torch.float32
     if reduction == MEAN:
         if labels is None:
-            count = torch.tensor(float(max(n, 1)), device=device)
+            count = torch.tensor(float(max(n, 1)), dtype=torch.float64, device=device)
         else:
-            count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-        return count.reciprocal().to(torch.float32)
+            count = (labels != ignore_index).sum().clamp_min(1).to(torch.float64)
+        return count.reciprocal().to(dtype)
     if reduction == BATCHMEAN:
-        return torch.tensor(1.0 / max(n, 1), dtype=torch.float32, device=device)
+        return torch.tensor(1.0 / max(n, 1), dtype=dtype, device=device)
     return None
 
 
@@ -42,7 +44,8 @@ def reduce_rows(rows: torch.Tensor, reduction: int, scale: Optional[torch.Tensor
 
 def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
          ignore_index, reduction, grad, backend):
-    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device)
+    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device,
+                           wide=torch.float64 in (student.dtype, teacher.dtype))
     rows = backends.get(backend, "dense_forward")(
         student, teacher, labels, divergence=divergence, mix=mix, temperature=temperature,
         softcap=softcap, soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .dense import MEAN, NONE, grad_scale_for, reduce_rows, scale_saved_grad
+from .dense import NONE, grad_scale_for, reduce_rows, scale_saved_grad
 
 _SPARSE_MODULES = {
     "torch": "distill_ops.backends.reference_sparse",
@@ -74,14 +74,8 @@ def sparse_kd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
     grad = torch.empty_like(student) if need_grad else student.new_empty(0)
-    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device)
-    if scale is not None and torch.float64 in (student.dtype, logprobs.dtype):
-        # 1/count in float64 (grad_scale_for rounds it to float32)
-        if reduction == MEAN and labels is not None:
-            count = (labels != ignore_index).sum().clamp_min(1)
-        else:
-            count = torch.tensor(max(student.shape[0], 1), device=student.device)
-        scale = count.to(torch.float64).reciprocal()
+    scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device,
+                           wide=torch.float64 in (student.dtype, logprobs.dtype))
     rows = _impl(backend, "loss").sparse_forward(
         student, ids, logprobs, tail_logmass, labels, divergence=divergence, mix=mix, mode=mode,
         temperature=temperature, target_scale=target_scale, soft_coef=soft_coef,

@@ -34,6 +34,8 @@ class TrainConfig:
             sparse_kd_loss), ``cache`` (offline target cache at ``cache``), ``none`` (plain
             cross-entropy on the labels: the baseline).
         topk: k for ``targets="topk"``.  tail: ``renorm`` or ``tail`` (sparse losses).
+        fused_linear: with ``targets="dense"``, compute the loss from both models' last hidden
+            states and lm_heads (fused_linear_kd_loss): neither model's logits are materialised.
     Loss (see distill_ops.kd_loss)
         divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature, softcap,
         vocab (``strict`` or ``common_prefix``), backend.
@@ -60,6 +62,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None
     # teacher targets
     targets: str = "dense"
+    fused_linear: bool = False
     cache: Optional[str] = None
     topk: int = 64
     tail: str = "renorm"
@@ -145,6 +148,11 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         if self.hard_weight < 0 or self.soft_weight < 0:
             raise ConfigError("hard_weight and soft_weight must be >= 0")
+        if self.fused_linear not in (True, False):
+            raise ConfigError(f"fused_linear must be true or false, got {self.fused_linear!r}")
+        if self.fused_linear and self.targets != "dense":
+            raise ConfigError(f"fused_linear needs targets='dense' (it projects the teacher's "
+                              f"hidden states itself), got targets={self.targets!r}")
         if self.targets == "cache" and not self.cache:
             raise ConfigError("targets='cache' needs cache (the directory written by "
                               "cache-teacher)")

@@ -24,8 +24,8 @@ from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_t
                    pack_documents, shift_labels, split_documents)
 from .eval import autocast, evaluate
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
-from .objective import (check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum, model_vocab,
-                        online_topk, sparse_loss_sum)
+from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum,
+                        fused_dense_loss_sum, model_vocab, online_topk, sparse_loss_sum)
 from .optim import build_optimizer, build_scheduler
 
 ModelLike = Union[str, torch.nn.Module, None]
@@ -210,11 +210,13 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
     if resume:
         state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler)
         step = int(state["step"])
-    model = student
+    # With fused_linear the loop runs the models without their lm_heads (the loss applies them).
+    model = LastHidden(student) if cfg.fused_linear else student
+    teacher_fwd = LastHidden(teacher) if cfg.fused_linear else teacher
     ddp = world > 1
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -264,8 +266,8 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
             for a, (batch, labels) in enumerate(zip(micro, labels_list)):
                 sync = model.no_sync() if ddp and a < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
-                    loss_sum = _micro_step(cfg, model, teacher, batch, labels.to(device), device,
-                                           amp_dtype, student_vocab)
+                    loss_sum = _micro_step(cfg, model, teacher_fwd, batch, labels.to(device),
+                                           device, amp_dtype, student_vocab)
                     (loss_sum * scale).backward()
                 step_loss += loss_sum.detach().double()
                 seen_tokens += int(batch["input_ids"].numel()) * world
@@ -325,6 +327,14 @@ def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Ten
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch.get("attention_mask")
     mask = mask.to(device, non_blocking=True) if mask is not None else None
+    if cfg.fused_linear:   # model and teacher are LastHidden (model maybe inside DDP)
+        with autocast(device, amp_dtype):
+            hidden = model(input_ids=input_ids, attention_mask=mask)
+            with torch.no_grad():
+                t_hidden = teacher(input_ids=input_ids, attention_mask=mask)
+            heads = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+                else model
+            return fused_dense_loss_sum(cfg, hidden, heads, t_hidden, teacher, labels)
     with autocast(device, amp_dtype):
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         if cfg.targets in ("dense", "topk"):

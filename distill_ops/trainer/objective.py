@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import kd_loss
+from ..fused_linear import fused_linear_kd_loss
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 
@@ -111,3 +112,50 @@ def model_vocab(model: torch.nn.Module) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)
+
+
+class LastHidden(torch.nn.Module):
+    """A causal LM without its lm_head: forward returns the last hidden states (after the final
+    norm). With ``fused_linear`` this is the module the loop runs (and DDP wraps): the lm_head is
+    applied inside the fused loss, in the same backward, so DDP still sees every gradient."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            value = getattr(getattr(lm, "config", None), key, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"fused_linear cannot reproduce this model's {key}={value} "
+                                 "(its logits are not just lm_head(hidden)); use fused_linear=False")
+        head = lm.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"fused_linear needs an nn.Linear lm_head, got {type(head).__name__}")
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
+        return body(input_ids=input_ids, attention_mask=attention_mask,
+                    use_cache=False).last_hidden_state
+
+
+def fused_dense_loss_sum(cfg: TrainConfig, student_hidden: torch.Tensor, student: LastHidden,
+                         teacher_hidden: torch.Tensor, teacher: LastHidden,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """dense_loss_sum on lm_head(hidden) of both models, without their logits (vocab='common_prefix'
+    slices both heads to the shared vocabulary)."""
+    ws, wt = student.head.weight, teacher.head.weight
+    bs, bt = student.head.bias, teacher.head.bias
+    if ws.shape[0] != wt.shape[0]:
+        if cfg.vocab != "common_prefix":
+            raise ValueError(f"the teacher's vocabulary is {wt.shape[0]} but the student's is "
+                             f"{ws.shape[0]}; pass vocab='common_prefix'")
+        v = min(ws.shape[0], wt.shape[0])
+        ws, wt = ws[:v], wt[:v]
+        bs, bt = (None if bs is None else bs[:v]), (None if bt is None else bt[:v])
+    return fused_linear_kd_loss(
+        student_hidden, ws, teacher_hidden, wt, student_bias=bs, teacher_bias=bt,
+        divergence=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha,
+        labels=labels, hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
+        scale_temperature=cfg.scale_temperature, ignore_index=IGNORE_INDEX, reduction="sum",
+        softcap=cfg.softcap, backend=cfg.backend)

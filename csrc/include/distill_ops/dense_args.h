@@ -13,7 +13,8 @@ struct DenseArgs {
   const void* teacher = nullptr;  // (n, v), row stride stride_t
   const int64_t* labels = nullptr;  // (n,) contiguous, or null
   void* grad = nullptr;             // (n, v), row stride stride_g, or null; may alias student
-  const float* grad_scale = nullptr;  // 0-dim, or null for 1
+  const void* grad_scale = nullptr;  // 0-dim float (double when grad_scale_fp64), or null for 1
+  bool grad_scale_fp64 = false;      // float64 calls get a float64 scale (1/3 is not a float)
   void* loss = nullptr;             // (n,) contiguous: float, double for double inputs
   int64_t n = 0, v = 0;
   int64_t stride_s = 0, stride_t = 0, stride_g = 0;
@@ -21,6 +22,14 @@ struct DenseArgs {
   double mix = 0.0, temperature = 1.0, softcap = 0.0, soft_coef = 1.0, hard_coef = 0.0;
   int64_t ignore_index = -100;
 };
+
+// The factor every gradient row is multiplied by, in the accumulation type.
+template <typename T>
+DOPS_HD DOPS_INLINE T grad_scale_of(const DenseArgs& A) {
+  if (A.grad_scale == nullptr) return T(1);
+  return A.grad_scale_fp64 ? static_cast<T>(*static_cast<const double*>(A.grad_scale))
+                           : static_cast<T>(*static_cast<const float*>(A.grad_scale));
+}
 
 // Per-call constants in the accumulation type, and which parts of the loss are live.
 template <typename T>

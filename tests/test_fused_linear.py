@@ -1,0 +1,197 @@
+"""fused_linear_kd_loss against the float64 oracle of kd_loss on the materialised logits: the loss
+and the gradients of the student hidden states, lm_head weight and bias, over every backend,
+divergence, reduction and chunking (one row per chunk, ragged last chunk, one chunk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_ops import kd_loss
+from distill_ops.fused_linear import CHUNK_BYTES, default_chunk_size, fused_linear_kd_loss
+from oracle import (INTERPRETER_NOISE, ZERO, backend, backend_and_device,  # noqa: F401
+                    backend_status, device, make_labels, oracle, rel_err, tolerance)
+
+pytestmark = INTERPRETER_NOISE
+
+
+def make_case(lead, h_s, h_t, v, *, seed, dtype=torch.float32, bias=True, device="cpu"):
+    """Hidden states and lm_heads scaled so the logits are about randn * 3 (as in the dense tests)."""
+    g = torch.Generator().manual_seed(seed)
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+    return dict(
+        hs=rnd(*lead, h_s), ws=rnd(v, h_s, scale=3.0 / h_s ** 0.5),
+        bs=rnd(v, scale=0.5) if bias else None,
+        ht=rnd(*lead, h_t), wt=rnd(v, h_t, scale=3.0 / h_t ** 0.5),
+        bt=rnd(v, scale=0.5) if bias else None)
+
+
+def reference(c, labels, grad_output=2.5, **kw):
+    """float64 loss and (d/dh, d/dW, d/db) by the chain rule through the oracle's logits gradient."""
+    d = {k: None if x is None else x.double() for k, x in c.items()}
+    s = d["hs"] @ d["ws"].t() + (0 if d["bs"] is None else d["bs"])
+    t = d["ht"] @ d["wt"].t() + (0 if d["bt"] is None else d["bt"])
+    loss, g = oracle(s, t, labels, grad_output=torch.tensor(grad_output), **kw)
+    g2 = g.reshape(-1, g.shape[-1])
+    grads = ((g @ d["ws"]), g2.t() @ d["hs"].reshape(-1, d["hs"].shape[-1]),
+             None if d["bs"] is None else g2.sum(0))
+    return loss, grads
+
+
+def run_fused(c, labels, grad_output=2.5, **kw):
+    x = {k: None if v is None else v.clone().requires_grad_(k in ("hs", "ws", "bs"))
+         for k, v in c.items()}
+    loss = fused_linear_kd_loss(x["hs"], x["ws"], x["ht"], x["wt"], student_bias=x["bs"],
+                                teacher_bias=x["bt"], labels=labels, **kw)
+    (loss * grad_output).backward()
+    return loss.detach(), (x["hs"].grad, x["ws"].grad, None if x["bs"] is None else x["bs"].grad)
+
+
+def check(c, labels, dtype, *, grad_tol=None, **kw):
+    div, tau = kw.get("divergence", "forward_kl"), kw.get("temperature", 1.0)
+    loss, grads = run_fused(c, labels, **kw)
+    opts = {k: v for k, v in kw.items() if k not in ("backend", "chunk_size")}
+    ref_loss, ref_grads = reference(c, labels, **opts)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == ()
+    lt = tolerance(dtype, div, "loss", tau)
+    gt = tolerance(dtype, div, "grad", tau) if grad_tol is None else grad_tol
+    e = rel_err(loss, ref_loss, ZERO)
+    assert e < lt, f"loss rel err {e:.3g} ({loss} vs {ref_loss})"
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        if want is None:
+            assert got is None
+            continue
+        assert got is not None and got.dtype == dtype and torch.isfinite(got).all(), name
+        e = rel_err(got, want, ZERO)
+        assert e < gt, f"{name} grad rel err {e:.3g} >= {gt:g}"
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
+def test_matches_oracle(backend, device, divergence, reduction):
+    c = make_case((3, 5), 12, 20, 37, seed=len(divergence) + len(reduction), device=device)
+    labels = make_labels((3, 5), 37, seed=3, device=device)
+    check(c, labels, torch.float32, divergence=divergence, reduction=reduction, temperature=1.5,
+          hard_weight=0.4, chunk_size=4, backend=backend)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 6, 7, 100, None])
+def test_chunking_does_not_change_the_result(backend, device, chunk_size):
+    """One row per chunk, a ragged last chunk (7 rows, chunks of 6), one chunk, the default."""
+    if backend == "triton":
+        pytest.skip("Triton's scalar arguments are fp32: no float64 accuracy (see test_dense_api)")
+    c = make_case((7,), 16, 16, 45, seed=chunk_size or 0, dtype=torch.float64, bias=False,
+                  device=device)
+    check(c, make_labels(7, 45, seed=1, device=device), torch.float64, divergence="jsd", temperature=0.8,
+          chunk_size=chunk_size, backend=backend)
+
+
+def test_softcap_no_labels_no_bias(backend, device):
+    c = make_case((9,), 8, 24, 33, seed=5, bias=False, device=device)
+    check(c, None, torch.float32, divergence="forward_kl", softcap=4.0, temperature=2.0,
+          chunk_size=4, backend=backend)
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradients(backend, device):
+    c = make_case((4,), 8, 8, 21, seed=6, device=device)
+    loss, grads = run_fused(c, torch.full((4,), -100, device=device), hard_weight=0.5, chunk_size=3,
+                            backend=backend)
+    assert float(loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_kd_loss_on_linear_logits(dtype):
+    """Same dtype everywhere: the chunked GEMMs and kernels agree with F.linear + kd_loss."""
+    c = make_case((2, 6), 16, 16, 40, seed=7, dtype=dtype)
+    labels = make_labels((2, 6), 40, seed=2)
+    check(c, labels, dtype, divergence="reverse_kl", hard_weight=0.2, chunk_size=5,
+          backend="cpu" if backend_status("cpu")[0] else "torch", grad_tol=3e-2)
+
+
+def test_autocast_computes_logits_in_the_autocast_dtype():
+    """fp32 hidden states and weights under CPU bf16 autocast: the logits are bf16 (as F.linear's
+    under autocast), the gradients come back fp32, and the result is kd_loss on F.linear's logits."""
+    c = make_case((10,), 16, 16, 50, seed=8)
+    labels = make_labels(10, 50, seed=4)
+    kw = dict(labels=labels, divergence="forward_kl", temperature=1.3, hard_weight=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run_fused(c, kw.pop("labels"), chunk_size=4, **kw)
+        x = {k: v.clone().requires_grad_(True) for k, v in c.items()}
+        want = kd_loss(F.linear(x["hs"], x["ws"], x["bs"]), F.linear(x["ht"], x["wt"], x["bt"]),
+                       labels=labels, **kw)
+    (want * 2.5).backward()
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert rel_err(loss, want) < 1e-3
+    for got, ref in zip(grads, (x["hs"].grad, x["ws"].grad, x["bs"].grad)):
+        assert rel_err(got, ref) < 2e-2
+
+
+def test_no_grad_and_frozen_weight():
+    c = make_case((6,), 8, 8, 19, seed=9)
+    labels = make_labels(6, 19, seed=5)
+    with torch.no_grad():
+        a = fused_linear_kd_loss(c["hs"], c["ws"], c["ht"], c["wt"], labels=labels, chunk_size=4)
+    b = kd_loss(c["hs"] @ c["ws"].t(), c["ht"] @ c["wt"].t(), labels=labels)
+    assert rel_err(a, b) < 1e-6
+    h = c["hs"].clone().requires_grad_(True)   # the lm_head frozen: only d/dh
+    fused_linear_kd_loss(h, c["ws"], c["ht"], c["wt"], labels=labels, chunk_size=4).backward()
+    h2 = c["hs"].clone().requires_grad_(True)
+    kd_loss(h2 @ c["ws"].t(), c["ht"] @ c["wt"].t(), labels=labels).backward()
+    assert rel_err(h.grad, h2.grad) < 1e-5
+
+
+def test_tied_student_weight_gets_both_gradients():
+    """lm_head tied to the embedding: the weight's gradient is the embedding's plus the loss's."""
+    c = make_case((5,), 8, 8, 17, seed=10, bias=False)
+    ids = torch.tensor([1, 4, 4, 9, 16])
+    grads = []
+    for fused in (True, False):
+        w = c["ws"].clone().requires_grad_(True)
+        h = F.embedding(ids, w) + c["hs"]
+        if fused:
+            loss = fused_linear_kd_loss(h, w, c["ht"], c["wt"], chunk_size=2)
+        else:
+            loss = kd_loss(h @ w.t(), c["ht"] @ c["wt"].t())
+        loss.backward()
+        grads.append(w.grad)
+    assert rel_err(grads[0], grads[1]) < 1e-5
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(100000, 128256, 2) == 1024        # 256 MiB of bf16 logits
+    assert default_chunk_size(100000, 128256, 4) == 512
+    assert default_chunk_size(10, 128256, 4) == 10               # never more rows than there are
+    assert default_chunk_size(5, CHUNK_BYTES, 4) == 1            # at least one row
+
+
+def test_errors():
+    c = make_case((4,), 8, 6, 11, seed=11)
+    args = (c["hs"], c["ws"], c["ht"], c["wt"])
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_kd_loss(*args, reduction="none")
+    with pytest.raises(ValueError, match="teacher_weight has vocabulary 12"):
+        fused_linear_kd_loss(c["hs"], c["ws"], c["ht"], torch.randn(12, 6))
+    with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 8\)"):
+        fused_linear_kd_loss(c["hs"], torch.randn(11, 7), c["ht"], c["wt"])
+    with pytest.raises(ValueError, match="student_hidden is torch.float32 but student_weight"):
+        fused_linear_kd_loss(c["hs"], c["ws"].double(), c["ht"], c["wt"])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_kd_loss(*args, chunk_size=0)
+    with pytest.raises(ValueError, match=r"student_bias must have shape \(11,\)"):
+        fused_linear_kd_loss(*args, student_bias=torch.zeros(10))
+    with pytest.raises(ValueError, match="hard_weight > 0 needs labels"):
+        fused_linear_kd_loss(*args, hard_weight=1.0)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused_linear_kd_loss(*args, labels=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_kd_loss(*args, labels=torch.tensor([0, 1, 11, 2]))
+    with pytest.raises(ValueError, match="teacher_hidden has shape"):
+        fused_linear_kd_loss(c["hs"], c["ws"], c["ht"][:3], c["wt"])
+    with pytest.raises(TypeError, match="student_hidden must be float32"):
+        fused_linear_kd_loss(c["hs"].long(), c["ws"], c["ht"], c["wt"])
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_kd_loss(*args, temperature=0.0)
