@@ -193,15 +193,15 @@ void launch_group(const at::Tensor& teacher, const TeacherArgs& A, cudaStream_t 
   splits = std::max<int64_t>(splits, 1);
   const int64_t cols = (A.v + splits - 1) / splits;
   splits = (A.v + cols - 1) / cols;  // no empty split
+  // Rows on x (up to 2^31 - 1); groups (<= S / 8) and splits on y and z (up to 65535).
+  TORCH_CHECK(groups <= 65535, "distill_ops_native::teacher_sample_draws: num_samples = ", A.k,
+              " needs more than 65535 sample groups");
   at::Tensor part;
   if (splits > 1) {
     part = at::empty({A.n * A.k * splits * static_cast<int64_t>(sizeof(Draw<T>))},
                      teacher.options().dtype(at::kByte));
   }
   Draw<T>* part_ptr = splits > 1 ? reinterpret_cast<Draw<T>*>(part.data_ptr()) : nullptr;
-  // Rows on x (up to 2^31 - 1); groups (<= S / 8) and splits on y and z (up to 65535).
-  TORCH_CHECK(groups <= 65535, "distill_ops_native::teacher_sample_draws: num_samples = ", A.k,
-              " needs more than 65535 sample groups");
   const dim3 grid(static_cast<unsigned>(A.n), static_cast<unsigned>(groups),
                   static_cast<unsigned>(splits));
   sample_draw_kernel<scalar_t, T, kGroup><<<grid, kSampleThreads, 0, stream>>>(A, cols, part_ptr);

@@ -180,7 +180,9 @@ __global__ void __launch_bounds__(kTopkThreads)
         // (a - m) - log z, as LogNormalizer: exact near the max
         A.logprobs[o] =
             static_cast<float>((static_cast<double>(a) - static_cast<double>(m)) - log_z);
-        rank_out[o] = static_cast<double>(rank_value(x));
+        // -0 ranks as +0 here, not by grace of the host sort's handling of signed zeros
+        const double r = static_cast<double>(rank_value(x));
+        rank_out[o] = r == 0.0 ? 0.0 : r;
       } else if (valid) {
         tail += static_cast<double>(math::exp_(a - m));
       }
