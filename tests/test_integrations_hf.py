@@ -110,3 +110,64 @@ def test_gradient_accumulation_normalises_over_the_accumulated_batch(tmp_path):
 
     for a, b in zip(run(8, 1, "one"), run(4, 2, "acc")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _batch(n=4):
+    return {k: torch.stack([ListDataset()[i][k] for i in range(n)])
+            for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_fused_linear_is_the_same_loss_and_gradient(tmp_path):
+    """fused_linear (hidden states + lm_heads, no logits) == kd_loss on the logits: loss and
+    gradients, with the Trainer's num_items_in_batch and without."""
+    kd = dict(divergence="jsd", temperature=2.0, hard_weight=0.5)
+    grads, losses = [], []
+    for fused in (False, True):
+        student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                      train_dataset=ListDataset(), kd_kwargs=kd,
+                                      fused_linear=fused)
+        a = trainer.compute_loss(student, _batch())
+        b = trainer.compute_loss(student, _batch(), num_items_in_batch=torch.tensor(17))
+        (a + b).backward()
+        losses.append((a.detach(), b.detach()))
+        grads.append([p.grad.clone() for p in student.parameters()])
+    for x, y in zip(losses[0], losses[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_trains_like_the_logits_path(tmp_path):
+    def run(fused):
+        student = llama(V, 32, 1, heads=2, seed=0)
+        trainer = DistillationTrainer(
+            model=student, teacher_model=llama(V, 48, 1, heads=2, seed=1),
+            args=args(tmp_path / str(fused), gradient_accumulation_steps=2, max_grad_norm=0.0),
+            train_dataset=ListDataset(), kd_kwargs=dict(temperature=2.0), fused_linear=fused)
+        trainer.train()
+        return [p.detach().clone() for p in student.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_refuses_logits_that_are_not_the_head(tmp_path):
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    base = type(student)
+
+    class Scaled(base):   # a logit scale the lm_head does not know about
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kw):
+            out = base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                               logits_to_keep=logits_to_keep, **kw)
+            out.logits = out.logits * 0.5
+            return out
+
+    student.__class__ = Scaled
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                  fused_linear=True)
+    with pytest.raises(ValueError, match="not lm_head\\(last hidden state\\)"):
+        trainer.compute_loss(student, _batch())
+    with pytest.raises(TypeError, match="fused_linear_kd_loss does not take here: \\['vocab'\\]"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                            kd_kwargs={"vocab": "strict"}, fused_linear=True)

@@ -15,6 +15,13 @@ against the label at t + 1. A ``shift_labels`` entry (already aligned with the l
 padding-free collators provide) is used as is. Tokens whose label is -100 contribute nothing; a
 batch with every label ignored gives a loss of 0.
 
+``fused_linear=True`` computes the loss from both models' last hidden states and lm_heads
+(``fused_linear_kd_loss``): the models run through their own forward (so DDP and accelerate see
+it) with ``output_hidden_states=True, logits_to_keep=1``, and neither model's (tokens x V) logits
+are made. On the first batch the trainer checks that lm_head(last hidden state) reproduces the one
+logit row the model did compute, and refuses models whose logits are something else (a softcap, a
+logit scale). ``outputs.logits`` then holds only the last position.
+
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
 accumulated batch when the Trainer provides it (``num_items_in_batch``), as transformers' own
 causal-LM loss is; otherwise it is the mean over the micro-batch's labelled tokens.
@@ -22,17 +29,24 @@ causal-LM loss is; otherwise it is the mean over the micro-batch's labelled toke
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Optional
 
 import torch
 from transformers import Trainer
 
+import torch.nn.functional as F
+
 from ..functional import kd_loss
+from ..fused_linear import fused_linear_kd_loss
 
 IGNORE_INDEX = -100
 _KD_PARAMS = set(inspect.signature(kd_loss).parameters) - {"student_logits", "teacher_logits",
                                                            "labels", "reduction"}
+_FUSED_PARAMS = set(inspect.signature(fused_linear_kd_loss).parameters) - {
+    "student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias",
+    "teacher_bias", "labels", "reduction"}
 
 
 class DistillationTrainer(Trainer):
@@ -42,22 +56,29 @@ class DistillationTrainer(Trainer):
         teacher_model: the teacher (nn.Module); moved to the student's device on first use.
         kd_kwargs: keywords of :func:`distill_ops.kd_loss` (divergence, temperature, beta, alpha,
             hard_weight, soft_weight, scale_temperature, softcap, vocab, backend, ...); not
-            ``labels`` or ``reduction``, which the trainer sets.
+            ``labels`` or ``reduction``, which the trainer sets. With ``fused_linear``, those of
+            :func:`distill_ops.fused_linear_kd_loss` (the same, less vocab and inplace_grad,
+            plus chunk_size).
+        fused_linear: the loss from hidden states and lm_heads, without logits (module docstring).
         All other arguments go to ``transformers.Trainer``.
     """
 
     def __init__(self, *args: Any, teacher_model: torch.nn.Module, kd_kwargs: Optional[dict] = None,
-                 **kwargs: Any) -> None:
+                 fused_linear: bool = False, **kwargs: Any) -> None:
         if teacher_model is None or not isinstance(teacher_model, torch.nn.Module):
             raise TypeError("teacher_model must be a torch.nn.Module (load it first, e.g. with "
                             "AutoModelForCausalLM.from_pretrained)")
         kd_kwargs = dict(kd_kwargs or {})
-        bad = sorted(set(kd_kwargs) - _KD_PARAMS)
+        allowed, fn = (_FUSED_PARAMS, "fused_linear_kd_loss") if fused_linear else (_KD_PARAMS,
+                                                                                   "kd_loss")
+        bad = sorted(set(kd_kwargs) - allowed)
         if bad:
-            raise TypeError(f"kd_kwargs has keys kd_loss does not take here: {bad} "
-                            f"(allowed: {sorted(_KD_PARAMS)})")
+            raise TypeError(f"kd_kwargs has keys {fn} does not take here: {bad} "
+                            f"(allowed: {sorted(allowed)})")
         super().__init__(*args, **kwargs)
         self.kd_kwargs = kd_kwargs
+        self.fused_linear = bool(fused_linear)
+        self._heads_checked = False
         self.teacher_model = teacher_model
         self.teacher_model.eval()
         self.teacher_model.requires_grad_(False)
@@ -70,6 +91,42 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             return teacher(**inputs).logits
 
+    def _fused_hidden(self, model, inputs: dict, grad: bool):
+        """(last hidden states, lm_head) of ``model`` run through its own forward (wrapper
+        included) with only the last position's logits; checked against them on first use."""
+        core = self.accelerator.unwrap_model(model)
+        if "logits_to_keep" not in inspect.signature(core.forward).parameters:
+            raise ValueError(f"fused_linear needs a model whose forward takes logits_to_keep; "
+                             f"{type(core).__name__} does not (use fused_linear=False)")
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        head = core.get_output_embeddings()
+        hidden = out.hidden_states[-1]
+        if not self._heads_checked:
+            with torch.no_grad():
+                mine = F.linear(hidden[..., -1, :], head.weight, head.bias).float()
+                theirs = out.logits[..., -1, :].float()
+                tol = 2e-2 * float(theirs.abs().max().clamp_min(1.0))
+                if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:
+                    raise ValueError(
+                        f"fused_linear: {type(core).__name__}'s logits are not lm_head(last "
+                        "hidden state) (a softcap or a logit scale?); use fused_linear=False")
+        return out, hidden, head
+
+    def _fused_loss(self, model, inputs: dict, labels: torch.Tensor, reduction: str):
+        out, h_s, s_head = self._fused_hidden(model, inputs, grad=True)
+        teacher = self.teacher_model
+        if next(teacher.parameters()).device != h_s.device:
+            teacher.to(h_s.device)
+        teacher.eval()
+        _, h_t, t_head = self._fused_hidden(teacher, inputs, grad=False)
+        self._heads_checked = True
+        loss = fused_linear_kd_loss(h_s, s_head.weight, h_t, t_head.weight,
+                                    student_bias=s_head.bias, teacher_bias=t_head.bias,
+                                    labels=labels, reduction=reduction, ignore_index=IGNORE_INDEX,
+                                    **self.kd_kwargs)
+        return out, loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
@@ -79,15 +136,19 @@ class DistillationTrainer(Trainer):
                              "use a causal-LM collator, e.g. DataCollatorForLanguageModeling(tok, "
                              "mlm=False)")
         model_inputs = inputs  # everything but the labels goes to both models
-        outputs = model(**model_inputs, use_cache=False)
-        student_logits = outputs.logits
-        teacher_logits = self._teacher_logits(model_inputs, student_logits.device)
         if shift is None:
             shift = torch.full_like(labels, IGNORE_INDEX)
             shift[..., :-1] = labels[..., 1:]
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        if self.fused_linear:
+            outputs, result = self._fused_loss(model, model_inputs, shift, reduction)
+        else:
+            outputs = model(**model_inputs, use_cache=False)
+            teacher_logits = self._teacher_logits(model_inputs, outputs.logits.device)
+            result = kd_loss(outputs.logits, teacher_logits, labels=shift, reduction=reduction,
+                             ignore_index=IGNORE_INDEX, **self.kd_kwargs)
         if num_items_in_batch is not None:
-            total = kd_loss(student_logits, teacher_logits, labels=shift, reduction="sum",
-                            ignore_index=IGNORE_INDEX, **self.kd_kwargs)
+            total = result
             count = num_items_in_batch
             if torch.is_tensor(count):
                 count = count.to(total.device).clamp_min(1)
@@ -98,8 +159,7 @@ class DistillationTrainer(Trainer):
                 # num_items_in_batch counts every process's tokens; DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
         else:
-            loss = kd_loss(student_logits, teacher_logits, labels=shift, reduction="mean",
-                           ignore_index=IGNORE_INDEX, **self.kd_kwargs)
+            loss = result
         # Tell Trainer.training_step whether the loss is already normalised over the accumulated
         # batch (then it must not divide by the number of accumulation steps again).
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
