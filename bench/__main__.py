@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--divergence", nargs="+",
                    help="dense: forward_kl reverse_kl jsd, each optionally with +ce (hard label)")
     p.add_argument("--k", nargs="+", help="sparse/topk: k; sample: the number of samples")
+    p.add_argument("--H", type=int, default=None,
+                   help="linear: the student's hidden size (the teacher's is 1.5x; default 2048 "
+                        "on a GPU, 256 on the CPU)")
     p.add_argument("--providers", nargs="+",
                    help="torch-eager torch-compile liger distill_ops:triton distill_ops:cuda "
                         "distill_ops:cpu distill_ops:torch (default: per suite and device)")
@@ -69,6 +72,7 @@ def main(argv=None) -> dict:
         V=config.split_list(args.V, int), N=config.split_list(args.N, int),
         dtype=config.split_list(args.dtype), mode=config.split_list(args.mode),
         divergence=config.split_list(args.divergence), k=config.split_list(args.k, int),
+        H=args.H,
     )
     chosen = config.split_list(args.providers)
     cache: dict = {}
@@ -103,6 +107,9 @@ def main(argv=None) -> dict:
         "budget_s": budget,
         "bytes": "fwd: read student+teacher once; fwdbwd: + write the gradient once; bwd: the "
                  "gradient write; input dtype (see bench/inputs.py floor_bytes)",
+        "linear": "hidden states and lm_head weights in, the teacher's hidden size 1.5x the "
+                  "student's; compute-bound, rows report tflop_per_s (bench/inputs.py "
+                  "linear_flops)",
     }
     suite_name = args.suite
     doc = report.header(device, suite_name, args.quick, list(sys.argv[1:] if argv is None else argv),

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-SUITES = ("dense", "sparse", "topk", "sample")
+SUITES = ("dense", "sparse", "topk", "sample", "linear")
 # Suites that time the teacher side (a forward only, no gradient): top-k and sampled targets.
 TEACHER_SUITES = ("topk", "sample")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -35,6 +35,12 @@ CPU_DENSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:tor
 GPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:triton", "distill_ops:cuda")
 CPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
+# The fused-linear suite: the loss from hidden states and lm_heads (no logits tensor).
+GPU_LINEAR = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda")
+CPU_LINEAR = ("torch-eager", "distill_ops:cpu")
+LINEAR_DIVERGENCES = ("forward_kl", "jsd")
+DEFAULT_H = {"cuda": 2048, "cpu": 256}
+CPU_LINEAR_V = (32000,)   # student hidden size; the teacher's is 1.5x (inputs.py)
 
 # --quick on a GPU: the key rows first, then optional ones while the time budget lasts.
 QUICK_GPU_BUDGET_S = 240.0
@@ -52,6 +58,7 @@ class Case:
     v: int
     mode: str             # fwd | bwd | fwdbwd
     k: Optional[int] = None
+    h: Optional[int] = None             # linear only: the student's hidden size
     providers: Optional[tuple] = None   # None: the suite's default list for the device
     optional: bool = False              # skipped (and recorded so) once the time budget is spent
 
@@ -59,7 +66,8 @@ class Case:
     def label(self) -> str:
         div = self.divergence + ("+ce" if self.hard_label else "")
         k = f" k={self.k}" if self.k is not None else ""
-        return f"{self.suite} {div} {self.dtype} N={self.n} V={self.v}{k} {self.mode}"
+        h = f" H={self.h}" if self.h is not None else ""
+        return f"{self.suite} {div} {self.dtype} N={self.n} V={self.v}{k}{h} {self.mode}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,6 +88,8 @@ def default_providers(suite: str, device: str) -> tuple:
     gpu = device == "cuda"
     if suite == "dense":
         return GPU_DENSE if gpu else CPU_DENSE
+    if suite == "linear":
+        return GPU_LINEAR if gpu else CPU_LINEAR
     return GPU_SPARSE if gpu else CPU_SPARSE
 
 
@@ -112,12 +122,28 @@ def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=Fal
     return cases
 
 
+def _linear_cases(divs, dtypes, ns, vs, modes, h, providers=None, optional=False):
+    cases = []
+    for div in divs:
+        base, hard = (div[:-3], True) if div.endswith("+ce") else (div, False)
+        if base not in LINEAR_DIVERGENCES:
+            raise SystemExit(f"linear suite: divergence {div!r}; choose from {LINEAR_DIVERGENCES}")
+        for dtype in dtypes:
+            for v in vs:
+                for n in ns:
+                    for mode in modes:
+                        cases.append(Case("linear", base, hard, dtype, n, v, mode, h=h,
+                                          providers=providers, optional=optional))
+    return cases
+
+
 def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=None, mode=None,
-               divergence=None, k=None) -> list:
+               divergence=None, k=None, H=None) -> list:
     """The ordered cases of a run. Explicit lists (--V, --N, ...) override the preset's."""
     suites = SUITES if suite == "all" else (suite,)
     gpu = device == "cuda"
     explicit = any(x is not None for x in (V, N, dtype, mode, divergence, k))
+    h = H or DEFAULT_H[device]
     cases: list = []
     if quick and gpu and not explicit:
         # Key rows: every provider at the headline shape, and a short-batch row (N=256) where the
@@ -133,6 +159,9 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
             if s in suites:
                 cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,
                                        providers=QUICK_SPARSE, optional=True)
+        if "linear" in suites:
+            cases += _linear_cases(("forward_kl",), ("bf16",), (8192,), (128256,), ("fwdbwd",),
+                                   h, optional=True)
         return cases
     if gpu:
         d_v, d_n, d_dtypes, d_modes = FULL_V, FULL_N, FULL_DTYPES, ("fwdbwd",)
@@ -156,4 +185,11 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
             # CPU sampling: S x V Gumbel draws per row (two logs each), ~100x a top-k: fewer rows.
             s_ns = ns if (N or gpu or s != "sample") else CPU_SAMPLE_N
             cases += _sparse_cases(s, dtypes, s_ns, vs, modes, k or DEFAULT_K)
+    if "linear" in suites:
+        # CPU: the GEMMs (2 N V (H_s + H_t) flops forward) dominate; a smaller vocabulary.
+        l_vs = vs if (V or gpu) else CPU_LINEAR_V
+        l_divs = divergence or (LINEAR_DIVERGENCES if gpu else ("forward_kl",))
+        if suite == "all":   # the other suites' divergences that the linear suite has
+            l_divs = [d for d in l_divs if d.split("+")[0] in LINEAR_DIVERGENCES]
+        cases += _linear_cases(l_divs, dtypes, ns, l_vs, modes, h)
     return cases

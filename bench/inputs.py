@@ -55,14 +55,36 @@ def make(case, n: int, device: torch.device, *, seed_offset: int = 0) -> dict:
         del teacher
     elif case.suite in ("topk", "sample"):
         out["teacher"] = _logits(n, case.v, dtype, device, gen)
+    elif case.suite == "linear":
+        # hidden ~ randn, weights ~ randn * LOGIT_SCALE / sqrt(H): logits ~ randn * LOGIT_SCALE
+        for side, h in (("s", case.h), ("t", teacher_hidden(case))):
+            out["h" + side] = torch.randn(n, h, dtype=dtype, device=device, generator=gen)
+            out["w" + side] = torch.randn(case.v, h, dtype=dtype, device=device,
+                                          generator=gen).mul_(LOGIT_SCALE / math.sqrt(h))
+        if case.hard_label:
+            out["labels"] = torch.randint(0, case.v, (n,), device=device, generator=gen)
     else:  # pragma: no cover - config validates suites
         raise ValueError(case.suite)
     return out
 
 
+def teacher_hidden(case) -> int:
+    """The linear suite's teacher hidden size: 1.5x the student's (as 3B over 1B Llamas)."""
+    return case.h * 3 // 2
+
+
+def linear_flops(case, n: int) -> int:
+    """The linear suite's GEMM flops: both projections (2 N V H each), and for a gradient the
+    student's two more (hidden and weight gradients)."""
+    fwd = 2 * n * case.v * (case.h + teacher_hidden(case))
+    return fwd + (4 * n * case.v * case.h if case.mode != "fwd" else 0)
+
+
 def set_bytes(case, n: int) -> int:
     """Bytes of one input set."""
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
+    if case.suite == "linear":
+        return (n + case.v) * (case.h + teacher_hidden(case)) * elem
     nv = n * case.v * elem
     if case.suite == "dense":
         return 2 * nv + (8 * n if case.hard_label else 0)
@@ -86,12 +108,17 @@ def floor_bytes(case, n: int) -> int:
     sparse fwd: student + targets;  fwdbwd: student + targets + gradient;  bwd: gradient only
     topk   fwd: teacher + the k ids (int64) and log-probabilities (fp32) written per row
     sample fwd: the same, k = the number of samples (compute-bound: S x V noise draws per row)
+    linear: the hidden states and weights read, their gradients written (the GEMMs dominate).
     All in the input dtype. ``bwd`` rows time only what runs after the forward; for kernels that
     write the gradient in the forward their floor fraction is not a bandwidth statement.
     """
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
     nv = n * case.v * elem
     labels = 8 * n if case.hard_label else 0
+    if case.suite == "linear":   # compute-bound: see linear_flops; bytes of inputs and gradients
+        student = (n + case.v) * case.h * elem
+        return {"fwd": set_bytes(case, n), "fwdbwd": set_bytes(case, n) + student,
+                "bwd": student}[case.mode] + labels
     if case.suite == "dense":
         return {"fwd": 2 * nv + labels, "fwdbwd": 3 * nv + labels, "bwd": nv}[case.mode]
     targets = n * case.k * 12

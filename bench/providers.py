@@ -102,6 +102,18 @@ def eager_dense(divergence: str, hard_label: bool) -> Callable:
     return loss
 
 
+def eager_linear(divergence: str, hard_label: bool) -> Callable:
+    """The fused-linear suite as users write it: both lm_heads (F.linear), then the eager loss."""
+    dense = eager_dense(divergence, hard_label)
+
+    def loss(x):
+        s = F.linear(x["hs"], x["ws"])
+        with torch.no_grad():
+            t = F.linear(x["ht"], x["wt"])
+        return dense(s, t, x["labels"]) if hard_label else dense(s, t)
+    return loss
+
+
 def eager_sparse_kd(student, ids, logw, temperature: float = TEMPERATURE):
     """Sparse (top-k) forward KL with the teacher renormalised over its k ids, q over the full V."""
     log_q = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, ids)
@@ -155,6 +167,8 @@ class TorchEager(Provider):
     def make(self, case):
         if case.suite == "dense":
             return _call_dense(eager_dense(case.divergence, case.hard_label), case)
+        if case.suite == "linear":
+            return eager_linear(case.divergence, case.hard_label)
         if case.suite == "sparse":
             return lambda x: eager_sparse_kd(x["student"], x["ids"], x["logw"])
         teacher_fn = eager_sample if case.suite == "sample" else eager_topk
@@ -176,6 +190,8 @@ class TorchCompile(Provider):
         if case.suite == "dense":
             fn = torch.compile(eager_dense(case.divergence, case.hard_label), dynamic=False)
             return _call_dense(fn, case)
+        if case.suite == "linear":
+            return torch.compile(eager_linear(case.divergence, case.hard_label), dynamic=False)
         if case.suite == "sparse":
             fn = torch.compile(eager_sparse_kd, dynamic=False)
             return lambda x: fn(x["student"], x["ids"], x["logw"])
@@ -208,13 +224,20 @@ class Liger(Provider):
     def check(self, case, device):
         if device.type != "cuda":
             raise Unavailable("Liger-Kernel runs on GPUs only")
-        if case.suite != "dense":
+        if case.suite not in ("dense", "linear"):
             raise Unavailable(f"Liger-Kernel has no {case.suite} op")
+        if case.suite == "linear" and case.hard_label:
+            raise Unavailable("Liger's fused-linear JSD has no hard-label term")
         self._module()
 
     def make(self, case):
         lk = self._module()
         tau = TEMPERATURE
+        if case.suite == "linear":
+            # LigerFusedLinearJSD: beta = 0 is forward KL, 0.5 our JSD (checked in the tests)
+            fl = lk.LigerFusedLinearJSD(jsd_beta=0.0 if case.divergence == "forward_kl"
+                                        else JSD_BETA, temperature=tau)
+            return lambda x: fl(x["hs"], x["ws"], x["ht"], x["wt"], None) * tau ** 2
         if case.divergence == "forward_kl":
             kl = lk.LigerKLDIVLoss(reduction="batchmean", log_target=True)
 
@@ -261,7 +284,8 @@ class DistillOps(Provider):
     APIS = {"dense": ("kd_loss", "distill_ops.functional"),
             "sparse": ("sparse_kd_loss", "distill_ops.sparse"),
             "topk": ("teacher_topk", "distill_ops.targets.topk"),
-            "sample": ("teacher_sample", "distill_ops.targets.sample")}
+            "sample": ("teacher_sample", "distill_ops.targets.sample"),
+            "linear": ("fused_linear_kd_loss", "distill_ops.fused_linear")}
 
     def _api(self, suite: str) -> Callable:
         pkg = self._package()
@@ -281,7 +305,7 @@ class DistillOps(Provider):
         from distill_ops import backends
 
         resolve = backends.resolve
-        if case.suite != "dense":
+        if case.suite not in ("dense", "linear"):
             try:  # the sparse ops have their own (smaller) set of backends
                 resolve = importlib.import_module("distill_ops.ops.sparse").resolve
             except (ImportError, AttributeError):
@@ -302,6 +326,14 @@ class DistillOps(Provider):
                                          hard_weight=HARD_WEIGHT, backend=b)
             return lambda x: kd_loss(x["student"], x["teacher"], divergence=div, beta=JSD_BETA,
                                      temperature=TEMPERATURE, backend=b)
+        if case.suite == "linear":
+            fused_linear_kd_loss = self._api("linear")
+            kw = dict(divergence=case.divergence, beta=JSD_BETA, temperature=TEMPERATURE,
+                      backend=b)
+            if case.hard_label:
+                kw["hard_weight"] = HARD_WEIGHT
+            return lambda x: fused_linear_kd_loss(x["hs"], x["ws"], x["ht"], x["wt"],
+                                                  labels=x.get("labels"), **kw)
         if case.suite == "sparse":
             sparse = self._api("sparse")
             return lambda x: sparse(x["student"], x["ids"], x["logw"], temperature=TEMPERATURE,

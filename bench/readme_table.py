@@ -50,6 +50,8 @@ def _cell(row: dict) -> str:
     parts = [f"{report.num(row['ms_median'])} ms"]
     if row.get("floor_fraction") is not None:
         parts.append(f"{row['floor_fraction']:.0%}")
+    elif row.get("tflop_per_s") is not None:   # the linear suite is compute-bound
+        parts.append(f"{row['tflop_per_s']:.3g} TFLOP/s")
     parts.append(_mem(row.get("peak_extra_mb")))
     text = " · ".join(parts)
     if row.get("shrunk"):
@@ -100,10 +102,12 @@ def render_kernels(paths) -> str:
         cases: dict = {}
         for r in group:
             key = (r["divergence"] + ("+ce" if r.get("hard_label") else ""), r["dtype"],
-                   r.get("N_requested", r["N"]), r["V"], r.get("k"), r["mode"])
+                   r.get("N_requested", r["N"]), r["V"],
+                   r.get("H") if suite == "linear" else r.get("k"), r["mode"])
             cases.setdefault(key, {})[r["provider"]] = r
         has_k = any(key[4] is not None for key in cases)
-        head = ["loss", "dtype", "N", "V"] + (["k"] if has_k else []) + ["mode"] + measured
+        k_name = "H" if suite == "linear" else "k"
+        head = ["loss", "dtype", "N", "V"] + ([k_name] if has_k else []) + ["mode"] + measured
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join("---" for _ in head) + "|")
         for key in sorted(cases, key=lambda k: (k[0], k[1], k[3], k[2], k[4] or 0, k[5])):
@@ -112,8 +116,13 @@ def render_kernels(paths) -> str:
             cells += [_cell(cases[key].get(p)) for p in measured]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        out.append("Cell: median time · fraction of the bandwidth floor (bytes that must move over "
-                   "the measured copy bandwidth) · peak extra memory.")
+        if suite == "linear":
+            out.append("Cell: median time · GEMM throughput (the suite is compute-bound: "
+                       "bench/inputs.py linear_flops) · peak extra memory. H: the student's "
+                       "hidden size (the teacher's is 1.5 H).")
+        else:
+            out.append("Cell: median time · fraction of the bandwidth floor (bytes that must move "
+                       "over the measured copy bandwidth) · peak extra memory.")
         if absent:
             reasons = []
             for name in absent:

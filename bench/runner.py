@@ -18,6 +18,8 @@ from . import providers as prov
 # (forward+backward; a forward alone holds about 60 %). Used only to shrink N before a row is tried;
 # a row that still runs out of memory is retried at N / 2 (twice at most).
 EAGER_FACTOR = {"forward_kl": 6, "reverse_kl": 7, "jsd": 12, "topk": 3, "sample": 3}
+# The inputs that get a gradient, per suite (the student side).
+GRAD_INPUTS = {"dense": ("student",), "sparse": ("student",), "linear": ("hs", "ws")}
 SHRINK_HEADROOM = 0.9
 OOM_RETRIES = 2
 
@@ -48,6 +50,12 @@ def estimate_bytes(case, provider, n: int, copies: int) -> int:
     total = inputs.set_bytes(case, n) * copies
     grad = nv * elem if (case.mode != "fwd" and case.suite in ("dense", "sparse")) else 0
     total += grad
+    if case.suite == "linear":
+        # the logits: all of them for a baseline (student, teacher, fp32 temporaries), chunks
+        # for the fused providers, which also keep the student's gradients
+        total += inputs.set_bytes(case, n)
+        if provider.family != "baseline":
+            return total
     if provider.family == "baseline":
         factor = EAGER_FACTOR.get(case.divergence, 6) + (2 if case.hard_label else 0)
         work = factor * nv * 4
@@ -61,8 +69,8 @@ def estimate_bytes(case, provider, n: int, copies: int) -> int:
 
 def build_step(fn: Callable, sets: list, mode: str, suite: str):
     """(step, reset, first_loss): ``step`` runs one call on the next input copy."""
-    grads = mode != "fwd" and suite in ("dense", "sparse")
-    students = [s["student"] for s in sets] if grads else []
+    keys = GRAD_INPUTS.get(suite, ()) if mode != "fwd" else ()
+    students = [s[key] for s in sets for key in keys]
     for x in students:
         x.requires_grad_(True)
     idx = [0]
@@ -164,7 +172,11 @@ class Runner:
         nbytes = inputs.floor_bytes(case, n)
         row["bytes"] = nbytes
         row["gb_per_s"] = nbytes / (row["ms_median"] * 1e-3) / 1e9
-        if self.copy_gb_per_s:
+        if case.suite == "linear":
+            # compute-bound: GEMM throughput, not a fraction of the bandwidth floor
+            row["H"] = case.h
+            row["tflop_per_s"] = inputs.linear_flops(case, n) / (row["ms_median"] * 1e-3) / 1e12
+        elif self.copy_gb_per_s:
             row["floor_fraction"] = row["gb_per_s"] / self.copy_gb_per_s
         row["status"] = "ok"
         return row

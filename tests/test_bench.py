@@ -31,8 +31,8 @@ def test_run_writes_every_row(result):
     assert doc["device"]["type"] == "cpu" and doc["commit"]
     assert doc["copy_bandwidth"]["gb_per_s"] > 0
     rows = doc["rows"]
-    # dense: 2 cases, sparse: 1, topk: 1, sample: 1; four providers each, none dropped.
-    assert len(rows) == 5 * 4
+    # dense: 2 cases, sparse: 1, topk: 1, sample: 1, linear: 2; four providers each, none dropped.
+    assert len(rows) == 7 * 4
     by = {(r["suite"], r["divergence"], r["hard_label"], r["provider"]): r for r in rows}
     eager = by[("dense", "forward_kl", False, "torch-eager")]
     assert eager["status"] == "ok" and eager["ms_median"] > 0 and eager["bytes"] == 3 * 4 * 64 * 4
@@ -47,6 +47,9 @@ def test_run_writes_every_row(result):
     assert by[("topk", "topk", False, "torch-eager")]["status"] == "ok"
     assert by[("sample", "sample", False, "torch-eager")]["status"] == "ok"
     assert by[("sample", "sample", False, "distill_ops:torch")]["status"] == "ok"
+    lin = by[("linear", "jsd", True, "distill_ops:torch")]
+    assert lin["status"] == "ok" and lin["loss_vs_eager"] < 1e-4 and lin["tflop_per_s"] > 0
+    assert lin["H"] == 256 and lin["floor_fraction"] is None
     for r in rows:
         assert r["status"] in ("ok", "unavailable", "missing", "error")
         if r["status"] != "ok":
@@ -138,6 +141,20 @@ def test_liger_provider_computes_the_eager_loss(divergence):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter on the CPU")
     case = config.Case("dense", divergence, False, "fp32", 6, 96, "fwd")
+    x = inputs.make(case, 6, torch.device("cpu"))
+    ours = prov.Liger().make(case)(x)
+    eager = prov.TorchEager().make(case)(x)
+    torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_liger_fused_linear_provider_computes_the_eager_loss(divergence):
+    """LigerFusedLinearJSD as the linear suite feeds it (beta 0 for forward KL) gives the eager
+    loss on the same hidden states and lm_heads (Liger under the Triton interpreter)."""
+    pytest.importorskip("liger_kernel")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter on the CPU")
+    case = config.Case("linear", divergence, False, "fp32", 6, 80, "fwd", h=16)
     x = inputs.make(case, 6, torch.device("cpu"))
     ours = prov.Liger().make(case)(x)
     eager = prov.TorchEager().make(case)(x)
