@@ -93,17 +93,21 @@ def default_providers(suite: str, device: str) -> tuple:
     return GPU_SPARSE if gpu else CPU_SPARSE
 
 
-def _dense_cases(divs, dtypes, ns, vs, modes, providers=None, optional=False):
+def _dense_cases(divs, dtypes, ns, vs, modes, providers=None, optional=False, *,
+                 suite="dense", h=None):
+    """Cases over logits (``dense``) or over hidden states and lm_heads (``linear``, hidden size h)."""
+    allowed = LINEAR_DIVERGENCES if suite == "linear" else DIVERGENCES
     cases = []
     for div in divs:
         base, hard = (div[:-3], True) if div.endswith("+ce") else (div, False)
-        if base not in DIVERGENCES:
-            raise SystemExit(f"unknown divergence {div!r}; choose from {DENSE_CASES} (or +ce)")
+        if base not in allowed:
+            raise SystemExit(f"{suite} suite: unknown divergence {div!r}; choose from {allowed} "
+                             "(or +ce)")
         for dtype in dtypes:
             for v in vs:
                 for n in ns:
                     for mode in modes:
-                        cases.append(Case("dense", base, hard, dtype, n, v, mode,
+                        cases.append(Case(suite, base, hard, dtype, n, v, mode, h=h,
                                           providers=providers, optional=optional))
     return cases
 
@@ -118,21 +122,6 @@ def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=Fal
                     for mode in (("fwd",) if teacher else modes):
                         div = suite if teacher else "forward_kl"
                         cases.append(Case(suite, div, False, dtype, n, v, mode, k=k,
-                                          providers=providers, optional=optional))
-    return cases
-
-
-def _linear_cases(divs, dtypes, ns, vs, modes, h, providers=None, optional=False):
-    cases = []
-    for div in divs:
-        base, hard = (div[:-3], True) if div.endswith("+ce") else (div, False)
-        if base not in LINEAR_DIVERGENCES:
-            raise SystemExit(f"linear suite: divergence {div!r}; choose from {LINEAR_DIVERGENCES}")
-        for dtype in dtypes:
-            for v in vs:
-                for n in ns:
-                    for mode in modes:
-                        cases.append(Case("linear", base, hard, dtype, n, v, mode, h=h,
                                           providers=providers, optional=optional))
     return cases
 
@@ -160,8 +149,8 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
                 cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,
                                        providers=QUICK_SPARSE, optional=True)
         if "linear" in suites:
-            cases += _linear_cases(("forward_kl",), ("bf16",), (8192,), (128256,), ("fwdbwd",),
-                                   h, optional=True)
+            cases += _dense_cases(("forward_kl",), ("bf16",), (8192,), (128256,), ("fwdbwd",),
+                                  optional=True, suite="linear", h=h)
         return cases
     if gpu:
         d_v, d_n, d_dtypes, d_modes = FULL_V, FULL_N, FULL_DTYPES, ("fwdbwd",)
@@ -191,5 +180,5 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
         l_divs = divergence or (LINEAR_DIVERGENCES if gpu else ("forward_kl",))
         if suite == "all":   # the other suites' divergences that the linear suite has
             l_divs = [d for d in l_divs if d.split("+")[0] in LINEAR_DIVERGENCES]
-        cases += _linear_cases(l_divs, dtypes, ns, l_vs, modes, h)
+        cases += _dense_cases(l_divs, dtypes, ns, l_vs, modes, suite="linear", h=h)
     return cases
