@@ -23,7 +23,7 @@ import torch
 from . import _validate as check
 from . import backends
 from .functional import loss_constants
-from .ops.dense import REDUCTIONS, grad_scale_for, scale_saved_grad
+from .ops.dense import REDUCTIONS, SUM, dense_kd, grad_scale_for, scale_saved_grad
 
 FUSED_REDUCTIONS = ("sum", "mean", "batchmean")
 # A chunk's logits, per side, at most this many bytes when chunk_size is not given.
@@ -59,7 +59,10 @@ class _FusedLinearKD(torch.autograd.Function):
         need_h, need_w, need_b = needs
         need = need_h or need_w or need_b
         n = h_s.shape[0]
-        dense_forward = backends.get(backend, "dense_forward")
+        # Eager: the backend writes the gradient over the chunk's logits (no second buffer).
+        # Compiled: the functional custom op, which torch.compile traces as one node.
+        compiling = torch.compiler.is_compiling()
+        dense_forward = None if compiling else backends.get(backend, "dense_forward")
         red = REDUCTIONS.index(reduction)
         scale = grad_scale_for(red, labels, ignore_index, n, h_s.device,
                                wide=torch.float64 in (h_s.dtype, h_t.dtype))
@@ -82,11 +85,19 @@ class _FusedLinearKD(torch.autograd.Function):
             hi = min(n, lo + chunk)
             s = _project(h_s[lo:hi], ws, bs)
             t = _project(h_t[lo:hi], wt, bt)
-            rows = dense_forward(
-                s, t, None if labels is None else labels[lo:hi], divergence=code, mix=mix,
-                temperature=tau, softcap=cap, soft_coef=soft_coef, hard_coef=hard_coef,
-                ignore_index=ignore_index, grad=s if need else None, grad_scale=scale)
-            parts.append(rows.sum())
+            lab = None if labels is None else labels[lo:hi]
+            if compiling:
+                part, g = dense_kd(s, t, lab, code, mix, tau, cap, soft_coef, hard_coef,
+                                   ignore_index, SUM, need, backend)
+                parts.append(part)
+                if need:
+                    s = g if scale is None else g * scale.to(g.dtype)
+            else:
+                rows = dense_forward(
+                    s, t, lab, divergence=code, mix=mix, temperature=tau, softcap=cap,
+                    soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
+                    grad=s if need else None, grad_scale=scale)
+                parts.append(rows.sum())
             del t
             if need:   # s now holds d loss / d student logits for these rows
                 if need_h:
