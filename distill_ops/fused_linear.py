@@ -64,8 +64,8 @@ class _FusedLinearKD(torch.autograd.Function):
         compiling = torch.compiler.is_compiling()
         dense_forward = None if compiling else backends.get(backend, "dense_forward")
         red = REDUCTIONS.index(reduction)
-        scale = grad_scale_for(red, labels, ignore_index, n, h_s.device,
-                               wide=torch.float64 in (h_s.dtype, h_t.dtype))
+        wide = torch.float64 in (h_s.dtype, h_t.dtype)
+        scale = grad_scale_for(red, labels, ignore_index, n, h_s.device, wide=wide)
         grad_h = torch.empty_like(h_s) if need_h else None
         w_acc = None
         if need_w:
@@ -84,7 +84,8 @@ class _FusedLinearKD(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             s = _project(h_s[lo:hi], ws, bs)
-            t = _project(h_t[lo:hi], wt, bt)
+            # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
+            t = _project(h_t[lo:hi], wt, bt).to(s.dtype)
             lab = None if labels is None else labels[lo:hi]
             if compiling:
                 part, g = dense_kd(s, t, lab, code, mix, tau, cap, soft_coef, hard_coef,
@@ -109,7 +110,8 @@ class _FusedLinearKD(torch.autograd.Function):
                         w_acc.add_(torch.mm(s.t(), h_s[lo:hi]))
                 if need_b:
                     b_acc.add_(s.sum(0, dtype=b_acc.dtype))
-        total = torch.stack(parts).sum() if parts else h_s.new_zeros((), dtype=torch.float32)
+        total = (torch.stack(parts).sum() if parts
+                 else h_s.new_zeros((), dtype=torch.float64 if wide else torch.float32))
         loss = total if scale is None else total * scale.to(total.dtype)
         ctx.grads = (grad_h,
                      None if w_acc is None else w_acc.to(w_s.dtype),

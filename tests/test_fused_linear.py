@@ -217,3 +217,22 @@ def test_torch_compile_fullgraph_matches_eager():
         results.append([loss.detach()] + [t.grad for t in x])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_dtypes_and_no_tokens():
+    """A float64 teacher with a float32 student (the teacher's logits are cast, as in kd_loss);
+    zero tokens give a zero loss and empty gradients."""
+    c = make_case((6,), 8, 8, 19, seed=13)
+    labels = make_labels(6, 19, seed=7)
+    h = c["hs"].clone().requires_grad_(True)
+    got = fused_linear_kd_loss(h, c["ws"], c["ht"].double(), c["wt"].double(), labels=labels,
+                               chunk_size=4)
+    want = kd_loss(c["hs"] @ c["ws"].t(), (c["ht"].double() @ c["wt"].double().t()).float(),
+                   labels=labels)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+    got.backward()
+    assert h.grad.dtype == torch.float32
+    empty = c["hs"][:0].clone().requires_grad_(True)
+    loss = fused_linear_kd_loss(empty, c["ws"], c["ht"][:0], c["wt"])
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 8)
