@@ -119,7 +119,8 @@ class DistillationTrainer(Trainer):
         if next(teacher.parameters()).device != h_s.device:
             teacher.to(h_s.device)
         teacher.eval()
-        _, h_t, t_head = self._fused_hidden(teacher, inputs, grad=False)
+        # (not kept: the teacher's output holds every layer's hidden states)
+        h_t, t_head = self._fused_hidden(teacher, inputs, grad=False)[1:]
         self._heads_checked = True
         loss = fused_linear_kd_loss(h_s, s_head.weight, h_t, t_head.weight,
                                     student_bias=s_head.bias, teacher_bias=t_head.bias,
