@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .functional import kd_loss
+from .fused_linear import fused_linear_kd_loss
 
 
 class KDLoss(nn.Module):
@@ -31,6 +32,39 @@ class KDLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels=labels, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`distill_ops.fused_linear_kd_loss`; takes the same keywords (not the
+    tensors, the biases or the labels, which go to forward()).
+
+    Example::
+
+        loss_fn = FusedLinearKDLoss(temperature=2.0, hard_weight=0.5)
+        loss = loss_fn(h_student, student.lm_head.weight, h_teacher, teacher.lm_head.weight, labels)
+    """
+
+    _PER_CALL = ("student_bias", "teacher_bias", "labels")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        for name in self._PER_CALL:
+            if name in kwargs:
+                raise TypeError(f"{name} is an argument of forward(), not of FusedLinearKDLoss()")
+        inspect.signature(fused_linear_kd_loss).bind(None, None, None, None, **kwargs)
+        self.kwargs = kwargs
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, *,
+                student_bias: Optional[torch.Tensor] = None,
+                teacher_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                    student_bias=student_bias, teacher_bias=teacher_bias,
+                                    labels=labels, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

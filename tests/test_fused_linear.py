@@ -236,3 +236,21 @@ def test_mixed_dtypes_and_no_tokens():
     loss = fused_linear_kd_loss(empty, c["ws"], c["ht"][:0], c["wt"])
     loss.backward()
     assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 8)
+
+
+def test_module_form():
+    from distill_ops import FusedLinearKDLoss
+
+    c = make_case((5,), 8, 8, 23, seed=14)
+    labels = make_labels(5, 23, seed=8)
+    kw = dict(divergence="reverse_kl", temperature=1.5, hard_weight=0.2, chunk_size=2)
+    mod = FusedLinearKDLoss(**kw)
+    got = mod(c["hs"], c["ws"], c["ht"], c["wt"], labels, student_bias=c["bs"],
+              teacher_bias=c["bt"])
+    want = fused_linear_kd_loss(c["hs"], c["ws"], c["ht"], c["wt"], student_bias=c["bs"],
+                                teacher_bias=c["bt"], labels=labels, **kw)
+    assert torch.equal(got, want) and "reverse_kl" in repr(mod)
+    with pytest.raises(TypeError, match="temprature"):
+        FusedLinearKDLoss(temprature=2.0)
+    with pytest.raises(TypeError, match="labels is an argument of forward"):
+        FusedLinearKDLoss(labels=labels)
