@@ -16,7 +16,7 @@ over the chunks in float32 when the weight is not in the compute dtype, else in 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -24,6 +24,9 @@ from . import _validate as check
 from . import backends
 from .functional import loss_constants
 from .ops.dense import REDUCTIONS, SUM, dense_kd, grad_scale_for, scale_saved_grad
+from .ops.sparse import _impl as sparse_impl
+from .ops.sparse import sparse_kd
+from .sparse import SparseTargets, prepare_sparse_call
 
 FUSED_REDUCTIONS = ("sum", "mean", "batchmean")
 # A chunk's logits, per side, at most this many bytes when chunk_size is not given.
@@ -51,20 +54,58 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> tor
     return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
 
 
-class _FusedLinearKD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, consts, reduction, chunk, backend,
-                needs):
+def _chunk_loss(kind: str, s: torch.Tensor, lo: int, hi: int, targets: tuple, labels, consts: tuple,
+                need: bool, scale, backend: str, kernel):
+    """One chunk's summed loss, and d loss / d s (times ``scale``). Eager (``kernel`` given): the
+    dense backend writes the gradient over ``s`` itself. Compiled (``kernel`` None): the functional
+    custom op, which torch.compile traces as one node, and a second buffer."""
+    lab = None if labels is None else labels[lo:hi]
+    if kind == "dense":   # targets: the teacher's hidden states, weight, bias
+        h_t, w_t, b_t = targets
+        # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
+        t = _project(h_t[lo:hi], w_t, b_t).to(s.dtype)
         code, mix, tau, cap, soft_coef, hard_coef, ignore_index = consts
+        if kernel is None:
+            part, g = dense_kd(s, t, lab, code, mix, tau, cap, soft_coef, hard_coef, ignore_index,
+                               SUM, need, backend)
+        else:
+            rows = kernel(s, t, lab, divergence=code, mix=mix, temperature=tau, softcap=cap,
+                          soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
+                          grad=s if need else None, grad_scale=scale)
+            part, g = rows.sum(), s
+    else:                 # sparse: targets are the ids, log-weights and tail log-mass
+        ids, lp, tail = targets
+        tl = None if tail is None else tail[lo:hi]
+        if kernel is None:
+            part, g = sparse_kd(s, ids[lo:hi], lp[lo:hi], tl, lab, *consts, SUM, need, backend)
+        else:
+            code, mix, mode, tau, target_scale, soft_coef, hard_coef, ignore_index = consts
+            # The sparse kernels do not write the gradient over their input (the native op
+            # refuses the alias): a chunk-sized buffer.
+            g = torch.empty_like(s) if need else None
+            rows = kernel(s, ids[lo:hi], lp[lo:hi], tl, lab, divergence=code, mix=mix, mode=mode,
+                          temperature=tau, target_scale=target_scale, soft_coef=soft_coef,
+                          hard_coef=hard_coef, ignore_index=ignore_index, grad=g,
+                          grad_scale=scale)
+            part = rows.sum()
+    if kernel is None and need and scale is not None:
+        g = g * scale.to(g.dtype)
+    return part, g
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, kind, targets, labels, consts, reduction, chunk, backend,
+                needs, wide):
         need_h, need_w, need_b = needs
         need = need_h or need_w or need_b
         n = h_s.shape[0]
-        # Eager: the backend writes the gradient over the chunk's logits (no second buffer).
-        # Compiled: the functional custom op, which torch.compile traces as one node.
-        compiling = torch.compiler.is_compiling()
-        dense_forward = None if compiling else backends.get(backend, "dense_forward")
+        kernel = None
+        if not torch.compiler.is_compiling():
+            kernel = (backends.get(backend, "dense_forward") if kind == "dense"
+                      else sparse_impl(backend, "loss").sparse_forward)
         red = REDUCTIONS.index(reduction)
-        wide = torch.float64 in (h_s.dtype, h_t.dtype)
+        ignore_index = consts[-1]
         scale = grad_scale_for(red, labels, ignore_index, n, h_s.device, wide=wide)
         grad_h = torch.empty_like(h_s) if need_h else None
         w_acc = None
@@ -77,29 +118,18 @@ class _FusedLinearKD(torch.autograd.Function):
         b_acc = (torch.zeros(b_s.shape, dtype=torch.promote_types(b_s.dtype, torch.float32),
                              device=b_s.device) if need_b else None)
         # A cast weight (autocast) is made once, not per chunk.
-        ws, wt = w_s.to(h_s.dtype), w_t.to(h_t.dtype)
+        ws = w_s.to(h_s.dtype)
         bs = None if b_s is None else b_s.to(h_s.dtype)
-        bt = None if b_t is None else b_t.to(h_t.dtype)
+        if kind == "dense":
+            h_t, w_t, b_t = targets
+            targets = (h_t, w_t.to(h_t.dtype), None if b_t is None else b_t.to(h_t.dtype))
         parts = []
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             s = _project(h_s[lo:hi], ws, bs)
-            # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
-            t = _project(h_t[lo:hi], wt, bt).to(s.dtype)
-            lab = None if labels is None else labels[lo:hi]
-            if compiling:
-                part, g = dense_kd(s, t, lab, code, mix, tau, cap, soft_coef, hard_coef,
-                                   ignore_index, SUM, need, backend)
-                parts.append(part)
-                if need:
-                    s = g if scale is None else g * scale.to(g.dtype)
-            else:
-                rows = dense_forward(
-                    s, t, lab, divergence=code, mix=mix, temperature=tau, softcap=cap,
-                    soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
-                    grad=s if need else None, grad_scale=scale)
-                parts.append(rows.sum())
-            del t
+            part, s = _chunk_loss(kind, s, lo, hi, targets, labels, consts, need, scale, backend,
+                                  kernel)
+            parts.append(part)
             if need:   # s now holds d loss / d student logits for these rows
                 if need_h:
                     torch.mm(s, ws, out=grad_h[lo:hi])
@@ -123,6 +153,50 @@ class _FusedLinearKD(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         g_h, g_w, g_b = (None if g is None else scale_saved_grad(g, grad_loss) for g in grads)
         return (g_h, g_w, g_b) + (None,) * 9
+
+
+def _student_side(student_hidden, student_weight, student_bias, chunk_size):
+    """Checks of the student's hidden states, lm_head and chunk size shared by both fused-linear
+    losses: (hidden, weight, vocabulary size)."""
+    hs = check.float_tensor("student_hidden", student_hidden)
+    if hs.dim() < 1 or hs.shape[-1] < 1:
+        raise ValueError(f"student_hidden must have shape (..., H) with H >= 1, got "
+                         f"{tuple(hs.shape)}")
+    ws = check.float_tensor("student_weight", student_weight)
+    check.same_device("student_weight", ws, "student_hidden", hs)
+    if ws.dim() != 2 or ws.shape[1] != hs.shape[-1]:
+        raise ValueError(f"student_weight must have shape (V, {hs.shape[-1]}) to project the hidden "
+                         f"states, got {tuple(ws.shape)}")
+    _check_bias("student_bias", student_bias, hs, ws.shape[0])
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return hs, ws, ws.shape[0]
+
+
+def _check_bias(name, b, hs, vocab_size):
+    if b is not None:
+        check.float_tensor(name, b)
+        check.same_device(name, b, "student_hidden", hs)
+        if tuple(b.shape) != (vocab_size,):
+            raise ValueError(f"{name} must have shape ({vocab_size},), got {tuple(b.shape)}")
+
+
+def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
+           wide):
+    """Flatten, pick the chunk size and the compute dtype, and run the autograd Function."""
+    dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
+    h_s2 = hs.reshape(-1, hs.shape[-1])
+    n = h_s2.shape[0]
+    chunk = chunk_size or default_chunk_size(n, ws.shape[0], torch.finfo(dt_s).bits // 8)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hs.requires_grad, grad_on and ws.requires_grad,
+             grad_on and student_bias is not None and student_bias.requires_grad)
+    # The projections run in the compute dtype chosen above, with autocast off inside.
+    with torch.autocast(hs.device.type, enabled=False) if torch.is_autocast_enabled(
+            hs.device.type) else contextlib.nullcontext():
+        return _FusedLinear.apply(h_s2.to(dt_s), ws, student_bias, kind, targets, labels, consts,
+                                  reduction, chunk, name, needs, wide)
 
 
 def fused_linear_kd_loss(
@@ -167,57 +241,84 @@ def fused_linear_kd_loss(
     Returns:
         The scalar loss (float32; float64 for float64 inputs).
     """
-    hs = check.float_tensor("student_hidden", student_hidden)
+    hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
     ht = check.float_tensor("teacher_hidden", teacher_hidden)
-    for name, h in (("student_hidden", hs), ("teacher_hidden", ht)):
-        if h.dim() < 1 or h.shape[-1] < 1:
-            raise ValueError(f"{name} must have shape (..., H) with H >= 1, got {tuple(h.shape)}")
+    if ht.dim() < 1 or ht.shape[-1] < 1:
+        raise ValueError(f"teacher_hidden must have shape (..., H) with H >= 1, got "
+                         f"{tuple(ht.shape)}")
     check.leading_shape("teacher_hidden", ht, "student_hidden", hs)
-    ws = check.float_tensor("student_weight", student_weight)
     wt = check.float_tensor("teacher_weight", teacher_weight)
-    for name, x in (("teacher_hidden", ht), ("student_weight", ws), ("teacher_weight", wt)):
+    for name, x in (("teacher_hidden", ht), ("teacher_weight", wt)):
         check.same_device(name, x, "student_hidden", hs)
-    for name, w, h in (("student_weight", ws, hs), ("teacher_weight", wt, ht)):
-        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(f"{name} must have shape (V, {h.shape[-1]}) to project the hidden "
-                             f"states, got {tuple(w.shape)}")
-    if ws.shape[0] != wt.shape[0]:
+    if wt.dim() != 2 or wt.shape[1] != ht.shape[-1]:
+        raise ValueError(f"teacher_weight must have shape (V, {ht.shape[-1]}) to project the "
+                         f"hidden states, got {tuple(wt.shape)}")
+    if vocab_size != wt.shape[0]:
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
-                         f"{ws.shape[0]}; slice both weights to the common vocabulary")
-    vocab_size = ws.shape[0]
-    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if b is not None:
-            check.float_tensor(name, b)
-            check.same_device(name, b, "student_hidden", hs)
-            if tuple(b.shape) != (vocab_size,):
-                raise ValueError(f"{name} must have shape ({vocab_size},), got {tuple(b.shape)}")
+                         f"{vocab_size}; slice both weights to the common vocabulary")
+    _check_bias("teacher_bias", teacher_bias, hs, vocab_size)
     check.choice("reduction", reduction, FUSED_REDUCTIONS)
     check.choice("backend", backend, backends.BACKENDS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
         divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature,
         ignore_index, softcap)
     label_rows = check.labels(labels, hs, vocab_size, ignore_index)   # shape: hs's leading shape
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
-    dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
     dt_t = _compute_dtype(ht, wt, "teacher_hidden", "teacher_weight")
     name = backends.resolve(backend, hs.device)
-
-    h_s2 = hs.reshape(-1, hs.shape[-1])
-    h_t2 = ht.reshape(-1, ht.shape[-1]).detach()
-    n = h_s2.shape[0]
-    chunk = chunk_size or default_chunk_size(n, vocab_size, torch.finfo(dt_s).bits // 8)
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hs.requires_grad, grad_on and ws.requires_grad,
-             grad_on and student_bias is not None and student_bias.requires_grad)
+    targets = (ht.reshape(-1, ht.shape[-1]).detach().to(dt_t), wt.detach(),
+               None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
-    # The projections run in the compute dtype chosen above, with autocast off inside.
-    with torch.autocast(hs.device.type, enabled=False) if torch.is_autocast_enabled(
-            hs.device.type) else contextlib.nullcontext():
-        return _FusedLinearKD.apply(
-            h_s2.to(dt_s), ws, student_bias, h_t2.to(dt_t), wt.detach(),
-            None if teacher_bias is None else teacher_bias.detach(), label_rows, consts,
-            reduction, chunk, name, needs)
+    return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
+                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype))
+
+
+def fused_linear_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    target_ids: Union[torch.Tensor, SparseTargets],
+    target_logprobs: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "renorm",
+    tail_logmass: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_temperature: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    target_temperature: Optional[float] = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``sparse_kd_loss(student_hidden @ student_weight.T + student_bias, target_ids,
+    target_logprobs, ...)`` without the N x V student logits: the sparse teacher targets (top-k,
+    sampled, or from the offline cache) against the student's lm_head, chunk by chunk.
+
+    Args:
+        student_hidden: (..., H) the student's last hidden states; the gradient flows into it,
+            into ``student_weight`` (V, H) and into ``student_bias`` (V,).
+        target_ids, target_logprobs, tail_logmass: as for ``sparse_kd_loss`` (or a SparseTargets
+            as ``target_ids``), with the hidden states' leading shape.
+        reduction: ``sum``, ``mean`` or ``batchmean`` (no ``none``).
+        chunk_size: tokens per chunk (default: the most whose logits take at most 256 MiB).
+        The other keywords are ``sparse_kd_loss``'s.
+    """
+    hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
+    # The sparse checks need only the logits' shape, dtype and device: a zero-stride stand-in.
+    shape_ref = hs.new_empty(()).expand(*hs.shape[:-1], vocab_size)
+    call = prepare_sparse_call(
+        shape_ref, target_ids, target_logprobs, divergence=divergence, temperature=temperature,
+        tail=tail, tail_logmass=tail_logmass, labels=labels, hard_weight=hard_weight,
+        soft_weight=soft_weight, scale_temperature=scale_temperature, ignore_index=ignore_index,
+        reduction=reduction, target_temperature=target_temperature, beta=beta, alpha=alpha,
+        backend=backend, reductions=FUSED_REDUCTIONS)
+    wide = torch.float64 in (hs.dtype, call.logprobs.dtype)
+    return _apply(hs, ws, student_bias, "sparse", (call.ids, call.logprobs, call.tail),
+                  call.labels, call.consts, reduction, chunk_size, call.backend, wide)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -155,6 +155,46 @@ def sparse_kd_loss(
         The loss (float32; float64 if an input is float64): a scalar, or (...) for
         ``reduction="none"``.
     """
+    student = check.logits("student_logits", student_logits)
+    call = prepare_sparse_call(student, target_ids, target_logprobs, divergence=divergence,
+                               temperature=temperature, tail=tail, tail_logmass=tail_logmass,
+                               labels=labels, hard_weight=hard_weight, soft_weight=soft_weight,
+                               scale_temperature=scale_temperature, ignore_index=ignore_index,
+                               reduction=reduction, target_temperature=target_temperature,
+                               beta=beta, alpha=alpha, backend=backend)
+    v = student.shape[-1]
+    lead = student.shape[:-1]
+    student2d = student.reshape(-1, v)
+    if student2d.stride(-1) != 1:
+        student2d = student2d.contiguous()
+    red = REDUCTIONS.index(reduction)
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _ = sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels, *call.consts,
+                        red, need_grad, call.backend)
+    return loss.reshape(lead) if red == 0 else loss
+
+
+class SparseCall(NamedTuple):
+    """A checked sparse-loss call, flattened for the kernels: ids (rows, k) int32, logprobs
+    (rows, k), tail (rows,) or None, labels (rows,) int64 or None, the kernels' constants
+    (divergence code, mix, mode, tau, target scale, soft coef, hard coef, ignore_index) and the
+    backend name."""
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    consts: tuple
+    backend: str
+
+
+def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, divergence: str,
+                        temperature: float, tail: str, tail_logmass, labels, hard_weight: float,
+                        soft_weight: float, scale_temperature: bool, ignore_index: int,
+                        reduction: str, target_temperature: Optional[float], beta: float,
+                        alpha: float, backend: str,
+                        reductions: Sequence[str] = REDUCTIONS) -> SparseCall:
+    """The checks of sparse_kd_loss (each error names its argument) against ``student``, which
+    only lends its shape (..., V), dtype and device; the student data is never read."""
     if isinstance(target_ids, SparseTargets):
         if target_logprobs is not None:
             raise ValueError("pass either a SparseTargets or target_ids and target_logprobs")
@@ -164,13 +204,12 @@ def sparse_kd_loss(
             tail_logmass = targets.tail_logmass
     elif target_logprobs is None:
         raise TypeError("sparse_kd_loss needs target_logprobs (or a SparseTargets as target_ids)")
-    student = check.logits("student_logits", student_logits)
     ids = _check_ids(target_ids, student)
     logprobs = _check_logprobs(target_logprobs, ids)
     tails = _check_tail(tail_logmass, student)
     check.choice("divergence", divergence, DIVERGENCES)
     check.choice("tail", tail, TAILS)
-    check.choice("reduction", reduction, REDUCTIONS)
+    check.choice("reduction", reduction, reductions)
     check.choice("backend", backend, backends.BACKENDS)
     tau = check.positive("temperature", temperature)
     target_scale = 1.0
@@ -201,10 +240,6 @@ def sparse_kd_loss(
         mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
     soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
     k = ids.shape[-1]
-    lead = student.shape[:-1]
-    student2d = student.reshape(-1, v)
-    if student2d.stride(-1) != 1:
-        student2d = student2d.contiguous()
     ids2d = ids.reshape(-1, k).to(torch.int32, memory_format=torch.contiguous_format)
     lp2d = logprobs.detach().reshape(-1, k)
     if lp2d.stride(-1) != 1:
@@ -212,9 +247,6 @@ def sparse_kd_loss(
     tail1d = None
     if tails is not None and mode == MODE_TAIL:
         tail1d = tails.detach().reshape(-1).contiguous()
-    red = REDUCTIONS.index(reduction)
-    need_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, _ = sparse_kd(student2d, ids2d, lp2d, tail1d, label_rows, code, mix, mode, tau,
-                        target_scale, soft_coef, hard_weight, ignore_index, red, need_grad, name)
-    return loss.reshape(lead) if red == 0 else loss
+    consts = (code, mix, mode, tau, target_scale, soft_coef, hard_weight, ignore_index)
+    return SparseCall(ids2d, lp2d, tail1d, label_rows, consts, name)
 

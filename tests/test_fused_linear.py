@@ -254,3 +254,92 @@ def test_module_form():
         FusedLinearKDLoss(temprature=2.0)
     with pytest.raises(TypeError, match="labels is an argument of forward"):
         FusedLinearKDLoss(labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_linear_sparse_kd_loss: sparse targets against the student's lm_head
+
+
+def sparse_case(lead, h, v, k, *, seed, device="cpu"):
+    from distill_ops import teacher_topk
+
+    c = make_case(lead, h, h, v, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    teacher = (torch.randn(*lead, v, generator=g) * 3).to(device)
+    t = teacher_topk(teacher, k, backend="torch")
+    ids = t.ids.clone()
+    ids.view(-1, k)[0, k // 2:] = -1           # a row with fewer valid targets
+    return c, ids, t.logprobs, t.tail_logmass
+
+
+def sparse_reference(c, ids, lp, tail_lm, grad_output=2.5, **kw):
+    """float64 loss and (d/dh, d/dW, d/db) of sparse_kd_loss on the materialised logits."""
+    from distill_ops import sparse_kd_loss
+
+    x = {k: c[k].detach().double().requires_grad_(True) for k in ("hs", "ws", "bs")}
+    logits = x["hs"] @ x["ws"].t() + x["bs"]
+    loss = sparse_kd_loss(logits, ids, lp.double(), tail_logmass=tail_lm.double(),
+                          backend="torch", **kw)
+    (loss * grad_output).backward()
+    return loss.detach(), tuple(x[k].grad for k in ("hs", "ws", "bs"))
+
+
+@pytest.mark.parametrize("divergence,tail", [("forward_kl", "renorm"), ("reverse_kl", "renorm"),
+                                             ("jsd", "renorm"), ("forward_kl", "tail")])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sparse_matches_the_logits_path(backend, device, divergence, tail, reduction):
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    c, ids, lp, tail_lm = sparse_case((3, 4), 12, 41, 6, seed=len(divergence) + len(tail),
+                                      device=device)
+    labels = make_labels((3, 4), 41, seed=9, device=device)
+    kw = dict(divergence=divergence, tail=tail, labels=labels, hard_weight=0.3, temperature=1.4,
+              reduction=reduction)
+    x = {k: c[k].clone().requires_grad_(True) for k in ("hs", "ws", "bs")}
+    loss = fused_linear_sparse_kd_loss(x["hs"], x["ws"], ids, lp, student_bias=x["bs"],
+                                       tail_logmass=tail_lm, chunk_size=5, backend=backend, **kw)
+    (loss * 2.5).backward()
+    ref_loss, ref_grads = sparse_reference(c, ids, lp, tail_lm, **kw)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref_loss, ZERO) < 1e-5
+    for name, got, want in zip(("hidden", "weight", "bias"), (x[k].grad for k in x), ref_grads):
+        assert rel_err(got, want, ZERO) < 1e-4, name
+
+
+def test_sparse_targets_object_retempering_and_compile():
+    from distill_ops import SparseTargets
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    c, ids, lp, tail_lm = sparse_case((7,), 8, 30, 5, seed=21)
+    targets = SparseTargets(ids, lp, tail_lm)
+    kw = dict(target_temperature=2.0, chunk_size=3)
+    results = []
+    for fn in (torch.compile(fused_linear_sparse_kd_loss, fullgraph=True),
+               fused_linear_sparse_kd_loss):
+        x = {k: c[k].clone().requires_grad_(True) for k in ("hs", "ws", "bs")}
+        loss = fn(x["hs"], x["ws"], targets, student_bias=x["bs"], **kw)
+        loss.backward()
+        results.append([loss.detach()] + [x[k].grad for k in x])
+    ref_loss, ref_grads = sparse_reference(c, ids, lp, tail_lm, target_temperature=2.0,
+                                           grad_output=1.0)
+    assert rel_err(results[1][0], ref_loss) < 1e-5
+    for got, want in zip(results[1][1:], ref_grads):
+        assert rel_err(got, want) < 1e-4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_errors():
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    c, ids, lp, tail_lm = sparse_case((4,), 8, 20, 3, seed=22)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_sparse_kd_loss(c["hs"], c["ws"], ids, lp, reduction="none")
+    bad = ids.clone()
+    bad[1, 0] = 20
+    with pytest.raises(ValueError, match="target_ids must be in \\[0, 20\\)"):
+        fused_linear_sparse_kd_loss(c["hs"], c["ws"], bad, lp)
+    with pytest.raises(ValueError, match="target_ids must have shape"):
+        fused_linear_sparse_kd_loss(c["hs"], c["ws"], ids[:3], lp[:3])
+    with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 8\)"):
+        fused_linear_sparse_kd_loss(c["hs"], c["ws"][:, :5], ids, lp)
