@@ -34,8 +34,9 @@ class TrainConfig:
             sparse_kd_loss), ``cache`` (offline target cache at ``cache``), ``none`` (plain
             cross-entropy on the labels: the baseline).
         topk: k for ``targets="topk"``.  tail: ``renorm`` or ``tail`` (sparse losses).
-        fused_linear: with ``targets="dense"``, compute the loss from both models' last hidden
-            states and lm_heads (fused_linear_kd_loss): neither model's logits are materialised.
+        fused_linear: compute the loss from the models' last hidden states and lm_heads
+            (fused_linear_kd_loss, fused_linear_sparse_kd_loss): no (tokens x V) logits are
+            materialised (targets dense, topk or cache).
     Loss (see distill_ops.kd_loss)
         divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature, softcap,
         vocab (``strict`` or ``common_prefix``), backend.
@@ -150,9 +151,9 @@ class TrainConfig:
             raise ConfigError("hard_weight and soft_weight must be >= 0")
         if self.fused_linear not in (True, False):
             raise ConfigError(f"fused_linear must be true or false, got {self.fused_linear!r}")
-        if self.fused_linear and self.targets != "dense":
-            raise ConfigError(f"fused_linear needs targets='dense' (it projects the teacher's "
-                              f"hidden states itself), got targets={self.targets!r}")
+        if self.fused_linear and self.targets == "none":
+            raise ConfigError("fused_linear needs teacher targets (dense, topk or cache), not "
+                              "targets='none'")
         if self.targets == "cache" and not self.cache:
             raise ConfigError("targets='cache' needs cache (the directory written by "
                               "cache-teacher)")

@@ -25,7 +25,8 @@ from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_t
 from .eval import autocast, evaluate
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
 from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum,
-                        fused_dense_loss_sum, model_vocab, online_topk, sparse_loss_sum)
+                        fused_dense_loss_sum, fused_sparse_loss_sum, model_vocab, online_topk,
+                        online_topk_from_hidden, sparse_loss_sum)
 from .optim import build_optimizer, build_scheduler
 
 ModelLike = Union[str, torch.nn.Module, None]
@@ -212,7 +213,7 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
         step = int(state["step"])
     # With fused_linear the loop runs the models without their lm_heads (the loss applies them).
     model = LastHidden(student) if cfg.fused_linear else student
-    teacher_fwd = LastHidden(teacher) if cfg.fused_linear else teacher
+    teacher_fwd = LastHidden(teacher) if cfg.fused_linear and teacher is not None else teacher
     ddp = world > 1
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -328,13 +329,23 @@ def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Ten
     mask = batch.get("attention_mask")
     mask = mask.to(device, non_blocking=True) if mask is not None else None
     if cfg.fused_linear:   # model and teacher are LastHidden (model maybe inside DDP)
+        heads = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+            else model
         with autocast(device, amp_dtype):
             hidden = model(input_ids=input_ids, attention_mask=mask)
+            if cfg.targets == "cache":
+                return fused_sparse_loss_sum(
+                    cfg, hidden, heads, batch["ids"].to(device), batch["logprobs"].to(device),
+                    batch["tail_logmass"].to(device) if "tail_logmass" in batch else None, labels)
             with torch.no_grad():
                 t_hidden = teacher(input_ids=input_ids, attention_mask=mask)
-            heads = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-                else model
-            return fused_dense_loss_sum(cfg, hidden, heads, t_hidden, teacher, labels)
+            if cfg.targets == "dense":
+                return fused_dense_loss_sum(cfg, hidden, heads, t_hidden, teacher, labels)
+            with torch.no_grad():   # topk
+                targets = online_topk_from_hidden(cfg, t_hidden, teacher, student_vocab)
+            del t_hidden
+            return fused_sparse_loss_sum(cfg, hidden, heads, targets.ids, targets.logprobs,
+                                         targets.tail_logmass, labels)
     with autocast(device, amp_dtype):
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         if cfg.targets in ("dense", "topk"):

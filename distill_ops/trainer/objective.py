@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import kd_loss
-from ..fused_linear import fused_linear_kd_loss
+from ..fused_linear import default_chunk_size, fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..targets.types import SparseTargets
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 
@@ -67,11 +68,10 @@ def dense_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, teacher_logit
         backend=cfg.backend)
 
 
-def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.Tensor,
-                    logprobs: torch.Tensor, tail_logmass: Optional[torch.Tensor],
-                    labels: torch.Tensor) -> torch.Tensor:
-    sparse = sparse_api()
-    v = student_logits.shape[-1]
+def _sparse_keywords(cfg: TrainConfig, ids: torch.Tensor, v: int,
+                     tail_logmass: Optional[torch.Tensor], labels: torch.Tensor) -> dict:
+    """The sparse loss's keywords from the config, after checking the target ids against the
+    student's vocabulary v."""
     if ids.numel() and int(ids.max()) >= v:
         if cfg.vocab != "common_prefix":
             raise ValueError(f"teacher targets hold token id {int(ids.max())} but the student's "
@@ -82,12 +82,48 @@ def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.T
     # auto (the C++ kernel on the CPU, Triton on a GPU: the CUDA sparse kernel, not yet run on a
     # GPU, is only used when a caller names it)
     backend = cfg.backend if cfg.backend in ("auto", "torch", "triton") else "auto"
-    return sparse.sparse_kd_loss(
-        student_logits, ids, logprobs, divergence=cfg.divergence, temperature=cfg.temperature,
-        tail=cfg.tail, tail_logmass=tail_logmass if cfg.tail == "tail" else None, labels=labels,
-        hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
-        scale_temperature=cfg.scale_temperature, beta=cfg.beta, alpha=cfg.alpha,
-        ignore_index=IGNORE_INDEX, reduction="sum", backend=backend)
+    return dict(divergence=cfg.divergence, temperature=cfg.temperature, tail=cfg.tail,
+                tail_logmass=tail_logmass if cfg.tail == "tail" else None, labels=labels,
+                hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
+                scale_temperature=cfg.scale_temperature, beta=cfg.beta, alpha=cfg.alpha,
+                ignore_index=IGNORE_INDEX, reduction="sum", backend=backend)
+
+
+def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.Tensor,
+                    logprobs: torch.Tensor, tail_logmass: Optional[torch.Tensor],
+                    labels: torch.Tensor) -> torch.Tensor:
+    kw = _sparse_keywords(cfg, ids, student_logits.shape[-1], tail_logmass, labels)
+    return sparse_api().sparse_kd_loss(student_logits, ids, logprobs, **kw)
+
+
+def fused_sparse_loss_sum(cfg: TrainConfig, student_hidden: torch.Tensor, student: "LastHidden",
+                          ids: torch.Tensor, logprobs: torch.Tensor,
+                          tail_logmass: Optional[torch.Tensor],
+                          labels: torch.Tensor) -> torch.Tensor:
+    """sparse_loss_sum on lm_head(hidden) without the student's logits."""
+    head = student.head
+    kw = _sparse_keywords(cfg, ids, head.weight.shape[0], tail_logmass, labels)
+    return fused_linear_sparse_kd_loss(student_hidden, head.weight, ids, logprobs,
+                                       student_bias=head.bias, **kw)
+
+
+def online_topk_from_hidden(cfg: TrainConfig, teacher_hidden: torch.Tensor, teacher: "LastHidden",
+                            student_vocab: int):
+    """online_topk without the teacher's logits tensor: chunks of lm_head(hidden), each turned into
+    top-k targets (at the loss temperature; over the common prefix with vocab='common_prefix')."""
+    w, b = teacher.head.weight, teacher.head.bias
+    if cfg.vocab == "common_prefix":
+        w, b = w[:student_vocab], None if b is None else b[:student_vocab]
+    lead = teacher_hidden.shape[:-1]
+    h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    rows = default_chunk_size(h.shape[0], w.shape[0], h.element_size())
+    parts = [sparse_api().teacher_topk(F.linear(h[lo:lo + rows], w.to(h.dtype),
+                                                None if b is None else b.to(h.dtype)),
+                                       cfg.topk, temperature=cfg.temperature)
+             for lo in range(0, h.shape[0], rows)]
+    ids, lp, tail = (torch.cat([getattr(p, name) for p in parts]) for name in
+                     ("ids", "logprobs", "tail_logmass"))
+    return SparseTargets(ids.reshape(*lead, -1), lp.reshape(*lead, -1), tail.reshape(lead))
 
 
 def online_topk(cfg: TrainConfig, teacher_logits: torch.Tensor, student_vocab: int):
