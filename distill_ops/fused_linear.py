@@ -155,18 +155,25 @@ class _FusedLinear(torch.autograd.Function):
         return (g_h, g_w, g_b) + (None,) * 9
 
 
+def _hidden_and_head(side: str, hidden, weight) -> tuple:
+    """One side's hidden states (..., H) and lm_head weight (V, H), checked (errors name
+    ``<side>_hidden`` / ``<side>_weight``)."""
+    h_name, w_name = f"{side}_hidden", f"{side}_weight"
+    h = check.float_tensor(h_name, hidden)
+    if h.dim() < 1 or h.shape[-1] < 1:
+        raise ValueError(f"{h_name} must have shape (..., H) with H >= 1, got {tuple(h.shape)}")
+    w = check.float_tensor(w_name, weight)
+    check.same_device(w_name, w, h_name, h)
+    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"{w_name} must have shape (V, {h.shape[-1]}) to project the hidden "
+                         f"states, got {tuple(w.shape)}")
+    return h, w
+
+
 def _student_side(student_hidden, student_weight, student_bias, chunk_size):
     """Checks of the student's hidden states, lm_head and chunk size shared by both fused-linear
     losses: (hidden, weight, vocabulary size)."""
-    hs = check.float_tensor("student_hidden", student_hidden)
-    if hs.dim() < 1 or hs.shape[-1] < 1:
-        raise ValueError(f"student_hidden must have shape (..., H) with H >= 1, got "
-                         f"{tuple(hs.shape)}")
-    ws = check.float_tensor("student_weight", student_weight)
-    check.same_device("student_weight", ws, "student_hidden", hs)
-    if ws.dim() != 2 or ws.shape[1] != hs.shape[-1]:
-        raise ValueError(f"student_weight must have shape (V, {hs.shape[-1]}) to project the hidden "
-                         f"states, got {tuple(ws.shape)}")
+    hs, ws = _hidden_and_head("student", student_hidden, student_weight)
     _check_bias("student_bias", student_bias, hs, ws.shape[0])
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -242,17 +249,9 @@ def fused_linear_kd_loss(
         The scalar loss (float32; float64 for float64 inputs).
     """
     hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
-    ht = check.float_tensor("teacher_hidden", teacher_hidden)
-    if ht.dim() < 1 or ht.shape[-1] < 1:
-        raise ValueError(f"teacher_hidden must have shape (..., H) with H >= 1, got "
-                         f"{tuple(ht.shape)}")
+    ht, wt = _hidden_and_head("teacher", teacher_hidden, teacher_weight)
     check.leading_shape("teacher_hidden", ht, "student_hidden", hs)
-    wt = check.float_tensor("teacher_weight", teacher_weight)
-    for name, x in (("teacher_hidden", ht), ("teacher_weight", wt)):
-        check.same_device(name, x, "student_hidden", hs)
-    if wt.dim() != 2 or wt.shape[1] != ht.shape[-1]:
-        raise ValueError(f"teacher_weight must have shape (V, {ht.shape[-1]}) to project the "
-                         f"hidden states, got {tuple(wt.shape)}")
+    check.same_device("teacher_hidden", ht, "student_hidden", hs)
     if vocab_size != wt.shape[0]:
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
                          f"{vocab_size}; slice both weights to the common vocabulary")

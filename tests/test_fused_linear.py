@@ -177,6 +177,10 @@ def test_errors():
         fused_linear_kd_loss(c["hs"], c["ws"], c["ht"], torch.randn(12, 6))
     with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 8\)"):
         fused_linear_kd_loss(c["hs"], torch.randn(11, 7), c["ht"], c["wt"])
+    with pytest.raises(ValueError, match=r"teacher_weight must have shape \(V, 6\)"):
+        fused_linear_kd_loss(c["hs"], c["ws"], c["ht"], torch.randn(11, 8))
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(11,\)"):
+        fused_linear_kd_loss(*args, teacher_bias=torch.zeros(12))
     with pytest.raises(ValueError, match="student_hidden is torch.float32 but student_weight"):
         fused_linear_kd_loss(c["hs"], c["ws"].double(), c["ht"], c["wt"])
     with pytest.raises(ValueError, match="chunk_size"):

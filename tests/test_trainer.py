@@ -92,7 +92,7 @@ def test_config_yaml_types_and_overrides(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"divergence": "kl"}, "divergence"), ({"temperature": 0}, "temperature"),
     ({"targets": "cache"}, "cache"), ({"max_steps": 0}, "max_steps"), ({"vocab": "x"}, "vocab"),
-    ({"max_steps": "many"}, "max_steps"),
+    ({"max_steps": "many"}, "max_steps"), ({"fused_linear": "maybe"}, "fused_linear"),
 ])
 def test_config_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -453,6 +453,7 @@ def test_fused_linear_sparse_targets_train_like_the_logits_path(tmp_path, tail):
         assert losses[1] == pytest.approx(losses[0], rel=1e-5), targets
         # Adam turns the last-bit differences of chunked GEMMs into ~1e-5 weight differences
         # (3 steps of lr 3e-3); a wrong gradient moves them by a whole step
-        for key, (x, y) in zip(weights(runs[0].model), zip(weights(runs[0].model).values(),
-                                                            weights(runs[1].model).values())):
-            torch.testing.assert_close(x, y, rtol=1e-3, atol=2e-5, msg=f"{targets} {key}")
+        a, b = weights(runs[0].model), weights(runs[1].model)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5,
+                                       msg=f"{targets} {key}")

@@ -93,9 +93,11 @@ class DistillationTrainer(Trainer):
 
     def _fused_hidden(self, model, inputs: dict, grad: bool):
         """(last hidden states, lm_head) of ``model`` run through its own forward (wrapper
-        included) with only the last position's logits; checked against them on first use."""
+        included) with only the last position's logits; checked (its forward's signature, and
+        the heads against the one logit row) on first use only."""
         core = self.accelerator.unwrap_model(model)
-        if "logits_to_keep" not in inspect.signature(core.forward).parameters:
+        if not self._heads_checked and "logits_to_keep" not in inspect.signature(
+                core.forward).parameters:
             raise ValueError(f"fused_linear needs a model whose forward takes logits_to_keep; "
                              f"{type(core).__name__} does not (use fused_linear=False)")
         with contextlib.nullcontext() if grad else torch.no_grad():
