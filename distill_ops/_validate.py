@@ -71,6 +71,13 @@ def unit_interval(name: str, value: object) -> float:
     return v
 
 
+def flag(name: str, value: object) -> bool:
+    """A bool keyword (a tensor or a string here is a caller's mistake, not a truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def choice(name: str, value: object, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")

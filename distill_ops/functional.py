@@ -51,7 +51,8 @@ def loss_constants(divergence: str, temperature: float, beta: float, alpha: floa
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     code, mix = resolve_divergence(divergence, beta, alpha)
-    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
+    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
+                               else 1.0)
     return code, mix, tau, cap, soft_coef, hard_weight
 
 
@@ -108,6 +109,7 @@ def kd_loss(
     check.choice("reduction", reduction, REDUCTIONS)
     check.choice("vocab", vocab, VOCAB_MODES)
     check.choice("backend", backend, backends.BACKENDS)
+    check.flag("inplace_grad", inplace_grad)
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
         divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature,
         ignore_index, softcap)

@@ -57,7 +57,7 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> tor
 def _chunk_loss(kind: str, s: torch.Tensor, lo: int, hi: int, targets: tuple, labels, consts: tuple,
                 need: bool, scale, backend: str, kernel):
     """One chunk's summed loss, and d loss / d s (times ``scale``). Eager (``kernel`` given): the
-    dense backend writes the gradient over ``s`` itself. Compiled (``kernel`` None): the functional
+    backend writes the gradient over ``s`` itself. Compiled (``kernel`` None): the functional
     custom op, which torch.compile traces as one node, and a second buffer."""
     lab = None if labels is None else labels[lo:hi]
     if kind == "dense":   # targets: the teacher's hidden states, weight, bias
@@ -80,23 +80,37 @@ def _chunk_loss(kind: str, s: torch.Tensor, lo: int, hi: int, targets: tuple, la
             part, g = sparse_kd(s, ids[lo:hi], lp[lo:hi], tl, lab, *consts, SUM, need, backend)
         else:
             code, mix, mode, tau, target_scale, soft_coef, hard_coef, ignore_index = consts
-            # The sparse kernels do not write the gradient over their input (the native op
-            # refuses the alias): a chunk-sized buffer.
-            g = torch.empty_like(s) if need else None
             rows = kernel(s, ids[lo:hi], lp[lo:hi], tl, lab, divergence=code, mix=mix, mode=mode,
                           temperature=tau, target_scale=target_scale, soft_coef=soft_coef,
-                          hard_coef=hard_coef, ignore_index=ignore_index, grad=g,
-                          grad_scale=scale)
-            part = rows.sum()
+                          hard_coef=hard_coef, ignore_index=ignore_index,
+                          grad=s if need else None, grad_scale=scale)
+            part, g = rows.sum(), s
     if kernel is None and need and scale is not None:
         g = g * scale.to(g.dtype)
     return part, g
 
 
+# Rows per slice of the entropy metric: its float32 temporaries stay near 16 MiB.
+ENTROPY_ELEMENTS = 1 << 22
+
+
+def _entropy_sum(logits: torch.Tensor, tau: float, cap: float) -> torch.Tensor:
+    """Sum over the rows of the entropy (nats) of softmax(cap tanh(logits / cap) / tau), in float32:
+    a metric (TRL's DistillationTrainer logs it), never differentiated."""
+    rows = max(1, ENTROPY_ELEMENTS // max(logits.shape[1], 1))
+    total = logits.new_zeros((), dtype=torch.float32)
+    for lo in range(0, logits.shape[0], rows):
+        z = logits[lo:lo + rows].float()
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        total += torch.special.entr(torch.softmax(z / tau, -1)).sum()
+    return total
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, kind, targets, labels, consts, reduction, chunk, backend,
-                needs, wide):
+                needs, wide, entropy=None):
         need_h, need_w, need_b = needs
         need = need_h or need_w or need_b
         n = h_s.shape[0]
@@ -127,6 +141,8 @@ class _FusedLinear(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             s = _project(h_s[lo:hi], ws, bs)
+            if entropy is not None:   # a list: the student's entropy, before s is overwritten
+                entropy.append(_entropy_sum(s, consts[2], consts[3]))
             part, s = _chunk_loss(kind, s, lo, hi, targets, labels, consts, need, scale, backend,
                                   kernel)
             parts.append(part)
@@ -152,7 +168,7 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
         g_h, g_w, g_b = (None if g is None else scale_saved_grad(g, grad_loss) for g in grads)
-        return (g_h, g_w, g_b) + (None,) * 9
+        return (g_h, g_w, g_b) + (None,) * 10
 
 
 def _hidden_and_head(side: str, hidden, weight) -> tuple:
@@ -190,8 +206,9 @@ def _check_bias(name, b, hs, vocab_size):
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
-           wide):
-    """Flatten, pick the chunk size and the compute dtype, and run the autograd Function."""
+           wide, entropy=None):
+    """Flatten, pick the chunk size and the compute dtype, and run the autograd Function
+    (``entropy``: a list that collects the student's entropy sum per chunk; dense only)."""
     dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
     h_s2 = hs.reshape(-1, hs.shape[-1])
     n = h_s2.shape[0]
@@ -203,7 +220,7 @@ def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk
     with torch.autocast(hs.device.type, enabled=False) if torch.is_autocast_enabled(
             hs.device.type) else contextlib.nullcontext():
         return _FusedLinear.apply(h_s2.to(dt_s), ws, student_bias, kind, targets, labels, consts,
-                                  reduction, chunk, name, needs, wide)
+                                  reduction, chunk, name, needs, wide, entropy)
 
 
 def fused_linear_kd_loss(
@@ -248,6 +265,20 @@ def fused_linear_kd_loss(
     Returns:
         The scalar loss (float32; float64 for float64 inputs).
     """
+    return _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
+                       divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                       hard_weight=hard_weight, soft_weight=soft_weight,
+                       scale_temperature=scale_temperature, ignore_index=ignore_index,
+                       reduction=reduction, softcap=softcap, chunk_size=chunk_size,
+                       backend=backend)
+
+
+def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias,
+                teacher_bias, labels, divergence, temperature, beta, alpha, hard_weight,
+                soft_weight, scale_temperature, ignore_index, reduction, softcap, chunk_size,
+                backend, entropy: Optional[list] = None) -> torch.Tensor:
+    """fused_linear_kd_loss; ``entropy``, a list, also collects the student's entropy sums."""
     hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
     ht, wt = _hidden_and_head("teacher", teacher_hidden, teacher_weight)
     check.leading_shape("teacher_hidden", ht, "student_hidden", hs)
@@ -270,7 +301,7 @@ def fused_linear_kd_loss(
                None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
     return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
-                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype))
+                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy)
 
 
 def fused_linear_sparse_kd_loss(

@@ -14,7 +14,7 @@ from .backends.reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
 from .functional import DIVERGENCES, resolve_divergence
 from .ops.dense import REDUCTIONS
 from .ops.sparse import resolve as resolve_backend
-from .ops.sparse import sparse_kd
+from .ops.sparse import InplaceSparseKD, sparse_kd
 from .targets.sample import teacher_sample
 from .targets.topk import TRITON_MAX_K, teacher_topk
 from .targets.types import SparseTargets
@@ -119,6 +119,7 @@ def sparse_kd_loss(
     target_temperature: Optional[float] = None,
     beta: float = 0.5,
     alpha: float = 0.1,
+    inplace_grad: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss against sparse teacher targets (top-k or sampled), fused with its gradient.
@@ -147,8 +148,9 @@ def sparse_kd_loss(
             target_logprobs and tail_logmass come from it).
         target_logprobs: float (..., k): log-weights of the ids (no NaN or +inf at valid slots).
         tail_logmass: optional float (...): log of the teacher mass outside the ids (tail mode).
-        labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction, backend: as in
-            :func:`distill_ops.kd_loss`. Backends: ``torch``, ``triton`` and ``cpu`` (``auto``
+        labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction,
+            inplace_grad, backend: as in :func:`distill_ops.kd_loss` (``inplace_grad=True``
+            writes the gradient over ``student_logits``; eager mode only). Backends: ``torch``, ``triton`` and ``cpu`` (``auto``
             picks Triton on a GPU, the compiled CPU kernels on the CPU; ``cuda`` when named).
 
     Returns:
@@ -169,8 +171,14 @@ def sparse_kd_loss(
         student2d = student2d.contiguous()
     red = REDUCTIONS.index(reduction)
     need_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, _ = sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels, *call.consts,
-                        red, need_grad, call.backend)
+    if check.flag("inplace_grad", inplace_grad) and need_grad:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
+        loss = InplaceSparseKD.apply(student2d, call.ids, call.logprobs, call.tail, call.labels,
+                                     *call.consts, red, call.backend)
+    else:
+        loss, _ = sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
+                            *call.consts, red, need_grad, call.backend)
     return loss.reshape(lead) if red == 0 else loss
 
 
@@ -238,7 +246,8 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
         mode = MODE_TAIL
     else:
         mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
-    soft_coef = soft_weight * (tau * tau if scale_temperature else 1.0)
+    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
+                               else 1.0)
     k = ids.shape[-1]
     ids2d = ids.reshape(-1, k).to(torch.int32, memory_format=torch.contiguous_format)
     lp2d = logprobs.detach().reshape(-1, k)

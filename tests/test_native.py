@@ -180,9 +180,14 @@ def test_bad_grad_outputs_are_refused_by_both_ops(device):
         with pytest.raises(RuntimeError, match=match):
             torch.ops.distill_ops_native.sparse_forward(
                 s, ids, lp, None, None, grad, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
-    with pytest.raises(RuntimeError, match="must not be the student"):
+    # grad may be the student itself (inplace_grad), never a shifted view of its memory
+    buf = torch.cat([s, s[:1]])
+    s, shifted = buf[:-1], buf[1:]
+    with pytest.raises(RuntimeError, match="overlaps the student"):
+        native.dense_forward(s, t, None, grad=shifted, grad_scale=None, **opts())
+    with pytest.raises(RuntimeError, match="overlaps the student"):
         torch.ops.distill_ops_native.sparse_forward(
-            s, ids, lp, None, None, s, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
+            s, ids, lp, None, None, shifted, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,15 +73,15 @@ DOPS_INLINE void load_chunk(const scalar_t* __restrict__ src, int64_t n, T* __re
 }
 
 // A chunk of a row as T: the row itself when it is stored as T (no copy), else converted into buf.
-// Only for kernels whose output never aliases the row they read.
+// `copy` forces the copy into buf: for a kernel about to overwrite the chunk (an in-place gradient).
 template <typename scalar_t, typename T>
-DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ buf) {
+DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __restrict__ buf,
+                              bool copy = false) {
   if constexpr (std::is_same_v<scalar_t, T>) {
-    return src;
-  } else {
-    load_chunk(src, n, buf);
-    return buf;
+    if (!copy) return src;
   }
+  load_chunk(src, n, buf);
+  return buf;
 }
 
 // Every label is ignore_index or in [0, v): the kernels index the row with it.

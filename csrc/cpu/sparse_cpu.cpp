@@ -5,10 +5,14 @@
 //   slots   gather the k student logits at the target ids and run the row algebra of
 //           csrc/include/distill_ops/sparse_math.h (in double): loss, C, the per-slot gradients and
 //           the coefficient of the dense part outside the support;
-//   pass 2  (gradient) write soft_scale * c_out * exp(a_j - lse_out) (+ the hard-label term) over
-//           the row, then overwrite the k target columns (ids are unique in a row).
+//   pass 2  (gradient) the k target columns' gradients are computed first (they need the student
+//           logits at the ids), then soft_scale * c_out * exp(a_j - lse_out) (+ the hard-label
+//           term) is written over the row, then the k target columns are overwritten (ids are
+//           unique in a row).
 //
-// No probability tensor; the gradient is written in the forward and scaled in the backward.
+// No probability tensor; the gradient is written in the forward and scaled in the backward. The
+// gradient may be the student tensor itself (inplace_grad): every student value is read before
+// the column holding it is written.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -31,8 +35,8 @@ template <typename T>
 struct SparseBuffers {
   alignas(64) T x[kChunk];  // raw student logits
   alignas(64) T g[kChunk];
-  std::vector<double> q, qg, a_k;  // per slot
-  explicit SparseBuffers(int64_t k) : q(k), qg(k), a_k(k) {}
+  std::vector<double> q, qg, a_k, g_k;  // per slot
+  explicit SparseBuffers(int64_t k) : q(k), qg(k), a_k(k), g_k(k) {}
 };
 
 // Fold x[0, n) * scale into the online state (sums in double).
@@ -155,9 +159,24 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   const T off_1 = static_cast<T>(lse_1 - static_cast<double>(m_1));
   const T hard_c = static_cast<T>(A.hard_coef * scale);
   const bool dense_soft = fin.c_out != 0.0;
+  const T tau1 = ce_own ? T(1) : inv_tau;
+  // The target columns first: with an in-place gradient their logits are gone after the row pass.
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t id = ids[i];
+    if (id < 0) continue;
+    double gi = soft_scale * sparse::slot_grad(B.qg[i], B.q[i], fin.c, live);
+    if (hard) {
+      const T x = C::load(s_row[id]);
+      const double p1 = static_cast<double>(math::exp_((x * tau1 - m_1) - off_1));
+      gi += A.hard_coef * (p1 - (id == label ? 1.0 : 0.0));
+    }
+    B.g_k[i] = gi * scale;
+  }
+  const bool aliased = static_cast<const void*>(g_row) == static_cast<const void*>(s_row);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const T* __restrict__ x = chunk_as(s_row + c0, n, B.x);  // grad never aliases the student
+    // In place, the chunk is copied out before its columns are overwritten (no aliased pointers).
+    const T* __restrict__ x = chunk_as(s_row + c0, n, B.x, aliased);
     T* __restrict__ g = B.g;
     if (dense_soft) {
       DOPS_SIMD
@@ -166,7 +185,6 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
       for (int64_t i = 0; i < n; ++i) g[i] = T(0);
     }
     if (hard) {
-      const T tau1 = ce_own ? T(1) : inv_tau;
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] += hard_c * math::exp_((x[i] * tau1 - m_1) - off_1);
       if (label >= c0 && label < c0 + n) g[label - c0] -= hard_c;
@@ -176,16 +194,7 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     for (int64_t i = 0; i < n; ++i) out[i] = C::store(g[i]);
   }
   for (int64_t i = 0; i < K; ++i) {
-    const int64_t id = ids[i];
-    if (id < 0) continue;
-    double gi = soft_scale * sparse::slot_grad(B.qg[i], B.q[i], fin.c, live);
-    if (hard) {
-      const T x = C::load(s_row[id]);
-      const T tau1 = ce_own ? T(1) : inv_tau;
-      const double p1 = static_cast<double>(math::exp_((x * tau1 - m_1) - off_1));
-      gi += A.hard_coef * (p1 - (id == label ? 1.0 : 0.0));
-    }
-    g_row[id] = C::store(static_cast<T>(gi * scale));
+    if (ids[i] >= 0) g_row[ids[i]] = C::store(static_cast<T>(B.g_k[i]));
   }
 }
 

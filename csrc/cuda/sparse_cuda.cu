@@ -6,13 +6,17 @@
 //   slots   the threads share the k target slots: teacher and student log-normalizers over the
 //           slots (block-merged), then the loss terms and C = sum qg (block sums), then the row
 //           algebra of csrc/include/distill_ops/sparse_math.h, all in double;
-//   pass 2  (gradient) soft_scale * c_out * exp(a_j - lse_out) (+ the hard-label term) over the
-//           row; after a block barrier, the slots overwrite their own columns (ids are unique in a
-//           row, so no two threads write one element).
+//   pass 2  (gradient) each thread computes its slots' gradients into the slot_grad scratch (they
+//           need the student logits at the ids), then soft_scale * c_out * exp(a_j - lse_out)
+//           (+ the hard-label term) goes over the row; after a block barrier, the slots overwrite
+//           their own columns (ids are unique in a row, so no two threads write one element).
+//           The gradient may be the student tensor itself (inplace_grad): every logit is read
+//           before its column is written.
 //
 // An id outside [-1, V) (the Python API rejects them in eager mode; under torch.compile nothing
 // checks) is never dereferenced: its row's loss is NaN and its slot is not written.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -162,6 +166,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T hard_c = static_cast<T>(A.hard_coef * scale);
     const T tau1 = ce_own ? T(1) : inv_tau;
     const bool dense_soft = fin.c_out != 0.0;
+    T* slot_out = static_cast<T*>(A.slot_grad) + row * K;
+    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+      const int64_t id = ids[i];
+      if (id < 0 || id >= V) continue;
+      double q, term, qg;
+      slot_terms(i, id, q, term, qg);
+      double gi = soft_scale * sparse::slot_grad(qg, q, fin.c, live);
+      if (hard) {
+        const T x = static_cast<T>(s_row[id]);
+        const double p1 = static_cast<double>(math::exp_((x * tau1 - m_1) - off_1));
+        gi += A.hard_coef * (p1 - (id == label ? 1.0 : 0.0));
+      }
+      slot_out[i] = static_cast<T>(gi * scale);  // read back below by this same thread
+    }
     stream_slice<scalar_t>(0, V, vec, [&](auto kc, int64_t j0) {
       constexpr int KV = decltype(kc)::value;
       T x[KV], g[KV];
@@ -179,16 +197,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     __syncthreads();  // the dense stores land before the slots overwrite their columns
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
       const int64_t id = ids[i];
-      if (id < 0 || id >= V) continue;
-      double q, term, qg;
-      slot_terms(i, id, q, term, qg);
-      double gi = soft_scale * sparse::slot_grad(qg, q, fin.c, live);
-      if (hard) {
-        const T x = static_cast<T>(s_row[id]);
-        const double p1 = static_cast<double>(math::exp_((x * tau1 - m_1) - off_1));
-        gi += A.hard_coef * (p1 - (id == label ? 1.0 : 0.0));
-      }
-      g_row[id] = static_cast<scalar_t>(static_cast<T>(gi * scale));
+      if (id >= 0 && id < V) g_row[id] = static_cast<scalar_t>(slot_out[i]);
     }
     __syncthreads();
   }
@@ -235,6 +244,12 @@ at::Tensor sparse_forward_cuda(const at::Tensor& student, const at::Tensor& ids,
                                         divergence, mix, mode, temperature, target_scale,
                                         soft_coef, hard_coef, ignore_index, c10::DeviceType::CUDA);
   if (call.args.n == 0) return call.loss;
+  at::Tensor slot_grad;
+  if (call.args.grad != nullptr) {
+    const auto acc = call.dtype == at::kDouble ? at::kDouble : at::kFloat;
+    slot_grad = at::empty({call.args.n, call.args.k}, student.options().dtype(acc));
+    call.args.slot_grad = slot_grad.data_ptr();
+  }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
   switch (call.dtype) {
     case at::kFloat: launch_sparse<float, float>(call.args, stream); break;

@@ -1,12 +1,12 @@
 """Sparse-target ops as torch.library custom ops, with fake kernels (torch.compile traces them) and,
 for the loss, autograd: the forward computes the gradient in its streaming passes, the backward only
-scales it (as ops/dense.py does).
+scales it (as ops/dense.py does); InplaceSparseKD is the eager variant that writes the gradient
+over the student logits.
 
-Dispatch: the sparse kernels exist in the reference (pure torch), Triton and the compiled CPU
-backend; the compiled CUDA backend has the loss and teacher top-k (no sampling). ``auto`` picks
-Triton on a GPU (where triton imports), the compiled CPU kernels on the CPU (where the extension
-loads), the reference otherwise; the CUDA kernels run only when named (backend="cuda": they have
-not been run on a GPU yet); naming "cuda" for teacher sampling is an error.
+Dispatch: the sparse kernels (loss, top-k, sampling) exist in the reference (pure torch), Triton,
+and the compiled CPU and CUDA backends. ``auto`` picks Triton on a GPU (where triton imports), the
+compiled CPU kernels on the CPU (where the extension loads), the reference otherwise; the CUDA
+kernels run only when named (backend="cuda": they have not been run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -74,15 +74,23 @@ def sparse_kd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
     grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    loss = _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
+                target_scale, soft_coef, hard_coef, ignore_index, reduction,
+                grad if need_grad else None, backend)
+    return loss, grad
+
+
+def _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
+         target_scale, soft_coef, hard_coef, ignore_index, reduction, grad, backend):
+    """The reduced loss; d loss / d student written into ``grad`` (which may be ``student``)."""
     scale = grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device,
                            wide=torch.float64 in (student.dtype, logprobs.dtype))
     rows = _impl(backend, "loss").sparse_forward(
         student, ids, logprobs, tail_logmass, labels, divergence=divergence, mix=mix, mode=mode,
         temperature=temperature, target_scale=target_scale, soft_coef=soft_coef,
-        hard_coef=hard_coef, ignore_index=ignore_index, grad=grad if need_grad else None,
-        grad_scale=scale,
+        hard_coef=hard_coef, ignore_index=ignore_index, grad=grad, grad_scale=scale,
     )
-    return reduce_rows(rows, reduction, scale), grad
+    return reduce_rows(rows, reduction, scale)
 
 
 @sparse_kd.register_fake
@@ -113,6 +121,27 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 
 
 sparse_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class InplaceSparseKD(torch.autograd.Function):
+    """Eager-mode variant that writes the gradient into the student-logits buffer (as
+    ops/dense.py's InplaceDenseKD): afterwards the student logits hold the gradient. Their version
+    counter is bumped, so autograd raises if anything else had saved them for its backward."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
+                temperature, target_scale, soft_coef, hard_coef, ignore_index, reduction, backend):
+        loss = _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
+                    temperature, target_scale, soft_coef, hard_coef, ignore_index, reduction,
+                    student, backend)
+        torch.autograd.graph.increment_version(student)
+        ctx.grad = student  # an attribute: save_for_backward would reject the bumped version
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, ctx.grad = ctx.grad, None
+        return (scale_saved_grad(grad, grad_loss),) + (None,) * 14
 
 
 # ----------------------------------------------------------------------------- the teacher side

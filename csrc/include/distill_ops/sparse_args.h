@@ -16,6 +16,9 @@ struct SparseArgs {
   void* grad = nullptr;              // (n, v) in the student's dtype, row stride stride_g, or null
   const void* grad_scale = nullptr;  // 0-dim float (double when `fp64`), or null for 1
   void* loss = nullptr;              // (n,) float (double when `fp64`)
+  // CUDA, with grad: (n, k) scratch in the compute dtype (float; double for double logits) where
+  // the target columns' gradients wait while the row pass writes over the logits they need.
+  void* slot_grad = nullptr;
   int64_t n = 0, v = 0, k = 0;
   int64_t stride_s = 0, stride_g = 0;
   bool fp64 = false;                 // logprobs, tail, grad_scale and loss are double
