@@ -16,6 +16,11 @@ difference, forced by never building the (tokens x V) tensor: ``none`` returns o
 
     from distill_ops.integrations.trl import patch_gkd_trainer
     patch_gkd_trainer()          # every GKDTrainer from now on computes its loss with distill-ops
+
+TRL's DistillationTrainer (trl >= 1.16) computes its loss from hidden states and lm_heads in
+``trl.trainer.distillation_trainer._chunked_divergence_loss``; :func:`chunked_divergence_loss` is
+that function on :func:`distill_ops.fused_linear_kd_loss`, and ``patch_distillation_trainer()``
+installs it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Optional, Union
 import torch
 
 from ..functional import kd_loss
+from ..fused_linear import _dense_call
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -112,3 +118,127 @@ def unpatch_gkd_trainer() -> None:
         else:
             cls.generalized_jsd_loss = original
         del _ORIGINALS[cls]
+
+
+# ----------------------------------------------------------------------------- DistillationTrainer
+
+DISTILLATION_MODULE = "trl.trainer.distillation_trainer"
+_DISTILLATION_ORIGINAL: dict = {}
+
+
+def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A DTensor (FSDP2-sharded lm_head) gathered once into a plain tensor, as TRL does."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def chunked_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    student_lm_head_bias: Optional[torch.Tensor] = None,
+    teacher_lm_head_bias: Optional[torch.Tensor] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: Optional[float] = None,
+    teacher_final_logit_softcapping: Optional[float] = None,
+    temperature: float = 1.0,
+    *,
+    entropy: bool = True,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL DistillationTrainer's ``_chunked_divergence_loss`` (same arguments, same results) on
+    :func:`distill_ops.fused_linear_kd_loss`: the generalized JSD (beta 0 forward KL, 1 reverse KL,
+    no T^2 factor) between the student's and the teacher's softmax(softcap(scale * (h W^T + b)) / T)
+    over the completion positions (``completion_mask != 0``), never building either logits tensor.
+
+    Returns (loss, entropy_sum, n_valid): the loss summed over the valid positions and divided by
+    ``num_items_in_batch`` when given, else by n_valid (at least 1); the sum of the student's
+    per-token entropy at T (detached; ``entropy=False`` skips its extra pass over each chunk of
+    logits and returns NaN, which TRL's logger drops); the number of valid positions.
+
+    Differences, each an error rather than a silent approximation: one softcap for both models
+    (the kernels cap both sides alike), so two different ``*_final_logit_softcapping`` raise. The
+    logit scales are folded into the hidden states and biases (scale * h), which rounds once in the
+    hidden states' dtype instead of in the logits'.
+    """
+    s_cap, t_cap = student_final_logit_softcapping, teacher_final_logit_softcapping
+    if s_cap != t_cap:
+        raise ValueError(
+            f"student_final_logit_softcapping ({s_cap}) and teacher_final_logit_softcapping "
+            f"({t_cap}) differ; distill-ops applies one softcap to both models' logits")
+    for name, value in (("student_logit_scale", student_logit_scale),
+                        ("teacher_logit_scale", teacher_logit_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not isinstance(completion_mask, torch.Tensor):
+        raise TypeError("completion_mask must be a torch.Tensor")
+    if completion_mask.shape != student_hidden_states.shape[:-1]:
+        raise ValueError(f"completion_mask has shape {tuple(completion_mask.shape)} but the "
+                         f"student hidden states have {tuple(student_hidden_states.shape[:-1])}")
+    valid = (completion_mask != 0).reshape(-1).to(student_hidden_states.device)
+    n_valid = valid.sum()
+    h_s = student_hidden_states.reshape(-1, student_hidden_states.shape[-1])[valid]
+    h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1])[valid]
+    w_s, b_s = _full(student_lm_head_weight), _full(student_lm_head_bias)
+    w_t, b_t = _full(teacher_lm_head_weight), _full(teacher_lm_head_bias)
+    if student_logit_scale != 1.0:   # scale * (h W^T + b) = (scale h) W^T + scale b
+        h_s = h_s * student_logit_scale
+        b_s = None if b_s is None else b_s * student_logit_scale
+    if teacher_logit_scale != 1.0:
+        h_t = h_t * teacher_logit_scale
+        b_t = None if b_t is None else b_t * teacher_logit_scale
+    sums: Optional[list] = [] if entropy else None
+    total = _dense_call(h_s, w_s, h_t.detach(), w_t.detach(), student_bias=b_s,
+                        teacher_bias=None if b_t is None else b_t.detach(), labels=None,
+                        divergence="generalized_jsd", temperature=temperature, beta=beta,
+                        alpha=0.1, hard_weight=0.0, soft_weight=1.0, scale_temperature=False,
+                        ignore_index=-100, reduction="sum", softcap=s_cap, chunk_size=chunk_size,
+                        backend=backend, entropy=sums)
+    if num_items_in_batch is None:
+        loss = total / n_valid.clamp(min=1).to(total.dtype)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+    if sums is None:
+        entropy_sum = total.new_full((), float("nan"), dtype=torch.float32)
+    else:
+        entropy_sum = (torch.stack(sums).sum() if sums
+                       else total.new_zeros((), dtype=torch.float32))
+    return loss, entropy_sum.detach(), n_valid
+
+
+def patch_distillation_trainer(*, entropy: bool = True) -> None:
+    """Make TRL's DistillationTrainer compute its loss with :func:`chunked_divergence_loss` (it
+    calls ``trl.trainer.distillation_trainer._chunked_divergence_loss`` by module name).
+    ``entropy=False`` drops the entropy metric to save its pass. Raises ImportError when that
+    module is missing; ``unpatch_distillation_trainer()`` restores TRL's function."""
+    try:
+        module = importlib.import_module(DISTILLATION_MODULE)
+    except ImportError as e:
+        raise ImportError(f"patch_distillation_trainer needs trl >= 1.16 ({DISTILLATION_MODULE}): "
+                          f"{e}") from e
+    if not callable(getattr(module, "_chunked_divergence_loss", None)):
+        raise ImportError(f"{DISTILLATION_MODULE} has no _chunked_divergence_loss to replace "
+                          "(another trl version)")
+    if "fn" not in _DISTILLATION_ORIGINAL:
+        _DISTILLATION_ORIGINAL["fn"] = module._chunked_divergence_loss
+
+    def loss(*args, **kwargs):
+        return chunked_divergence_loss(*args, entropy=entropy, **kwargs)
+
+    loss.__doc__ = chunked_divergence_loss.__doc__
+    module._chunked_divergence_loss = loss
+
+
+def unpatch_distillation_trainer() -> None:
+    """Undo :func:`patch_distillation_trainer`."""
+    if "fn" in _DISTILLATION_ORIGINAL:
+        module = importlib.import_module(DISTILLATION_MODULE)
+        module._chunked_divergence_loss = _DISTILLATION_ORIGINAL.pop("fn")
