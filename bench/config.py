@@ -36,8 +36,9 @@ GPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:triton", "distill_ops
 CPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
 # The fused-linear suite: the loss from hidden states and lm_heads (no logits tensor).
-GPU_LINEAR = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda")
-CPU_LINEAR = ("torch-eager", "distill_ops:cpu")
+GPU_LINEAR = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:triton",
+              "distill_ops:cuda")
+CPU_LINEAR = ("torch-eager", "trl", "distill_ops:cpu")
 LINEAR_DIVERGENCES = ("forward_kl", "jsd")
 DEFAULT_H = {"cuda": 2048, "cpu": 256}
 CPU_LINEAR_V = (32000,)   # student hidden size; the teacher's is 1.5x (inputs.py)

@@ -201,11 +201,12 @@ class TorchCompile(Provider):
         return lambda x: fn(x["teacher"])
 
 
-def liger_version() -> Optional[str]:
+def package_version(dist: str) -> Optional[str]:
+    """The installed version of a peer package (liger-kernel, trl), or None."""
     try:
         from importlib.metadata import version
 
-        return version("liger-kernel")
+        return version(dist)
     except Exception:
         return None
 
@@ -261,6 +262,46 @@ class Liger(Provider):
             if ce is not None:
                 out = out + HARD_WEIGHT * ce(x["student"], x["labels"])
             return out
+
+        return loss
+
+
+class TrlChunked(Provider):
+    """TRL's own fused-linear distillation loss (trl >= 1.16, DistillationTrainer's
+    _chunked_divergence_loss: vocabulary tiles, recomputed in the backward; Triton on a GPU, torch
+    tiles on the CPU). Generalized JSD with beta 0 = forward KL and beta = JSD_BETA = our JSD; no
+    T^2 factor, so the provider multiplies it in."""
+
+    name = "trl"
+
+    def _fn(self):
+        try:
+            module = importlib.import_module("trl.trainer.distillation_trainer")
+        except Exception as exc:
+            raise Unavailable(f"trl's DistillationTrainer is not importable ({type(exc).__name__}: "
+                              f"{exc})")
+        fn = getattr(module, "_chunked_divergence_loss", None)
+        if fn is None:
+            raise Unavailable("this trl has no _chunked_divergence_loss")
+        return fn
+
+    def check(self, case, device):
+        if case.suite != "linear":
+            raise Unavailable("TRL's fused kernel is the loss from hidden states and lm_heads")
+        if case.hard_label or case.divergence not in ("forward_kl", "jsd"):
+            raise Unavailable("TRL's fused kernel has no hard-label term and only the "
+                              "generalized JSD")
+        self._fn()
+
+    def make(self, case):
+        fn = self._fn()
+        beta = 0.0 if case.divergence == "forward_kl" else JSD_BETA
+        tau = TEMPERATURE
+
+        def loss(x):
+            mask = torch.ones(x["hs"].shape[:-1], dtype=torch.long, device=x["hs"].device)
+            out, _, _ = fn(x["hs"], x["ht"], x["ws"], x["wt"], mask, beta, temperature=tau)
+            return out * tau ** 2
 
         return loss
 
@@ -350,7 +391,9 @@ def get(name: str) -> Provider:
         return TorchCompile()
     if name == "liger":
         return Liger()
+    if name == "trl":
+        return TrlChunked()
     if name.startswith("distill_ops:"):
         return DistillOps(name.split(":", 1)[1])
-    raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, "
+    raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, trl, "
                      "distill_ops:<torch|triton|cpu|cuda>")

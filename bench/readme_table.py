@@ -16,7 +16,7 @@ from pathlib import Path
 from . import report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "distill_ops:cuda", "distill_ops:triton",
+PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:cuda", "distill_ops:triton",
                   "distill_ops:cpu", "distill_ops:torch")
 SHORT_STATUS = {"oom": "OOM", "error": "error", "unavailable": "n/a", "missing": "missing",
                 "skipped": "skipped"}
@@ -85,6 +85,9 @@ def render_kernels(paths) -> str:
         newest = max(group, key=lambda r: r["date"])
         ver = newest.get("versions", {})
         bits = [f"torch {ver.get('torch')}"]
+        for peer, key in (("liger", "liger_kernel"), ("trl", "trl")):
+            if any(r["provider"] == peer and r["status"] == "ok" for r in group) and ver.get(key):
+                bits.append(f"{peer} {ver[key]}")
         if newest.get("device_type") == "cuda":
             bits.append(f"triton {ver.get('triton')}")
             if newest.get("driver"):

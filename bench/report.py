@@ -78,9 +78,10 @@ def versions() -> dict:
         out["triton"] = triton.__version__
     except Exception:
         out["triton"] = None
-    from .providers import liger_version
+    from .providers import package_version
 
-    out["liger_kernel"] = liger_version()
+    out["liger_kernel"] = package_version("liger-kernel")
+    out["trl"] = package_version("trl")
     try:
         import distill_ops
 

@@ -159,3 +159,18 @@ def test_liger_fused_linear_provider_computes_the_eager_loss(divergence):
     ours = prov.Liger().make(case)(x)
     eager = prov.TorchEager().make(case)(x)
     torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_trl_fused_linear_provider_computes_the_eager_loss(divergence):
+    """TRL's own fused-linear loss as the linear suite feeds it gives the eager loss (the torch
+    tiles it runs on the CPU)."""
+    try:
+        prov.TrlChunked()._fn()
+    except prov.Unavailable as exc:
+        pytest.skip(str(exc))
+    case = config.Case("linear", divergence, False, "fp32", 6, 80, "fwd", h=16)
+    x = inputs.make(case, 6, torch.device("cpu"))
+    ours = prov.TrlChunked().make(case)(x)
+    eager = prov.TorchEager().make(case)(x)
+    torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
