@@ -93,6 +93,7 @@ def test_config_yaml_types_and_overrides(tmp_path):
     ({"divergence": "kl"}, "divergence"), ({"temperature": 0}, "temperature"),
     ({"targets": "cache"}, "cache"), ({"max_steps": 0}, "max_steps"), ({"vocab": "x"}, "vocab"),
     ({"max_steps": "many"}, "max_steps"), ({"fused_linear": "maybe"}, "fused_linear"),
+    ({"inplace_grad": "sometimes"}, "inplace_grad"),
 ])
 def test_config_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -293,6 +294,33 @@ def test_fused_linear_trains_like_the_logits_path(tmp_path, vocab_extra):
     losses = [[r["loss"] for r in run.history if "loss" in r] for run in runs]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert_same_weights(weights(runs[0].model), weights(runs[1].model), exact=False)
+
+
+@pytest.mark.parametrize("targets", ["dense", "topk"])
+def test_inplace_grad_trains_like_a_separate_gradient(tmp_path, targets, monkeypatch):
+    """inplace_grad (the default: the loss's gradient written over the student logits) changes
+    where the gradient lives, not what it is: the same losses and weights, bit for bit."""
+    if targets == "topk" and not sparse_available():
+        pytest.skip("sparse targets need distill_ops.sparse")
+    from distill_ops import sparse
+    from distill_ops.trainer import objective
+
+    asked = []   # what the loop passed as inplace_grad while the student needed a gradient
+    for owner, name in ((objective, "kd_loss"), (sparse, "sparse_kd_loss")):
+        def spy(*args, _fn=getattr(owner, name), **kw):
+            if torch.is_grad_enabled():
+                asked.append(kw.get("inplace_grad"))
+            return _fn(*args, **kw)
+        monkeypatch.setattr(owner, name, spy)
+    data = blocks()
+    kw = dict(max_steps=3, temperature=2.0, hard_weight=0.3, targets=targets, topk=8,
+              eval_fraction=0.0)
+    runs = [train(cfg(tmp_path / str(inplace), inplace_grad=inplace, **kw), student=tiny(),
+                  teacher=tiny(48, seed=1), train_dataset=data) for inplace in (False, True)]
+    losses = [[r["loss"] for r in run.history if "loss" in r] for run in runs]
+    assert losses[1] == losses[0]
+    assert_same_weights(weights(runs[0].model), weights(runs[1].model), exact=True)
+    assert set(asked[:len(asked) // 2]) == {False} and set(asked[len(asked) // 2:]) == {True}
 
 
 def test_fused_linear_refuses_what_it_cannot_compute(tmp_path):

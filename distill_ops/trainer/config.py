@@ -37,6 +37,10 @@ class TrainConfig:
         fused_linear: compute the loss from the models' last hidden states and lm_heads
             (fused_linear_kd_loss, fused_linear_sparse_kd_loss): no (tokens x V) logits are
             materialised (targets dense, topk or cache).
+        inplace_grad: without fused_linear, the loss writes its gradient over the student's
+            logits (one tokens x V buffer less; equal vocabularies). Turn it off for a model whose
+            forward keeps its own logits for its backward (autograd then says a tensor "has been
+            modified by an inplace operation").
     Loss (see distill_ops.kd_loss)
         divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature, softcap,
         vocab (``strict`` or ``common_prefix``), backend.
@@ -64,6 +68,7 @@ class TrainConfig:
     # teacher targets
     targets: str = "dense"
     fused_linear: bool = False
+    inplace_grad: bool = True
     cache: Optional[str] = None
     topk: int = 64
     tail: str = "renorm"
@@ -149,8 +154,9 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         if self.hard_weight < 0 or self.soft_weight < 0:
             raise ConfigError("hard_weight and soft_weight must be >= 0")
-        if self.fused_linear not in (True, False):
-            raise ConfigError(f"fused_linear must be true or false, got {self.fused_linear!r}")
+        for name in ("fused_linear", "inplace_grad"):
+            if not isinstance(getattr(self, name), bool):   # 1 == True, but 1 is no flag
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fused_linear and self.targets == "none":
             raise ConfigError("fused_linear needs teacher targets (dense, topk or cache), not "
                               "targets='none'")

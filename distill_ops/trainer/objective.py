@@ -60,12 +60,14 @@ def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor) -> tor
 
 def dense_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
+    # In place only over equal vocabularies (common_prefix would leave logits in the extra columns).
+    inplace = cfg.inplace_grad and student_logits.shape[-1] == teacher_logits.shape[-1]
     return kd_loss(
         student_logits, teacher_logits, divergence=cfg.divergence, temperature=cfg.temperature,
         beta=cfg.beta, alpha=cfg.alpha, labels=labels, hard_weight=cfg.hard_weight,
         soft_weight=cfg.soft_weight, scale_temperature=cfg.scale_temperature,
         ignore_index=IGNORE_INDEX, reduction="sum", softcap=cfg.softcap, vocab=cfg.vocab,
-        backend=cfg.backend)
+        inplace_grad=inplace, backend=cfg.backend)
 
 
 def _sparse_keywords(cfg: TrainConfig, ids: torch.Tensor, v: int,
@@ -93,7 +95,8 @@ def sparse_loss_sum(cfg: TrainConfig, student_logits: torch.Tensor, ids: torch.T
                     logprobs: torch.Tensor, tail_logmass: Optional[torch.Tensor],
                     labels: torch.Tensor) -> torch.Tensor:
     kw = _sparse_keywords(cfg, ids, student_logits.shape[-1], tail_logmass, labels)
-    return sparse_api().sparse_kd_loss(student_logits, ids, logprobs, **kw)
+    return sparse_api().sparse_kd_loss(student_logits, ids, logprobs,
+                                       inplace_grad=cfg.inplace_grad, **kw)
 
 
 def fused_sparse_loss_sum(cfg: TrainConfig, student_hidden: torch.Tensor, student: "LastHidden",
