@@ -10,7 +10,7 @@ DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenize
 PEERS   := trl liger-kernel
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build demo test test-gpu bench bench-cpu clean
+.PHONY: setup build demo test test-gpu bench bench-cpu peers-dir clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ test-gpu: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PYTHON) -m bench all --device cuda
+
+# The pure-Python peers (Liger-Kernel, TRL) copied into .peers/ (git-ignored) so a device run can
+# carry them to a GPU machine that has no network: bench/gpu_check.sh puts .peers on PYTHONPATH.
+peers-dir: $(VENV)/.deps
+	rm -rf .peers && mkdir -p .peers
+	cp -r $$($(PYTHON) -c "import liger_kernel, os; print(os.path.dirname(liger_kernel.__file__))") .peers/
+	cp -r $$($(PYTHON) -c "import trl, os; print(os.path.dirname(trl.__file__))") .peers/
+	find .peers -name __pycache__ -prune -exec rm -rf {} +
 
 bench-cpu: $(VENV)/.built
 	$(PYTHON) -m bench dense --device cpu

@@ -16,6 +16,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT/results"
 PY=${PY:-python3}
+# Peers carried from the dev machine (`make peers-dir`, then run(carry=[".peers"])): the GPU
+# machine has no network to pip-install Liger-Kernel or TRL.
+[ -d .peers ] && export PYTHONPATH="$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}"
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench trainer)
 summary=()
