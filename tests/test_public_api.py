@@ -6,8 +6,8 @@ import distill_ops
 
 
 def test_top_level_names():
-    for name in ("kd_loss", "KDLoss", "sparse_kd_loss", "teacher_topk", "teacher_sample",
-                 "SparseTargets"):
+    for name in ("kd_loss", "KDLoss", "sparse_kd_loss", "SparseKDLoss", "teacher_topk",
+                 "teacher_sample", "SparseTargets"):
         assert name in distill_ops.__all__ and hasattr(distill_ops, name), name
 
 
@@ -20,3 +20,36 @@ def test_topk_then_sparse_loss_round_trip():
     loss = distill_ops.sparse_kd_loss(s, targets, backend="torch")
     dense = distill_ops.kd_loss(s, t, backend="torch")
     torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_module_equals_function():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 3, 40, generator=g)
+    s = torch.randn(2, 3, 40, generator=g)
+    labels = torch.randint(0, 40, (2, 3), generator=g)
+    targets = distill_ops.teacher_topk(t, 5, backend="torch")
+    kw = dict(temperature=2.0, tail="tail", hard_weight=0.5, backend="torch")
+    fn = distill_ops.SparseKDLoss(**kw)
+    assert "tail='tail'" in repr(fn)
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fn(a, targets, labels).backward()
+    distill_ops.sparse_kd_loss(b, targets, labels=labels, **kw).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # ids and log-probabilities given apart, with the tail mass
+    c = s.clone().requires_grad_(True)
+    fn(c, targets.ids, labels, target_logprobs=targets.logprobs,
+       tail_logmass=targets.tail_logmass).backward()
+    torch.testing.assert_close(c.grad, b.grad, rtol=0, atol=0)
+    for bad in ("labels", "target_ids", "tail_logmass"):
+        try:
+            distill_ops.SparseKDLoss(**{bad: None})
+        except TypeError as e:
+            assert bad in str(e)
+        else:
+            raise AssertionError(f"SparseKDLoss({bad}=...) was accepted")
+    try:
+        distill_ops.SparseKDLoss(tempreature=2.0)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("an unknown keyword was accepted")
