@@ -202,12 +202,16 @@ def test_training_reduces_loss_and_writes_outputs(tmp_path, targets):
     assert_same_weights(weights(back), weights(res.model))
 
 
-def test_exact_resume(tmp_path):
+@pytest.mark.parametrize("targets", ["dense", "sample"])
+def test_exact_resume(tmp_path, targets):
     """6 steps straight == 3 steps, checkpoint, a fresh process state, 3 more: same weights to the
-    bit, same logged losses (optimizer, scheduler, RNG and data position restored)."""
+    bit, same logged losses (optimizer, scheduler, RNG and data position restored; sampled
+    targets draw what they would have drawn)."""
+    if targets == "sample" and not sparse_available():
+        pytest.skip("sampled targets need distill_ops.sparse")
     data = blocks()
-    common = dict(max_steps=6, micro_batch_size=4, grad_accum_steps=2, targets="dense",
-                  temperature=1.5, hard_weight=0.2)
+    common = dict(max_steps=6, micro_batch_size=4, grad_accum_steps=2, targets=targets,
+                  temperature=1.5, hard_weight=0.2, num_samples=6)
     straight = train(cfg(tmp_path / "a", **common), student=tiny(), teacher=tiny(48, seed=1),
                      train_dataset=data)
     half = cfg(tmp_path / "b", **common, save_every=3)
@@ -368,6 +372,43 @@ def test_online_topk_targets(tmp_path, tail):
     res = train(cfg(tmp_path, targets="topk", topk=8, tail=tail, max_steps=3, hard_weight=0.2),
                 student=tiny(), teacher=tiny(48, seed=1), train_dataset=blocks())
     assert res.step == 3 and all(r["loss"] >= 0 for r in res.history if "loss" in r)
+
+
+@needs_sparse
+def test_online_sampled_targets(tmp_path, monkeypatch):
+    """targets='sample': fresh draws every micro-batch (the seed hashes the run's seed, step,
+    micro-batch, rank and chunk) and the same objective through the fused-linear path."""
+    from distill_ops.trainer.objective import sample_seed
+
+    c = cfg(tmp_path / "c", targets="sample")
+    seeds = {sample_seed(c, step, micro, rank, chunk) for step in range(20) for micro in range(3)
+             for rank in range(2) for chunk in range(2)}
+    assert len(seeds) == 20 * 3 * 2 * 2 and all(0 <= x < 2 ** 63 for x in seeds)
+    data = blocks()
+    kw = dict(targets="sample", num_samples=6, max_steps=3, temperature=1.5, hard_weight=0.2,
+              eval_fraction=0.0)
+    runs = [train(cfg(tmp_path / str(fused), fused_linear=fused, **kw), student=tiny(),
+                  teacher=tiny(48, seed=1), train_dataset=data) for fused in (False, True)]
+    losses = [[r["loss"] for r in run.history if "loss" in r] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # the loop seeds each micro-batch's draws with sample_seed(step, micro, rank, chunk 0)
+    from distill_ops import sparse
+
+    used = []
+    real = sparse.teacher_sample
+
+    def spy(*args, seed, **kwargs):
+        used.append(seed)
+        return real(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(sparse, "teacher_sample", spy)
+    c = cfg(tmp_path / "s", grad_accum_steps=2, **{**kw, "max_steps": 2})
+    train(c, student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    assert used == [sample_seed(c, step, micro, 0, 0) for step in range(2) for micro in range(2)]
+    with pytest.raises(ConfigError, match="tail='renorm'"):
+        cfg(tmp_path, targets="sample", tail="tail")
+    with pytest.raises(ConfigError, match="proposal_temperature"):
+        cfg(tmp_path, targets="sample", proposal_temperature=0.0)
 
 
 @needs_sparse

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
-TARGETS = ("dense", "topk", "cache", "none")
+TARGETS = ("dense", "topk", "sample", "cache", "none")
 TAILS = ("renorm", "tail")
 VOCAB_MODES = ("strict", "common_prefix")
 
@@ -31,9 +31,13 @@ class TrainConfig:
         tokenizer: local tokenizer directory; defaults to ``student``.
     Teacher targets
         targets: ``dense`` (online teacher logits, kd_loss), ``topk`` (online top-k targets,
-            sparse_kd_loss), ``cache`` (offline target cache at ``cache``), ``none`` (plain
-            cross-entropy on the labels: the baseline).
+            sparse_kd_loss), ``sample`` (online sampled targets, teacher_sample: unbiased
+            importance weights, fresh draws every micro-batch), ``cache`` (offline target cache
+            at ``cache``), ``none`` (plain cross-entropy on the labels: the baseline).
         topk: k for ``targets="topk"``.  tail: ``renorm`` or ``tail`` (sparse losses).
+        num_samples, proposal_temperature: draws per token and the proposal's temperature for
+            ``targets="sample"`` (seeded from ``seed``, the step, the micro-batch and the rank,
+            so a resumed run draws what the uninterrupted one would).
         fused_linear: compute the loss from the models' last hidden states and lm_heads
             (fused_linear_kd_loss, fused_linear_sparse_kd_loss): no (tokens x V) logits are
             materialised (targets dense, topk or cache).
@@ -71,6 +75,8 @@ class TrainConfig:
     inplace_grad: bool = True
     cache: Optional[str] = None
     topk: int = 64
+    num_samples: int = 64
+    proposal_temperature: float = 1.0
     tail: str = "renorm"
     # loss
     divergence: str = "forward_kl"
@@ -137,7 +143,8 @@ class TrainConfig:
         choice("backend", BACKENDS)
         if self.bf16 not in ("auto", True, False):
             raise ConfigError(f"bf16 must be 'auto', true or false, got {self.bf16!r}")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "seq_len", "topk"):
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "seq_len", "topk",
+                     "num_samples"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("log_every", "eval_every", "eval_batches", "save_every", "warmup_steps",
@@ -158,8 +165,14 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):   # 1 == True, but 1 is no flag
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fused_linear and self.targets == "none":
-            raise ConfigError("fused_linear needs teacher targets (dense, topk or cache), not "
-                              "targets='none'")
+            raise ConfigError("fused_linear needs teacher targets (dense, topk, sample or "
+                              "cache), not targets='none'")
+        if self.proposal_temperature <= 0:
+            raise ConfigError(f"proposal_temperature must be > 0, got "
+                              f"{self.proposal_temperature!r}")
+        if self.targets == "sample" and self.tail != "renorm":
+            raise ConfigError("targets='sample' needs tail='renorm' (importance weights stand for "
+                              "the whole distribution: there is no tail mass)")
         if self.targets == "cache" and not self.cache:
             raise ConfigError("targets='cache' needs cache (the directory written by "
                               "cache-teacher)")

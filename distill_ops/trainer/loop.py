@@ -9,11 +9,12 @@ accumulation steps give the update of one batch N x M times larger.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -25,8 +26,8 @@ from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_t
 from .eval import autocast, evaluate
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
 from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum,
-                        fused_dense_loss_sum, fused_sparse_loss_sum, model_vocab, online_topk,
-                        online_topk_from_hidden, sparse_loss_sum)
+                        fused_dense_loss_sum, fused_sparse_loss_sum, model_vocab, online_targets,
+                        online_targets_from_hidden, sample_seed, sparse_loss_sum)
 from .optim import build_optimizer, build_scheduler
 
 ModelLike = Union[str, torch.nn.Module, None]
@@ -170,7 +171,7 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
     # models ------------------------------------------------------------------------------
     student = load_model(student if student is not None else cfg.student, "student",
                          from_scratch=cfg.student_from_scratch)
-    need_teacher = cfg.targets in ("dense", "topk")
+    need_teacher = cfg.targets in ("dense", "topk", "sample")
     if need_teacher or teacher is not None or cfg.teacher:
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
         teacher = load_model(teacher if teacher is not None else cfg.teacher, "teacher",
@@ -267,8 +268,9 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
             for a, (batch, labels) in enumerate(zip(micro, labels_list)):
                 sync = model.no_sync() if ddp and a < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
+                    seed = functools.partial(sample_seed, cfg, step, a, rank)
                     loss_sum = _micro_step(cfg, model, teacher_fwd, batch, labels.to(device),
-                                           device, amp_dtype, student_vocab)
+                                           device, amp_dtype, student_vocab, seed)
                     (loss_sum * scale).backward()
                 step_loss += loss_sum.detach().double()
                 seen_tokens += int(batch["input_ids"].numel()) * world
@@ -323,8 +325,10 @@ def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teache
 
 
 def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Tensor,
-                device: torch.device, amp_dtype, student_vocab: int) -> torch.Tensor:
-    """Forward one micro-batch and return its loss summed over labelled tokens."""
+                device: torch.device, amp_dtype, student_vocab: int,
+                seed: Callable[..., int]) -> torch.Tensor:
+    """Forward one micro-batch and return its loss summed over labelled tokens (``seed(chunk)``:
+    the seed of sampled targets for a chunk of the batch's rows)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch.get("attention_mask")
     mask = mask.to(device, non_blocking=True) if mask is not None else None
@@ -341,23 +345,23 @@ def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Ten
                 t_hidden = teacher(input_ids=input_ids, attention_mask=mask)
             if cfg.targets == "dense":
                 return fused_dense_loss_sum(cfg, hidden, heads, t_hidden, teacher, labels)
-            with torch.no_grad():   # topk
-                targets = online_topk_from_hidden(cfg, t_hidden, teacher, student_vocab)
+            with torch.no_grad():   # topk, sample
+                targets = online_targets_from_hidden(cfg, t_hidden, teacher, student_vocab, seed)
             del t_hidden
             return fused_sparse_loss_sum(cfg, hidden, heads, targets.ids, targets.logprobs,
                                          targets.tail_logmass, labels)
     with autocast(device, amp_dtype):
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        if cfg.targets in ("dense", "topk"):
+        if cfg.targets in ("dense", "topk", "sample"):
             with torch.no_grad():
                 t_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
     if cfg.targets == "none":
         return cross_entropy_sum(logits, labels)
     if cfg.targets == "dense":
         return dense_loss_sum(cfg, logits, t_logits, labels)
-    if cfg.targets == "topk":
+    if cfg.targets in ("topk", "sample"):
         with torch.no_grad():
-            targets = online_topk(cfg, t_logits, student_vocab)
+            targets = online_targets(cfg, t_logits, student_vocab, seed())
         del t_logits
         return sparse_loss_sum(cfg, logits, targets.ids, targets.logprobs, targets.tail_logmass,
                                labels)

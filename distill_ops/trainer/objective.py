@@ -8,8 +8,10 @@ zero gradient (no NaN).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from typing import Optional
+import struct
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,31 +112,50 @@ def fused_sparse_loss_sum(cfg: TrainConfig, student_hidden: torch.Tensor, studen
                                        student_bias=head.bias, **kw)
 
 
-def online_topk_from_hidden(cfg: TrainConfig, teacher_hidden: torch.Tensor, teacher: "LastHidden",
-                            student_vocab: int):
-    """online_topk without the teacher's logits tensor: chunks of lm_head(hidden), each turned into
-    top-k targets (at the loss temperature; over the common prefix with vocab='common_prefix')."""
+def sample_seed(cfg: TrainConfig, step: int, micro: int, rank: int, chunk: int = 0) -> int:
+    """The teacher_sample seed of one micro-batch (and chunk of rows): a 64-bit hash of the run's
+    seed and where the draws are in the run, so that fresh draws come every micro-batch and a
+    resumed run draws what the uninterrupted one would."""
+    parts = struct.pack("<5q", cfg.seed, step, micro, rank, chunk)
+    return int.from_bytes(hashlib.blake2b(parts, digest_size=8).digest(), "little") >> 1
+
+
+def _targets_of(cfg: TrainConfig, logits: torch.Tensor, seed: int) -> SparseTargets:
+    """Top-k or sampled targets (cfg.targets) of teacher logits, at the loss temperature."""
+    api = sparse_api()
+    if cfg.targets == "sample":
+        return api.teacher_sample(logits, cfg.num_samples, temperature=cfg.temperature,
+                                  proposal_temperature=cfg.proposal_temperature, seed=seed)
+    return api.teacher_topk(logits, cfg.topk, temperature=cfg.temperature)
+
+
+def online_targets_from_hidden(cfg: TrainConfig, teacher_hidden: torch.Tensor,
+                               teacher: "LastHidden", student_vocab: int,
+                               seed: Callable[[int], int]) -> SparseTargets:
+    """online_targets without the teacher's logits tensor: chunks of lm_head(hidden), each turned
+    into top-k or sampled targets (over the common prefix with vocab='common_prefix');
+    ``seed(chunk)`` seeds the draws of chunk number ``chunk``."""
     w, b = teacher.head.weight, teacher.head.bias
     if cfg.vocab == "common_prefix":
         w, b = w[:student_vocab], None if b is None else b[:student_vocab]
     lead = teacher_hidden.shape[:-1]
     h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     rows = default_chunk_size(h.shape[0], w.shape[0], h.element_size())
-    parts = [sparse_api().teacher_topk(F.linear(h[lo:lo + rows], w.to(h.dtype),
-                                                None if b is None else b.to(h.dtype)),
-                                       cfg.topk, temperature=cfg.temperature)
-             for lo in range(0, h.shape[0], rows)]
+    parts = [_targets_of(cfg, F.linear(h[lo:lo + rows], w.to(h.dtype),
+                                       None if b is None else b.to(h.dtype)), seed(i))
+             for i, lo in enumerate(range(0, h.shape[0], rows))]
     ids, lp, tail = (torch.cat([getattr(p, name) for p in parts]) for name in
                      ("ids", "logprobs", "tail_logmass"))
     return SparseTargets(ids.reshape(*lead, -1), lp.reshape(*lead, -1), tail.reshape(lead))
 
 
-def online_topk(cfg: TrainConfig, teacher_logits: torch.Tensor, student_vocab: int):
-    """Top-k targets from teacher logits, made at the loss temperature (over the common prefix of
-    the vocabularies when ``vocab='common_prefix'``)."""
+def online_targets(cfg: TrainConfig, teacher_logits: torch.Tensor, student_vocab: int,
+                   seed: int) -> SparseTargets:
+    """Top-k or sampled targets from teacher logits, made at the loss temperature (over the
+    common prefix of the vocabularies when ``vocab='common_prefix'``)."""
     if cfg.vocab == "common_prefix":
         teacher_logits = teacher_logits[..., :student_vocab]
-    return sparse_api().teacher_topk(teacher_logits, cfg.topk, temperature=cfg.temperature)
+    return _targets_of(cfg, teacher_logits, seed)
 
 
 def check_vocab(cfg: TrainConfig, student_vocab: int, teacher_vocab: int) -> None:
