@@ -89,7 +89,11 @@ def test_two_training_steps(tmp_path):
 def test_bad_arguments():
     student, teacher = llama(V, 32, 1, heads=2), llama(V, 48, 1, heads=2)
     with pytest.raises(TypeError, match="teacher_model"):
-        DistillationTrainer(model=student, teacher_model=None)
+        DistillationTrainer(model=student, teacher_model="gpt2")
+    with pytest.raises(TypeError, match="sparse_kd_loss does not take here: \\['softcap'\\]"):
+        DistillationTrainer(model=student, teacher_model=None, kd_kwargs={"softcap": 30.0})
+    with pytest.raises(TypeError, match="ignore_index"):
+        DistillationTrainer(model=student, teacher_model=teacher, kd_kwargs={"ignore_index": 0})
     with pytest.raises(TypeError, match="reduction"):
         DistillationTrainer(model=student, teacher_model=teacher, kd_kwargs={"reduction": "sum"})
 
@@ -171,3 +175,55 @@ def test_fused_linear_refuses_logits_that_are_not_the_head(tmp_path):
     with pytest.raises(TypeError, match="fused_linear_kd_loss does not take here: \\['vocab'\\]"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
                             kd_kwargs={"vocab": "strict"}, fused_linear=True)
+
+
+# --------------------------------------------------------------------------- cached targets
+
+
+def _cache(tmp_path, teacher, k=8):
+    """A TargetCache over ListDataset's unpadded rows, written by the teacher."""
+    from distill_ops.targets.cache import TargetCache, write_teacher_cache
+
+    ids = ListDataset().ids[4:]   # rows 4.. carry no padding
+    write_teacher_cache(teacher, [ids[i:i + 4] for i in range(0, len(ids), 4)], tmp_path / "cache",
+                        k=k, temperature=1.0, dtype="float32", progress=False)
+    return TargetCache(tmp_path / "cache", expect_vocab_size=V)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cached_targets_are_sparse_kd_loss(tmp_path, fused):
+    """teacher_model=None: the batch's cached targets go to sparse_kd_loss against the shifted
+    input_ids (the cache has no labels), with and without fused_linear, and training runs."""
+    from distill_ops import sparse_kd_loss
+
+    teacher = llama(V, 48, 1, heads=2, seed=1)
+    cache = _cache(tmp_path, teacher)
+    student = llama(V, 32, 1, heads=2, seed=0)
+    kd = dict(tail="tail", temperature=1.0, hard_weight=0.5)
+    trainer = DistillationTrainer(model=student, teacher_model=None, args=args(tmp_path / "run"),
+                                  train_dataset=cache, kd_kwargs=kd, fused_linear=fused)
+    items = [cache[i] for i in range(4)]
+    batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    got = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    logits = student(input_ids=batch["input_ids"]).logits
+    shifted = torch.full_like(batch["input_ids"], -100)
+    shifted[:, :-1] = batch["input_ids"][:, 1:]
+    ref = sparse_kd_loss(logits, batch["ids"], batch["logprobs"],
+                         tail_logmass=batch["tail_logmass"], labels=shifted, **kd)
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+
+
+def test_cached_targets_missing_say_so(tmp_path):
+    trainer = DistillationTrainer(model=llama(V, 32, 1, heads=2), teacher_model=None,
+                                  args=args(tmp_path), train_dataset=ListDataset())
+    with pytest.raises(ValueError, match="cached targets: ids, logprobs"):
+        trainer.compute_loss(trainer.model, _batch())

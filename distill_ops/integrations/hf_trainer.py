@@ -22,6 +22,13 @@ are made. On the first batch the trainer checks that lm_head(last hidden state) 
 logit row the model did compute, and refuses models whose logits are something else (a softcap, a
 logit scale). ``outputs.logits`` then holds only the last position.
 
+Without a teacher (``teacher_model=None``) the targets come with the batch, as
+``distill_ops.targets.TargetCache`` yields them: ``ids`` (..., k), ``logprobs`` (..., k) and
+optionally ``tail_logmass`` per position, the teacher's targets for the token after it; the loss is
+``sparse_kd_loss`` (``fused_linear_sparse_kd_loss`` with ``fused_linear``) and ``kd_kwargs`` are
+its keywords. Cache items carry no ``labels``: then the labels are the ``input_ids`` (-100 where
+``attention_mask`` is 0).
+
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
 accumulated batch when the Trainer provides it (``num_items_in_batch``), as transformers' own
 causal-LM loss is; otherwise it is the mean over the micro-batch's labelled tokens.
@@ -39,38 +46,54 @@ from transformers import Trainer
 import torch.nn.functional as F
 
 from ..functional import kd_loss
-from ..fused_linear import fused_linear_kd_loss
+from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..sparse import sparse_kd_loss
 
 IGNORE_INDEX = -100
-_KD_PARAMS = set(inspect.signature(kd_loss).parameters) - {"student_logits", "teacher_logits",
-                                                           "labels", "reduction"}
-_FUSED_PARAMS = set(inspect.signature(fused_linear_kd_loss).parameters) - {
-    "student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias",
-    "teacher_bias", "labels", "reduction"}
+# The batch keys of cached targets (TargetCache's item keys).
+TARGET_KEYS = ("ids", "logprobs", "tail_logmass")
+_PER_CALL = {"student_logits", "teacher_logits", "student_hidden", "student_weight",
+             "teacher_hidden", "teacher_weight", "student_bias", "teacher_bias", "target_ids",
+             "target_logprobs", "tail_logmass", "labels", "reduction", "ignore_index"}
+
+
+def _keywords(fn) -> set:
+    return set(inspect.signature(fn).parameters) - _PER_CALL
+
+
+# kd_kwargs allowed per (fused_linear, targets from the batch).
+_ALLOWED = {(False, False): (_keywords(kd_loss), "kd_loss"),
+            (True, False): (_keywords(fused_linear_kd_loss), "fused_linear_kd_loss"),
+            (False, True): (_keywords(sparse_kd_loss), "sparse_kd_loss"),
+            (True, True): (_keywords(fused_linear_sparse_kd_loss),
+                           "fused_linear_sparse_kd_loss")}
 
 
 class DistillationTrainer(Trainer):
     """transformers.Trainer + ``kd_loss`` against ``teacher_model`` (kept in eval mode, no grad).
 
     Args:
-        teacher_model: the teacher (nn.Module); moved to the student's device on first use.
+        teacher_model: the teacher (nn.Module); moved to the student's device on first use. None:
+            the batches carry cached targets (module docstring).
         kd_kwargs: keywords of :func:`distill_ops.kd_loss` (divergence, temperature, beta, alpha,
             hard_weight, soft_weight, scale_temperature, softcap, vocab, backend, ...); not
             ``labels`` or ``reduction``, which the trainer sets. With ``fused_linear``, those of
             :func:`distill_ops.fused_linear_kd_loss` (the same, less vocab and inplace_grad,
-            plus chunk_size).
+            plus chunk_size); without a teacher, those of ``sparse_kd_loss`` (or
+            ``fused_linear_sparse_kd_loss``).
         fused_linear: the loss from hidden states and lm_heads, without logits (module docstring).
         All other arguments go to ``transformers.Trainer``.
     """
 
-    def __init__(self, *args: Any, teacher_model: torch.nn.Module, kd_kwargs: Optional[dict] = None,
-                 fused_linear: bool = False, **kwargs: Any) -> None:
-        if teacher_model is None or not isinstance(teacher_model, torch.nn.Module):
+    def __init__(self, *args: Any, teacher_model: Optional[torch.nn.Module],
+                 kd_kwargs: Optional[dict] = None, fused_linear: bool = False,
+                 **kwargs: Any) -> None:
+        if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError("teacher_model must be a torch.nn.Module (load it first, e.g. with "
-                            "AutoModelForCausalLM.from_pretrained)")
+                            "AutoModelForCausalLM.from_pretrained), or None for batches that "
+                            "carry cached targets")
         kd_kwargs = dict(kd_kwargs or {})
-        allowed, fn = (_FUSED_PARAMS, "fused_linear_kd_loss") if fused_linear else (_KD_PARAMS,
-                                                                                   "kd_loss")
+        allowed, fn = _ALLOWED[(bool(fused_linear), teacher_model is None)]
         bad = sorted(set(kd_kwargs) - allowed)
         if bad:
             raise TypeError(f"kd_kwargs has keys {fn} does not take here: {bad} "
@@ -80,8 +103,9 @@ class DistillationTrainer(Trainer):
         self.fused_linear = bool(fused_linear)
         self._heads_checked = False
         self.teacher_model = teacher_model
-        self.teacher_model.eval()
-        self.teacher_model.requires_grad_(False)
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
 
     def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
         teacher = self.teacher_model
@@ -130,10 +154,42 @@ class DistillationTrainer(Trainer):
                                     **self.kd_kwargs)
         return out, loss
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # Trainer keeps only the columns the model's forward takes (remove_unused_columns): the
+        # cached targets are the loss's, so they are kept too.
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None:
+            self._signature_columns += [k for k in TARGET_KEYS if k not in self._signature_columns]
+
+    def _cached_loss(self, model, inputs: dict, targets: dict, labels: torch.Tensor,
+                     reduction: str):
+        """The sparse loss against the targets the batch carries (no teacher)."""
+        missing = [k for k in TARGET_KEYS[:2] if k not in targets]
+        if missing:
+            raise ValueError(f"without a teacher_model the batch must carry cached targets: "
+                             f"{', '.join(TARGET_KEYS[:2])} (missing {', '.join(missing)})")
+        kw = dict(tail_logmass=targets.get("tail_logmass"), labels=labels, reduction=reduction,
+                  ignore_index=IGNORE_INDEX, **self.kd_kwargs)
+        if self.fused_linear:
+            out, h_s, head = self._fused_hidden(model, inputs, grad=True)
+            self._heads_checked = True
+            return out, fused_linear_sparse_kd_loss(h_s, head.weight, targets["ids"],
+                                                    targets["logprobs"], student_bias=head.bias,
+                                                    **kw)
+        out = model(**inputs, use_cache=False)
+        return out, sparse_kd_loss(out.logits, targets["ids"], targets["logprobs"], **kw)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        targets = {k: inputs.pop(k) for k in TARGET_KEYS if k in inputs}
         labels = inputs.pop("labels", None)
         shift = inputs.pop("shift_labels", None)
+        if labels is None and shift is None and self.teacher_model is None:
+            # Cache items carry no labels: the next tokens are the input's own.
+            labels = inputs["input_ids"].clone()
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                labels[mask == 0] = IGNORE_INDEX
         if labels is None and shift is None:
             raise ValueError("DistillationTrainer needs 'labels' (or 'shift_labels') in the batch: "
                              "use a causal-LM collator, e.g. DataCollatorForLanguageModeling(tok, "
@@ -143,7 +199,9 @@ class DistillationTrainer(Trainer):
             shift = torch.full_like(labels, IGNORE_INDEX)
             shift[..., :-1] = labels[..., 1:]
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        if self.fused_linear:
+        if self.teacher_model is None:
+            outputs, result = self._cached_loss(model, model_inputs, targets, shift, reduction)
+        elif self.fused_linear:
             outputs, result = self._fused_loss(model, model_inputs, shift, reduction)
         else:
             outputs = model(**model_inputs, use_cache=False)
