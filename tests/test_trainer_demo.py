@@ -25,6 +25,8 @@ def _one_thread():
     "dense",
     pytest.param("cache", marks=pytest.mark.skipif(not cache_available(),
                                                    reason="the target cache is not available")),
+    pytest.param("sample", marks=pytest.mark.skipif(not cache_available(),
+                                                    reason="sparse targets are not available")),
 ])
 def test_demo_tiny(tmp_path, capsys, targets):
     out = tmp_path / "demo"

@@ -166,7 +166,9 @@ def run(out_dir: str = "demo_out", scale_name: str = "auto", seed: int = 0,
     s_common = dict(common, max_steps=scale.student_steps, lr=scale.student_lr,
                     eval_every=scale.eval_every)
     kd_cfg = TrainConfig(targets=mode, cache=os.path.join(out_dir, "cache") if mode == "cache"
-                         else None, topk=scale.topk, tail=scale.tail, divergence=scale.divergence,
+                         else None, topk=scale.topk, num_samples=scale.topk,
+                         tail="renorm" if mode == "sample" else scale.tail,
+                         divergence=scale.divergence,
                          temperature=scale.temperature, hard_weight=scale.hard_weight,
                          output_dir=os.path.join(out_dir, "student_kd"), **s_common)
     ce_cfg = TrainConfig(targets="none", output_dir=os.path.join(out_dir, "student_ce"), **s_common)
@@ -291,9 +293,11 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="auto", choices=["auto", *SCALES],
                    help="model/step sizes: auto = gpu when CUDA is available, else cpu")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--targets", default="auto", choices=["auto", "cache", "dense", "topk"],
+    p.add_argument("--targets", default="auto",
+                   choices=["auto", "cache", "dense", "topk", "sample"],
                    help="teacher targets for the KD student (auto: the offline top-k cache when "
-                        "available, else dense online logits)")
+                        "available, else dense online logits; sample: online sampled targets, "
+                        "as many draws as the top-k size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
