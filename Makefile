@@ -10,7 +10,12 @@ DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenize
 PEERS   := trl liger-kernel
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build demo test test-gpu bench bench-cpu peers-dir clean
+# The kernel tests that `make test` reruns with DISTILL_OPS_CUDA_EMU=1: their backend="cpu" cases on
+# csrc/cuda's kernels compiled for the CPU emulator (tests/cuda_emu), so CI runs the CUDA code paths.
+EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sparse_*.py) \
+             tests/test_topk.py tests/test_fused_linear.py
+
+.PHONY: setup build demo test test-emu test-gpu bench bench-cpu peers-dir clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -30,6 +35,10 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra
+	DISTILL_OPS_CUDA_EMU=1 $(PYTHON) -m pytest -q -ra -k cpu $(EMU_TESTS)
+
+test-emu: $(VENV)/.built
+	DISTILL_OPS_CUDA_EMU=1 $(PYTHON) -m pytest -q -ra -k cpu $(EMU_TESTS)
 
 test-gpu: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra -m cuda

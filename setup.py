@@ -81,7 +81,7 @@ def extensions():
     # run on any x86-64 (the CPU kernels carry their own AVX-512 and AVX2 clones, picked at load time).
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     ldflags = ["-fopenmp"]
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "sparse_call.cpp")]
+    sources = [os.path.join("csrc", f) for f in ("ops.cpp", "dense_call.cpp", "sparse_call.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
     no_cuda = _flag("DISTILL_OPS_NO_CUDA")

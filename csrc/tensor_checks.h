@@ -1,4 +1,4 @@
-// Tensor argument checks that more than one operator makes (dense_forward in ops.cpp,
+// Tensor argument checks that more than one operator makes (dense_forward in dense_call.cpp,
 // sparse_forward and the teacher ops in sparse_call.cpp): one wording of each error.
 #pragma once
 

@@ -1,6 +1,8 @@
 """Test configuration: Triton runs under its CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+With DISTILL_OPS_CUDA_EMU=1, backend="cpu" runs csrc/cuda's kernels compiled for the CPU emulator
+(tests/cuda_emu) instead of csrc/cpu's: `make test-emu` runs the native backend's tests that way.
 """
 
 import os
@@ -16,6 +18,11 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("DISTILL_OPS_CUDA_EMU") == "1":
+    from cuda_emu import build as _emu_build
+
+    _emu_build.install()
 
 
 def pytest_collection_modifyitems(config, items):

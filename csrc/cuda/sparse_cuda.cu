@@ -7,11 +7,12 @@
 //           slots (block-merged), then the loss terms and C = sum qg (block sums), then the row
 //           algebra of csrc/include/distill_ops/sparse_math.h, all in double;
 //   pass 2  (gradient) each thread computes its slots' gradients into the slot_grad scratch (they
-//           need the student logits at the ids), then soft_scale * c_out * exp(a_j - lse_out)
-//           (+ the hard-label term) goes over the row; after a block barrier, the slots overwrite
-//           their own columns (ids are unique in a row, so no two threads write one element).
-//           The gradient may be the student tensor itself (inplace_grad): every logit is read
-//           before its column is written.
+//           need the student logits at the ids); after a block barrier, soft_scale * c_out *
+//           exp(a_j - lse_out) (+ the hard-label term) goes over the row; after another, the
+//           slots overwrite their own columns (ids are unique in a row, so no two threads write
+//           one element). The gradient may be the student tensor itself (inplace_grad): the
+//           barriers put every read of a logit by another thread before its column is written
+//           (the CPU emulator, tests/cuda_emu, found the first one missing).
 //
 // An id outside [-1, V) (the Python API rejects them in eager mode; under torch.compile nothing
 // checks) is never dereferenced: its row's loss is NaN and its slot is not written.
@@ -180,6 +181,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       slot_out[i] = static_cast<T>(gi * scale);  // read back below by this same thread
     }
+    // Every read of the student logits (the slots above, thread 0's label logit for the loss)
+    // happens before any thread writes the dense gradient over them (inplace_grad).
+    __syncthreads();
     stream_slice<scalar_t>(0, V, vec, [&](auto kc, int64_t j0) {
       constexpr int KV = decltype(kc)::value;
       T x[KV], g[KV];

@@ -19,6 +19,12 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _LOAD_ERROR = f"the compiled extension distill_ops._C is not importable ({exc})"
 
 
+# The operators the functions below call, and the device types whose teacher_sample kernel also
+# merges the draws (elsewhere teacher_sample_draws draws and merge_sampled merges). The test
+# harness tests/cuda_emu swaps in the CUDA kernels compiled for a CPU emulator through these two.
+OPS = torch.ops.distill_ops_native
+SAMPLE_MERGED_IN_KERNEL: tuple[str, ...] = ("cpu",)
+
 if _C is not None:
 
     @torch.library.register_fake("distill_ops_native::dense_forward")
@@ -47,7 +53,7 @@ def dense_forward(student, teacher, labels, *, divergence, mix, temperature, sof
         teacher = teacher.contiguous()
     if student.dim() == 2 and student.shape[1] > 1 and student.stride(1) != 1 and grad is not student:
         student = student.contiguous()
-    return torch.ops.distill_ops_native.dense_forward(
+    return OPS.dense_forward(
         student, teacher, labels, grad, grad_scale, divergence, float(mix), float(temperature),
         float(softcap), float(soft_coef), float(hard_coef), int(ignore_index),
     )
@@ -93,7 +99,7 @@ def sparse_forward(student, ids, logprobs, tail_logmass, labels, *, divergence, 
     lp = logprobs.to(wide).contiguous()
     tail = None if tail_logmass is None else tail_logmass.to(wide).contiguous()
     scale = None if grad_scale is None else grad_scale.to(wide)
-    return torch.ops.distill_ops_native.sparse_forward(
+    return OPS.sparse_forward(
         student, ids.to(torch.int32).contiguous(), lp, tail,
         None if labels is None else labels.contiguous(), grad, scale, int(divergence), float(mix),
         int(mode), float(temperature), float(target_scale), float(soft_coef), float(hard_coef),
@@ -102,7 +108,7 @@ def sparse_forward(student, ids, logprobs, tail_logmass, labels, *, divergence, 
 
 def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
     """reference_sparse.topk_forward's contract, run by the compiled kernels."""
-    return torch.ops.distill_ops_native.teacher_topk(teacher, int(k), float(temperature))
+    return OPS.teacher_topk(teacher, int(k), float(temperature))
 
 
 def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
@@ -117,8 +123,8 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     inv_prop = torch.tensor(1.0 / (temperature * proposal_temperature), dtype=dtype)
     delta = torch.tensor(1.0 / temperature, dtype=dtype) - inv_prop
     key = rng.seed_key(seed)
-    if teacher.device.type == "cpu":
-        return torch.ops.distill_ops_native.teacher_sample(
+    if teacher.device.type in SAMPLE_MERGED_IN_KERNEL:
+        return OPS.teacher_sample(
             teacher, int(num_samples), float(inv_prop), float(delta), key)
     return merge_sampled(teacher, sample_draws(teacher, num_samples, inv_prop, key), delta)
 
@@ -126,7 +132,7 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
 def sample_draws(teacher: torch.Tensor, num_samples: int, inv_prop: torch.Tensor,
                  key: int) -> torch.Tensor:
     """The raw draws (int64 (N, num_samples)) of teacher_sample, duplicates not merged."""
-    return torch.ops.distill_ops_native.teacher_sample_draws(teacher, int(num_samples),
+    return OPS.teacher_sample_draws(teacher, int(num_samples),
                                                              float(inv_prop), key)
 
 

@@ -1,0 +1,1 @@
+"""A CPU emulator of the CUDA execution model that runs csrc/cuda's kernels in CI (build.py)."""

@@ -1,0 +1,127 @@
+"""The CUDA kernels of csrc/cuda compiled for the CPU emulator (runtime.h), as the operator library
+``torch.ops.distill_ops_emu``: the same schemas as distill_ops_native, implemented on CPU tensors
+by the CUDA code paths (the kernels, their launch configuration, the split-row and split-column
+paths and the host code around them).
+
+The .cu files are copied to build/cuda_emu with three rewrites: ``kernel<<<cfg>>>(args)`` becomes
+``::emu::launch(&kernel, cfg)(args)``, the CUDA dispatch registration becomes a CPU one of
+distill_ops_emu, and the device type the argument checks expect becomes the CPU. Everything else
+compiles as written, against shims of the few CUDA headers they include (shim/).
+
+``install()`` points distill_ops.backends.native at the emulated operators, so that
+``backend="cpu"`` runs the CUDA kernels: tests/conftest.py does it when DISTILL_OPS_CUDA_EMU=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emu"
+OPS = ("dense_forward", "sparse_forward", "teacher_topk", "teacher_sample_draws")
+
+# A kernel name (with template arguments) before <<<config>>>, and the parenthesis that opens the
+# argument list after it.
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;{}()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_REGISTER = "TORCH_LIBRARY_IMPL(distill_ops_native, CUDA, m)"
+
+_library = None  # the torch.library.Library that holds the schemas (kept alive)
+
+
+def rewrite(text: str, name: str) -> str:
+    """A .cu/.cuh source as emulator C++ (raises if a launch is left unrewritten)."""
+    text = _LAUNCH.sub(lambda m: f"::emu::launch(&{m[1].strip()}, {m[2].strip()})(", text)
+    if "<<<" in text:
+        raise RuntimeError(f"cuda_emu: a kernel launch in {name} was not rewritten")
+    text = text.replace(_REGISTER, "TORCH_LIBRARY_IMPL(distill_ops_emu, CPU, m)")
+    text = text.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU")
+    return '#include "runtime.h"\n' + text
+
+
+def _write(out: Path, text: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or out.read_text() != text:  # keep mtimes: ninja rebuilds less
+        out.write_text(text)
+
+
+def mirror() -> list[str]:
+    """Copies csrc to BUILD/csrc, the CUDA files rewritten, and the emulator's self-test kernels;
+    returns the sources to compile."""
+    dst = BUILD / "csrc"
+    selftest = BUILD / "selftest.cpp"
+    _write(selftest, rewrite((HERE / "selftest.cu").read_text(), "selftest.cu"))
+    sources = [str(selftest)]
+    for src in sorted(CSRC.rglob("*")):
+        if not src.is_file():
+            continue
+        rel = src.relative_to(CSRC)
+        out = dst / rel
+        if rel.parts[0] == "cuda":
+            out = out.with_suffix(".cpp" if src.suffix == ".cu" else src.suffix)
+            text = rewrite(src.read_text(), str(rel))
+            if src.suffix == ".cu":
+                sources.append(str(out))
+        else:
+            text = src.read_text()
+            if rel.name in ("dense_call.cpp", "sparse_call.cpp"):
+                sources.append(str(out))
+        _write(out, text)
+    return sources
+
+
+def load():
+    """Builds (once; ninja keeps what is up to date) and loads the emulated kernels; returns the
+    torch.ops.distill_ops_emu namespace. Needs distill_ops' compiled extension for the schemas."""
+    global _library
+    if _library is not None:
+        return torch.ops.distill_ops_emu
+    from torch.utils import cpp_extension
+
+    from distill_ops.backends import native
+
+    ok, why = native.available("cpu")
+    if not ok:
+        raise RuntimeError(f"cuda_emu needs distill_ops' extension for the schemas: {why}")
+    lib = torch.library.Library("distill_ops_emu", "DEF")
+    for op in OPS:
+        schema = str(getattr(torch.ops.distill_ops_native, op).default._schema)
+        lib.define(schema.split("::", 1)[1])
+    sources = mirror()
+    BUILD.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
+    cpp_extension.load(
+        name="distill_ops_cuda_emu",
+        sources=sources,
+        extra_include_paths=[str(HERE), str(HERE / "shim"), str(BUILD / "csrc" / "include"),
+                             str(BUILD / "csrc")],
+        extra_cflags=["-O1", "-g0"],
+        build_directory=str(BUILD),
+        is_python_module=False,
+        with_cuda=False,
+        verbose=False,
+    )
+    for op in OPS:  # the same fake (meta) kernels, so that torch.compile traces them
+        torch.library.register_fake(f"distill_ops_emu::{op}", lib=lib)(
+            getattr(native, f"_{op}_fake"))
+    _library = lib
+    return torch.ops.distill_ops_emu
+
+
+def install() -> None:
+    """Makes distill_ops.backends.native call the emulated CUDA kernels (on CPU tensors), with the
+    CUDA path of teacher_sample (the kernel draws, reference_sparse.merge_draws merges)."""
+    from distill_ops.backends import native
+
+    native.OPS = load()
+    native.SAMPLE_MERGED_IN_KERNEL = ()
+
+
+def clean() -> None:
+    shutil.rmtree(BUILD, ignore_errors=True)

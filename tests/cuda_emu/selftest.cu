@@ -1,0 +1,82 @@
+// Kernels that a GPU would hang on, be undefined in, or race in, and a few that must give exact
+// results: tests/test_cuda_emu.py checks that the emulator (runtime.h) reports the first kind and
+// computes the second. Built only into the emulator's library (build.py), as
+// distill_ops_emu::selftest(case) -> int32 (64,).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace {
+
+// Threads 0-15 wait at a barrier while the rest of their warp waits at a shuffle: a hang on a GPU.
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+  }
+}
+
+// A full-mask shuffle after lane 5 exited: undefined on a GPU.
+__global__ void shuffle_after_exit(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+}
+
+// A barrier after the second warp exited.
+__global__ void barrier_after_exit(int* out) {
+  if (threadIdx.x >= 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+// Thread 0 writes what thread 63 reads in the same phase (no barrier between): a race, whose
+// outcome the emulator's thread order decides.
+__global__ void racy_read(int* out) {
+  __shared__ int x;
+  if (threadIdx.x == 0) x = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) x = 1;
+  if (threadIdx.x == 63) out[0] = x;
+}
+
+// Exact warp results: an xor butterfly sum, a shfl_down tree sum (lane 0), a ballot, and a block
+// sum through shared memory and atomics.
+__global__ void warp_ops(int* out) {
+  const int lane = threadIdx.x % 32;
+  int x = lane;
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  int y = lane * lane;
+  for (int off = 16; off > 0; off >>= 1) y += __shfl_down_sync(0xffffffffu, y, off);
+  const unsigned odd = __ballot_sync(0xffffffffu, lane & 1);
+  __shared__ unsigned total;
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  atomicAdd(&total, 1u);
+  __syncthreads();
+  out[threadIdx.x] = threadIdx.x == 0 ? y : threadIdx.x == 1 ? static_cast<int>(odd)
+                   : threadIdx.x == 2 ? static_cast<int>(total) : x;
+}
+
+__global__ void noop(int*) {}
+
+at::Tensor selftest(int64_t which) {
+  at::Tensor out = at::zeros({64}, at::kInt);
+  int* p = out.data_ptr<int>();
+  switch (which) {
+    case 0: divergent_barrier<<<1, 64>>>(p); break;
+    case 1: shuffle_after_exit<<<1, 64>>>(p); break;
+    case 2: barrier_after_exit<<<1, 64>>>(p); break;
+    case 3: racy_read<<<1, 64>>>(p); break;
+    case 4: warp_ops<<<1, 64>>>(p); break;
+    case 5: noop<<<1, 2048>>>(p); break;
+    default: noop<<<dim3(1, 70000), 32>>>(p); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distill_ops_emu, m) {
+  m.def("selftest(int which) -> Tensor", &selftest);
+}

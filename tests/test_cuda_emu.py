@@ -1,0 +1,218 @@
+"""csrc/cuda's kernels on the CPU emulator (tests/cuda_emu) against the float64 oracles, on the
+paths only a GPU takes: the dense split-row kernels, the sampling kernel's column splits and its
+sample groups, the sparse kernel's slot loop wider than the block, the top-k kernel's tiles, the
+in-place gradients under three thread orders. (`make test` also reruns every backend="cpu" test
+of the kernel files on the emulated CUDA kernels: DISTILL_OPS_CUDA_EMU=1.)
+
+A thread order changes what a racing read sees (runtime.h); the in-place tests run each order and
+ask for the bits of the out-of-place result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_emu import build
+from distill_ops import sparse_kd_loss, teacher_sample, teacher_topk
+from distill_ops.backends import native
+from distill_ops.backends.base import (FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL,
+                                       SKEW_REVERSE_KL)
+from sparse_oracle import check_sparse, make_student, make_targets
+from test_native import check, labels_for, logits, opts
+from test_sparse_sample import _same_targets
+from test_topk import check_topk
+
+DIVS = (FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL)
+SPARSE_DIVS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+ORDERS = ("shuffle", "forward", "reverse")
+
+
+@pytest.fixture(autouse=True)
+def emu(monkeypatch):
+    """backend="cpu" (and native.*) on the emulated CUDA kernels, for this test."""
+    ok, why = native.available("cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setattr(native, "OPS", build.load())
+    monkeypatch.setattr(native, "SAMPLE_MERGED_IN_KERNEL", ())
+    return native.OPS
+
+
+def _dtype_id(d):
+    return str(d).split(".")[-1]
+
+
+# ------------------------------------------------------------------------------ the harness
+
+
+@pytest.mark.parametrize("case,error", [
+    (0, "deadlock: threads 0-15 wait at __syncthreads, 16-31 at a warp op, 32-63 exited"),
+    (1, "after some of its lanes exited"),
+    (2, r"__syncthreads waited for threads that exited \(threads 32-63\)"),
+    (5, "invalid block size"),
+    (6, r"invalid grid \(1, 70000, 1\)"),
+])
+def test_emulator_reports_what_a_gpu_would_hang_on(case, error):
+    """The emulator is a checker too (tests/cuda_emu/selftest.cu): a barrier some threads skip, a
+    warp op or barrier after threads exited, a launch outside the limits are errors."""
+    with pytest.raises(RuntimeError, match=error):
+        native.OPS.selftest(case)
+
+
+def test_emulator_warp_ops_are_exact():
+    out = build.load().selftest(4)
+    assert out[0] == sum(l * l for l in range(32))  # shfl_down tree: lane 0 holds the sum
+    assert out[1] == torch.tensor(0xAAAAAAAA, dtype=torch.int64).to(torch.int32)  # ballot
+    assert out[2] == 64  # atomicAdd by every thread
+    assert (out[3:] == sum(range(32))).all()  # xor butterfly: every lane holds the sum
+
+
+@pytest.mark.parametrize("order,seen", [("forward", 1), ("reverse", 0)])
+def test_emulator_thread_order_decides_a_race(monkeypatch, order, seen):
+    """A read racing a write in the same phase sees it or not depending on DISTILL_OPS_EMU_ORDER:
+    that is how the in-place tests below catch missing barriers."""
+    monkeypatch.setenv("DISTILL_OPS_EMU_ORDER", order)
+    assert build.load().selftest(3)[0] == seen
+
+
+# ------------------------------------------------------------------------------ dense
+
+
+@pytest.mark.parametrize("splits", ["2", "7", "64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_forced_splits(monkeypatch, splits, dtype, div):
+    """DISTILL_OPS_CUDA_SPLITS blocks per row (the split-row kernels and their finalize): the
+    oracle's result, and the same bits in place."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_SPLITS", splits)
+    s, t = logits(3, 5011, seed=14, dtype=dtype)
+    labels = labels_for(3, 5011, seed=14)
+    kw = opts(divergence=div, temperature=0.7, soft_coef=0.49, hard_coef=0.5, softcap=20.0)
+    loss, g = check(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    loss2 = native.dense_forward(buf, t, labels, grad=buf, grad_scale=torch.tensor(0.5), **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, buf)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_auto_split_path(monkeypatch, div):
+    """Few rows of a long vocabulary split on their own (4 emulated SMs: N = 3 < 8 rows, V >= 16384:
+    4 blocks per row of 256 threads)."""
+    monkeypatch.delenv("DISTILL_OPS_CUDA_SPLITS", raising=False)
+    s, t = logits(3, 16411, seed=15, dtype=torch.bfloat16)
+    labels = labels_for(3, 16411, seed=15)
+    check(s, t, labels, grad_scale=0.1,
+          **opts(divergence=div, temperature=2.0, soft_coef=4.0, hard_coef=0.5))
+
+
+@pytest.mark.parametrize("v", [1, 3, 7, 8, 9, 63, 1025])
+def test_dense_vector_tails(v):
+    """V not a multiple of the vector width: the 16-byte body plus the scalar tail."""
+    s, t = logits(7, v, seed=v, dtype=torch.bfloat16)
+    check(s, t, **opts(divergence=JSD, temperature=1.0))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_inplace_any_thread_order(monkeypatch, order, div):
+    """In place, with labels (a logit read by one thread for the loss): the out-of-place bits."""
+    monkeypatch.setenv("DISTILL_OPS_EMU_ORDER", order)
+    s, t = logits(4, 4500, seed=16)
+    labels = labels_for(4, 4500, seed=16)
+    kw = opts(divergence=div, temperature=1.3, hard_coef=0.5)
+    g = torch.empty_like(s)
+    a = native.dense_forward(s, t, labels, grad=g, grad_scale=None, **kw)
+    buf = s.clone()
+    b = native.dense_forward(buf, t, labels, grad=buf, grad_scale=None, **kw)
+    assert torch.equal(a, b) and torch.equal(g, buf)
+
+
+# ------------------------------------------------------------------------------ sparse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("divergence", SPARSE_DIVS)
+def test_sparse_slots_wider_than_the_block(dtype, divergence):
+    """k = 700 slots over 128 threads (each thread several slots), padding, an empty row, the
+    hard-label term; both tail modes."""
+    ids, lp, tail = make_targets(3, 3000, 700, seed=len(divergence))
+    s = make_student(3, 3000, seed=3, dtype=dtype)
+    labels = torch.tensor([5, 17, -100])
+    for mode in ("renorm", "tail"):
+        check_sparse(s, ids, lp, tail=mode, tail_logmass=tail if mode == "tail" else None,
+                     divergence=divergence, temperature=1.7, labels=labels, hard_weight=0.3,
+                     backend="cpu")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_sparse_inplace_any_thread_order(monkeypatch, order, divergence):
+    """The in-place gradient (the logits read at the slots and at the label, then overwritten)
+    gives the out-of-place bits whatever order the threads run in."""
+    monkeypatch.setenv("DISTILL_OPS_EMU_ORDER", order)
+    ids, lp, _ = make_targets(4, 17000, 40, seed=7)  # 512 threads per row
+    s = make_student(4, 17000, seed=7)
+    labels = torch.tensor([int(ids[0, 0]), 9, -100, 16999])
+    kw = dict(divergence=divergence, temperature=1.4, labels=labels, hard_weight=0.5,
+              reduction="sum", backend="cpu")
+    x = s.clone().requires_grad_(True)
+    sparse_kd_loss(x, ids, lp, **kw).backward()
+    y = s.clone().requires_grad_(True)
+    sparse_kd_loss(y, ids, lp, inplace_grad=True, **kw).backward()
+    assert torch.equal(x.grad, y.grad)
+
+
+# ------------------------------------------------------------------------------ top-k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("n,v,k", [(3, 1000, 300), (2, 257, 257), (4, 5000, 1), (1, 9, 4)])
+def test_topk_tiles(dtype, n, v, k):
+    """k beyond one tile of 256 threads, k = V, k = 1; the radix passes of every key width."""
+    g = torch.Generator().manual_seed(n * v + k)
+    t = (torch.randn(n, v, generator=g) * 4).to(dtype)
+    check_topk(t, k, temperature=1.3, backend="cpu",
+               lp_tol=1e-6 if dtype != torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 255, 256, 600])
+def test_topk_ties_cross_tiles(k):
+    """Ties at the k-th value spread over several tiles and warps: the lowest ids win."""
+    g = torch.Generator().manual_seed(k)
+    t = torch.randint(-3, 3, (3, 1500), generator=g).float()
+    t[1, ::7] = float("-inf")
+    check_topk(t, k, backend="cpu")
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("s", [1, 2, 3, 8, 17])
+def test_sample_column_splits_and_groups(dtype, s):
+    """V = 9000 over few rows: the columns split across blocks and merge (merge_splits_kernel);
+    S = 1, 2, 3, 8, 17 takes the group sizes 1, 2, 4, 8 and an idle tail in the last group."""
+    g = torch.Generator().manual_seed(s)
+    t = (torch.randn(2, 9000, generator=g) * 2).to(dtype)
+    a = teacher_sample(t, s, temperature=1.2, proposal_temperature=1.5, seed=3, backend="torch")
+    b = teacher_sample(t, s, temperature=1.2, proposal_temperature=1.5, seed=3, backend="cpu")
+    _same_targets(a, b)
+    assert torch.equal(a.ids, b.ids)
+
+
+def test_sample_rows_of_minus_inf_inf_and_nan():
+    """A row of -inf draws id 0, +inf logits tie (the lowest id wins), NaN never wins: the raw
+    draws of the CPU kernel (the API refuses NaN before any kernel)."""
+    t = torch.randn(4, 9000)
+    t[0] = float("-inf")
+    t[1, 100:] = float("nan")
+    t[2, 7000:7005] = float("inf")
+    t[3, ::3] = float("nan")
+    inv_prop = torch.tensor(1 / 1.3).item()
+    a = torch.ops.distill_ops_native.teacher_sample_draws(t, 11, inv_prop, 77)
+    b = native.OPS.teacher_sample_draws(t, 11, inv_prop, 77)
+    assert torch.equal(a, b)
+    assert (b[0] == 0).all() and (b[1] < 100).all() and (b[2] == 7000).all()
+    assert (b[3] % 3 != 0).all()
