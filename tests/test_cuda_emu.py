@@ -167,22 +167,35 @@ def test_sparse_inplace_any_thread_order(monkeypatch, order, divergence):
 # ------------------------------------------------------------------------------ top-k
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float16,), ids=_dtype_id)
 @pytest.mark.parametrize("n,v,k", [(3, 1000, 300), (2, 257, 257), (4, 5000, 1), (1, 9, 4)])
 def test_topk_tiles(dtype, n, v, k):
-    """k beyond one tile of 256 threads, k = V, k = 1; the radix passes of every key width."""
+    """k beyond one tile of 256 threads, k = V, k = 1; the radix passes of every key width (2 for
+    bf16, 3 for fp16, 4 for fp32, 8 for fp64)."""
     g = torch.Generator().manual_seed(n * v + k)
     t = (torch.randn(n, v, generator=g) * 4).to(dtype)
     check_topk(t, k, temperature=1.3, backend="cpu",
                lp_tol=1e-6 if dtype != torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_dtype_id)
 @pytest.mark.parametrize("k", [1, 5, 255, 256, 600])
-def test_topk_ties_cross_tiles(k):
-    """Ties at the k-th value spread over several tiles and warps: the lowest ids win."""
+def test_topk_ties_cross_tiles(dtype, k):
+    """Ties at the k-th value spread over several tiles and warps: the lowest ids win; -0 ties
+    with +0. At the top of rows 0 and 2, values one ulp of the dtype apart (positive, negative):
+    the larger wins, not the lower id."""
     g = torch.Generator().manual_seed(k)
-    t = torch.randint(-3, 3, (3, 1500), generator=g).float()
+    t = torch.randint(-3, 3, (3, 1500), generator=g).to(dtype)
     t[1, ::7] = float("-inf")
+    t[1, 3::11] = -0.0
+    t[2] -= 10
+    for row, value in ((0, 2.5), (2, -3.25)):
+        near = torch.tensor(value, dtype=dtype)
+        up = torch.nextafter(near.float(), torch.tensor(9.0)) if dtype == torch.float32 \
+            else near.float() + torch.finfo(dtype).eps * abs(value)
+        t[row, 100:105] = near
+        t[row, 1300:1305] = up.to(dtype)
+        assert (t[row, 1300] > t[row, 100]).item()
     check_topk(t, k, backend="cpu")
 
 
@@ -203,16 +216,18 @@ def test_sample_column_splits_and_groups(dtype, s):
 
 
 def test_sample_rows_of_minus_inf_inf_and_nan():
-    """A row of -inf draws id 0, +inf logits tie (the lowest id wins), NaN never wins: the raw
-    draws of the CPU kernel (the API refuses NaN before any kernel)."""
-    t = torch.randn(4, 9000)
+    """A row of -inf draws id 0, +inf logits tie (the lowest id wins), NaN never wins, a column
+    split of only -inf (row 4's second half) skips its races and loses: the raw draws of the CPU
+    kernel (the API refuses NaN before any kernel)."""
+    t = torch.randn(5, 9000)
     t[0] = float("-inf")
     t[1, 100:] = float("nan")
     t[2, 7000:7005] = float("inf")
     t[3, ::3] = float("nan")
+    t[4, 4000:] = float("-inf")
     inv_prop = torch.tensor(1 / 1.3).item()
     a = torch.ops.distill_ops_native.teacher_sample_draws(t, 11, inv_prop, 77)
     b = native.OPS.teacher_sample_draws(t, 11, inv_prop, 77)
     assert torch.equal(a, b)
     assert (b[0] == 0).all() and (b[1] < 100).all() and (b[2] == 7000).all()
-    assert (b[3] % 3 != 0).all()
+    assert (b[3] % 3 != 0).all() and (b[4] < 4000).all()

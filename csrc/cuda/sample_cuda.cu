@@ -11,9 +11,10 @@
 // reference's bits.
 //
 // Unpruned, the work is S x V noise evaluations per row (two logs each): compute-bound, so the
-// grid is (rows, groups of up to kMaxGroup samples, column splits). A block reads its slice of the
-// row twice (its argmax, then the races; the second read is mostly from L2) and races the group's
-// samples over it, skipping exactly what cannot win (sample_draw_kernel); each thread keeps a
+// grid is (rows x groups of up to kMaxGroup samples, column splits), the group fastest: the blocks
+// that read one slice of a row run next to each other, and all but the first find it in L2. A
+// block reads its slice twice (its argmax, then the races) and races the group's samples over it,
+// skipping exactly what cannot win (sample_draw_kernel); each thread keeps a
 // running (score, id) per sample, merged across the block by (score desc, id asc). With one split
 // the winner is the draw; with several (few rows: too few blocks to fill the GPU) each split
 // writes its winner to a workspace and a second kernel merges the splits in column order. A NaN
@@ -84,8 +85,9 @@ __device__ __forceinline__ Draw<T> block_best(Draw<T> d, Draw<T>* sh) {
   return d;
 }
 
-// Grid (row, group, split). Writes the winner of each of the group's samples over the split's
-// columns: to draws (n, S) when there is one split, else to part (n, S, splits).
+// Grid (row * groups + group, 1, split). Writes the winner of each of the group's samples over the
+// split's columns: to draws (n, S) when there is one split, else to part (n, S, splits). A slice
+// with no logit above -inf skips pass 2: every race keeps its start, (-inf, c0), as it would.
 //
 // Pass 1 finds the slice's largest a_j and its first column jm; every race starts at jm's score
 // (a lower bound of its winner's), so in pass 2 a thread skips, exactly, each column more than
@@ -97,8 +99,9 @@ __global__ void __launch_bounds__(kSampleThreads)
   __shared__ Draw<T> sh[kSampleWarps][kGroup];
   __shared__ Draw<T> sh_top[kSampleWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t row = blockIdx.x, S = A.k, splits = gridDim.z;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kGroup;
+  const int64_t S = A.k, splits = gridDim.z, groups = (S + kGroup - 1) / kGroup;
+  const int64_t row = blockIdx.x / groups;
+  const int64_t s0 = (blockIdx.x % groups) * kGroup;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * cols_per_split;
   const int64_t c1 = c0 + cols_per_split < A.v ? c0 + cols_per_split : A.v;
   const scalar_t* t_row = static_cast<const scalar_t*>(A.teacher) + row * A.stride_t;
@@ -124,7 +127,8 @@ __global__ void __launch_bounds__(kSampleThreads)
                          : Draw<T>{INFINITY, jm};
     floor_best = best[g].score < floor_best ? best[g].score : floor_best;
   }
-  for (int64_t j = c0 + tid; j < c1; j += kSampleThreads) {
+  const int64_t c_end = top.id < 0 ? c0 : c1;  // block-uniform: top is the block's
+  for (int64_t j = c0 + tid; j < c_end; j += kSampleThreads) {
     const T a = math::mul_rn(static_cast<T>(t_row[j]), inv_prop);
     if (!(a + gmax >= floor_best)) continue;  // NaN too
     const uint32_t lose = rng::losing_rank(static_cast<float>(a), static_cast<float>(floor_best));
@@ -132,6 +136,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     bool moved = false;
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
+      if (s0 + g >= S) break;  // the last group's idle samples: no noise to compute
       const uint32_t k = rng::uniform_rank(skey[g], vk);
       if (k < lose) continue;
       const Draw<T> d{a + rng::gumbel_of<T>(rng::uniform_of_rank(k)), j};
@@ -193,17 +198,16 @@ void launch_group(const at::Tensor& teacher, const TeacherArgs& A, cudaStream_t 
   splits = std::max<int64_t>(splits, 1);
   const int64_t cols = (A.v + splits - 1) / splits;
   splits = (A.v + cols - 1) / cols;  // no empty split
-  // Rows on x (up to 2^31 - 1); groups (<= S / 8) and splits on y and z (up to 65535).
-  TORCH_CHECK(groups <= 65535, "distill_ops_native::teacher_sample_draws: num_samples = ", A.k,
-              " needs more than 65535 sample groups");
+  // Rows x groups on x (up to 2^31 - 1), splits on z (up to 65535).
+  TORCH_CHECK(A.n * groups <= 0x7FFFFFFFll, "distill_ops_native::teacher_sample_draws: N = ", A.n,
+              " rows x ", groups, " groups of ", kGroup, " samples exceed the grid (2^31 - 1)");
   at::Tensor part;
   if (splits > 1) {
     part = at::empty({A.n * A.k * splits * static_cast<int64_t>(sizeof(Draw<T>))},
                      teacher.options().dtype(at::kByte));
   }
   Draw<T>* part_ptr = splits > 1 ? reinterpret_cast<Draw<T>*>(part.data_ptr()) : nullptr;
-  const dim3 grid(static_cast<unsigned>(A.n), static_cast<unsigned>(groups),
-                  static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(A.n * groups), 1, static_cast<unsigned>(splits));
   sample_draw_kernel<scalar_t, T, kGroup><<<grid, kSampleThreads, 0, stream>>>(A, cols, part_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {

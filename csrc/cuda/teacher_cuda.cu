@@ -2,8 +2,9 @@
 // computes the same thing). One block per row (grid-stride over rows), no probability tensor:
 //
 //   radix   the k-th largest ranking key of the row by a most-significant-digit radix select,
-//           8 bits a pass over a shared-memory histogram (4 passes for 32-bit keys, 8 for fp64);
-//           the first pass also builds the row's online normalizer (max, sum exp) of a = x / tau;
+//           8 bits a pass over a shared-memory histogram, over the bits the input dtype can set
+//           (key_bits: 2 passes for bf16, 3 for fp16, 4 for fp32, 8 for fp64); the first pass
+//           also builds the row's online normalizer (max, sum exp) of a = x / tau;
 //   select  one pass in id order: every element above the k-th key is taken, and of those equal to
 //           it the lowest ids (a block scan per tile) until there are k; the rest adds
 //           exp(a - m) to the tail sum, so the tail mass is exact however small (no 1 - sum).
@@ -25,6 +26,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "../sparse_op.h"
 #include "dense_kernels.cuh"
@@ -68,6 +70,22 @@ __device__ __forceinline__ typename KeyOf<T>::type rank_key(T x) {
   return (b & sign) ? ~b : (b | sign);
 }
 
+// How many high bits of the ranking key can differ between two values of the input dtype: a
+// bfloat16 widened to float leaves the low 16 bits zero, a half the low 13. Below them a key's
+// bits are constant given its sign (zeros, or ones where the mapping complements a negative), so
+// comparing keys masked to these bits orders values as the full keys do, and the radix select
+// stops there.
+template <typename scalar_t, typename K>
+constexpr int key_bits() {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    return 16;
+  } else if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    return 19;
+  } else {
+    return static_cast<int>(sizeof(K)) * 8;
+  }
+}
+
 template <typename T>
 struct TopkShared {
   unsigned int hist[kBins];
@@ -91,7 +109,7 @@ template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_row_kernel(const TeacherArgs A, double* __restrict__ rank_out) {
   using K = typename KeyOf<T>::type;
-  constexpr int kPasses = static_cast<int>(sizeof(K)) * 8 / kRadixBits;
+  constexpr int kPasses = (key_bits<scalar_t, K>() + kRadixBits - 1) / kRadixBits;
   __shared__ TopkShared<T> sh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t V = A.v, k = A.k;
@@ -136,7 +154,8 @@ __global__ void __launch_bounds__(kTopkThreads)
       mask |= static_cast<K>(kBins - 1) << shift;
       __syncthreads();  // sh.hist and sh.prefix are rewritten by the next pass
     }
-    const K kth = prefix;  // every bit decided; `need` of the elements equal to it are taken
+    // Every bit the dtype can set is decided (mask): `need` of the elements equal to kth are taken.
+    const K kth = prefix;
 
     // ---- the row's normalizer: warp then block merge ----
     for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
@@ -160,7 +179,7 @@ __global__ void __launch_bounds__(kTopkThreads)
       const int64_t i = base + tid;
       const bool valid = i < V;
       const T x = valid ? static_cast<T>(t_row[i]) : T(0);
-      const K key = rank_key(x);
+      const K key = rank_key(x) & mask;
       const bool eq = valid && key == kth;
       const unsigned int ballot = __ballot_sync(0xffffffffu, eq);
       if (lane == 0) sh.warp_eq[warp] = __popc(ballot);
