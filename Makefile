@@ -10,10 +10,11 @@ DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenize
 PEERS   := trl liger-kernel
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-# The kernel tests that `make test` reruns with DISTILL_OPS_CUDA_EMU=1: their backend="cpu" cases on
-# csrc/cuda's kernels compiled for the CPU emulator (tests/cuda_emu), so CI runs the CUDA code paths.
+# The kernel tests that `make test` reruns on csrc/cuda's kernels compiled for the CPU emulator
+# (tests/cuda_emu), under AddressSanitizer where gcc has it: their backend="cpu" cases, and
+# test_cuda_emu.py, so CI runs the CUDA code paths and checks their memory accesses.
 EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sparse_*.py) \
-             tests/test_topk.py tests/test_fused_linear.py
+             tests/test_topk.py tests/test_fused_linear.py tests/test_cuda_emu.py
 
 .PHONY: setup build demo test test-emu test-gpu bench bench-cpu peers-dir clean
 
@@ -35,10 +36,10 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra
-	DISTILL_OPS_CUDA_EMU=1 $(PYTHON) -m pytest -q -ra -k cpu $(EMU_TESTS)
+	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
 
 test-emu: $(VENV)/.built
-	DISTILL_OPS_CUDA_EMU=1 $(PYTHON) -m pytest -q -ra -k cpu $(EMU_TESTS)
+	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
 
 test-gpu: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra -m cuda

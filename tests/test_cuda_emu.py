@@ -10,6 +10,11 @@ ask for the bits of the out-of-place result.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,6 +72,23 @@ def test_emulator_warp_ops_are_exact():
     assert out[1] == torch.tensor(0xAAAAAAAA, dtype=torch.int64).to(torch.int32)  # ballot
     assert out[2] == 64  # atomicAdd by every thread
     assert (out[3:] == sum(range(32))).all()  # xor butterfly: every lane holds the sum
+
+
+def test_emulator_asan_reports_a_write_past_the_end():
+    """The AddressSanitizer build (DISTILL_OPS_EMU_ASAN=1, libasan preloaded) stops a kernel that
+    writes outside its tensor and names the place: the memcheck `make test` runs the emulated
+    kernel tests under."""
+    env = build.asan_env()
+    if env is None:
+        pytest.skip("no libasan (gcc -print-file-name=libasan.so)")
+    code = ("import sys; sys.path.insert(0, 'tests'); from cuda_emu import build; "
+            "build.load().selftest(7); print('no report')")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=900)
+    assert "heap-buffer-overflow" in run.stderr and "write_past_the_end" in run.stderr, \
+        run.stderr[-3000:]
+    assert "no report" not in run.stdout
 
 
 @pytest.mark.parametrize("order,seen", [("forward", 1), ("reverse", 0)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -24,7 +25,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-BUILD = ROOT / "build" / "cuda_emu"
+# DISTILL_OPS_EMU_ASAN=1: the kernels built with AddressSanitizer (the emulator's compute-sanitizer
+# memcheck: a read or write outside a tensor's allocation is reported where it happens). The
+# process must start with libasan preloaded: `make test-emu-asan`.
+ASAN = os.environ.get("DISTILL_OPS_EMU_ASAN") == "1"
+BUILD = ROOT / "build" / ("cuda_emu_asan" if ASAN else "cuda_emu")
 OPS = ("dense_forward", "sparse_forward", "teacher_topk", "teacher_sample_draws")
 
 # A kernel name (with template arguments) before <<<config>>>, and the parenthesis that opens the
@@ -96,12 +101,14 @@ def load():
     sources = mirror()
     BUILD.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(
-        name="distill_ops_cuda_emu",
+        name="distill_ops_cuda_emu_asan" if ASAN else "distill_ops_cuda_emu",
         sources=sources,
         extra_include_paths=[str(HERE), str(HERE / "shim"), str(BUILD / "csrc" / "include"),
                              str(BUILD / "csrc")],
-        extra_cflags=["-O1", "-g0"],
+        extra_cflags=["-O1", "-g" if ASAN else "-g0"] + sanitize,
+        extra_ldflags=sanitize,
         build_directory=str(BUILD),
         is_python_module=False,
         with_cuda=False,
@@ -121,6 +128,22 @@ def install() -> None:
 
     native.OPS = load()
     native.SAMPLE_MERGED_IN_KERNEL = ()
+
+
+def asan_env() -> dict[str, str] | None:
+    """The environment of a process that runs the AddressSanitizer build (libasan and libstdc++
+    preloaded, leak checks off: the interpreter's own leaks are not the kernels'), or None where
+    gcc has no libasan."""
+    try:
+        found = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+                 for lib in ("libasan.so", "libstdc++.so")]
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if not all(os.path.isabs(p) and os.path.exists(p) for p in found):
+        return None
+    return {"DISTILL_OPS_EMU_ASAN": "1", "LD_PRELOAD": " ".join(found),
+            "ASAN_OPTIONS": "detect_leaks=0"}
 
 
 def clean() -> None:

@@ -58,6 +58,10 @@ __global__ void warp_ops(int* out) {
                    : threadIdx.x == 2 ? static_cast<int>(total) : x;
 }
 
+// Thread 63 writes one element past the end of the output: AddressSanitizer's report (the
+// DISTILL_OPS_EMU_ASAN=1 build), compute-sanitizer memcheck's on a GPU.
+__global__ void write_past_the_end(int* out) { out[threadIdx.x + 1] = 1; }
+
 __global__ void noop(int*) {}
 
 at::Tensor selftest(int64_t which) {
@@ -70,6 +74,7 @@ at::Tensor selftest(int64_t which) {
     case 3: racy_read<<<1, 64>>>(p); break;
     case 4: warp_ops<<<1, 64>>>(p); break;
     case 5: noop<<<1, 2048>>>(p); break;
+    case 7: write_past_the_end<<<1, 64>>>(p); break;
     default: noop<<<dim3(1, 70000), 32>>>(p); break;
   }
   return out;
