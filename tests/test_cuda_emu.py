@@ -58,6 +58,7 @@ def _dtype_id(d):
     (2, r"__syncthreads waited for threads that exited \(threads 32-63\)"),
     (5, "invalid block size"),
     (6, r"invalid grid \(1, 70000, 1\)"),
+    (9, "cluster.sync waited for a block of the cluster that exited"),
 ])
 def test_emulator_reports_what_a_gpu_would_hang_on(case, error):
     """The emulator is a checker too (tests/cuda_emu/selftest.cu): a barrier some threads skip, a
@@ -72,6 +73,14 @@ def test_emulator_warp_ops_are_exact():
     assert out[1] == torch.tensor(0xAAAAAAAA, dtype=torch.int64).to(torch.int32)  # ballot
     assert out[2] == 64  # atomicAdd by every thread
     assert (out[3:] == sum(range(32))).all()  # xor butterfly: every lane holds the sum
+
+
+def test_emulator_cluster_shares_memory():
+    """Thread-block clusters: the blocks of a cluster each have their own shared memory, reach each
+    other's through map_shared_rank after cluster.sync, and find shared memory unzeroed."""
+    out = build.load().selftest(8)
+    assert out[:4].tolist() == [6, 6, 6, 6]
+    assert out[4:8].tolist() == [0xA5A5A5A5 - (1 << 32)] * 4
 
 
 def test_emulator_asan_reports_a_write_past_the_end():

@@ -3,8 +3,9 @@
 by the CUDA code paths (the kernels, their launch configuration, the split-row and split-column
 paths and the host code around them).
 
-The .cu files are copied to build/cuda_emu with three rewrites: ``kernel<<<cfg>>>(args)`` becomes
-``::emu::launch(&kernel, cfg)(args)``, the CUDA dispatch registration becomes a CPU one of
+The .cu files are copied to build/cuda_emu with four rewrites: ``kernel<<<cfg>>>(args)`` becomes
+``::emu::launch(&kernel, cfg)(args)``, ``__shared__ T name;`` a reference into the running block's
+shared memory (``::emu::shared<T>``), the CUDA dispatch registration becomes a CPU one of
 distill_ops_emu, and the device type the argument checks expect becomes the CPU. Everything else
 compiles as written, against shims of the few CUDA headers they include (shim/).
 
@@ -40,9 +41,20 @@ _REGISTER = "TORCH_LIBRARY_IMPL(distill_ops_native, CUDA, m)"
 _library = None  # the torch.library.Library that holds the schemas (kept alive)
 
 
+# `__shared__ TYPE NAME[DIMS];`: a variable of each block's own shared memory.
+_SHARED = re.compile(r"__shared__\s+([^;=]+?)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
+
+
+def _shared(m: re.Match) -> str:
+    type_, name, dims = m[1].strip(), m[2], m[3].replace(" ", "")
+    return (f"static char {name}_emu_tag_; "
+            f"auto& {name} = ::emu::shared<{type_}{dims}>(&{name}_emu_tag_);")
+
+
 def rewrite(text: str, name: str) -> str:
     """A .cu/.cuh source as emulator C++ (raises if a launch is left unrewritten)."""
     text = _LAUNCH.sub(lambda m: f"::emu::launch(&{m[1].strip()}, {m[2].strip()})(", text)
+    text = _SHARED.sub(_shared, text)
     if "<<<" in text:
         raise RuntimeError(f"cuda_emu: a kernel launch in {name} was not rewritten")
     text = text.replace(_REGISTER, "TORCH_LIBRARY_IMPL(distill_ops_emu, CPU, m)")

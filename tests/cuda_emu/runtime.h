@@ -1,25 +1,31 @@
 // A CPU emulator of the CUDA execution model, just big enough to run csrc/cuda's kernels on CPU
 // tensors where there is no GPU (CI): tests/cuda_emu/build.py compiles the .cu files as C++ with
 // this header forced in, kernel<<<grid, block>>>(args) rewritten to emu::launch(&kernel, grid,
-// block)(args).
+// block)(args) and each `__shared__ T name;` to a reference into the block's shared memory.
 //
-// Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread. __syncthreads and
-// the warp intrinsics (shuffles, ballot) are the only scheduling points: a fiber runs until it
-// reaches one, and the scheduler releases a barrier once every thread of the block (of the warp)
-// waits at it. Blocks run one after another, so a __shared__ variable can be a function static.
+// Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread. __syncthreads, the
+// warp intrinsics (shuffles, ballot) and cluster.sync() are the only scheduling points: a fiber
+// runs until it reaches one, and the scheduler releases a barrier once every thread of the block
+// (of the warp, of the cluster) waits at it. Clusters run one after another; the blocks of one
+// cluster (thread-block clusters, sm_90: cudaLaunchKernelEx with a cluster dimension) run
+// interleaved, each with its own shared memory, which the others reach through
+// cooperative_groups' map_shared_rank. Shared memory starts filled with a garbage byte (0xA5), as
+// a GPU's is not zeroed; a block's static shared variables may not pass 48 KB.
 //
 // The order in which the runnable fibers resume is DISTILL_OPS_EMU_ORDER: "shuffle" (the default:
 // a permutation per scheduling round, seeded by the block and the round, so runs repeat), "forward"
 // or "reverse". Between two barriers each fiber runs alone to its next one, so a thread that reads
 // what another writes in the same phase (a race on a GPU) sees it written or not depending on the
-// order: under "shuffle" most such races change the result.
+// order: under "shuffle" most such races change the result. The blocks of a cluster take turns
+// the same way (each runs its fibers to their next scheduling point, in the order's block order).
 //
 // What it checks: the kernels' indexing and reduction trees against the oracle; that every thread
-// reaches every barrier (a __syncthreads or warp op that some threads skip, or reach after others
-// exited, is an error naming the threads, where a GPU would hang or be undefined); full-mask warp
-// ops on full warps; the launch limits (block size, grid dimensions). What it cannot: data races
-// and memory ordering (one fiber runs at a time), the device's own math functions (the host's
-// run: the kernels' DOPS_DEVICE_PASS branches are not compiled), timing and resources.
+// reaches every barrier (a __syncthreads, warp op or cluster.sync that some threads skip, or reach
+// after others exited, is an error naming the threads, where a GPU would hang or be undefined);
+// full-mask warp ops on full warps; the launch limits (block size, grid dimensions, cluster shape,
+// static shared memory). What it cannot: data races and memory ordering (one fiber runs at a
+// time), the device's own math functions (the host's run: the kernels' DOPS_DEVICE_PASS branches
+// are not compiled), timing and resources.
 #pragma once
 
 #include <sys/mman.h>
@@ -32,6 +38,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -44,7 +51,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Every __shared__ declaration is rewritten by build.py; one left over does not compile.
+#define __shared__ __shared___declaration_not_rewritten_by_build_py
 
 struct dim3 {
   unsigned x, y, z;
@@ -55,14 +63,22 @@ struct alignas(16) uint4 {
 };
 typedef struct CUstream_st* cudaStream_t;
 
+// The built-in variables of the running fiber, set by the scheduler before it resumes one.
+// (Variables, not macros: host code may have members of these names, e.g. cudaLaunchConfig_t's.)
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
 namespace emu {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = size_t(256) << 10;
 
-enum class Wait { kRun, kBlock, kWarp, kDone };
+enum class Wait { kRun, kBlock, kWarp, kCluster, kDone };
 enum class WarpOp { kShflXor, kShflDown, kBallot };
 enum class Order { kShuffle, kForward, kReverse };
+
+// The most static shared memory a block may declare (a GPU's limit without dynamic shared memory).
+constexpr size_t kSharedBytes = size_t(48) << 10;
+constexpr unsigned char kSharedFill = 0xA5;
 
 struct Fiber {
   ucontext_t ctx;
@@ -72,6 +88,25 @@ struct Fiber {
   uint64_t value = 0, result = 0;
 };
 
+// Where each __shared__ variable of a launch lives in a block's shared memory: offsets handed out
+// as the declarations are first reached, the same in every block of the launch.
+struct SharedLayout {
+  std::vector<std::pair<const void*, size_t>> offsets;
+  size_t used = 0;
+
+  size_t offset_of(const void* tag, size_t size, size_t align) {
+    for (const auto& e : offsets) {
+      if (e.first == tag) return e.second;
+    }
+    const size_t off = (used + align - 1) / align * align;
+    used = off + size;
+    offsets.emplace_back(tag, off);
+    return off;
+  }
+};
+
+struct Cluster;
+
 struct Block {
   dim3 grid, block, block_idx;
   std::vector<Fiber> fibers;
@@ -80,10 +115,19 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
   Order order = Order::kShuffle;
+  alignas(16) unsigned char shared[kSharedBytes];
+  SharedLayout* layout = nullptr;
+  Cluster* cluster = nullptr;
+  unsigned rank = 0;         // in the cluster
+  size_t first_stack = 0;    // fiber i uses stack(first_stack + i)
+};
+
+struct Cluster {
+  dim3 dims{1, 1, 1};
+  std::vector<Block*> blocks;  // by rank
 };
 
 inline thread_local Block* tl_block = nullptr;
-inline thread_local dim3 tl_thread_idx, tl_block_idx, tl_block_dim, tl_grid_dim;
 
 [[noreturn]] inline void fail(const std::string& what) {
   const Block* b = tl_block;
@@ -118,13 +162,13 @@ inline Order order_from_env() {
   fail("DISTILL_OPS_EMU_ORDER must be shuffle, forward or reverse, got " + v);
 }
 
-// The resume order of one scheduling round (splitmix64 of block and round for the shuffle).
-inline void round_order(const Block& b, uint64_t round, std::vector<int>& perm) {
+// A permutation of [0, n) for one scheduling round: identity, reversed, or shuffled by splitmix64
+// of (seed, round).
+inline void round_order(Order order, uint64_t seed, uint64_t round, std::vector<int>& perm) {
   const int n = static_cast<int>(perm.size());
-  for (int i = 0; i < n; ++i) perm[i] = b.order == Order::kReverse ? n - 1 - i : i;
-  if (b.order != Order::kShuffle) return;
-  uint64_t x = (uint64_t(b.block_idx.x) << 32) ^ (uint64_t(b.block_idx.y) << 16) ^ b.block_idx.z ^
-               (round * 0x9e3779b97f4a7c15ull);
+  for (int i = 0; i < n; ++i) perm[i] = order == Order::kReverse ? n - 1 - i : i;
+  if (order != Order::kShuffle) return;
+  uint64_t x = seed ^ (round * 0x9e3779b97f4a7c15ull);
   for (int i = n - 1; i > 0; --i) {
     x += 0x9e3779b97f4a7c15ull;
     uint64_t z = x;
@@ -135,9 +179,13 @@ inline void round_order(const Block& b, uint64_t round, std::vector<int>& perm) 
   }
 }
 
+inline uint64_t block_seed(const Block& b) {
+  return (uint64_t(b.block_idx.x) << 32) ^ (uint64_t(b.block_idx.y) << 16) ^ b.block_idx.z;
+}
+
 inline void set_thread(const Block& b, int i) {
   const unsigned t = static_cast<unsigned>(i);
-  tl_thread_idx = dim3(t % b.block.x, (t / b.block.x) % b.block.y, t / (b.block.x * b.block.y));
+  ::threadIdx = dim3(t % b.block.x, (t / b.block.x) % b.block.y, t / (b.block.x * b.block.y));
 }
 
 inline void fiber_entry() {
@@ -177,6 +225,12 @@ inline std::string thread_list(const Block& b, Wait w) {
   return out.empty() ? "none" : out;
 }
 
+inline int count(const Block& b, Wait w) {
+  int c = 0;
+  for (const Fiber& f : b.fibers) c += f.wait == w;
+  return c;
+}
+
 // Releases warp w if all its lanes wait at one warp op: computes every lane's result first (a
 // lane resumed early must not see a partner's next operand).
 inline bool release_warp(Block& b, int w) {
@@ -190,7 +244,7 @@ inline bool release_warp(Block& b, int w) {
   if (waiting == 0) return false;
   if (hi > n) fail("a warp op in a partial warp (the block size is not a multiple of 32)");
   if (done > 0) fail("a full-mask warp op in warp " + std::to_string(w) + " after some of its lanes exited");
-  if (waiting < kWarpSize) return false;  // the others are at a __syncthreads: a deadlock, reported by the caller
+  if (waiting < kWarpSize) return false;  // the others are at a barrier: a deadlock, reported by the caller
   const Fiber& f0 = b.fibers[lo];
   for (int i = lo; i < hi; ++i) {
     const Fiber& f = b.fibers[i];
@@ -214,51 +268,91 @@ inline bool release_warp(Block& b, int w) {
   return true;
 }
 
-inline void run_block(Block& b) {
+inline void start_block(Block& b) {
   const int n = static_cast<int>(b.block.x * b.block.y * b.block.z);
   b.fibers.assign(n, Fiber{});
+  std::memset(b.shared, kSharedFill, sizeof(b.shared));
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stack(i);
+    f.ctx.uc_stack.ss_sp = stack(b.first_stack + i);
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  std::vector<int> perm(n);
-  for (uint64_t round = 0;; ++round) {
-    round_order(b, round, perm);
-    for (const int i : perm) {
-      if (b.fibers[i].wait != Wait::kRun) continue;
-      b.current = i;
-      set_thread(b, i);
-      swapcontext(&b.main, &b.fibers[i].ctx);
-      if (b.error) std::rethrow_exception(b.error);
+}
+
+// One scheduling round of block b: every runnable fiber runs to its next scheduling point, then
+// the warp ops and the block barrier that can be are released. Returns false when the block can
+// go no further on its own: every thread exited, or waits at cluster.sync.
+inline bool advance(Block& b, uint64_t round, std::vector<int>& perm) {
+  const int n = static_cast<int>(b.fibers.size());
+  perm.resize(n);
+  round_order(b.order, block_seed(b), round, perm);
+  tl_block = &b;
+  ::blockIdx = b.block_idx;
+  for (const int i : perm) {
+    if (b.fibers[i].wait != Wait::kRun) continue;
+    b.current = i;
+    set_thread(b, i);
+    swapcontext(&b.main, &b.fibers[i].ctx);
+    if (b.error) std::rethrow_exception(b.error);
+  }
+  bool released = false;
+  for (int w = 0; w * kWarpSize < n; ++w) released |= release_warp(b, w);
+  if (released) return true;
+  const int at_block = count(b, Wait::kBlock), at_cluster = count(b, Wait::kCluster),
+            done = count(b, Wait::kDone);
+  if (done == n) return false;
+  if (at_block > 0 && at_block + done + at_cluster == n) {
+    if (done > 0) {
+      fail("__syncthreads waited for threads that exited (threads " + thread_list(b, Wait::kDone) + ")");
     }
-    bool released = false;
-    for (int w = 0; w * kWarpSize < n; ++w) released |= release_warp(b, w);
-    if (released) continue;
-    int at_block = 0, done = 0;
-    for (const Fiber& f : b.fibers) {
-      at_block += f.wait == Wait::kBlock;
-      done += f.wait == Wait::kDone;
-    }
-    if (done == n) return;
-    if (at_block + done == n) {
-      if (done > 0) {
-        fail("__syncthreads waited for threads that exited (threads " +
-             thread_list(b, Wait::kDone) + ")");
-      }
+    if (at_cluster == 0) {
       for (Fiber& f : b.fibers) f.wait = Wait::kRun;
-      continue;
+      return true;
     }
-    fail("deadlock: threads " + thread_list(b, Wait::kBlock) + " wait at __syncthreads, " +
-         thread_list(b, Wait::kWarp) + " at a warp op, " + thread_list(b, Wait::kDone) +
-         " exited");
+  }
+  if (at_cluster > 0 && at_cluster + done == n) {
+    if (done > 0) {
+      fail("cluster.sync waited for threads that exited (threads " + thread_list(b, Wait::kDone) + ")");
+    }
+    return false;
+  }
+  fail("deadlock: threads " + thread_list(b, Wait::kBlock) + " wait at __syncthreads, " +
+       thread_list(b, Wait::kWarp) + " at a warp op, " +
+       (at_cluster > 0 ? thread_list(b, Wait::kCluster) + " at cluster.sync, " : std::string()) +
+       thread_list(b, Wait::kDone) + " exited");
+}
+
+// Runs the blocks of one cluster to completion, taking turns; releases cluster.sync once every
+// thread of every block waits at it.
+inline void run_cluster(Cluster& c) {
+  for (Block* b : c.blocks) start_block(*b);
+  std::vector<int> perm, block_perm(c.blocks.size());
+  for (uint64_t round = 0;; ++round) {
+    round_order(c.blocks[0]->order, block_seed(*c.blocks[0]) ^ 0x5bd1e995u, round, block_perm);
+    bool moved = false;
+    for (const int r : block_perm) moved |= advance(*c.blocks[r], round, perm);
+    if (moved) continue;
+    int finished = 0;
+    for (const Block* b : c.blocks) finished += count(*b, Wait::kDone) == int(b->fibers.size());
+    if (finished == int(c.blocks.size())) return;
+    if (finished > 0) {
+      for (Block* b : c.blocks) {
+        if (count(*b, Wait::kDone) == int(b->fibers.size())) {
+          tl_block = b;
+          fail("cluster.sync waited for a block of the cluster that exited");
+        }
+      }
+    }
+    for (Block* b : c.blocks) {
+      for (Fiber& f : b->fibers) f.wait = Wait::kRun;
+    }
   }
 }
 
-inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+inline void run_grid(dim3 grid, dim3 block, dim3 cluster, const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64) fail("invalid block size");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
@@ -266,22 +360,41 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     fail("invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
          std::to_string(grid.z) + ")");
   }
-  Block b;
-  b.grid = grid;
-  b.block = block;
-  b.body = &body;
-  b.order = order_from_env();
+  const unsigned csize = cluster.x * cluster.y * cluster.z;
+  if (csize == 0 || csize > 16 || grid.x % cluster.x || grid.y % cluster.y || grid.z % cluster.z) {
+    fail("invalid cluster (" + std::to_string(cluster.x) + ", " + std::to_string(cluster.y) + ", " +
+         std::to_string(cluster.z) + ") for the grid");
+  }
+  SharedLayout layout;
+  const Order order = order_from_env();
+  std::vector<std::unique_ptr<Block>> blocks;
+  for (unsigned i = 0; i < csize; ++i) {
+    blocks.push_back(std::make_unique<Block>());
+    Block& b = *blocks.back();
+    b.grid = grid;
+    b.block = block;
+    b.body = &body;
+    b.order = order;
+    b.layout = &layout;
+    b.rank = i;
+    b.first_stack = size_t(i) * threads;
+  }
+  Cluster c;
+  c.dims = cluster;
+  for (auto& b : blocks) c.blocks.push_back(b.get());
+  for (auto& b : blocks) b->cluster = &c;
   Block* outer = tl_block;
-  tl_block = &b;
-  tl_block_dim = block;
-  tl_grid_dim = grid;
+  ::blockDim = block;
+  ::gridDim = grid;
   try {
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          b.block_idx = dim3(x, y, z);
-          tl_block_idx = b.block_idx;
-          run_block(b);
+    for (unsigned z = 0; z < grid.z; z += cluster.z) {
+      for (unsigned y = 0; y < grid.y; y += cluster.y) {
+        for (unsigned x = 0; x < grid.x; x += cluster.x) {
+          for (unsigned r = 0; r < csize; ++r) {  // rank = x fastest, as on a GPU
+            c.blocks[r]->block_idx = dim3(x + r % cluster.x, y + (r / cluster.x) % cluster.y,
+                                          z + r / (cluster.x * cluster.y));
+          }
+          run_cluster(c);
         }
       }
     }
@@ -297,19 +410,42 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
-  dim3 grid, block;
+  dim3 grid, block, cluster{1, 1, 1};
 
   template <typename... A>
   void operator()(A&&... args) const {
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     const std::function<void()> body = [&] { std::apply(kernel, params); };
-    run_grid(grid, block, body);
+    run_grid(grid, block, cluster, body);
   }
 };
 
 template <typename... P>
 Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
   return Launch<P...>{kernel, grid, block};
+}
+
+// `__shared__ T name;` (build.py's rewrite): the running block's instance of the variable whose
+// declaration owns `tag`.
+template <typename T>
+inline T& shared(const void* tag) {
+  static_assert(std::is_trivially_default_constructible<T>::value, "a __shared__ type with a constructor");
+  Block* b = tl_block;
+  if (b == nullptr) fail("a __shared__ variable outside a kernel");
+  const size_t off = b->layout->offset_of(tag, sizeof(T), alignof(T));
+  if (off + sizeof(T) > kSharedBytes) fail("the block's static shared memory passes 48 KB");
+  return *reinterpret_cast<T*>(b->shared + off);
+}
+
+// cluster.map_shared_rank(p, rank): the same shared variable in block `rank` of the cluster.
+template <typename T>
+inline T* map_shared_rank(T* p, unsigned rank) {
+  Block* b = tl_block;
+  if (b == nullptr) fail("map_shared_rank outside a kernel");
+  const unsigned char* q = reinterpret_cast<const unsigned char*>(p);
+  if (q < b->shared || q >= b->shared + kSharedBytes) fail("map_shared_rank of an address not in shared memory");
+  if (rank >= b->cluster->blocks.size()) fail("map_shared_rank to rank " + std::to_string(rank) + ", past the cluster");
+  return reinterpret_cast<T*>(b->cluster->blocks[rank]->shared + (q - b->shared));
 }
 
 inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, unsigned param) {
@@ -337,11 +473,6 @@ inline T shuffle(WarpOp op, unsigned mask, T v, int param, int width) {
 }
 
 }  // namespace emu
-
-#define threadIdx (::emu::tl_thread_idx)
-#define blockIdx (::emu::tl_block_idx)
-#define blockDim (::emu::tl_block_dim)
-#define gridDim (::emu::tl_grid_dim)
 
 inline void __syncthreads() { ::emu::yield(::emu::Wait::kBlock); }
 

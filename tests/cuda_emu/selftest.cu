@@ -6,6 +6,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
 namespace {
 
 // Threads 0-15 wait at a barrier while the rest of their warp waits at a shuffle: a hang on a GPU.
@@ -62,6 +65,50 @@ __global__ void warp_ops(int* out) {
 // DISTILL_OPS_EMU_ASAN=1 build), compute-sanitizer memcheck's on a GPU.
 __global__ void write_past_the_end(int* out) { out[threadIdx.x + 1] = 1; }
 
+// A cluster of 4 blocks: each puts its rank in its shared memory; after cluster.sync every block
+// reads all four through map_shared_rank. out[rank] = 0 + 1 + 2 + 3 = 6 in every block; out[4 +
+// rank] is a shared word nobody wrote (0xA5A5A5A5: shared memory is not zeroed).
+__global__ void cluster_exchange(int* out) {
+  namespace cg = cooperative_groups;
+  __shared__ int mine;
+  __shared__ int unset;
+  const unsigned rank = cg::this_cluster().block_rank();
+  if (threadIdx.x == 0) mine = static_cast<int>(rank);
+  cg::this_cluster().sync();
+  if (threadIdx.x == 0) {
+    int sum = 0;
+    for (unsigned r = 0; r < cg::this_cluster().num_blocks(); ++r) {
+      sum += *cg::this_cluster().map_shared_rank(&mine, r);
+    }
+    out[rank] = sum;
+    out[4 + rank] = unset;
+  }
+  cg::this_cluster().sync();  // no block exits while another may still read its shared memory
+}
+
+// Block 1 of the cluster exits while the others wait at cluster.sync: a hang on a GPU.
+__global__ void cluster_sync_after_exit(int* out) {
+  namespace cg = cooperative_groups;
+  if (cg::this_cluster().block_rank() == 1) return;
+  cg::this_cluster().sync();
+  out[0] = 1;
+}
+
+template <typename... P, typename... A>
+void launch_cluster(void (*kernel)(P...), unsigned blocks, A... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = blocks;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg;
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(64);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 __global__ void noop(int*) {}
 
 at::Tensor selftest(int64_t which) {
@@ -75,6 +122,8 @@ at::Tensor selftest(int64_t which) {
     case 4: warp_ops<<<1, 64>>>(p); break;
     case 5: noop<<<1, 2048>>>(p); break;
     case 7: write_past_the_end<<<1, 64>>>(p); break;
+    case 8: launch_cluster(cluster_exchange, 4, p); break;
+    case 9: launch_cluster(cluster_sync_after_exit, 3, p); break;
     default: noop<<<dim3(1, 70000), 32>>>(p); break;
   }
   return out;
