@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a GPU, 256 on the CPU)")
     p.add_argument("--providers", nargs="+",
                    help="torch-eager torch-compile liger distill_ops:triton distill_ops:cuda "
-                        "distill_ops:cpu distill_ops:torch (default: per suite and device)")
+                        "distill_ops:cuda-resident distill_ops:cpu distill_ops:torch (default: "
+                        "per suite and device)")
     p.add_argument("--out", default=None,
                    help="JSON path, or a directory for the automatic name "
                         "(default bench/results/<date>_<device>_<suite>.json)")

@@ -30,11 +30,13 @@ DEFAULT_K = (64,)  # top-k size, and the number of samples of the sample suite
 CPU_SAMPLE_N = (32,)
 
 # Providers per suite and device (names as in providers.py), in the order rows are printed.
-GPU_DENSE = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda")
+GPU_DENSE = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "distill_ops:cuda",
+             "distill_ops:cuda-resident")
 CPU_DENSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 GPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:triton", "distill_ops:cuda")
 CPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
+DISTILL_GPU_DENSE = DISTILL_GPU + ("distill_ops:cuda-resident",)
 # The fused-linear suite: the loss from hidden states and lm_heads (no logits tensor).
 GPU_LINEAR = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:triton",
               "distill_ops:cuda")
@@ -144,7 +146,7 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
         # If time allows: the large vocabularies, distill_ops kernels only.
         if "dense" in suites:
             cases += _dense_cases(("forward_kl", "jsd"), ("bf16",), (4096,), (151936, 262144),
-                                  ("fwdbwd",), providers=DISTILL_GPU, optional=True)
+                                  ("fwdbwd",), providers=DISTILL_GPU_DENSE, optional=True)
         for s in ("sparse",) + TEACHER_SUITES:
             if s in suites:
                 cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,

@@ -13,6 +13,7 @@ ids and log-probabilities). All losses are means over rows (batchmean), at ``TEM
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -384,6 +385,40 @@ class DistillOps(Provider):
         return lambda x: teacher_fn(x["teacher"], k, backend=b)
 
 
+class DistillOpsResident(DistillOps):
+    """distill_ops' CUDA backend with its one-read resident (thread-block cluster) dense kernel
+    required (DISTILL_OPS_CUDA_RESIDENT=require, csrc/cuda/dense_resident.cuh): opt-in until
+    measured; where it does not apply the row fails with the kernel's reason, not another kernel's
+    time."""
+
+    ENV = "DISTILL_OPS_CUDA_RESIDENT"
+
+    def __init__(self):
+        super().__init__("cuda")
+        self.name = "distill_ops:cuda-resident"
+
+    def check(self, case, device):
+        if case.suite != "dense":
+            raise Unavailable("the resident kernel is a dense-loss kernel")
+        super().check(case, device)
+
+    def make(self, case):
+        fn = super().make(case)
+
+        def call(x):
+            old = os.environ.get(self.ENV)
+            os.environ[self.ENV] = "require"  # read by the extension at every call
+            try:
+                return fn(x)
+            finally:
+                if old is None:
+                    del os.environ[self.ENV]
+                else:
+                    os.environ[self.ENV] = old
+
+        return call
+
+
 def get(name: str) -> Provider:
     if name == "torch-eager":
         return TorchEager()
@@ -393,7 +428,9 @@ def get(name: str) -> Provider:
         return Liger()
     if name == "trl":
         return TrlChunked()
+    if name == "distill_ops:cuda-resident":
+        return DistillOpsResident()
     if name.startswith("distill_ops:"):
         return DistillOps(name.split(":", 1)[1])
     raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, trl, "
-                     "distill_ops:<torch|triton|cpu|cuda>")
+                     "distill_ops:<torch|triton|cpu|cuda>, distill_ops:cuda-resident")

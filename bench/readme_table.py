@@ -16,8 +16,9 @@ from pathlib import Path
 from . import report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:cuda", "distill_ops:triton",
-                  "distill_ops:cpu", "distill_ops:torch")
+PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:cuda",
+                  "distill_ops:cuda-resident", "distill_ops:triton", "distill_ops:cpu",
+                  "distill_ops:torch")
 SHORT_STATUS = {"oom": "OOM", "error": "error", "unavailable": "n/a", "missing": "missing",
                 "skipped": "skipped"}
 

@@ -4,13 +4,15 @@
     compute-sanitizer --tool racecheck python3 -m bench.sanitize_ops --quick
 
 Shapes cover one-element rows, odd widths (unaligned 16-byte loads), rows split across blocks
-(few rows, long vocabulary) and every dtype; the losses run forward and backward. The script
+(few rows, long vocabulary), the resident dense kernel (thread-block clusters) and every dtype;
+the losses run forward and backward. The script
 checks nothing numerically (the test suite does). A family of ops that raises (for instance one
 not built for CUDA) is reported as FAILED with its error and the exit code is 1, never hidden.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -32,6 +34,15 @@ def _dense(shapes, dtypes) -> None:
                 loss = distill_ops.kd_loss(s, t, divergence=div, temperature=2.0, labels=labels,
                                            hard_weight=0.5, backend=BACKEND)
                 loss.backward()
+
+
+def _dense_resident(shapes, dtypes) -> None:
+    """The dense losses again with the resident (cluster) kernel where it applies."""
+    os.environ["DISTILL_OPS_CUDA_RESIDENT"] = "1"
+    try:
+        _dense(shapes, dtypes)
+    finally:
+        del os.environ["DISTILL_OPS_CUDA_RESIDENT"]
 
 
 def _sparse(shapes, dtypes) -> None:
@@ -75,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [torch.float32, torch.bfloat16] if args.quick else \
         [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     failed = False
-    for name, fn in (("dense", _dense), ("sparse", _sparse), ("teacher", _teacher)):
+    for name, fn in (("dense", _dense), ("dense-resident", _dense_resident), ("sparse", _sparse),
+                     ("teacher", _teacher)):
         try:
             fn(shapes, dtypes)
             if DEV == "cuda":

@@ -114,13 +114,30 @@ def test_plan_presets():
     key = [c for c in quick if not c.optional]
     assert {(c.divergence, c.n, c.v, c.dtype, c.mode) for c in key} == {
         (d, n, 128256, "bf16", "fwdbwd") for d in ("forward_kl", "jsd") for n in (8192, 256)}
-    assert all(c.providers == config.DISTILL_GPU for c in quick if c.suite == "dense" and c.optional)
+    assert all(c.providers == config.DISTILL_GPU_DENSE
+               for c in quick if c.suite == "dense" and c.optional)
     cpu = config.build_plan("dense", "cpu", False)
     assert [(c.divergence, c.dtype, c.n, c.v, c.mode) for c in cpu] == [
         ("forward_kl", "fp32", 512, 128256, "fwdbwd")]
     custom = config.build_plan("dense", "cuda", False, V=[32000, 64], N=[2], dtype=["fp16"],
                                mode=["fwd"], divergence=["reverse_kl+ce"])
     assert [(c.v, c.hard_label, c.dtype) for c in custom] == [(32000, True, "fp16"), (64, True, "fp16")]
+
+
+def test_resident_provider_sets_the_kernel_switch_only_for_its_call(monkeypatch):
+    """distill_ops:cuda-resident requires the resident kernel for its own call (the extension reads
+    DISTILL_OPS_CUDA_RESIDENT then) and leaves the environment as it found it; it has no sparse
+    rows."""
+    monkeypatch.delenv("DISTILL_OPS_CUDA_RESIDENT", raising=False)
+    p = prov.get("distill_ops:cuda-resident")
+    case = config.Case("dense", "forward_kl", False, "fp32", 2, 8, "fwd")
+    seen = []
+    monkeypatch.setattr(prov.DistillOps, "make",
+                        lambda self, c: lambda x: seen.append(os.environ.get(p.ENV)))
+    p.make(case)({})
+    assert seen == ["require"] and p.ENV not in os.environ
+    with pytest.raises(prov.Unavailable, match="dense-loss kernel"):
+        p.check(config.Case("sparse", "forward_kl", False, "fp32", 2, 8, "fwd", k=2), "cuda")
 
 
 def test_sanitize_driver_runs_every_op_family():

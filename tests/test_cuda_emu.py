@@ -1,7 +1,7 @@
 """csrc/cuda's kernels on the CPU emulator (tests/cuda_emu) against the float64 oracles, on the
-paths only a GPU takes: the dense split-row kernels, the sampling kernel's column splits and its
-sample groups, the sparse kernel's slot loop wider than the block, the top-k kernel's tiles, the
-in-place gradients under three thread orders. (`make test` also reruns every backend="cpu" test
+paths only a GPU takes: the dense split-row kernels and the resident (cluster) kernel, the
+sampling kernel's column splits and its sample groups, the sparse kernel's slot loop wider than
+the block, the top-k kernel's tiles, the in-place gradients under three thread orders. (`make test` also reruns every backend="cpu" test
 of the kernel files on the emulated CUDA kernels: DISTILL_OPS_CUDA_EMU=1.)
 
 A thread order changes what a racing read sees (runtime.h); the in-place tests run each order and
@@ -158,6 +158,83 @@ def test_dense_inplace_any_thread_order(monkeypatch, order, div):
     buf = s.clone()
     b = native.dense_forward(buf, t, labels, grad=buf, grad_scale=None, **kw)
     assert torch.equal(a, b) and torch.equal(g, buf)
+
+
+# The resident kernel (csrc/cuda/dense_resident.cuh) holds 4 vectors of a row per thread: 4096
+# float32 or 8192 16-bit columns a block of 256 threads, twice that with 512 (rows over 16 blocks
+# of 256).
+RESIDENT_V = {torch.float32: (7, 4096, 20001), torch.bfloat16: (1000, 8192, 40001),
+              torch.float16: (16385,)}
+
+
+@pytest.mark.parametrize("dtype,v", [(d, v) for d, vs in RESIDENT_V.items() for v in vs],
+                         ids=lambda x: _dtype_id(x) if isinstance(x, torch.dtype) else str(x))
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_resident(monkeypatch, dtype, v, div):
+    """DISTILL_OPS_CUDA_RESIDENT=require: rows held in registers by a cluster of 1-5 blocks (a row
+    shorter than one block's vectors, exactly one block, a partial last vector): the oracle's
+    result, ignored rows included, and the same bits in place."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    s, t = logits(3, v, seed=v, dtype=dtype)
+    labels = labels_for(3, v, seed=v)
+    kw = opts(divergence=div, temperature=0.7, soft_coef=0.49, hard_coef=0.5, softcap=20.0)
+    loss, g = check(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    loss2 = native.dense_forward(buf, t, labels, grad=buf, grad_scale=torch.tensor(0.5), **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, buf)
+
+
+@pytest.mark.parametrize("div", [FORWARD_KL, JSD])
+def test_dense_resident_non_portable_cluster(monkeypatch, div):
+    """Ten blocks of 512 threads a row (18 of 256 would pass 16; over 8 is the non-portable cluster
+    size), no labels, no gradient for one call (the loss-only pass), float32 rows whose stride is
+    not 16-byte aligned (scalar loads)."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    v = 9 * 8192 + 5
+    s, t = logits(2, v, seed=21)
+    check(s, t, **opts(divergence=div, temperature=1.5))
+    wide_s, wide_t = logits(2, v + 1, seed=22)
+    check(wide_s[:, :v], wide_t[:, :v], **opts(divergence=div))
+    loss = native.dense_forward(s, t, None, grad=None, grad_scale=None, **opts(divergence=div))
+    ref, _ = check(s, t, **opts(divergence=div))
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_resident_inplace_any_thread_order(monkeypatch, order, div):
+    """In place, five blocks a row, any thread and block order: the out-of-place bits."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    monkeypatch.setenv("DISTILL_OPS_EMU_ORDER", order)
+    s, t = logits(3, 40001, seed=23, dtype=torch.bfloat16)
+    labels = labels_for(3, 40001, seed=23)
+    kw = opts(divergence=div, temperature=1.3, hard_coef=0.5)
+    g = torch.empty_like(s)
+    a = native.dense_forward(s, t, labels, grad=g, grad_scale=None, **kw)
+    buf = s.clone()
+    b = native.dense_forward(buf, t, labels, grad=buf, grad_scale=None, **kw)
+    assert torch.equal(a, b) and torch.equal(g, buf)
+
+
+@pytest.mark.parametrize("case,env,error", [
+    ("f64", {}, "float64 rows"),
+    ("wide", {}, "wider than 16 blocks"),
+    ("sm80", {"DISTILL_OPS_EMU_CC_MAJOR": "8"}, "no thread-block clusters"),
+    ("bad", {"DISTILL_OPS_CUDA_RESIDENT": "yes"}, "must be 0, 1 or require, got yes"),
+])
+def test_dense_resident_refusals(monkeypatch, case, env, error):
+    """Where the resident kernel does not apply, "require" names the reason; "1" quietly runs the
+    row and split kernels instead (the oracle's result)."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    for k, val in env.items():
+        monkeypatch.setenv(k, val)
+    dtype = torch.float64 if case == "f64" else torch.float32
+    s, t = logits(2, 16 * 8192 + 1 if case == "wide" else 100, seed=24, dtype=dtype)
+    with pytest.raises(RuntimeError, match=error):
+        native.dense_forward(s, t, None, grad=None, grad_scale=None, **opts())
+    if case != "bad":
+        monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "1")
+        check(s, t, **opts())
 
 
 # ------------------------------------------------------------------------------ sparse

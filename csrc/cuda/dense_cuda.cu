@@ -1,13 +1,14 @@
 // CUDA implementation of distill_ops_native::dense_forward: argument checks, device guard, stream,
-// dtype dispatch. The kernels are in dense_kernels.cuh; float32/float64 are instantiated here and
-// bfloat16/float16 in dense_cuda_half.cu (two translation units compile in parallel).
+// dtype dispatch. The kernels are in dense_kernels.cuh and dense_resident.cuh, their launch in
+// dense_launch.cuh; float32/float64 are instantiated here and bfloat16/float16 in
+// dense_cuda_half.cu (two translation units compile in parallel).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../dense_op.h"
-#include "dense_kernels.cuh"
+#include "dense_launch.cuh"
 
 namespace distill_ops {
 namespace cuda {

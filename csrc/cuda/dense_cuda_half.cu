@@ -1,5 +1,5 @@
 // bfloat16 and float16 instantiations of the dense kernels (see dense_cuda.cu).
-#include "dense_kernels.cuh"
+#include "dense_launch.cuh"
 
 namespace distill_ops {
 namespace cuda {

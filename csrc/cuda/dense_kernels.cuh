@@ -1,5 +1,5 @@
-// CUDA kernels of dense_forward (backends/base.py contract). Included by the dense_cuda_*.cu files,
-// each of which instantiates `launch_dense<scalar_t, T>` for some dtypes.
+// CUDA kernels of dense_forward (backends/base.py contract), and the per-element passes the
+// resident kernel (dense_resident.cuh) shares; their launch is in dense_launch.cuh.
 //
 // Many rows (N >= ~2 x SMs): one block per row (row_kernel), streaming over the row with 16-byte
 // loads (scalar where pointers or row strides are not 16-byte aligned; the tail of a row that is
@@ -312,6 +312,30 @@ __device__ __forceinline__ void fold(SoftmaxState<T, Acc>& st, Acc& w_acc, const
   if (W) w_acc += w;
 }
 
+// Folds K elements (raw student x, raw teacher t) into st. Elements from `valid` on are padding
+// (the resident kernel's last vector of a row) and count as -inf: they add exactly 0.
+template <int K, int DIV, typename T>
+__device__ __forceinline__ void fold_elems(RowStates<T>& st, const LossConsts<T>& Kc,
+                                           const T (&x)[K], const T (&t)[K], int valid = K) {
+  T sp[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    sp[k] = k >= valid ? math::neg_inf<T>() : Kc.cap_on ? softcap(x[k], Kc.cap, Kc.inv_cap) : x[k];
+  }
+  if (Kc.soft) {
+    T a[K], b[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      a[k] = sp[k] * Kc.inv_tau;
+      b[k] = k >= valid ? math::neg_inf<T>()
+                        : (Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k]) * Kc.inv_tau;
+    }
+    fold<K, DIV == kReverseKL>(st.a, st.w, a, b);
+    fold<K, false>(st.b, st.w, b, b);
+  }
+  if (Kc.ce_own_lse) fold<K, false>(st.one, st.w, sp, sp);
+}
+
 template <typename scalar_t, typename T, int DIV>
 __device__ __forceinline__ RowStates<T> pass_states(const RowPtrs<scalar_t, T>& P,
                                                     const LossConsts<T>& Kc, int64_t lo,
@@ -319,27 +343,48 @@ __device__ __forceinline__ RowStates<T> pass_states(const RowPtrs<scalar_t, T>& 
   RowStates<T> st = RowStates<T>::empty();
   stream_slice<scalar_t>(lo, hi, vec, [&](auto kc, int64_t j0) {
     constexpr int K = decltype(kc)::value;
-    T x[K], sp[K];
+    T x[K], t[K];
     load_k<K, true>(P.s + j0, x);
-#pragma unroll
-    for (int k = 0; k < K; ++k) sp[k] = Kc.cap_on ? softcap(x[k], Kc.cap, Kc.inv_cap) : x[k];
-    if (Kc.soft) {
-      T a[K], b[K];
-      load_k<K, true>(P.t + j0, b);
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        a[k] = sp[k] * Kc.inv_tau;
-        b[k] = (Kc.cap_on ? softcap(b[k], Kc.cap, Kc.inv_cap) : b[k]) * Kc.inv_tau;
-      }
-      fold<K, DIV == kReverseKL>(st.a, st.w, a, b);
-      fold<K, false>(st.b, st.w, b, b);
-    }
-    if (Kc.ce_own_lse) fold<K, false>(st.one, st.w, sp, sp);
+    if (Kc.soft) load_k<K, true>(P.t + j0, t);
+    fold_elems<K, DIV>(st, Kc, x, t);
   });
   return st;
 }
 
 enum class Mode { kLoss, kLossGrad, kLossC, kGrad };
+
+// The loss terms of K elements (raw x, t starting at column j0) added to dsum, their qg to csum
+// (kLossC), and their gradient g (kLossGrad, kGrad). Elements from `valid` on are padding: left
+// out of the sums, their g unset.
+template <Mode MODE, int K, int DIV, typename T>
+__device__ __forceinline__ void terms_elems(const LossConsts<T>& Kc, const RowConsts<T>& rc,
+                                            T scale, const T (&x)[K], const T (&t)[K],
+                                            int64_t j0, int64_t label, T& dsum, T& csum,
+                                            T (&g)[K], int valid = K) {
+  constexpr bool kGradOut = MODE == Mode::kLossGrad || MODE == Mode::kGrad;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (k >= valid) continue;
+    const T sp = Kc.cap_on ? softcap(x[k], Kc.cap, Kc.inv_cap) : x[k];
+    T q = T(0), qg = T(0);
+    if (Kc.soft) {
+      const T bk = (Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k]) * Kc.inv_tau;
+      T term;
+      Terms<DIV, T>::eval(rc.a.log_prob(sp * Kc.inv_tau), rc.b.log_prob(bk), Kc.mix, q, term, qg);
+      if (MODE != Mode::kGrad) dsum += term;
+      if (MODE == Mode::kLossC) csum += qg;
+    }
+    if (kGradOut) {
+      T gk = Kc.soft ? soft_grad(qg, q, rc.c, Kc.soft_scale) : T(0);
+      if (Kc.hard) {
+        const T sm = Kc.ce_own_lse ? math::exp_(rc.one.log_prob(sp)) : q;
+        gk += hard_grad(sm, j0 + k == label, Kc.hard_coef);
+      }
+      if (Kc.cap_on) gk *= softcap_grad(x[k], Kc.inv_cap);
+      g[k] = gk * scale;
+    }
+  }
+}
 
 // Pass 2 (kLoss, kLossGrad, kLossC) or 3 (kGrad) over [lo, hi): per-thread sums of the loss terms
 // (div_sum) and of qg (c_sum); the gradient written in kLossGrad and kGrad.
@@ -350,32 +395,11 @@ __device__ __forceinline__ void pass_terms(const RowPtrs<scalar_t, T>& P, const 
   constexpr bool kGradOut = MODE == Mode::kLossGrad || MODE == Mode::kGrad;
   stream_slice<scalar_t>(lo, hi, vec, [&](auto kc, int64_t j0) {
     constexpr int K = decltype(kc)::value;
-    T x[K], b[K], g[K];
+    T x[K], t[K], g[K];
     T dsum = T(0), csum = T(0);
     load_k<K, false>(P.s + j0, x);
-    if (Kc.soft) load_k<K, false>(P.t + j0, b);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const T sp = Kc.cap_on ? softcap(x[k], Kc.cap, Kc.inv_cap) : x[k];
-      T q = T(0), qg = T(0);
-      if (Kc.soft) {
-        const T bk = (Kc.cap_on ? softcap(b[k], Kc.cap, Kc.inv_cap) : b[k]) * Kc.inv_tau;
-        T term;
-        Terms<DIV, T>::eval(rc.a.log_prob(sp * Kc.inv_tau), rc.b.log_prob(bk), Kc.mix, q, term,
-                            qg);
-        if (MODE != Mode::kGrad) dsum += term;
-        if (MODE == Mode::kLossC) csum += qg;
-      }
-      if (kGradOut) {
-        T gk = Kc.soft ? soft_grad(qg, q, rc.c, Kc.soft_scale) : T(0);
-        if (Kc.hard) {
-          const T sm = Kc.ce_own_lse ? math::exp_(rc.one.log_prob(sp)) : q;
-          gk += hard_grad(sm, j0 + k == P.label, Kc.hard_coef);
-        }
-        if (Kc.cap_on) gk *= softcap_grad(x[k], Kc.inv_cap);
-        g[k] = gk * scale;
-      }
-    }
+    if (Kc.soft) load_k<K, false>(P.t + j0, t);
+    terms_elems<MODE, K, DIV>(Kc, rc, scale, x, t, j0, P.label, dsum, csum, g);
     if (MODE != Mode::kGrad) div_sum += static_cast<Acc>(dsum);
     if (MODE == Mode::kLossC) c_sum += static_cast<Acc>(csum);
     if (kGradOut) store_k<K>(P.g + j0, g);
@@ -545,7 +569,7 @@ __global__ void split_finalize_kernel(const DenseArgs A, const LossConsts<T> Kc,
 }
 
 // ------------------------------------------------------------------------------------------------
-// launch
+// launch helpers (the dense, sparse, top-k and sampling launches)
 
 inline int sm_count(int device) {
   static int cache[128] = {0};
@@ -554,21 +578,6 @@ inline int sm_count(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   if (device >= 0 && device < 128) cache[device] = n;
   return n;
-}
-
-// How many blocks share one row: 1 (row_kernel) unless there are too few rows to fill the GPU.
-// DISTILL_OPS_CUDA_SPLITS=k forces k (1: never split), for tests and tuning.
-inline int choose_splits(int64_t n, int64_t v, int sms) {
-  int64_t splits = 1;
-  if (const char* env = std::getenv("DISTILL_OPS_CUDA_SPLITS")) {
-    const long forced = std::strtol(env, nullptr, 10);
-    if (forced > 0) splits = forced;
-  } else if (n < 2 * int64_t(sms) && v >= 16384) {
-    splits = (4 * int64_t(sms) + n - 1) / n;
-    splits = std::min<int64_t>(splits, v / 4096);
-  }
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 256));
-  return static_cast<int>(splits);
 }
 
 inline int threads_for(int64_t len) {
@@ -580,67 +589,6 @@ inline bool aligned16(const void* p, int64_t row_stride, int64_t n) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
          (n <= 1 || (row_stride * int64_t(sizeof(scalar_t))) % 16 == 0);
 }
-
-template <typename scalar_t, typename T, int DIV>
-void launch_div(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int device,
-                cudaStream_t stream, const at::Tensor& like) {
-  const int sms = sm_count(device);
-  int splits = choose_splits(A.n, A.v, sms);
-  // Slices are whole multiples of 64 elements (so each starts 16-byte aligned).
-  int64_t slice = (A.v + splits - 1) / splits;
-  slice = (slice + 63) / 64 * 64;
-  splits = static_cast<int>((A.v + slice - 1) / slice);
-  if (splits <= 1) {
-    const int threads = threads_for(A.v);
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(A.n, int64_t(1) << 30));
-    row_kernel<scalar_t, T, DIV><<<grid, threads, 0, stream>>>(A, Kc, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const int threads = threads_for(slice);
-  const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(A.n, 65535));
-  const dim3 grid(static_cast<unsigned>(splits), rows_y);
-  at::Tensor ws_t = at::empty({A.n * splits * kSlot}, like.options().dtype(at::kDouble));
-  Acc* ws = ws_t.data_ptr<Acc>();
-  split_state_kernel<scalar_t, T, DIV == kReverseKL>
-      <<<grid, threads, 0, stream>>>(A, Kc, vec, slice, splits, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  split_terms_kernel<scalar_t, T, DIV><<<grid, threads, 0, stream>>>(A, Kc, vec, slice, splits, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (needs_c_pass(DIV) && Kc.need_grad) {
-    split_grad_kernel<scalar_t, T, DIV><<<grid, threads, 0, stream>>>(A, Kc, vec, slice, splits, ws);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int fin_threads = 128;
-  const unsigned fin_grid =
-      static_cast<unsigned>(std::min<int64_t>((A.n + fin_threads - 1) / fin_threads, 65535));
-  split_finalize_kernel<T><<<fin_grid, fin_threads, 0, stream>>>(A, Kc, splits, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Runs dense_forward for one dtype (scalar_t storage, T accumulation) on the current stream.
-template <typename scalar_t, typename T>
-void launch_dense(const DenseArgs& A, int device, cudaStream_t stream, const at::Tensor& like) {
-  const LossConsts<T> Kc = loss_consts<T>(A);
-  const bool vec = aligned16<scalar_t>(A.student, A.stride_s, A.n) &&
-                   (!Kc.soft || aligned16<scalar_t>(A.teacher, A.stride_t, A.n)) &&
-                   (!Kc.need_grad || aligned16<scalar_t>(A.grad, A.stride_g, A.n));
-  switch (A.divergence) {
-    case kForwardKL: launch_div<scalar_t, T, kForwardKL>(A, Kc, vec, device, stream, like); break;
-    case kReverseKL: launch_div<scalar_t, T, kReverseKL>(A, Kc, vec, device, stream, like); break;
-    case kJSD: launch_div<scalar_t, T, kJSD>(A, Kc, vec, device, stream, like); break;
-    case kSkewForwardKL:
-      launch_div<scalar_t, T, kSkewForwardKL>(A, Kc, vec, device, stream, like);
-      break;
-    default: launch_div<scalar_t, T, kSkewReverseKL>(A, Kc, vec, device, stream, like); break;
-  }
-}
-
-// Explicit instantiations live in dense_cuda_*.cu.
-void launch_dense_f32(const DenseArgs& A, int device, cudaStream_t stream, const at::Tensor& like);
-void launch_dense_f64(const DenseArgs& A, int device, cudaStream_t stream, const at::Tensor& like);
-void launch_dense_bf16(const DenseArgs& A, int device, cudaStream_t stream, const at::Tensor& like);
-void launch_dense_f16(const DenseArgs& A, int device, cudaStream_t stream, const at::Tensor& like);
 
 }  // namespace cuda
 }  // namespace distill_ops

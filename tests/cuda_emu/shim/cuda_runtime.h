@@ -71,6 +71,17 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   return cudaSuccess;
 }
 
+// The emulator runs every kernel as built for sm_90.
+struct cudaFuncAttributes {
+  int binaryVersion = 90, ptxVersion = 90;
+};
+
+template <typename K>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K*) {
+  *attr = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+
 enum cudaFuncAttribute { cudaFuncAttributeNonPortableClusterSizeAllowed = 11 };
 
 template <typename K>
