@@ -26,6 +26,8 @@
 
 #include <cooperative_groups.h>
 
+#include <atomic>
+
 #include "dense_kernels.cuh"
 
 namespace distill_ops {
@@ -267,12 +269,6 @@ bool launch_resident(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int 
     if (major < 9) return resident_refused(mode, "the device has no thread-block clusters (sm_90+)");
     void (*kernel)(const DenseArgs, const LossConsts<T>, const bool) =
         resident_kernel<scalar_t, T, DIV>;
-    cudaFuncAttributes fattr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&fattr, kernel));
-    if (fattr.binaryVersion < 90) return resident_refused(mode, "this build has no sm_90 code of it");
-    if (blocks > 8) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    }
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = static_cast<unsigned>(blocks);
@@ -286,9 +282,35 @@ bool launch_resident(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int 
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    int active = 0;
-    if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active == 0) {
-      (void)cudaGetLastError();  // this cluster shape cannot run here: the other kernels will
+    // Whether this build and device run the shape: asked once per device and shape (the queries
+    // cost more than a short launch). 0: not asked yet, 1: yes, 2: no sm_90 code, 3: too big.
+    constexpr int kDevices = 64;
+    static std::atomic<int> known[kDevices][2][kResMaxCluster + 1];
+    std::atomic<int>* slot = device >= 0 && device < kDevices
+                                 ? &known[device][threads == kResMaxThreads][blocks]
+                                 : nullptr;
+    int verdict = slot != nullptr ? slot->load(std::memory_order_relaxed) : 0;
+    if (verdict == 0) {
+      cudaFuncAttributes fattr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&fattr, kernel));
+      verdict = 1;
+      if (fattr.binaryVersion < 90) {
+        verdict = 2;
+      } else {
+        if (blocks > 8) {
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        }
+        int active = 0;
+        if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active == 0) {
+          (void)cudaGetLastError();  // clear the query's error: the other kernels will run
+          verdict = 3;
+        }
+      }
+      if (slot != nullptr) slot->store(verdict, std::memory_order_relaxed);
+    }
+    if (verdict == 2) return resident_refused(mode, "this build has no sm_90 code of it");
+    if (verdict == 3) {
       return resident_refused(mode, "the device cannot schedule a cluster of this size");
     }
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, A, Kc, vec));
