@@ -343,7 +343,8 @@ __device__ __forceinline__ RowStates<T> pass_states(const RowPtrs<scalar_t, T>& 
   RowStates<T> st = RowStates<T>::empty();
   stream_slice<scalar_t>(lo, hi, vec, [&](auto kc, int64_t j0) {
     constexpr int K = decltype(kc)::value;
-    T x[K], t[K];
+    // t is zeroed where it is not loaded (no soft term): left undefined, ptxas spilled here.
+    T x[K], t[K] = {};
     load_k<K, true>(P.s + j0, x);
     if (Kc.soft) load_k<K, true>(P.t + j0, t);
     fold_elems<K, DIV>(st, Kc, x, t);
