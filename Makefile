@@ -16,7 +16,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sparse_*.py) \
              tests/test_topk.py tests/test_fused_linear.py tests/test_cuda_emu.py
 
-.PHONY: setup build demo test test-emu test-gpu bench bench-cpu peers-dir clean
+.PHONY: setup build demo test test-emu test-gpu check-spills bench bench-cpu peers-dir clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(VENV)/.built
 
 test-emu: $(VENV)/.built
 	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
+
+# ptxas's register report of every CUDA kernel (sm_90); fails when one other than fp64 spills.
+check-spills: $(VENV)/.deps
+	$(PYTHON) -m bench.ptxas_spills
 
 test-gpu: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra -m cuda

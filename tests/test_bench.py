@@ -191,3 +191,29 @@ def test_trl_fused_linear_provider_computes_the_eager_loss(divergence):
     ours = prov.TrlChunked().make(case)(x)
     eager = prov.TorchEager().make(case)(x)
     torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
+
+
+_PTXAS_LOG = """\
+ptxas info    : Compiling entry function '_ZN11distill_ops4cuda10row_kernelIN3c108BFloat16EfLi0EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb' for 'sm_90'
+ptxas info    : Function properties for _ZN11distill_ops4cuda10row_kernelIN3c108BFloat16EfLi0EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb
+    40 bytes stack frame, {bf16} bytes spill stores, 52 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 40 bytes cumulative stack size, 1288 bytes smem
+ptxas info    : Compiling entry function '_ZN11distill_ops4cuda10row_kernelIddLi2EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb' for 'sm_90'
+ptxas info    : Function properties for _ZN11distill_ops4cuda10row_kernelIddLi2EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb
+    0 bytes stack frame, 244 bytes spill stores, 196 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 1288 bytes smem
+"""
+
+
+@pytest.mark.parametrize("bf16_spill, rc", [(72, 1), (0, 0)])
+def test_ptxas_spills_fails_on_a_spill_except_fp64(monkeypatch, capsys, bf16_spill, rc):
+    from bench import ptxas_spills
+    log = _PTXAS_LOG.format(bf16=bf16_spill).replace(
+        "52 bytes spill loads", f"{52 if bf16_spill else 0} bytes spill loads")
+    ks = ptxas_spills.parse(log)
+    assert [(k.registers, k.spill_stores, k.fp64) for k in ks] == [(64, bf16_spill, False), (64, 244, True)]
+    monkeypatch.setattr(ptxas_spills, "compile_log", lambda path, arch: log)
+    assert ptxas_spills.main(["x.cu"]) == rc
+    out = capsys.readouterr().out
+    assert "fp64, allowed: 244 B" in out
+    assert ("SPILLS: 72 B" in out) == bool(rc)

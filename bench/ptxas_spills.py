@@ -1,0 +1,120 @@
+"""Register use and spills of every CUDA kernel, from ptxas itself, on a machine without a GPU.
+
+    python -m bench.ptxas_spills [--arch 90] [--jobs 2] [csrc/cuda/x.cu ...]
+
+Each translation unit of csrc/cuda is compiled for one architecture with `ptxas -v` and the
+per-kernel report parsed. A spill on the hot path costs local-memory traffic that no CPU test can
+see, and it can appear from a refactor that changes no result (af720c9 fixed one: an array left
+undefined on one branch made every 16-bit row_kernel spill 72-96 bytes on sm_90). So this exits 1
+when a kernel spills, except the float64 instantiations (two registers a value under the
+64-register cap of the 1024-thread kernels: they spilled before, and nobody's hot path is fp64).
+CI runs it after the tests (`make check-spills`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import glob
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+@dataclass
+class Kernel:
+    name: str  # mangled
+    arch: str
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+    @property
+    def fp64(self) -> bool:
+        # The kernels are templates <scalar_t, T, ...>; fp64 ones are instantiated with <double,
+        # double>, mangled "Idd".
+        return "Idd" in self.name
+
+
+def parse(log: str) -> list[Kernel]:
+    """The kernels of one `ptxas -v` log, in order."""
+    kernels: list[Kernel] = []
+    cur: Kernel | None = None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = Kernel(m[1], m[2])
+            kernels.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = _SPILL.search(line)
+        if m:
+            cur.spill_stores, cur.spill_loads = int(m[1]), int(m[2])
+        m = _REGS.search(line)
+        if m:
+            cur.registers = int(m[1])
+    return kernels
+
+
+def _cuda_home() -> str:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME:
+        return cpp_extension.CUDA_HOME
+    raise SystemExit("ptxas_spills: nvcc not found (set CUDA_HOME)")
+
+
+def compile_log(path: str, arch: str) -> str:
+    """ptxas -v output of one .cu compiled as setup.py compiles it (same defines and includes)."""
+    from torch.utils import cpp_extension
+    incs = [f"-I{p}" for p in cpp_extension.include_paths()]
+    incs += [f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{os.path.join(ROOT, 'csrc')}"]
+    incs.append(f"-I{sysconfig.get_paths()['include']}")
+    cmd = [os.path.join(_cuda_home(), "bin", "nvcc"), "-std=c++20", "-O3", "--expt-relaxed-constexpr",
+           "-DDISTILL_OPS_WITH_CUDA=1", "-D_GLIBCXX_USE_CXX11_ABI=1", *incs,
+           "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+           "-c", path, "-o", os.devnull]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"ptxas_spills: {path} did not compile:\n{r.stderr[-4000:]}")
+    return r.stdout + r.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", help="default: every csrc/cuda/*.cu")
+    ap.add_argument("--arch", default="90", help="one compute capability, e.g. 90 (default) or 80")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        logs = list(pool.map(lambda f: compile_log(f, args.arch), files))
+    bad = 0
+    for path, log in zip(files, logs):
+        kernels = parse(log)
+        spilling = [k for k in kernels if k.spill_stores or k.spill_loads]
+        print(f"{os.path.relpath(path, ROOT)}: {len(kernels)} kernels on sm_{args.arch}, "
+              f"{len(spilling)} spilling, at most {max((k.registers for k in kernels), default=0)} registers")
+        for k in spilling:
+            tag = "fp64, allowed" if k.fp64 else "SPILLS"
+            bad += not k.fp64
+            print(f"  {tag}: {k.spill_stores} B stores, {k.spill_loads} B loads, {k.registers} regs  {k.name}")
+    if bad:
+        print(f"ptxas_spills: {bad} kernel(s) other than fp64 spill registers", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
