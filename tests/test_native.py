@@ -8,6 +8,10 @@ by torch.autograd: no hand-derived gradient is trusted.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -465,3 +469,58 @@ def test_cuda_matches_cpu(device):
     lc, gc = run(s, t, labels, **kw)
     lg, gg = run(s.cuda(), t.cuda(), labels.cuda(), **kw)
     assert rel(lg, lc) < 1e-6 and rel(gg, gc) < 1e-5
+
+
+def _vm_flags_at(addr: int) -> list[str] | None:
+    """The VmFlags of the mapping holding addr (Linux /proc/self/smaps), None when there is none."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@pytest.mark.skipif(os.environ.get("DISTILL_OPS_CUDA_EMU") == "1",
+                    reason="the emulated CUDA kernels take the GPU's memory path")
+@pytest.mark.parametrize("op", ["dense", "sparse"])
+def test_cpu_gradient_buffer_asks_for_huge_pages(op):
+    """A fresh gradient buffer of 12 MiB gets the MADV_HUGEPAGE hint on its 2 MiB-aligned interior
+    (csrc/cpu/cpu_common.h advise_huge_pages); the result is the one of the same call without it
+    (DISTILL_OPS_CPU_HUGEPAGES=0, read once, hence the subprocess)."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_native import _vm_flags_at
+from distill_ops.backends import native
+torch.manual_seed(0)
+s, t = torch.randn(96, 32768), torch.randn(96, 32768)
+grad = torch.empty_like(s)
+if {op!r} == "dense":
+    loss = native.dense_forward(s, t, None, divergence=0, mix=0.0, temperature=1.0, softcap=0.0,
+                                soft_coef=1.0, hard_coef=0.0, ignore_index=-100, grad=grad,
+                                grad_scale=None)
+else:
+    ids = torch.topk(t, 8).indices.int()
+    lp = torch.log_softmax(t, -1).gather(1, ids.long()).float()
+    loss = torch.ops.distill_ops_native.sparse_forward(s, ids, lp, None, None, grad, None, 0, 0.0,
+                                                      0, 1.0, 1.0, 1.0, 0.0, -100)
+mid = grad.data_ptr() + grad.nbytes // 2
+print("hg" in (_vm_flags_at(mid) or []))
+torch.save((loss, grad), sys.argv[1])
+"""
+    outs = {}
+    for flag in ("1", "0"):
+        path = os.path.join(tempfile.mkdtemp(), "out.pt")
+        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                           env={**os.environ, "DISTILL_OPS_CPU_HUGEPAGES": flag})
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[flag] = (r.stdout.split()[-1], torch.load(path))
+    assert outs["1"][0] == "True" and outs["0"][0] == "False"
+    for a, b in zip(outs["1"][1], outs["0"][1]):
+        assert torch.equal(a, b)

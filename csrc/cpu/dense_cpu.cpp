@@ -331,6 +331,7 @@ at::Tensor dense_forward_cpu(const at::Tensor& student, const at::Tensor& teache
   const DenseArgs& A = call.args;
   if (A.n == 0) return call.loss;
   check_labels("distill_ops_native::dense_forward: ", A.labels, A.n, A.v, A.ignore_index);
+  advise_huge_pages(grad, student);
   void (*rows)(const DenseArgs&, int64_t, int64_t) = nullptr;
   switch (call.dtype) {
     case at::kFloat: rows = rows_f32; break;

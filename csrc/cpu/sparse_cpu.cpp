@@ -245,6 +245,7 @@ at::Tensor sparse_forward_cpu(const at::Tensor& student, const at::Tensor& ids,
                 i / A.k, ", ", i % A.k, "] = ", A.ids[i], " is neither -1 nor in [0, ", A.v, ")");
   }
   check_labels("distill_ops_native::sparse_forward: ", A.labels, A.n, A.v, A.ignore_index);
+  advise_huge_pages(grad, student);
   void (*rows)(const SparseArgs&, int64_t, int64_t) = nullptr;
   switch (call.dtype) {
     case at::kFloat: rows = sparse_rows_f32; break;
