@@ -50,7 +50,8 @@ def test_sdist_holds_every_source_and_included_header(tmp_path):
     src = _clean_copy(tmp_path / "src")
     r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
                        cwd=src, capture_output=True, text=True,
-                       env={**os.environ, "DISTILL_OPS_NO_CUDA": "1"})
+                       env={**{k: v for k, v in os.environ.items() if k != "DISTILL_OPS_FORCE_CUDA"},
+                            "DISTILL_OPS_NO_CUDA": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     (archive,) = (tmp_path / "dist").glob("distill_ops-*.tar.gz")
     with tarfile.open(archive) as tar:
