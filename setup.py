@@ -62,6 +62,10 @@ def _cuda_status(torch, cpp_extension) -> tuple[bool, str]:
     return True, ""
 
 
+# nvcc's flags besides the gencode list (bench/ptxas_spills.py compiles with the same).
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DDISTILL_OPS_WITH_CUDA=1"]
+
+
 def _gencode() -> list[str]:
     archs = [a.strip() for a in os.environ.get("DISTILL_OPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     flags = []
@@ -94,8 +98,7 @@ def extensions():
 
     if ok:
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                "-DDISTILL_OPS_WITH_CUDA=1"] + _gencode()
+        nvcc = NVCC_FLAGS + _gencode()
         print(f"distill_ops: building the CPU and CUDA kernels (CUDA {torch.version.cuda}, "
               f"nvcc in {cpp_extension.CUDA_HOME})", file=sys.stderr)
         return [cpp_extension.CUDAExtension(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -66,24 +67,26 @@ def parse(log: str) -> list[Kernel]:
     return kernels
 
 
-def _cuda_home() -> str:
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    from torch.utils import cpp_extension
-    if cpp_extension.CUDA_HOME:
-        return cpp_extension.CUDA_HOME
-    raise SystemExit("ptxas_spills: nvcc not found (set CUDA_HOME)")
+def _setup_module():
+    """setup.py, imported for its toolkit lookup and nvcc flags (its main() runs only as a script)."""
+    spec = importlib.util.spec_from_file_location("_distill_ops_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def compile_log(path: str, arch: str) -> str:
-    """ptxas -v output of one .cu compiled as setup.py compiles it (same defines and includes)."""
+    """ptxas -v output of one .cu compiled as setup.py compiles it (its flags, defines, includes)."""
     from torch.utils import cpp_extension
+    setup_py = _setup_module()
+    home = setup_py._resolve_cuda_home(cpp_extension)
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        raise SystemExit("ptxas_spills: nvcc not found (set CUDA_HOME)")
     incs = [f"-I{p}" for p in cpp_extension.include_paths()]
     incs += [f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{os.path.join(ROOT, 'csrc')}"]
     incs.append(f"-I{sysconfig.get_paths()['include']}")
-    cmd = [os.path.join(_cuda_home(), "bin", "nvcc"), "-std=c++20", "-O3", "--expt-relaxed-constexpr",
-           "-DDISTILL_OPS_WITH_CUDA=1", "-D_GLIBCXX_USE_CXX11_ABI=1", *incs,
+    cmd = [os.path.join(home, "bin", "nvcc"), "-std=c++20", *setup_py.NVCC_FLAGS,
+           "-D_GLIBCXX_USE_CXX11_ABI=1", *incs,
            "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
            "-c", path, "-o", os.devnull]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -60,10 +60,7 @@ def test_sdist_holds_every_source_and_included_header(tmp_path):
                if f.endswith((".cpp", ".cu"))]
     assert sources
     needed = {os.path.relpath(s, ROOT) for s in sources}
-    for s in sources:
-        needed |= _included(s)
-    # the headers' own includes too
-    frontier = [n for n in needed if n.endswith((".h", ".cuh"))]
+    frontier = list(needed)  # the sources, then the headers they reach
     while frontier:
         new = _included(os.path.join(ROOT, frontier.pop())) - needed
         needed |= new
