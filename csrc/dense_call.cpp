@@ -17,32 +17,19 @@ DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teache
                              double mix, double temperature, double softcap, double soft_coef,
                              double hard_coef, int64_t ignore_index, c10::DeviceType device_type) {
   const char* op = "distill_ops_native::dense_forward: ";
-  TORCH_CHECK(student.device().type() == device_type, op, "student is on ", student.device(),
-              ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
-  TORCH_CHECK(student.dim() == 2, op, "student must be 2-D (N, V), got shape ", student.sizes());
-  TORCH_CHECK(teacher.sizes() == student.sizes(), op, "teacher has shape ", teacher.sizes(),
-              " but student has shape ", student.sizes());
+  check_logits(op, "student", student, device_type);
   TORCH_CHECK(teacher.device() == student.device(), op, "teacher is on ", teacher.device(),
               " but student is on ", student.device());
-  TORCH_CHECK(supported_float_dtype(student.scalar_type()), op,
-              "student must be float32, bfloat16, float16 or float64, got ", student.scalar_type());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), op, "teacher has shape ", teacher.sizes(),
+              " but student has shape ", student.sizes());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), op, "teacher has dtype ",
               teacher.scalar_type(), " but student has dtype ", student.scalar_type());
-  const int64_t n = student.size(0), v = student.size(1);
-  TORCH_CHECK(v >= 1 || n == 0, op, "the vocabulary (student.size(1)) must not be empty");
-  TORCH_CHECK(v <= 1 || student.stride(1) == 1, op,
-              "student must have unit stride on the last axis, got strides ", student.strides());
-  TORCH_CHECK(v <= 1 || teacher.stride(1) == 1, op,
-              "teacher must have unit stride on the last axis, got strides ", teacher.strides());
-  TORCH_CHECK(student.stride(0) >= 0 && teacher.stride(0) >= 0, op, "negative row strides");
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, op, "divergence must be a code in 0..4, got ",
-              divergence);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              "temperature must be finite and > 0, got ", temperature);
+  check_logits(op, "teacher", teacher, device_type);
+  check_divergence(op, divergence, mix);
+  check_finite_positive(op, "temperature", temperature);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op,
               "softcap must be finite and >= 0 (0: none), got ", softcap);
-  TORCH_CHECK(std::isfinite(mix) && mix >= 0.0 && mix <= 1.0, op, "mix must be in [0, 1], got ",
-              mix);
+  const int64_t n = student.size(0), v = student.size(1);
 
   DenseCall call;
   call.dtype = student.scalar_type();
@@ -62,14 +49,8 @@ DenseCall prepare_dense_call(const at::Tensor& student, const at::Tensor& teache
   a.ignore_index = ignore_index;
 
   if (labels.has_value()) {
-    const at::Tensor& lab = *labels;
-    TORCH_CHECK(lab.scalar_type() == at::kLong, op, "labels must be int64, got ",
-                lab.scalar_type());
-    TORCH_CHECK(lab.dim() == 1 && lab.size(0) == n, op, "labels must have shape (", n,
-                ",), got ", lab.sizes());
-    TORCH_CHECK(lab.device() == student.device(), op, "labels are on ", lab.device(),
-                " but student is on ", student.device());
-    call.labels = lab.contiguous();
+    check_labels_arg(op, *labels, student);
+    call.labels = labels->contiguous();
     a.labels = call.labels.data_ptr<int64_t>();
   }
   if (grad.has_value()) {

@@ -32,16 +32,8 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
                                double soft_coef, double hard_coef, int64_t ignore_index,
                                c10::DeviceType device_type) {
   const char* op = "distill_ops_native::sparse_forward: ";
-  TORCH_CHECK(student.device().type() == device_type, op, "student is on ", student.device(),
-              ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
-  TORCH_CHECK(student.dim() == 2, op, "student must be 2-D (N, V), got shape ", student.sizes());
-  TORCH_CHECK(supported_float_dtype(student.scalar_type()), op,
-              "student must be float32, bfloat16, float16 or float64, got ", student.scalar_type());
+  check_logits(op, "student", student, device_type);
   const int64_t n = student.size(0), v = student.size(1);
-  TORCH_CHECK(v >= 1 || n == 0, op, "the vocabulary (student.size(1)) must not be empty");
-  TORCH_CHECK(v <= 1 || student.stride(1) == 1, op,
-              "student must have unit stride on the last axis, got strides ", student.strides());
-  TORCH_CHECK(student.stride(0) >= 0, op, "student has a negative row stride");
   TORCH_CHECK(ids.scalar_type() == at::kInt, op, "ids must be int32, got ", ids.scalar_type());
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == n && ids.size(1) >= 1, op,
               "ids must have shape (", n, ", k >= 1), got ", ids.sizes());
@@ -52,15 +44,10 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
   TORCH_CHECK(logprobs.sizes() == ids.sizes(), op, "logprobs has shape ", logprobs.sizes(),
               " but ids has shape ", ids.sizes());
   check_rows(op, "logprobs", logprobs, student);
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, op, "divergence must be a code in 0..4, got ",
-              divergence);
+  check_divergence(op, divergence, mix);
   TORCH_CHECK(mode >= 0 && mode <= 2, op, "mode must be a code in 0..2, got ", mode);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              "temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(std::isfinite(target_scale) && target_scale > 0.0, op,
-              "target_scale must be finite and > 0, got ", target_scale);
-  TORCH_CHECK(std::isfinite(mix) && mix >= 0.0 && mix <= 1.0, op, "mix must be in [0, 1], got ",
-              mix);
+  check_finite_positive(op, "temperature", temperature);
+  check_finite_positive(op, "target_scale", target_scale);
 
   SparseCall call;
   call.dtype = student.scalar_type();
@@ -90,11 +77,8 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
     a.tail = tail->data_ptr();
   }
   if (labels.has_value()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong, op, "labels must be int64, got ",
-                labels->scalar_type());
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n, op, "labels must have shape (", n,
-                ",), got ", labels->sizes());
-    check_rows(op, "labels", *labels, student);
+    check_labels_arg(op, *labels, student);
+    TORCH_CHECK(labels->is_contiguous(), op, "labels must be contiguous");
     a.labels = labels->data_ptr<int64_t>();
   }
   if (grad.has_value()) {
@@ -121,17 +105,10 @@ namespace {
 
 // The checks and geometry the teacher ops share; the outputs are allocated by the callers.
 TeacherCall teacher_call(const char* op, const at::Tensor& teacher, c10::DeviceType device_type) {
-  TORCH_CHECK(teacher.device().type() == device_type, op, "teacher is on ", teacher.device(),
-              ", this implementation serves ", c10::DeviceTypeName(device_type), " tensors");
-  TORCH_CHECK(teacher.dim() == 2, op, "teacher must be 2-D (N, V), got shape ", teacher.sizes());
-  TORCH_CHECK(supported_float_dtype(teacher.scalar_type()), op,
-              "teacher must be float32, bfloat16, float16 or float64, got ", teacher.scalar_type());
+  check_logits(op, "teacher", teacher, device_type);
   const int64_t n = teacher.size(0), v = teacher.size(1);
   TORCH_CHECK(v >= 1, op, "the vocabulary (teacher.size(1)) must not be empty");
   TORCH_CHECK(v <= std::numeric_limits<int32_t>::max(), op, "V = ", v, " does not fit int32 ids");
-  TORCH_CHECK(v <= 1 || teacher.stride(1) == 1, op,
-              "teacher must have unit stride on the last axis, got strides ", teacher.strides());
-  TORCH_CHECK(teacher.stride(0) >= 0, op, "teacher has a negative row stride");
   TeacherCall call;
   call.dtype = teacher.scalar_type();
   TeacherArgs& a = call.args;
@@ -159,8 +136,7 @@ void allocate_targets(TeacherCall& call, const at::Tensor& teacher, int64_t k) {
 TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double temperature,
                               c10::DeviceType device_type) {
   const char* op = "distill_ops_native::teacher_topk: ";
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              "temperature must be finite and > 0, got ", temperature);
+  check_finite_positive(op, "temperature", temperature);
   TeacherCall call = teacher_call(op, teacher, device_type);
   TORCH_CHECK(k >= 1 && k <= call.args.v, op, "k must be in [1, V = ", call.args.v, "], got ", k);
   allocate_targets(call, teacher, k);
@@ -171,8 +147,7 @@ TeacherCall prepare_topk_call(const at::Tensor& teacher, int64_t k, double tempe
 TeacherCall prepare_sample_call(const char* op, const at::Tensor& teacher, int64_t num_samples,
                                 double inv_prop, int64_t seed_key, bool draws_only,
                                 c10::DeviceType device_type) {
-  TORCH_CHECK(std::isfinite(inv_prop) && inv_prop > 0.0, op,
-              "inv_prop must be finite and > 0, got ", inv_prop);
+  check_finite_positive(op, "inv_prop", inv_prop);
   TORCH_CHECK(seed_key >= 0 && seed_key <= 0xFFFFFFFFll, op, "seed_key must be a 32-bit key, got ",
               seed_key);
   // Draws are with replacement: num_samples may exceed V.

@@ -9,7 +9,8 @@ import torch
 from . import _validate as check
 from . import backends
 from .backends.base import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
-from .ops.dense import REDUCTIONS, InplaceDenseKD, dense_kd
+from .ops.dense import dense_kd, inplace_dense_kd
+from .ops.fused_grad import REDUCTIONS
 
 DIVERGENCES = tuple(DIVERGENCE_CODES) + ("generalized_jsd",)
 VOCAB_MODES = ("strict", "common_prefix")
@@ -150,7 +151,7 @@ def kd_loss(
     if inplace_grad and need_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
-        loss = InplaceDenseKD.apply(student2d, teacher2d, label_rows, *args, name)
+        loss = inplace_dense_kd(student2d, teacher2d, label_rows, *args, name)
     else:
         loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)
     return loss.reshape(lead) if red == 0 else loss

@@ -23,7 +23,8 @@ import torch
 from . import _validate as check
 from . import backends
 from .functional import loss_constants
-from .ops.dense import REDUCTIONS, SUM, dense_kd, grad_scale_for, scale_saved_grad
+from .ops.dense import dense_kd
+from .ops.fused_grad import REDUCTIONS, SUM, grad_scale_for, scale_saved_grad
 from .ops.sparse import _impl as sparse_impl
 from .ops.sparse import sparse_kd
 from .sparse import SparseTargets, prepare_sparse_call

@@ -12,9 +12,9 @@ from . import backends
 from .backends.base import FORWARD_KL
 from .backends.reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
 from .functional import DIVERGENCES, resolve_divergence
-from .ops.dense import REDUCTIONS
+from .ops.fused_grad import REDUCTIONS
 from .ops.sparse import resolve as resolve_backend
-from .ops.sparse import InplaceSparseKD, sparse_kd
+from .ops.sparse import inplace_sparse_kd, sparse_kd
 from .targets.sample import teacher_sample
 from .targets.topk import TRITON_MAX_K, teacher_topk
 from .targets.types import SparseTargets
@@ -174,7 +174,7 @@ def sparse_kd_loss(
     if check.flag("inplace_grad", inplace_grad) and need_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
-        loss = InplaceSparseKD.apply(student2d, call.ids, call.logprobs, call.tail, call.labels,
+        loss = inplace_sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
                                      *call.consts, red, call.backend)
     else:
         loss, _ = sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,

@@ -13,13 +13,7 @@ from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E40
 from distill_ops.trainer.models import llama  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 V = 64

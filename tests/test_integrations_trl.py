@@ -14,13 +14,7 @@ import torch.nn.functional as F
 from distill_ops.integrations import trl as dtrl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def gkd_reference(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchmean",

@@ -25,7 +25,8 @@ from distill_ops.integrations import trl as dtrl
 from oracle import INTERPRETER_NOISE
 
 pytestmark = [INTERPRETER_NOISE, pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.usefixtures("one_intraop_thread")]
 
 WORDS = 253                    # + 3 special tokens = a vocabulary of 256
 PAD, EOS, UNK = 0, 1, 2
@@ -34,15 +35,6 @@ PAD, EOS, UNK = 0, 1, 2
 STOP_IDS = list(range(3, 3 + WORDS, 8))
 MAX_STEPS, BATCH, ACCUM, MAX_COMPLETION = 2, 2, 2, 5
 MICRO_STEPS = MAX_STEPS * ACCUM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trl_distillation():

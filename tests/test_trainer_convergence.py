@@ -18,13 +18,7 @@ from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 V, STEPS = 96, 150

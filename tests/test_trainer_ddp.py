@@ -17,17 +17,9 @@ from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.usefixtures("one_intraop_thread")]
 
 V = 64
 

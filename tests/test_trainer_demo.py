@@ -12,13 +12,7 @@ from distill_ops.trainer import demo
 from distill_ops.trainer.objective import cache_available
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 @pytest.mark.parametrize("targets", [

@@ -5,9 +5,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -90,6 +92,54 @@ DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __
   }
   load_chunk(src, n, buf);
   return buf;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row entry points and the parallel loop over rows
+
+// An op's row loop rows<scalar_t, T>(A, begin, end) compiled once per logits dtype. Each entry point
+// is a plain function so that it can be multi-versioned (DOPS_CPU_CLONES); a function template
+// cannot be.
+template <typename Args>
+struct RowEntryPoints {
+  using Fn = void (*)(const Args&, int64_t, int64_t);
+  Fn f32, bf16, f16, f64;
+
+  Fn of(at::ScalarType dtype) const {
+    switch (dtype) {
+      case at::kFloat: return f32;
+      case at::kBFloat16: return bf16;
+      case at::kHalf: return f16;
+      default: return f64;  // the call checks have let only the four kernel dtypes through
+    }
+  }
+};
+
+// Defines name_f32 ... name_f64 running rows<scalar_t, T> (fp32 math for 16-bit logits, fp64 for
+// fp64) and the RowEntryPoints<Args> `name` that holds them.
+#define DOPS_CPU_ROW_ENTRY_POINTS(name, Args, rows)                                             \
+  DOPS_CPU_CLONES void name##_f32(const Args& A, int64_t b, int64_t e) {                        \
+    rows<float, float>(A, b, e);                                                                \
+  }                                                                                             \
+  DOPS_CPU_CLONES void name##_bf16(const Args& A, int64_t b, int64_t e) {                       \
+    rows<c10::BFloat16, float>(A, b, e);                                                        \
+  }                                                                                             \
+  DOPS_CPU_CLONES void name##_f16(const Args& A, int64_t b, int64_t e) {                        \
+    rows<c10::Half, float>(A, b, e);                                                            \
+  }                                                                                             \
+  DOPS_CPU_CLONES void name##_f64(const Args& A, int64_t b, int64_t e) {                        \
+    rows<double, double>(A, b, e);                                                              \
+  }                                                                                             \
+  const RowEntryPoints<Args> name{name##_f32, name##_bf16, name##_f16, name##_f64}
+
+// Rows [0, A.n) over at::parallel_for, in tasks of about 32K elements (row_cost per row): fewer
+// and the pool's overhead shows on short rows; more and two cores go unbalanced on few rows.
+template <typename Args>
+void parallel_rows(const RowEntryPoints<Args>& entry, at::ScalarType dtype, const Args& A,
+                   int64_t row_cost) {
+  const auto rows = entry.of(dtype);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_cost));
+  at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
 }
 
 // Every label is ignore_index or in [0, v): the kernels index the row with it.

@@ -305,19 +305,7 @@ DOPS_INLINE void run_rows(const DenseArgs& A, int64_t begin, int64_t end) {
   }
 }
 
-// Entry points, one per dtype (each multi-versioned).
-DOPS_CPU_CLONES void rows_f32(const DenseArgs& A, int64_t b, int64_t e) {
-  run_rows<float, float>(A, b, e);
-}
-DOPS_CPU_CLONES void rows_bf16(const DenseArgs& A, int64_t b, int64_t e) {
-  run_rows<c10::BFloat16, float>(A, b, e);
-}
-DOPS_CPU_CLONES void rows_f16(const DenseArgs& A, int64_t b, int64_t e) {
-  run_rows<c10::Half, float>(A, b, e);
-}
-DOPS_CPU_CLONES void rows_f64(const DenseArgs& A, int64_t b, int64_t e) {
-  run_rows<double, double>(A, b, e);
-}
+DOPS_CPU_ROW_ENTRY_POINTS(dense_rows, DenseArgs, run_rows);
 
 at::Tensor dense_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& labels,
@@ -332,15 +320,7 @@ at::Tensor dense_forward_cpu(const at::Tensor& student, const at::Tensor& teache
   if (A.n == 0) return call.loss;
   check_labels("distill_ops_native::dense_forward: ", A.labels, A.n, A.v, A.ignore_index);
   advise_huge_pages(grad, student);
-  void (*rows)(const DenseArgs&, int64_t, int64_t) = nullptr;
-  switch (call.dtype) {
-    case at::kFloat: rows = rows_f32; break;
-    case at::kBFloat16: rows = rows_bf16; break;
-    case at::kHalf: rows = rows_f16; break;
-    default: rows = rows_f64; break;
-  }
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / A.v);
-  at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
+  parallel_rows(dense_rows, call.dtype, A, A.v);
   return call.loss;
 }
 

@@ -212,18 +212,7 @@ DOPS_INLINE void run_sparse_rows(const SparseArgs& A, int64_t begin, int64_t end
   }
 }
 
-DOPS_CPU_CLONES void sparse_rows_f32(const SparseArgs& A, int64_t b, int64_t e) {
-  run_sparse_rows<float, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sparse_rows_bf16(const SparseArgs& A, int64_t b, int64_t e) {
-  run_sparse_rows<c10::BFloat16, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sparse_rows_f16(const SparseArgs& A, int64_t b, int64_t e) {
-  run_sparse_rows<c10::Half, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sparse_rows_f64(const SparseArgs& A, int64_t b, int64_t e) {
-  run_sparse_rows<double, double>(A, b, e);
-}
+DOPS_CPU_ROW_ENTRY_POINTS(sparse_rows, SparseArgs, run_sparse_rows);
 
 }  // namespace
 
@@ -246,15 +235,7 @@ at::Tensor sparse_forward_cpu(const at::Tensor& student, const at::Tensor& ids,
   }
   check_labels("distill_ops_native::sparse_forward: ", A.labels, A.n, A.v, A.ignore_index);
   advise_huge_pages(grad, student);
-  void (*rows)(const SparseArgs&, int64_t, int64_t) = nullptr;
-  switch (call.dtype) {
-    case at::kFloat: rows = sparse_rows_f32; break;
-    case at::kBFloat16: rows = sparse_rows_bf16; break;
-    case at::kHalf: rows = sparse_rows_f16; break;
-    default: rows = sparse_rows_f64; break;
-  }
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / A.v);
-  at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
+  parallel_rows(sparse_rows, call.dtype, A, A.v);
   return call.loss;
 }
 

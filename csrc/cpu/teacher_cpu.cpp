@@ -319,45 +319,13 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
   }
 }
 
-// Entry points, one per dtype (each multi-versioned).
-DOPS_CPU_CLONES void topk_f32(const TeacherArgs& A, int64_t b, int64_t e) {
-  topk_rows<float, float>(A, b, e);
-}
-DOPS_CPU_CLONES void topk_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
-  topk_rows<c10::BFloat16, float>(A, b, e);
-}
-DOPS_CPU_CLONES void topk_f16(const TeacherArgs& A, int64_t b, int64_t e) {
-  topk_rows<c10::Half, float>(A, b, e);
-}
-DOPS_CPU_CLONES void topk_f64(const TeacherArgs& A, int64_t b, int64_t e) {
-  topk_rows<double, double>(A, b, e);
-}
-DOPS_CPU_CLONES void sample_f32(const TeacherArgs& A, int64_t b, int64_t e) {
-  sample_rows<float, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sample_bf16(const TeacherArgs& A, int64_t b, int64_t e) {
-  sample_rows<c10::BFloat16, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sample_f16(const TeacherArgs& A, int64_t b, int64_t e) {
-  sample_rows<c10::Half, float>(A, b, e);
-}
-DOPS_CPU_CLONES void sample_f64(const TeacherArgs& A, int64_t b, int64_t e) {
-  sample_rows<double, double>(A, b, e);
-}
+DOPS_CPU_ROW_ENTRY_POINTS(topk_entry, TeacherArgs, topk_rows);
+DOPS_CPU_ROW_ENTRY_POINTS(sample_entry, TeacherArgs, sample_rows);
 
-using RowsFn = void (*)(const TeacherArgs&, int64_t, int64_t);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher(TeacherCall& call, RowsFn f32,
-                                                           RowsFn bf16, RowsFn f16, RowsFn f64) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher(TeacherCall& call,
+                                                           const RowEntryPoints<TeacherArgs>& rows) {
   const TeacherArgs& A = call.args;
-  RowsFn rows = call.dtype == at::kFloat      ? f32
-                : call.dtype == at::kBFloat16 ? bf16
-                : call.dtype == at::kHalf     ? f16
-                                              : f64;
-  if (A.n > 0) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (A.v * (A.k > 8 ? 2 : 1)));
-    at::parallel_for(0, A.n, grain, [&](int64_t begin, int64_t end) { rows(A, begin, end); });
-  }
+  if (A.n > 0) parallel_rows(rows, call.dtype, A, A.v * (A.k > 8 ? 2 : 1));
   return {call.ids, call.logprobs, call.tail};
 }
 
@@ -366,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher(TeacherCall& call, Ro
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(const at::Tensor& teacher,
                                                                 int64_t k, double temperature) {
   TeacherCall call = prepare_topk_call(teacher, k, temperature, c10::DeviceType::CPU);
-  return run_teacher(call, topk_f32, topk_bf16, topk_f16, topk_f64);
+  return run_teacher(call, topk_entry);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_sample_cpu(const at::Tensor& teacher,
@@ -378,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_sample_cpu(const at::Tens
   TeacherCall call = prepare_sample_call(op, teacher, num_samples, inv_prop, seed_key,
                                          /*draws_only=*/false, c10::DeviceType::CPU);
   call.args.delta = delta;
-  return run_teacher(call, sample_f32, sample_bf16, sample_f16, sample_f64);
+  return run_teacher(call, sample_entry);
 }
 
 at::Tensor teacher_sample_draws_cpu(const at::Tensor& teacher, int64_t num_samples,
@@ -386,7 +354,7 @@ at::Tensor teacher_sample_draws_cpu(const at::Tensor& teacher, int64_t num_sampl
   TeacherCall call = prepare_sample_call("distill_ops_native::teacher_sample_draws: ", teacher,
                                          num_samples, inv_prop, seed_key, /*draws_only=*/true,
                                          c10::DeviceType::CPU);
-  return std::get<0>(run_teacher(call, sample_f32, sample_bf16, sample_f16, sample_f64));
+  return std::get<0>(run_teacher(call, sample_entry));
 }
 
 }  // namespace cpu

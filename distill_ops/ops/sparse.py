@@ -1,7 +1,7 @@
 """Sparse-target ops as torch.library custom ops, with fake kernels (torch.compile traces them) and,
 for the loss, autograd: the forward computes the gradient in its streaming passes, the backward only
-scales it (as ops/dense.py does); InplaceSparseKD is the eager variant that writes the gradient
-over the student logits.
+scales it (ops/fused_grad.py, shared with ops/dense.py); inplace_sparse_kd is the eager variant
+that writes the gradient over the student logits.
 
 Dispatch: the sparse kernels (loss, top-k, sampling) exist in the reference (pure torch), Triton,
 and the compiled CPU and CUDA backends. ``auto`` picks Triton on a GPU (where triton imports), the
@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .dense import NONE, grad_scale_for, reduce_rows, scale_saved_grad
+from .fused_grad import (NONE, InplaceGradKD, grad_scale_for, reduce_rows,
+                         register_saved_grad_autograd)
 
 _SPARSE_MODULES = {
     "torch": "distill_ops.backends.reference_sparse",
@@ -103,45 +104,13 @@ def _(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, tempe
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.need_grad = inputs[14]
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+register_saved_grad_autograd(sparse_kd, need_grad_at=14, what="a sparse loss")
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
-    n_inputs = 16
-    if grad_loss is None:
-        return (None,) * n_inputs
-    if not ctx.need_grad:
-        raise RuntimeError("distill_ops: backward through a sparse loss computed without need_grad")
-    (grad,) = ctx.saved_tensors
-    return (scale_saved_grad(grad, grad_loss),) + (None,) * (n_inputs - 1)
-
-
-sparse_kd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class InplaceSparseKD(torch.autograd.Function):
-    """Eager-mode variant that writes the gradient into the student-logits buffer (as
-    ops/dense.py's InplaceDenseKD): afterwards the student logits hold the gradient. Their version
-    counter is bumped, so autograd raises if anything else had saved them for its backward."""
-
-    @staticmethod
-    def forward(ctx, student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
-                temperature, target_scale, soft_coef, hard_coef, ignore_index, reduction, backend):
-        loss = _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
-                    temperature, target_scale, soft_coef, hard_coef, ignore_index, reduction,
-                    student, backend)
-        torch.autograd.graph.increment_version(student)
-        ctx.grad = student  # an attribute: save_for_backward would reject the bumped version
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad, ctx.grad = ctx.grad, None
-        return (scale_saved_grad(grad, grad_loss),) + (None,) * 14
+def inplace_sparse_kd(student: torch.Tensor, *args) -> torch.Tensor:
+    """sparse_kd's loss, eager only, with the gradient written over ``student`` (InplaceGradKD);
+    ``args`` are sparse_kd's from ``ids`` to ``reduction``, then the backend."""
+    return InplaceGradKD.apply(_run, student, *args)
 
 
 # ----------------------------------------------------------------------------- the teacher side

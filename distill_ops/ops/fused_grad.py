@@ -1,0 +1,98 @@
+"""What the fused (loss, gradient) custom ops share (ops/dense.py, ops/sparse.py).
+
+Their forward computes the loss and d loss / d student in the same streaming passes; the backward
+only scales that saved gradient by the incoming one. Here: the reduction and the factor each row's
+gradient carries for it, the autograd of the functional ops, and the eager autograd.Function that
+writes the gradient over the student logits instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# Reductions, as the ops' integer argument.
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+NONE, SUM, MEAN, BATCHMEAN = range(4)
+
+
+def grad_scale_for(reduction: int, labels: Optional[torch.Tensor], ignore_index: int, n: int,
+                   device: torch.device, wide: bool = False) -> Optional[torch.Tensor]:
+    """The factor each row's gradient carries: 1/count for mean, 1/N for batchmean (no host sync).
+    float32, or float64 when ``wide`` (a float64 call: 1/3 rounded to float32 is 3e-8 off)."""
+    dtype = torch.float64 if wide else torch.float32
+    if reduction == MEAN:
+        if labels is None:
+            count = torch.tensor(float(max(n, 1)), dtype=torch.float64, device=device)
+        else:
+            count = (labels != ignore_index).sum().clamp_min(1).to(torch.float64)
+        return count.reciprocal().to(dtype)
+    if reduction == BATCHMEAN:
+        return torch.tensor(1.0 / max(n, 1), dtype=dtype, device=device)
+    return None
+
+
+def reduce_rows(rows: torch.Tensor, reduction: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The per-row losses reduced as asked; ``scale`` is grad_scale_for's factor."""
+    if reduction == NONE:
+        return rows
+    total = rows.sum()
+    return total if scale is None else total * scale.to(total.dtype)
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss (scalar, or one value per row), skipping the pass when it is exactly 1."""
+    if grad_loss.dim() == 0:
+        if not torch.compiler.is_compiling() and bool(grad_loss == 1):
+            return grad
+        return grad * grad_loss.to(grad.dtype)
+    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+
+
+def register_saved_grad_autograd(op, need_grad_at: int, what: str) -> None:
+    """Autograd for a custom op ``(student, ...) -> (loss, grad)`` whose input ``need_grad_at`` says
+    whether ``grad`` was computed: the backward is ``grad * grad_loss`` for the student, nothing for
+    the other inputs. ``what`` names the loss in the error for a backward without a gradient."""
+    def setup_context(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+        ctx.need_grad = inputs[need_grad_at]
+        ctx.save_for_backward(output[1])
+        # The gradient output is a by-product, never differentiated: without this, autograd would
+        # materialise an N x V zero tensor for it in every backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        if grad_loss is None:
+            return (None,) * ctx.n_inputs
+        if not ctx.need_grad:
+            raise RuntimeError(f"distill_ops: backward through {what} computed without need_grad")
+        (grad,) = ctx.saved_tensors
+        return (scale_saved_grad(grad, grad_loss),) + (None,) * (ctx.n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+class InplaceGradKD(torch.autograd.Function):
+    """Eager-mode variant of the fused ops that writes the gradient into the student-logits buffer.
+
+    ``apply(run, student, *args)`` calls ``run(student, *args[:-1], student, args[-1])``: the ops'
+    ``_run`` takes the gradient buffer second to last, before the backend. After the forward the
+    student logits hold the gradient, not the logits. Their version counter is bumped, so autograd
+    raises if anything else had saved them for its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, run: Callable[..., torch.Tensor], student: torch.Tensor, *args):
+        loss = run(student, *args[:-1], student, args[-1])
+        torch.autograd.graph.increment_version(student)
+        # Kept as an attribute, not saved: save_for_backward would reject the bumped version.
+        ctx.grad = student
+        ctx.n_args = len(args)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, ctx.grad = ctx.grad, None
+        return (None, scale_saved_grad(grad, grad_loss)) + (None,) * ctx.n_args
