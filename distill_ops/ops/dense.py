@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .fused_grad import (NONE, InplaceGradKD, grad_scale_for, reduce_rows,
-                         register_saved_grad_autograd)
+from .fused_grad import (InplaceGradKD, fake_loss_and_grad, grad_buffer, grad_scale_for,
+                         reduce_rows, register_saved_grad_autograd)
 
 
 def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
@@ -46,7 +46,7 @@ def dense_kd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    grad = grad_buffer(student, need_grad)
     loss = _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
                 hard_coef, ignore_index, reduction, grad if need_grad else None, backend)
     return loss, grad
@@ -55,11 +55,8 @@ def dense_kd(
 @dense_kd.register_fake
 def _(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
       ignore_index, reduction, need_grad, backend):
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    shape = (student.shape[0],) if reduction == NONE else ()
-    loss = student.new_empty(shape, dtype=dtype)
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
-    return loss, grad
+    return fake_loss_and_grad(student, torch.float64 in (student.dtype, teacher.dtype), reduction,
+                              need_grad)
 
 
 register_saved_grad_autograd(dense_kd, need_grad_at=11, what="a loss")

@@ -50,6 +50,20 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tenso
     return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
 
 
+def grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """The op's gradient output: student-shaped, or empty when no gradient is wanted."""
+    return torch.empty_like(student) if need_grad else student.new_empty(0)
+
+
+def fake_loss_and_grad(student: torch.Tensor, wide: bool, reduction: int,
+                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake kernel's outputs: the loss (one per row for 'none', else a scalar; float64 for a
+    ``wide`` call, float32 otherwise) and grad_buffer's gradient."""
+    shape = (student.shape[0],) if reduction == NONE else ()
+    loss = student.new_empty(shape, dtype=torch.float64 if wide else torch.float32)
+    return loss, grad_buffer(student, need_grad)
+
+
 def register_saved_grad_autograd(op, need_grad_at: int, what: str) -> None:
     """Autograd for a custom op ``(student, ...) -> (loss, grad)`` whose input ``need_grad_at`` says
     whether ``grad`` was computed: the backward is ``grad * grad_loss`` for the student, nothing for

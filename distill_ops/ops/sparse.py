@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .fused_grad import (NONE, InplaceGradKD, grad_scale_for, reduce_rows,
-                         register_saved_grad_autograd)
+from .fused_grad import (InplaceGradKD, fake_loss_and_grad, grad_buffer, grad_scale_for,
+                         reduce_rows, register_saved_grad_autograd)
 
 _SPARSE_MODULES = {
     "torch": "distill_ops.backends.reference_sparse",
@@ -74,7 +74,7 @@ def sparse_kd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    grad = grad_buffer(student, need_grad)
     loss = _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
                 target_scale, soft_coef, hard_coef, ignore_index, reduction,
                 grad if need_grad else None, backend)
@@ -97,11 +97,8 @@ def _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, te
 @sparse_kd.register_fake
 def _(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
       target_scale, soft_coef, hard_coef, ignore_index, reduction, need_grad, backend):
-    dtype = torch.float64 if torch.float64 in (student.dtype, logprobs.dtype) else torch.float32
-    shape = (student.shape[0],) if reduction == NONE else ()
-    loss = student.new_empty(shape, dtype=dtype)
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
-    return loss, grad
+    return fake_loss_and_grad(student, torch.float64 in (student.dtype, logprobs.dtype), reduction,
+                              need_grad)
 
 
 register_saved_grad_autograd(sparse_kd, need_grad_at=14, what="a sparse loss")
