@@ -7,7 +7,8 @@ PIP     := $(PYTHON) -m pip
 TORCH   ?= torch==2.14.1
 DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
 # The peers the tests and benchmarks compare against (their real code, not transcriptions).
-PEERS   := trl liger-kernel
+# torchtune 0.6.1 imports torchao's nf4tensor, which later torchao releases dropped.
+PEERS   := trl liger-kernel torchtune torchao==0.11.0
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 # The kernel tests that `make test` reruns on csrc/cuda's kernels compiled for the CPU emulator
