@@ -184,3 +184,17 @@ def test_constructor_signatures_match_torchtune():
         mine = inspect.signature(ours.__init__).parameters
         assert [(p.name, p.default) for p in theirs.values()] == \
             [(p.name, p.default) for p in mine.values() if p.name != "backend"], ours.__name__
+
+
+def test_compiles_whole():
+    """torchtune's recipes may compile the loss (compile: true): no graph break, same results."""
+    s, t, labels = inputs(8, shape=(2, 6))
+    fn = dtt.SymmetricKLWithChunkedOutputLoss(num_output_chunks=2, backend="cpu")
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        x = s.detach().clone().requires_grad_()
+        loss = f(list(x.chunk(2, dim=1)), list(t.chunk(2, dim=1)), labels)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
