@@ -307,6 +307,69 @@ class TrlChunked(Provider):
         return loss
 
 
+# torchtune's KD losses: the chunked forms its distillation recipes use by default.
+TORCHTUNE_CHUNKS = 8
+TORCHTUNE_CLASSES = {"forward_kl": "ForwardKLWithChunkedOutputLoss",
+                     "reverse_kl": "ReverseKLWithChunkedOutputLoss"}
+
+
+class _TorchtuneLoss(Provider):
+    """A torchtune KD loss class (torchtune's own, or distill_ops' drop-in for it) on the dense
+    suite, fed as torchtune's recipes feed it: lists of logit chunks along the tokens. torchtune's
+    "forward KL" is the cross-entropy -sum p log q (no temperature, no hard-label term): the same
+    gradient as forward KL, a value that carries the teacher's entropy."""
+
+    def _classes(self):
+        raise NotImplementedError
+
+    def check(self, case, device):
+        if case.suite != "dense":
+            raise Unavailable(f"torchtune has no {case.suite} op")
+        if case.hard_label or case.divergence not in TORCHTUNE_CLASSES:
+            raise Unavailable("torchtune's KD losses are forward and reverse KL without a "
+                              "hard-label term (its recipes add the CE loss on their own)")
+        self._classes()
+
+    def make(self, case):
+        fn = getattr(self._classes(), TORCHTUNE_CLASSES[case.divergence])(**self._kwargs())
+
+        def loss(x):
+            s, t = x["student"].unsqueeze(0), x["teacher"].unsqueeze(0)   # (1, N, V): chunk N
+            labels = torch.zeros(s.shape[:-1], dtype=torch.long, device=s.device)
+            return fn(list(s.chunk(TORCHTUNE_CHUNKS, dim=1)),
+                      list(t.chunk(TORCHTUNE_CHUNKS, dim=1)), labels)
+
+        return loss
+
+    def _kwargs(self) -> dict:
+        return {"num_output_chunks": TORCHTUNE_CHUNKS}
+
+
+class Torchtune(_TorchtuneLoss):
+    name = "torchtune"
+
+    def _classes(self):
+        try:
+            return importlib.import_module("torchtune.modules.loss")
+        except Exception as exc:
+            raise Unavailable(f"torchtune is not importable ({type(exc).__name__}: {exc})")
+
+
+class DistillOpsTorchtune(_TorchtuneLoss):
+    """distill_ops.integrations.torchtune's drop-ins (backend auto): what a torchtune user gets by
+    changing the kd_loss component; the forward loss pays one more teacher read for its entropy."""
+
+    name = "distill_ops:torchtune"
+    family = "distill_ops"
+
+    def _classes(self):
+        try:
+            return importlib.import_module("distill_ops.integrations.torchtune")
+        except Exception as exc:
+            raise Missing(f"distill_ops.integrations.torchtune is not importable "
+                          f"({type(exc).__name__}: {exc})")
+
+
 class DistillOps(Provider):
     """distill_ops' public API with one backend forced (torch | triton | cpu | cuda)."""
 
@@ -428,9 +491,14 @@ def get(name: str) -> Provider:
         return Liger()
     if name == "trl":
         return TrlChunked()
+    if name == "torchtune":
+        return Torchtune()
     if name == "distill_ops:cuda-resident":
         return DistillOpsResident()
+    if name == "distill_ops:torchtune":
+        return DistillOpsTorchtune()
     if name.startswith("distill_ops:"):
         return DistillOps(name.split(":", 1)[1])
     raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, trl, "
-                     "distill_ops:<torch|triton|cpu|cuda>, distill_ops:cuda-resident")
+                     "torchtune, distill_ops:<torch|triton|cpu|cuda>, distill_ops:cuda-resident, "
+                     "distill_ops:torchtune")

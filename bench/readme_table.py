@@ -16,9 +16,9 @@ from pathlib import Path
 from . import report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "distill_ops:cuda",
-                  "distill_ops:cuda-resident", "distill_ops:triton", "distill_ops:cpu",
-                  "distill_ops:torch")
+PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "torchtune",
+                  "distill_ops:cuda", "distill_ops:cuda-resident", "distill_ops:triton",
+                  "distill_ops:cpu", "distill_ops:torch", "distill_ops:torchtune")
 SHORT_STATUS = {"oom": "OOM", "error": "error", "unavailable": "n/a", "missing": "missing",
                 "skipped": "skipped"}
 
@@ -86,7 +86,7 @@ def render_kernels(paths) -> str:
         newest = max(group, key=lambda r: r["date"])
         ver = newest.get("versions", {})
         bits = [f"torch {ver.get('torch')}"]
-        for peer, key in (("liger", "liger_kernel"), ("trl", "trl")):
+        for peer, key in (("liger", "liger_kernel"), ("trl", "trl"), ("torchtune", "torchtune")):
             if any(r["provider"] == peer and r["status"] == "ok" for r in group) and ver.get(key):
                 bits.append(f"{peer} {ver[key]}")
         if newest.get("device_type") == "cuda":

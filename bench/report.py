@@ -82,6 +82,7 @@ def versions() -> dict:
 
     out["liger_kernel"] = package_version("liger-kernel")
     out["trl"] = package_version("trl")
+    out["torchtune"] = package_version("torchtune")
     try:
         import distill_ops
 

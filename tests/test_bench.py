@@ -193,6 +193,26 @@ def test_trl_fused_linear_provider_computes_the_eager_loss(divergence):
     torch.testing.assert_close(ours.double(), eager.double(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_torchtune_providers_compute_the_same_loss(divergence):
+    """torchtune's chunked KD loss and distill_ops' drop-in for it, as the dense suite feeds them,
+    give one value; for reverse KL it is the eager loss, for forward KL the eager KL plus the
+    teacher's entropy (torchtune's forward loss is the cross-entropy)."""
+    case = config.Case("dense", divergence, False, "fp32", 20, 96, "fwd")
+    x = inputs.make(case, 20, torch.device("cpu"))
+    ours = prov.DistillOpsTorchtune().make(case)(x)
+    logp = torch.log_softmax(x["teacher"].double(), -1)
+    entropy = -(logp.exp() * logp).sum(-1).mean() if divergence == "forward_kl" else 0.0
+    eager = prov.TorchEager().make(case)(x).double() + entropy
+    torch.testing.assert_close(ours.double(), eager, rtol=1e-5, atol=1e-6)
+    try:
+        prov.Torchtune().check(case, torch.device("cpu"))
+    except prov.Unavailable as exc:
+        pytest.skip(str(exc))
+    theirs = prov.Torchtune().make(case)(x)
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6)
+
+
 _PTXAS_LOG = """\
 ptxas info    : Compiling entry function '_ZN11distill_ops4cuda10row_kernelIN3c108BFloat16EfLi0EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb' for 'sm_90'
 ptxas info    : Function properties for _ZN11distill_ops4cuda10row_kernelIN3c108BFloat16EfLi0EEEvNS_9DenseArgsENS_10LossConstsIT0_EEb

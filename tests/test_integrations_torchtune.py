@@ -95,6 +95,22 @@ def test_bf16_logits():
     check_against(loss, s.grad.float(), s.detach().float(), t.float(), labels, 1.0, tol=2e-2)
 
 
+@pytest.mark.parametrize("cls,kw,fw", [LOSSES[0], LOSSES[2]])
+def test_without_teacher_entropy_the_forward_term_is_kl(cls, kw, fw):
+    """teacher_entropy=False: the forward term is KL(p||q) (value minus H(p)), the same gradient."""
+    s, t, labels = inputs(9)
+    out = []
+    for entropy in (True, False):
+        x = s.detach().clone().requires_grad_()
+        loss = cls(**kw, teacher_entropy=entropy, backend="cpu")(x, t, labels)
+        loss.backward()
+        out.append((loss.double(), x.grad))
+    lp = F.log_softmax(t.double(), -1)
+    h = -(lp.exp() * lp).sum(-1).reshape(-1)[labels.reshape(-1) != -100].mean()
+    torch.testing.assert_close(out[0][0] - out[1][0], fw * h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)
+
+
 def test_every_token_ignored_gives_zero_and_zero_gradient():
     s, t, labels = inputs(4)
     labels.fill_(-100)
@@ -132,6 +148,8 @@ def test_bad_input_is_named():
         dtt.ForwardKLLoss(backend="cpu")(s, t, labels.float())
     with pytest.raises(ValueError, match="sym_kd_ratio"):
         dtt.SymmetricKLLoss(sym_kd_ratio=1.5)
+    with pytest.raises(TypeError, match="teacher_entropy"):
+        dtt.ForwardKLWithChunkedOutputLoss(teacher_entropy="no")
     with pytest.raises(ValueError, match="num_output_chunks"):
         dtt.ForwardKLWithChunkedOutputLoss(num_output_chunks=0)
     with pytest.raises(ValueError, match="teacher_logits"):
@@ -174,7 +192,8 @@ def test_same_values_and_gradients_as_torchtune(ours, kw, dtype):
 
 @needs_torchtune
 def test_constructor_signatures_match_torchtune():
-    """Every torchtune parameter, in order and with its default; ours add only ``backend``."""
+    """Every torchtune parameter, in order and with its default; ours add only keyword-only
+    ``backend`` and (forward and symmetric) ``teacher_entropy``."""
     import inspect
 
     import torchtune.modules.loss as ttl
@@ -183,7 +202,8 @@ def test_constructor_signatures_match_torchtune():
         theirs = inspect.signature(getattr(ttl, ours.__name__).__init__).parameters
         mine = inspect.signature(ours.__init__).parameters
         assert [(p.name, p.default) for p in theirs.values()] == \
-            [(p.name, p.default) for p in mine.values() if p.name != "backend"], ours.__name__
+            [(p.name, p.default) for p in mine.values()
+             if p.name not in ("backend", "teacher_entropy")], ours.__name__
 
 
 def test_compiles_whole():

@@ -11,7 +11,8 @@ Semantics (torchtune 0.6), with p = softmax(teacher), q = softmax(student), no t
 - ``ForwardKLLoss``: -sum_i p_i log q_i per token. That is KL(p||q) + H(p), the cross-entropy: the
   gradient is forward KL's, and the value carries the teacher's entropy, which torchtune reports.
   Here the kernels compute KL(p||q) with its gradient, and H(p) is added without a gradient: one
-  more read of the teacher logits (``H(p) = log V - KL(p || uniform)``, the same kernel).
+  more read of the teacher logits (``H(p) = log V - KL(p || uniform)``, the same kernel);
+  ``teacher_entropy=False`` skips it and returns KL(p||q), with the same gradient.
 - ``ReverseKLLoss``: KL(q||p). ``SymmetricKLLoss(sym_kd_ratio=r)``: r forward + (1 - r) reverse.
 - Tokens whose label is ``ignore_index`` count for nothing; labels are only that mask (any value
   is accepted). ``normalize=True`` divides the sum over the other tokens by their number (0 when
@@ -73,10 +74,11 @@ def _teacher_entropy_sum(teacher2d: torch.Tensor, mask: torch.Tensor, backend: s
 
 
 def _token_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-               ignore_index: int, forward_weight: float, backend: str) -> tuple[torch.Tensor,
-                                                                              torch.Tensor]:
+               ignore_index: int, forward_weight: float, teacher_entropy: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over kept tokens of forward_weight * forward + (1 - forward_weight) * reverse, the
-    number of kept tokens), torchtune's per-token losses on one tensor of logits."""
+    number of kept tokens), torchtune's per-token losses on one tensor of logits; the forward term
+    is KL(p||q) without ``teacher_entropy``."""
     check.logits("student_logits", student)
     check.logits("teacher_logits", teacher)
     v = student.shape[-1]
@@ -87,7 +89,8 @@ def _token_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
     total = None
     if forward_weight != 0:
         fwd = kd_loss(student2d, teacher2d, divergence="forward_kl", **common)
-        fwd = fwd + _teacher_entropy_sum(teacher2d, mask, backend)
+        if teacher_entropy:
+            fwd = fwd + _teacher_entropy_sum(teacher2d, mask, backend)
         total = forward_weight * fwd
     if forward_weight != 1:
         rev = (1 - forward_weight) * kd_loss(student2d, teacher2d, divergence="reverse_kl", **common)
@@ -102,6 +105,7 @@ def _normalized(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 class _KDLoss(nn.Module):
     forward_weight = 1.0
+    teacher_entropy = True
 
     def __init__(self, ignore_index: int = -100, *, backend: str = "auto") -> None:
         super().__init__()
@@ -113,12 +117,18 @@ class _KDLoss(nn.Module):
         """student_logits, teacher_logits: (..., V); labels: one per token (any shape with that
         many elements, as torchtune's (B, T) for (B*T, V) logits). Returns a 0-d tensor."""
         total, count = _token_sum(student_logits, teacher_logits, labels, self.ignore_index,
-                                  self.forward_weight, self.backend)
+                                  self.forward_weight, self.teacher_entropy, self.backend)
         return _normalized(total, count) if check.flag("normalize", normalize) else total
 
 
 class ForwardKLLoss(_KDLoss):
-    """torchtune's ForwardKLLoss: mean over kept tokens of -sum p log q (module docstring)."""
+    """torchtune's ForwardKLLoss: mean over kept tokens of -sum p log q (module docstring).
+    ``teacher_entropy=False`` returns KL(p||q) instead: the same gradient, one teacher read less."""
+
+    def __init__(self, ignore_index: int = -100, *, teacher_entropy: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__(ignore_index, backend=backend)
+        self.teacher_entropy = check.flag("teacher_entropy", teacher_entropy)
 
 
 class ReverseKLLoss(_KDLoss):
@@ -128,16 +138,19 @@ class ReverseKLLoss(_KDLoss):
 
 
 class SymmetricKLLoss(_KDLoss):
-    """torchtune's SymmetricKLLoss: sym_kd_ratio * ForwardKLLoss + (1 - sym_kd_ratio) * ReverseKLLoss."""
+    """torchtune's SymmetricKLLoss: sym_kd_ratio * ForwardKLLoss + (1 - sym_kd_ratio) * ReverseKLLoss
+    (``teacher_entropy`` as ForwardKLLoss's)."""
 
     def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100, *,
-                 backend: str = "auto") -> None:
+                 teacher_entropy: bool = True, backend: str = "auto") -> None:
         super().__init__(ignore_index, backend=backend)
         self.forward_weight = check.unit_interval("sym_kd_ratio", sym_kd_ratio)
+        self.teacher_entropy = check.flag("teacher_entropy", teacher_entropy)
 
 
 class _ChunkedKDLoss(nn.Module):
     forward_weight = 1.0
+    teacher_entropy = True
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
                  backend: str = "auto") -> None:
@@ -171,7 +184,8 @@ class _ChunkedKDLoss(nn.Module):
             if s.shape[:-1] != lab.shape:
                 raise ValueError(f"student_logits[{i}] has shape {tuple(s.shape)} but its label "
                                  f"chunk has shape {tuple(lab.shape)}")
-            part, kept = _token_sum(s, t, lab, self.ignore_index, self.forward_weight, self.backend)
+            part, kept = _token_sum(s, t, lab, self.ignore_index, self.forward_weight,
+                                    self.teacher_entropy, self.backend)
             total = part if total is None else total + part
             count = kept if count is None else count + kept
         return _normalized(total, count)
@@ -179,6 +193,11 @@ class _ChunkedKDLoss(nn.Module):
 
 class ForwardKLWithChunkedOutputLoss(_ChunkedKDLoss):
     """torchtune's ForwardKLWithChunkedOutputLoss (ForwardKLLoss over lists of chunks)."""
+
+    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
+                 teacher_entropy: bool = True, backend: str = "auto") -> None:
+        super().__init__(num_output_chunks, ignore_index, backend=backend)
+        self.teacher_entropy = check.flag("teacher_entropy", teacher_entropy)
 
 
 class ReverseKLWithChunkedOutputLoss(_ChunkedKDLoss):
@@ -191,6 +210,8 @@ class SymmetricKLWithChunkedOutputLoss(_ChunkedKDLoss):
     """torchtune's SymmetricKLWithChunkedOutputLoss (SymmetricKLLoss over lists of chunks)."""
 
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5,
-                 ignore_index: int = -100, *, backend: str = "auto") -> None:
+                 ignore_index: int = -100, *, teacher_entropy: bool = True,
+                 backend: str = "auto") -> None:
         super().__init__(num_output_chunks, ignore_index, backend=backend)
         self.forward_weight = check.unit_interval("sym_kd_ratio", sym_kd_ratio)
+        self.teacher_entropy = check.flag("teacher_entropy", teacher_entropy)
