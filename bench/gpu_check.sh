@@ -51,8 +51,11 @@ for p in "${phases[@]}"; do
       run_phase test 200 "$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider \
         tests/test_native.py tests/test_topk.py tests/test_sparse_sample.py \
         tests/test_sparse_loss.py tests/test_sparse_inplace.py tests
-      # the resident dense kernel (opt-in: csrc/cuda/dense_resident.cuh) where it applies
-      run_phase resident 120 env DISTILL_OPS_CUDA_RESIDENT=1 "$PY" -m pytest -q -ra -m cuda \
+      # the resident dense kernel (opt-in: csrc/cuda/dense_resident.cuh): required on the shapes
+      # it takes (test_cuda_resident_kernel: a refusal is an error), then where it applies
+      run_phase resident 150 "$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider \
+        tests/test_native.py -k resident_kernel
+      run_phase resident-1 120 env DISTILL_OPS_CUDA_RESIDENT=1 "$PY" -m pytest -q -ra -m cuda \
         --maxfail=25 -p no:cacheprovider tests/test_native.py tests/test_dense_edge.py tests/test_dense_gradcheck.py ;;
     sanitize)
       run_phase memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \

@@ -36,11 +36,20 @@ def _dense(shapes, dtypes) -> None:
                 loss.backward()
 
 
+def resident_applies(v: int, dtype: torch.dtype) -> bool:
+    """Whether the resident kernel takes rows of v columns (csrc/cuda/dense_resident.cuh: 16-bit
+    or float32, at most 16 blocks of 512 threads x 4 16-byte vectors)."""
+    return dtype != torch.float64 and v <= 16 * 512 * 4 * (128 // torch.finfo(dtype).bits)
+
+
 def _dense_resident(shapes, dtypes) -> None:
-    """The dense losses again with the resident (cluster) kernel where it applies."""
-    os.environ["DISTILL_OPS_CUDA_RESIDENT"] = "1"
+    """The dense losses again on the resident (cluster) kernel, for every shape and dtype it takes.
+    DISTILL_OPS_CUDA_RESIDENT=require: where it would fall back to the row kernels, the family
+    fails with the reason instead of passing without having run it."""
+    os.environ["DISTILL_OPS_CUDA_RESIDENT"] = "require"
     try:
-        _dense(shapes, dtypes)
+        for n, v in shapes:
+            _dense([(n, v)], [d for d in dtypes if resident_applies(v, d)])
     finally:
         del os.environ["DISTILL_OPS_CUDA_RESIDENT"]
 

@@ -59,10 +59,12 @@ def _dtype_id(d):
     (5, "invalid block size"),
     (6, r"invalid grid \(1, 70000, 1\)"),
     (9, "cluster.sync waited for a block of the cluster that exited"),
+    (10, "map_shared_rank to rank 1, a block that exited"),
 ])
 def test_emulator_reports_what_a_gpu_would_hang_on(case, error):
     """The emulator is a checker too (tests/cuda_emu/selftest.cu): a barrier some threads skip, a
-    warp op or barrier after threads exited, a launch outside the limits are errors."""
+    warp op or barrier after threads exited, a launch outside the limits, a read of the shared
+    memory of a cluster block that exited are errors."""
     with pytest.raises(RuntimeError, match=error):
         native.OPS.selftest(case)
 
@@ -215,10 +217,42 @@ def test_dense_resident_inplace_any_thread_order(monkeypatch, order, div):
                         **opts(divergence=div, temperature=1.3, hard_coef=0.5))
 
 
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("div", DIVS)
+def test_dense_kernels_loop_over_more_rows_than_the_grid(monkeypatch, path, div):
+    """A grid of at most 2 rows along y (DISTILL_OPS_EMU_MAX_GRID_Y): the resident and the split
+    kernels loop over 7 rows, reusing their cluster slots and block scratch from row to row,
+    ignored rows between; the oracle's result, and the same bits in place."""
+    monkeypatch.setenv("DISTILL_OPS_EMU_MAX_GRID_Y", "2")
+    if path == "resident":
+        monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    else:
+        monkeypatch.setenv("DISTILL_OPS_CUDA_SPLITS", "3")
+    v = 20001
+    s, t = logits(7, v, seed=31, dtype=torch.bfloat16)
+    labels = labels_for(7, v, seed=31)
+    labels[1] = labels[4] = -100
+    kw = opts(divergence=div, temperature=0.9, hard_coef=0.5)
+    check(s, t, labels, **kw)
+    assert_inplace_bits(s, t, labels, **kw)
+
+
+def test_sanitize_resident_family_runs_the_resident_kernel(monkeypatch):
+    """bench/sanitize_ops' dense-resident family (compute-sanitizer's run of the kernel) requires
+    it on the shapes its resident_applies names: none of them is refused."""
+    from bench import sanitize_ops
+
+    monkeypatch.setattr(sanitize_ops, "DEV", "cpu")
+    monkeypatch.setattr(sanitize_ops, "BACKEND", "cpu")
+    sanitize_ops._dense_resident([(1, 1), (3, 7), (2, 131073)], [torch.float32, torch.bfloat16])
+
+
 @pytest.mark.parametrize("case,env,error", [
     ("f64", {}, "float64 rows"),
     ("wide", {}, "wider than 16 blocks"),
     ("sm80", {"DISTILL_OPS_EMU_CC_MAJOR": "8"}, "no thread-block clusters"),
+    # a build for sm_80 only on an sm_90 device: the driver compiled its PTX (the __trap() stub)
+    ("ptx80", {"DISTILL_OPS_EMU_PTX_VERSION": "80"}, "no sm_90 code"),
     ("bad", {"DISTILL_OPS_CUDA_RESIDENT": "yes"}, "must be 0, 1 or require, got yes"),
 ])
 def test_dense_resident_refusals(monkeypatch, case, env, error):

@@ -462,6 +462,28 @@ def test_cuda_vector_tails(device, v):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("dtype,n,v", [(torch.bfloat16, 200, 8192), (torch.bfloat16, 5, 262144),
+                                       (torch.float16, 40, 40001), (torch.float32, 100, 20001),
+                                       (torch.float32, 5, 131072)],
+                         ids=lambda x: str(x).split(".")[-1])
+@pytest.mark.parametrize("div", DIVS)
+def test_cuda_resident_kernel(device, dtype, v, n, div, monkeypatch):
+    """DISTILL_OPS_CUDA_RESIDENT=require (an error, not a fallback, where it does not run): the
+    one-read cluster kernel from one block a row to 16 (non-portable clusters), the oracle's
+    result, and the same bits in place."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    s, t = logits(n, v, seed=v % 89 + n, dtype=dtype, device=device)
+    labels = labels_for(n, v, seed=n, device=device)
+    kw = opts(divergence=div, temperature=0.8, soft_coef=0.49, hard_coef=0.5)
+    loss, g = check(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    loss2 = native.dense_forward(buf, t, labels, grad=buf,
+                                 grad_scale=torch.tensor(0.5, device=device), **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, buf)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda"])
 def test_cuda_matches_cpu(device):
     s, t = logits(16, 32000, seed=16, device="cpu")
     labels = labels_for(16, 32000, seed=16)

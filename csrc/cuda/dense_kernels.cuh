@@ -581,6 +581,17 @@ inline int sm_count(int device) {
   return n;
 }
 
+// The most blocks a grid may have along y (65535 on every GPU so far): the split and resident
+// kernels put rows there and loop over the rest (the emulator lowers it to test that loop).
+inline int max_grid_y(int device) {
+  static int cache[128] = {0};
+  if (device >= 0 && device < 128 && cache[device] > 0) return cache[device];
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxGridDimY, device));
+  if (device >= 0 && device < 128) cache[device] = n;
+  return n;
+}
+
 inline int threads_for(int64_t len) {
   return len >= 16384 ? kMaxThreads : len >= 4096 ? 256 : 128;
 }

@@ -43,7 +43,7 @@ void launch_div(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int devic
     return;
   }
   const int threads = threads_for(slice);
-  const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(A.n, 65535));
+  const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(A.n, max_grid_y(device)));
   const dim3 grid(static_cast<unsigned>(splits), rows_y);
   at::Tensor ws_t = at::empty({A.n * splits * kSlot}, like.options().dtype(at::kDouble));
   Acc* ws = ws_t.data_ptr<Acc>();

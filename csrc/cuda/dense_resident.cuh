@@ -15,8 +15,9 @@
 //            cluster in rank order and write the gradient (pass 3, from the registers again);
 //            block 0 adds up the row's loss.
 //
-// The same math as the split path (the per-element functions of dense_kernels.cuh, the same merge
-// order), so the results agree with it to rounding. Every element is read, and later written, by
+// The same math as the row and split kernels (the per-element functions of dense_kernels.cuh),
+// over another partition of the row into threads and blocks, so the results agree with theirs to
+// rounding, not to the bit; within the kernel every block merges the same states in rank order. Every element is read, and later written, by
 // the same thread, and s'[label] is read before the first cluster.sync: grad may alias the student.
 //
 // Opt-in (DISTILL_OPS_CUDA_RESIDENT=1) until it has been timed on a GPU; taken for 16-bit and
@@ -27,6 +28,9 @@
 #include <cooperative_groups.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "dense_kernels.cuh"
 
@@ -65,11 +69,15 @@ __device__ __forceinline__ int resident_valid(int64_t j0, int64_t v) {
   return j0 >= v ? 0 : v - j0 >= VEC ? VEC : static_cast<int>(v - j0);
 }
 
-template <typename scalar_t, int VEC>
+// READ_ONLY: through the read-only cache (__ldg), for the teacher; not for the student, whose
+// buffer the kernel may write the gradient into (ld.global.nc is for memory the kernel never
+// writes).
+template <bool READ_ONLY, typename scalar_t, int VEC>
 __device__ __forceinline__ void resident_load(const scalar_t* p, int valid, bool vec,
                                               Pack<scalar_t, VEC>& out) {
   if (vec && valid == VEC) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 raw = READ_ONLY ? __ldg(reinterpret_cast<const uint4*>(p))
+                                : *reinterpret_cast<const uint4*>(p);
     memcpy(&out, &raw, 16);
     return;
   }
@@ -110,7 +118,7 @@ __device__ __forceinline__ void resident_terms(const RowPtrs<scalar_t, T>& P,
     const int64_t j0 = resident_col<VEC>(lo, i);
     const int valid = resident_valid<VEC>(j0, v);
     if (valid == 0) continue;
-    T x[VEC], t[VEC], g[VEC];
+    T x[VEC], t[VEC] = {}, g[VEC];  // t: zeros without a soft term (an undefined array spills)
     unpack(xs[i], x);
     if (Kc.soft) unpack(ts[i], t);
     T dsum = T(0), csum = T(0);
@@ -156,8 +164,8 @@ __global__ void __launch_bounds__(kResMaxThreads, 1)
     for (int i = 0; i < kResVectors; ++i) {
       const int64_t j0 = resident_col<VEC>(lo, i);
       const int valid = resident_valid<VEC>(j0, A.v);
-      resident_load(P.s + j0, valid, vec, xs[i]);
-      if (Kc.soft) resident_load(P.t + j0, valid, vec, ts[i]);
+      resident_load<false>(P.s + j0, valid, vec, xs[i]);
+      if (Kc.soft) resident_load<true>(P.t + j0, valid, vec, ts[i]);
     }
 
     // pass 1 and the cluster's row constants
@@ -166,7 +174,7 @@ __global__ void __launch_bounds__(kResMaxThreads, 1)
     for (int i = 0; i < kResVectors; ++i) {
       const int valid = resident_valid<VEC>(resident_col<VEC>(lo, i), A.v);
       if (valid == 0) continue;
-      T x[VEC], t[VEC];
+      T x[VEC], t[VEC] = {};
       unpack(xs[i], x);
       if (Kc.soft) unpack(ts[i], t);
       fold_elems<VEC, DIV>(st, Kc, x, t, valid);
@@ -276,12 +284,18 @@ bool launch_resident(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int 
     attr.val.clusterDim.z = 1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(blocks),
-                       static_cast<unsigned>(std::min<int64_t>(A.n, 65535)));
+                       static_cast<unsigned>(std::min<int64_t>(A.n, max_grid_y(device))));
     cfg.blockDim = dim3(static_cast<unsigned>(threads));
     cfg.dynamicSmemBytes = 0;
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
+    // Over 8 blocks is the non-portable cluster size, allowed per kernel (set at every such call:
+    // a cudaDeviceReset forgets it, not the verdicts below).
+    if (blocks > 8) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
     // Whether this build and device run the shape: asked once per device and shape (the queries
     // cost more than a short launch). 0: not asked yet, 1: yes, 2: no sm_90 code, 3: too big.
     constexpr int kDevices = 64;
@@ -294,18 +308,22 @@ bool launch_resident(const DenseArgs& A, const LossConsts<T>& Kc, bool vec, int 
       cudaFuncAttributes fattr;
       C10_CUDA_CHECK(cudaFuncGetAttributes(&fattr, kernel));
       verdict = 1;
-      if (fattr.binaryVersion < 90) {
+      // The code's architecture is the PTX's: a build for sm_80 only runs on sm_90 as its PTX,
+      // compiled by the driver (binaryVersion 90), and that code is the __trap() stub.
+      if (fattr.ptxVersion < 90 || fattr.binaryVersion < 90) {
         verdict = 2;
       } else {
-        if (blocks > 8) {
-          C10_CUDA_CHECK(
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-        }
         int active = 0;
-        if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active == 0) {
-          (void)cudaGetLastError();  // clear the query's error: the other kernels will run
-          verdict = 3;
+        const cudaError_t err = cudaOccupancyMaxActiveClusters(&active, kernel, &cfg);
+        if (err != cudaSuccess) {
+          // Not cached (it may pass another time), and cleared so that the other kernels' launch
+          // checks do not report it.
+          (void)cudaGetLastError();
+          const std::string why =
+              std::string("the cluster occupancy query failed: ") + cudaGetErrorString(err);
+          return resident_refused(mode, why.c_str());
         }
+        if (active == 0) verdict = 3;
       }
       if (slot != nullptr) slot->store(verdict, std::memory_order_relaxed);
     }

@@ -22,7 +22,8 @@
 // What it checks: the kernels' indexing and reduction trees against the oracle; that every thread
 // reaches every barrier (a __syncthreads, warp op or cluster.sync that some threads skip, or reach
 // after others exited, is an error naming the threads, where a GPU would hang or be undefined);
-// full-mask warp ops on full warps; the launch limits (block size, grid dimensions, cluster shape,
+// full-mask warp ops on full warps; map_shared_rank to a block of the cluster that exited (whose
+// shared memory is refilled with the garbage byte when it exits); the launch limits (block size, grid dimensions, cluster shape,
 // static shared memory). What it cannot: data races and memory ordering (one fiber runs at a
 // time), the device's own math functions (the host's run: the kernels' DOPS_DEVICE_PASS branches
 // are not compiled), timing and resources.
@@ -120,6 +121,7 @@ struct Block {
   Cluster* cluster = nullptr;
   unsigned rank = 0;         // in the cluster
   size_t first_stack = 0;    // fiber i uses stack(first_stack + i)
+  bool exited = false;       // every thread is done: the shared memory is gone (refilled)
 };
 
 struct Cluster {
@@ -271,6 +273,7 @@ inline bool release_warp(Block& b, int w) {
 inline void start_block(Block& b) {
   const int n = static_cast<int>(b.block.x * b.block.y * b.block.z);
   b.fibers.assign(n, Fiber{});
+  b.exited = false;
   std::memset(b.shared, kSharedFill, sizeof(b.shared));
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
@@ -303,7 +306,13 @@ inline bool advance(Block& b, uint64_t round, std::vector<int>& perm) {
   if (released) return true;
   const int at_block = count(b, Wait::kBlock), at_cluster = count(b, Wait::kCluster),
             done = count(b, Wait::kDone);
-  if (done == n) return false;
+  if (done == n) {
+    // On a GPU an exited block's shared memory goes to the next block: a peer that still reads
+    // it through a pointer mapped before reads garbage here too.
+    if (!b.exited) std::memset(b.shared, kSharedFill, sizeof(b.shared));
+    b.exited = true;
+    return false;
+  }
   if (at_block > 0 && at_block + done + at_cluster == n) {
     if (done > 0) {
       fail("__syncthreads waited for threads that exited (threads " + thread_list(b, Wait::kDone) + ")");
@@ -445,7 +454,12 @@ inline T* map_shared_rank(T* p, unsigned rank) {
   const unsigned char* q = reinterpret_cast<const unsigned char*>(p);
   if (q < b->shared || q >= b->shared + kSharedBytes) fail("map_shared_rank of an address not in shared memory");
   if (rank >= b->cluster->blocks.size()) fail("map_shared_rank to rank " + std::to_string(rank) + ", past the cluster");
-  return reinterpret_cast<T*>(b->cluster->blocks[rank]->shared + (q - b->shared));
+  Block* target = b->cluster->blocks[rank];
+  if (target->exited) {
+    fail("map_shared_rank to rank " + std::to_string(rank) +
+         ", a block that exited (a cluster.sync before it exits keeps its shared memory)");
+  }
+  return reinterpret_cast<T*>(target->shared + (q - b->shared));
 }
 
 inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, unsigned param) {

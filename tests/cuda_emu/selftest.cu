@@ -94,6 +94,21 @@ __global__ void cluster_sync_after_exit(int* out) {
   out[0] = 1;
 }
 
+// Block 0 reads block 1's shared memory after the cluster.sync, but block 1 exits right after it
+// (no second cluster.sync): on a GPU its shared memory may already belong to another block. Block
+// 0 is kept busy with barriers first, so block 1 has exited in every thread order.
+__global__ void cluster_read_after_exit(int* out) {
+  namespace cg = cooperative_groups;
+  __shared__ int mine;
+  const unsigned rank = cg::this_cluster().block_rank();
+  if (threadIdx.x == 0) mine = static_cast<int>(rank) + 1;
+  cg::this_cluster().sync();
+  if (rank == 0) {
+    for (int i = 0; i < 3; ++i) __syncthreads();
+    if (threadIdx.x == 0) out[0] = *cg::this_cluster().map_shared_rank(&mine, 1);
+  }
+}
+
 template <typename... P, typename... A>
 void launch_cluster(void (*kernel)(P...), unsigned blocks, A... args) {
   cudaLaunchAttribute attr;
@@ -124,6 +139,7 @@ at::Tensor selftest(int64_t which) {
     case 7: write_past_the_end<<<1, 64>>>(p); break;
     case 8: launch_cluster(cluster_exchange, 4, p); break;
     case 9: launch_cluster(cluster_sync_after_exit, 3, p); break;
+    case 10: launch_cluster(cluster_read_after_exit, 2, p); break;
     default: noop<<<dim3(1, 70000), 32>>>(p); break;
   }
   return out;

@@ -1,7 +1,9 @@
 // cuda_runtime.h of the CPU emulator (tests/cuda_emu/runtime.h): the few runtime calls the kernels'
 // host code makes. The SM count is DISTILL_OPS_EMU_SMS (default 4), so that small test shapes
 // take the paths a GPU takes for few rows; the compute capability is 9.0 (thread-block clusters)
-// unless DISTILL_OPS_EMU_CC_MAJOR says otherwise.
+// unless DISTILL_OPS_EMU_CC_MAJOR says otherwise; the grid's y dimension goes up to
+// DISTILL_OPS_EMU_MAX_GRID_Y (default 65535, as a GPU's), so that a test can make a kernel loop
+// over rows.
 #pragma once
 
 #include <cstdlib>
@@ -9,7 +11,11 @@
 #include "../runtime.h"
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxGridDimY = 6,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75
+};
 
 inline int emu_env_int(const char* name, int fallback) {
   const char* env = std::getenv(name);
@@ -21,6 +27,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
     *value = emu_env_int("DISTILL_OPS_EMU_SMS", 4);
   } else if (attr == cudaDevAttrComputeCapabilityMajor) {
     *value = emu_env_int("DISTILL_OPS_EMU_CC_MAJOR", 9);
+  } else if (attr == cudaDevAttrMaxGridDimY) {
+    *value = emu_env_int("DISTILL_OPS_EMU_MAX_GRID_Y", 65535);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -71,7 +79,9 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   return cudaSuccess;
 }
 
-// The emulator runs every kernel as built for sm_90.
+// The emulator runs every kernel as built for sm_90. DISTILL_OPS_EMU_PTX_VERSION=80 plays a build
+// for sm_80 only, whose PTX the driver compiled for this sm_90 device when it loaded: the binary
+// is sm_90, the code in it sm_80's.
 struct cudaFuncAttributes {
   int binaryVersion = 90, ptxVersion = 90;
 };
@@ -79,6 +89,7 @@ struct cudaFuncAttributes {
 template <typename K>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K*) {
   *attr = cudaFuncAttributes{};
+  attr->ptxVersion = emu_env_int("DISTILL_OPS_EMU_PTX_VERSION", 90);
   return cudaSuccess;
 }
 
