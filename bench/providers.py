@@ -212,16 +212,21 @@ def package_version(dist: str) -> Optional[str]:
         return None
 
 
+def import_or(module: str, what: str, error=None):
+    """The module, or ``error`` (Unavailable by default) saying why ``what`` is not importable."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        raise (error or Unavailable)(f"{what} is not importable ({type(exc).__name__}: {exc})")
+
+
 class Liger(Provider):
     """Liger-Kernel's losses on fp32 log-probabilities (how its KL / JSD modules are meant to be fed)."""
 
     name = "liger"
 
     def _module(self):
-        try:
-            return importlib.import_module("liger_kernel.transformers")
-        except Exception as exc:
-            raise Unavailable(f"liger_kernel is not importable ({type(exc).__name__}: {exc})")
+        return import_or("liger_kernel.transformers", "liger_kernel")
 
     def check(self, case, device):
         if device.type != "cuda":
@@ -276,11 +281,7 @@ class TrlChunked(Provider):
     name = "trl"
 
     def _fn(self):
-        try:
-            module = importlib.import_module("trl.trainer.distillation_trainer")
-        except Exception as exc:
-            raise Unavailable(f"trl's DistillationTrainer is not importable ({type(exc).__name__}: "
-                              f"{exc})")
+        module = import_or("trl.trainer.distillation_trainer", "trl's DistillationTrainer")
         fn = getattr(module, "_chunked_divergence_loss", None)
         if fn is None:
             raise Unavailable("this trl has no _chunked_divergence_loss")
@@ -331,7 +332,8 @@ class _TorchtuneLoss(Provider):
         self._classes()
 
     def make(self, case):
-        fn = getattr(self._classes(), TORCHTUNE_CLASSES[case.divergence])(**self._kwargs())
+        fn = getattr(self._classes(), TORCHTUNE_CLASSES[case.divergence])(
+            num_output_chunks=TORCHTUNE_CHUNKS)
 
         def loss(x):
             s, t = x["student"].unsqueeze(0), x["teacher"].unsqueeze(0)   # (1, N, V): chunk N
@@ -341,18 +343,12 @@ class _TorchtuneLoss(Provider):
 
         return loss
 
-    def _kwargs(self) -> dict:
-        return {"num_output_chunks": TORCHTUNE_CHUNKS}
-
 
 class Torchtune(_TorchtuneLoss):
     name = "torchtune"
 
     def _classes(self):
-        try:
-            return importlib.import_module("torchtune.modules.loss")
-        except Exception as exc:
-            raise Unavailable(f"torchtune is not importable ({type(exc).__name__}: {exc})")
+        return import_or("torchtune.modules.loss", "torchtune")
 
 
 class DistillOpsTorchtune(_TorchtuneLoss):
@@ -363,11 +359,8 @@ class DistillOpsTorchtune(_TorchtuneLoss):
     family = "distill_ops"
 
     def _classes(self):
-        try:
-            return importlib.import_module("distill_ops.integrations.torchtune")
-        except Exception as exc:
-            raise Missing(f"distill_ops.integrations.torchtune is not importable "
-                          f"({type(exc).__name__}: {exc})")
+        return import_or("distill_ops.integrations.torchtune",
+                         "distill_ops.integrations.torchtune", Missing)
 
 
 class DistillOps(Provider):
@@ -380,10 +373,7 @@ class DistillOps(Provider):
         self.name = f"distill_ops:{backend}"
 
     def _package(self):
-        try:
-            return importlib.import_module("distill_ops")
-        except Exception as exc:
-            raise Unavailable(f"distill_ops is not importable ({type(exc).__name__}: {exc})")
+        return import_or("distill_ops", "distill_ops")
 
     # The public name, then where the function lives in case it is not re-exported yet.
     APIS = {"dense": ("kd_loss", "distill_ops.functional"),

@@ -572,25 +572,22 @@ __global__ void split_finalize_kernel(const DenseArgs A, const LossConsts<T> Kc,
 // ------------------------------------------------------------------------------------------------
 // launch helpers (the dense, sparse, top-k and sampling launches)
 
-inline int sm_count(int device) {
+// A device attribute, asked once per device (the query costs more than a short launch).
+template <cudaDeviceAttr ATTR>
+inline int device_attribute(int device) {
   static int cache[128] = {0};
   if (device >= 0 && device < 128 && cache[device] > 0) return cache[device];
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, ATTR, device));
   if (device >= 0 && device < 128) cache[device] = n;
   return n;
 }
 
+inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
 // The most blocks a grid may have along y (65535 on every GPU so far): the split and resident
 // kernels put rows there and loop over the rest (the emulator lowers it to test that loop).
-inline int max_grid_y(int device) {
-  static int cache[128] = {0};
-  if (device >= 0 && device < 128 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxGridDimY, device));
-  if (device >= 0 && device < 128) cache[device] = n;
-  return n;
-}
+inline int max_grid_y(int device) { return device_attribute<cudaDevAttrMaxGridDimY>(device); }
 
 inline int threads_for(int64_t len) {
   return len >= 16384 ? kMaxThreads : len >= 4096 ? 256 : 128;

@@ -17,8 +17,9 @@
 //
 // The same math as the row and split kernels (the per-element functions of dense_kernels.cuh),
 // over another partition of the row into threads and blocks, so the results agree with theirs to
-// rounding, not to the bit; within the kernel every block merges the same states in rank order. Every element is read, and later written, by
-// the same thread, and s'[label] is read before the first cluster.sync: grad may alias the student.
+// rounding, not to the bit; within the kernel every block merges the same states in rank order.
+// Every element is read, and later written, by the same thread, and s'[label] is read before the
+// first cluster.sync: grad may alias the student.
 //
 // Opt-in (DISTILL_OPS_CUDA_RESIDENT=1) until it has been timed on a GPU; taken for 16-bit and
 // float32 rows of at most 16 x resident_chunk(512) columns (262144 16-bit, 131072 float32) on

@@ -61,16 +61,16 @@ def _mask_labels(labels: object, rows: int, ignore_index: int) -> torch.Tensor:
     return torch.where(flat != ignore_index, torch.zeros_like(flat), torch.full_like(flat, _DROP))
 
 
-def _teacher_entropy_sum(teacher2d: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """sum over kept tokens of H(p) = log V - KL(p || uniform), no gradient. The uniform student is
-    a row of zeros broadcast to every token (row stride 0): no N x V buffer."""
+def _teacher_entropy_sum(teacher2d: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor,
+                         backend: str) -> torch.Tensor:
+    """sum over the ``kept`` tokens of H(p) = log V - KL(p || uniform), no gradient. The uniform
+    student is a row of zeros broadcast to every token (row stride 0): no N x V buffer."""
     n, v = teacher2d.shape
     with torch.no_grad():
         uniform = teacher2d.new_zeros(1, v).expand(n, v)
         kl_uniform = kd_loss(uniform, teacher2d, labels=mask, ignore_index=_DROP, reduction="sum",
                              backend=backend)
-        kept = (mask != _DROP).sum().to(kl_uniform.dtype)
-        return kept * math.log(v) - kl_uniform
+        return kept.to(kl_uniform.dtype) * math.log(v) - kl_uniform
 
 
 def _token_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -85,17 +85,18 @@ def _token_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
     student2d = student.reshape(-1, v)
     teacher2d = teacher.reshape(-1, teacher.shape[-1])
     mask = _mask_labels(labels, student2d.shape[0], ignore_index)
+    kept = (mask != _DROP).sum()
     common = dict(labels=mask, ignore_index=_DROP, reduction="sum", backend=backend)
     total = None
     if forward_weight != 0:
         fwd = kd_loss(student2d, teacher2d, divergence="forward_kl", **common)
         if teacher_entropy:
-            fwd = fwd + _teacher_entropy_sum(teacher2d, mask, backend)
+            fwd = fwd + _teacher_entropy_sum(teacher2d, mask, kept, backend)
         total = forward_weight * fwd
     if forward_weight != 1:
         rev = (1 - forward_weight) * kd_loss(student2d, teacher2d, divergence="reverse_kl", **common)
         total = rev if total is None else total + rev
-    return total, (mask != _DROP).sum()
+    return total, kept
 
 
 def _normalized(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
