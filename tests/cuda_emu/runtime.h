@@ -32,6 +32,10 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -87,6 +91,7 @@ struct Fiber {
   WarpOp op = WarpOp::kShflXor;
   unsigned mask = 0, param = 0;
   uint64_t value = 0, result = 0;
+  void* asan_fake_stack = nullptr;  // AddressSanitizer's save slot while the fiber is switched out
 };
 
 // Where each __shared__ variable of a launch lives in a block's shared memory: offsets handed out
@@ -130,6 +135,34 @@ struct Cluster {
 };
 
 inline thread_local Block* tl_block = nullptr;
+
+// AddressSanitizer must be told of every stack switch (its fiber annotations): without them it
+// takes a fiber's stack for the thread's, and an exception thrown in a fiber (a kernel's emulator
+// error, e.g. map_shared_rank to an exited block) leaves poisoned shadow that a later call trips
+// over as a false stack-use-after-scope, which aborts the process with no Python error.
+// switch_to(&save, bottom, size) before a swapcontext to the stack [bottom, bottom + size); the
+// side that resumes calls switched(save, ...). A fiber that exits for good passes save = nullptr.
+struct StackSpan {
+  const void* bottom = nullptr;
+  size_t size = 0;
+};
+inline thread_local StackSpan tl_scheduler_stack;  // the OS thread's stack, that fibers return to
+
+inline void switch_to(void** save, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(save, bottom, size);
+#else
+  (void)save, (void)bottom, (void)size;
+#endif
+}
+
+inline void switched(void* save, StackSpan* from = nullptr) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(save, from ? &from->bottom : nullptr, from ? &from->size : nullptr);
+#else
+  (void)save, (void)from;
+#endif
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
   const Block* b = tl_block;
@@ -191,6 +224,7 @@ inline void set_thread(const Block& b, int i) {
 }
 
 inline void fiber_entry() {
+  switched(nullptr, &tl_scheduler_stack);  // a new fiber: learns the scheduler's stack
   Block* b = tl_block;
   try {
     (*b->body)();
@@ -199,6 +233,7 @@ inline void fiber_entry() {
   }
   Fiber& f = b->fibers[b->current];
   f.wait = Wait::kDone;
+  switch_to(nullptr, tl_scheduler_stack.bottom, tl_scheduler_stack.size);  // exits for good
   swapcontext(&f.ctx, &b->main);  // never resumed
   std::abort();
 }
@@ -209,7 +244,9 @@ inline void yield(Wait w) {
   if (b == nullptr) fail("a device intrinsic was called outside a kernel");
   Fiber& f = b->fibers[b->current];
   f.wait = w;
+  switch_to(&f.asan_fake_stack, tl_scheduler_stack.bottom, tl_scheduler_stack.size);
   swapcontext(&f.ctx, &b->main);
+  switched(f.asan_fake_stack, &tl_scheduler_stack);
 }
 
 inline std::string thread_list(const Block& b, Wait w) {
@@ -298,7 +335,10 @@ inline bool advance(Block& b, uint64_t round, std::vector<int>& perm) {
     if (b.fibers[i].wait != Wait::kRun) continue;
     b.current = i;
     set_thread(b, i);
+    void* save = nullptr;
+    switch_to(&save, b.fibers[i].ctx.uc_stack.ss_sp, b.fibers[i].ctx.uc_stack.ss_size);
     swapcontext(&b.main, &b.fibers[i].ctx);
+    switched(save);
     if (b.error) std::rethrow_exception(b.error);
   }
   bool released = false;
