@@ -38,6 +38,9 @@ OPS = ("dense_forward", "sparse_forward", "teacher_topk", "teacher_sample_draws"
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;{}()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _REGISTER = "TORCH_LIBRARY_IMPL(distill_ops_native, CUDA, m)"
 
+# The exit status of a process AddressSanitizer aborted (its default, 1, is pytest's "tests failed").
+ASAN_EXIT_CODE = 86
+
 _library = None  # the torch.library.Library that holds the schemas (kept alive)
 
 
@@ -155,7 +158,7 @@ def asan_env() -> dict[str, str] | None:
     if not all(os.path.isabs(p) and os.path.exists(p) for p in found):
         return None
     return {"DISTILL_OPS_EMU_ASAN": "1", "LD_PRELOAD": " ".join(found),
-            "ASAN_OPTIONS": "detect_leaks=0"}
+            "ASAN_OPTIONS": f"detect_leaks=0:exitcode={ASAN_EXIT_CODE}"}
 
 
 def clean() -> None:

@@ -5,11 +5,13 @@ kernel tests. Usage: python tests/cuda_emu/run.py [pytest arguments]."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build import asan_env  # noqa: E402
+from build import ASAN_EXIT_CODE, asan_env  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -20,8 +22,20 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
     else:
         env.update(asan)
-    os.execve(sys.executable, [sys.executable, "-m", "pytest", *argv], env)
-    return 1
+    with tempfile.TemporaryDirectory(prefix="cuda_emu_asan_") as logs:
+        # pytest captures fd 2 while a test runs, and an aborted process never prints what it
+        # captured: AddressSanitizer writes its report to a file instead, shown here.
+        if asan is not None:
+            env["ASAN_OPTIONS"] += f":log_path={logs}/report"
+        code = subprocess.run([sys.executable, "-m", "pytest", *argv], env=env).returncode
+        for report in sorted(Path(logs).iterdir()):  # (a swapcontext warning alone is no report)
+            if "ERROR: AddressSanitizer" in report.read_text():
+                print(f"cuda_emu: AddressSanitizer's report ({report.name}):\n{report.read_text()}",
+                      flush=True)
+    if code == ASAN_EXIT_CODE:
+        print(f"cuda_emu: AddressSanitizer aborted the run (exit {code}); the test that was "
+              "running is the one after the last that pytest reported", flush=True)
+    return code
 
 
 if __name__ == "__main__":
