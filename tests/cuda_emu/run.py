@@ -1,6 +1,7 @@
 """Runs pytest with backend="cpu" on the emulated CUDA kernels (DISTILL_OPS_CUDA_EMU=1), under
 AddressSanitizer where gcc has libasan (else without, and says so): `make test` calls it on the
-kernel tests. Usage: python tests/cuda_emu/run.py [pytest arguments]."""
+kernel tests. A run that AddressSanitizer aborts exits with build.ASAN_EXIT_CODE and its report
+printed on stdout. Usage: python tests/cuda_emu/run.py [pytest arguments]."""
 
 from __future__ import annotations
 
