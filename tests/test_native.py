@@ -371,6 +371,34 @@ def test_rows_all_minus_inf_but_one(device, div):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("div", DIVS)
+def test_masked_prefix_and_rising_max(device, div):
+    """Rows wider than the CPU kernels' 512-element chunks whose running max starts empty and then
+    rises chunk after chunk: row 0 masked (-inf, both sides) over its first 1100 columns, then
+    logits near -300 (lse far below 0: exp(-lse) overflows float, where a chunk's kept
+    exponentials must still give q = p = 0, not 0 * inf); row 1 ascending, so every chunk raises the
+    max. The CPU kernel keeps pass 1's exponentials and rescales them per chunk: both must match
+    the oracle on the unmasked part."""
+    v, cut = 2000, 1100
+    s, t = logits(3, v, seed=14, device=device)
+    s[0, :cut] = -math.inf
+    t[0, :cut] = -math.inf
+    s[0, cut:] -= 300.0
+    t[0, cut:] -= 300.0
+    ramp = torch.linspace(-40.0, 12.0, v, device=device)
+    s[1] += ramp
+    t[1] += ramp.flip(0)
+    labels = torch.tensor([cut + 7, 1999, -100], device=device)
+    kw = opts(divergence=div, temperature=0.7, hard_coef=0.5)
+    loss, g = run(s, t, labels, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert torch.count_nonzero(g[0, :cut]) == 0
+    ref, ref_g = oracle(s[:, cut:], t[:, cut:], torch.tensor([7, 1999 - cut, -100]), **kw)
+    assert rel(loss[0], ref[0]) < 1e-5 and rel(g[0, cut:], ref_g[0]) < tol(s.dtype, div, "grad")
+    check(s[1:], t[1:], labels[1:], **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_nan_propagates(device, div, side):
     s, t = logits(4, 50, seed=11, device=device)

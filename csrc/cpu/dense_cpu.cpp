@@ -8,6 +8,12 @@
 //           for the mixtures (JSD, skew KL) C = sum qg is accumulated instead;
 //   pass 3  (mixtures) the gradient.
 //
+// The exponentials are what these kernels spend their time on (the row is read from L2/L3 again,
+// not from memory): pass 1 keeps the row's exp(a - shift), exp(b - shift) (RowStash), and pass 2
+// gets q and p from them with one multiply, instead of two more exponentials per element. For the
+// mixtures pass 2 also keeps qg (over the teacher's exponentials, read by then), so that pass 3 is
+// the gradient's arithmetic alone, without the divergence terms or the teacher.
+//
 // Every step is a simple loop over a chunk buffer so that the compiler vectorises it; the element
 // math comes from csrc/include/distill_ops (shared with the CUDA kernels). Row totals are
 // accumulated in double. A student element is always read before the gradient element at the same
@@ -18,8 +24,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../dense_op.h"
 #include "cpu_common.h"
@@ -44,11 +52,33 @@ struct Buffers {
   alignas(64) T g[kChunk];
 };
 
+// The exponentials of pass 1 for one row: e[i] = exp(x_i - shift_c) of student (a) and teacher (b),
+// and per chunk c of kChunk elements its shift (-inf while the running max was -inf: every e of
+// the chunk is 0), replaced after pass 1 by the factor f_c = exp(shift_c - lse) that makes
+// e[i] * f_c = exp(x_i - lse), the probability. Two rows' worth of T per thread (1 MiB at V = 128256
+// in float), reused from row to row: it stays in L2/L3 between the passes.
+template <typename T>
+struct RowStash {
+  std::vector<T> ea, eb;
+  std::vector<double> fa, fb;
+
+  explicit RowStash(int64_t v)
+      : ea(static_cast<size_t>(v)), eb(static_cast<size_t>(v)),
+        fa(static_cast<size_t>((v + kChunk - 1) / kChunk)), fb(fa.size()) {}
+
+  // The chunk shifts become the probability factors, once lse is known. exp(-inf - lse) = 0; a NaN
+  // lse (NaN logits) makes every factor NaN, and so q and p, as exp(x - lse) would.
+  static void to_factors(std::vector<double>& f, double lse) {
+    for (double& x : f) x = std::exp(x - lse);
+  }
+};
+
 template <typename scalar_t, typename T, int DIV>
 class RowKernel {
  public:
-  RowKernel(const DenseArgs& args, const LossConsts<T>& k, T scale, Buffers<T>& buf)
-      : A(args), K(k), scale_(scale), B(buf) {}
+  RowKernel(const DenseArgs& args, const LossConsts<T>& k, T scale, Buffers<T>& buf,
+            RowStash<T>& stash)
+      : A(args), K(k), scale_(scale), B(buf), S(stash) {}
 
   DOPS_INLINE void run(int64_t row) {
     const int64_t V = A.v;
@@ -85,10 +115,15 @@ class RowKernel {
       const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
       load(c0, n);
       if (K.soft) {
-        accumulate<DIV == kReverseKL>(sa, wa, B.a, B.b, n);
-        accumulate<false>(sb, wa, B.b, B.b, n);
+        S.fa[c0 / kChunk] = accumulate<DIV == kReverseKL>(sa, wa, B.a, B.b, n, S.ea.data() + c0);
+        S.fb[c0 / kChunk] = accumulate<false>(sb, wa, B.b, B.b, n,
+                                              Terms<DIV, T>::kUsesP ? S.eb.data() + c0 : nullptr);
       }
       if (K.ce_own_lse) accumulate<false>(s1, wa, sp_, sp_, n);
+    }
+    if (K.soft) {
+      RowStash<T>::to_factors(S.fa, sa.lse());
+      if (Terms<DIV, T>::kUsesP) RowStash<T>::to_factors(S.fb, sb.lse());
     }
     na_ = normalizer<T>(sa);
     nb_ = normalizer<T>(sb);
@@ -105,9 +140,11 @@ class RowKernel {
       load(c0, n);
       if (K.soft) {
         if (grad_now) {
-          loss += terms<true, false>(n, c_sum);
+          loss += terms<true, false, false>(c0, n, c_sum);
+        } else if (K.need_grad) {  // a mixture: C, and qg kept for pass 3
+          loss += terms<false, true, true>(c0, n, c_sum);
         } else {
-          loss += terms<false, needs_c_pass(DIV)>(n, c_sum);
+          loss += terms<false, needs_c_pass(DIV), false>(c0, n, c_sum);
         }
       }
       if (grad_now) write_grad(c0, n);
@@ -125,10 +162,16 @@ class RowKernel {
     if (K.need_grad && needs_c_pass(DIV)) {
       for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
         const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-        load(c0, n);
-        if (K.soft) {
-          double unused = 0.0;
-          terms<true, false>(n, unused);
+        load(c0, n, /*teacher=*/false);
+        if (K.soft) {  // q from the kept exponentials, qg kept by pass 2
+          const T fa = static_cast<T>(S.fa[c0 / kChunk]);
+          const T* __restrict__ ea = S.ea.data() + c0;
+          const T* __restrict__ kept_qg = S.eb.data() + c0;
+          DOPS_SIMD
+          for (int64_t i = 0; i < n; ++i) {
+            B.q[i] = ea[i] * fa;
+            B.qg[i] = kept_qg[i];
+          }
         }
         write_grad(c0, n);
       }
@@ -138,8 +181,9 @@ class RowKernel {
  private:
   // Load a chunk: a = s'/tau and (soft term) b = t'/tau, with s' = softcap(x) of the raw student
   // x. x itself is kept in B.x only where something reads it again (the softcap, the CE term's own
-  // normalizer); otherwise the scaling is fused with the load (one pass, no copy).
-  DOPS_INLINE void load(int64_t c0, int64_t n) {
+  // normalizer); otherwise the scaling is fused with the load (one pass, no copy). Without
+  // `teacher`, b is not loaded.
+  DOPS_INLINE void load(int64_t c0, int64_t n, bool teacher = true) {
     using C = Convert<scalar_t, T>;
     const T inv_tau = K.inv_tau;
     const bool keep_x = K.cap_on || K.ce_own_lse || !K.soft;
@@ -162,7 +206,7 @@ class RowKernel {
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) B.a[i] = C::load(src[i]) * inv_tau;
     }
-    if (K.soft) {
+    if (K.soft && teacher) {
       if (K.cap_on) {
         load_chunk(t_row_ + c0, n, B.b);
         const T cap = K.cap, inv_cap = K.inv_cap;
@@ -176,10 +220,12 @@ class RowKernel {
     }
   }
 
-  // Fold x[0, n) into the online state; with W, also sum exp(x - m) (x - y) into w.
+  // Fold x[0, n) into the online state; with W, also sum exp(x - m) (x - y) into w. With `keep`,
+  // e = exp(x - shift) is stored there too. Returns the shift (-inf while the state is empty).
   template <bool W>
-  DOPS_INLINE static void accumulate(SoftmaxState<double>& st, double& w_acc,
-                                     const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  DOPS_INLINE static double accumulate(SoftmaxState<double>& st, double& w_acc,
+                                       const T* __restrict__ x, const T* __restrict__ y, int64_t n,
+                                       T* __restrict__ keep = nullptr) {
     T cm = math::neg_inf<T>();
     DOPS_SIMD_MAX(cm)
     for (int64_t i = 0; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
@@ -193,39 +239,57 @@ class RowKernel {
       DOPS_SIMD_SUM(z, w)
       for (int64_t i = 0; i < n; ++i) {
         const T e = math::exp_(x[i] - shift);
+        keep[i] = e;  // (W only in the soft term's student pass, which keeps)
         z += static_cast<double>(e);
         // a - b in double: exact, so that R = w / z - (m_a - m_b) - ... cancels exactly
         w += weighted(static_cast<double>(e), static_cast<double>(x[i]) - static_cast<double>(y[i]));
       }
       w_acc += w;
+    } else if (keep != nullptr) {
+      DOPS_SIMD_SUM(z)
+      for (int64_t i = 0; i < n; ++i) {
+        const T e = math::exp_(x[i] - shift);
+        keep[i] = e;
+        z += static_cast<double>(e);
+      }
     } else {
       DOPS_SIMD_SUM(z)
       for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] - shift));
     }
     st.z += z;
+    return st.m == -INFINITY ? -INFINITY : static_cast<double>(shift);
   }
 
-  // Per-element divergence terms of the chunk: returns the sum of the loss terms; STORE keeps q
-  // and qg for the gradient; CSUM adds sum qg to c_sum.
-  template <bool STORE, bool CSUM>
-  DOPS_INLINE double terms(int64_t n, double& c_sum) {
+  // Per-element divergence terms of the chunk at c0: returns the sum of the loss terms; STORE keeps
+  // q and qg for the gradient in B; CSUM adds sum qg to c_sum; KEEP keeps qg in the stash, over the
+  // teacher's exponentials (each read before it is overwritten). q and p from the stash (pass 1's
+  // exponentials times the chunk's factor).
+  template <bool STORE, bool CSUM, bool KEEP>
+  DOPS_INLINE double terms(int64_t c0, int64_t n, double& c_sum) {
     const LogNormalizer<T> na = na_, nb = nb_;
     const MixWeights<T> w = K.mix;
     const T* __restrict__ a = B.a;
     const T* __restrict__ b = B.b;
+    const T* __restrict__ ea = S.ea.data() + c0;
+    T* __restrict__ eb = S.eb.data() + c0;
+    const T fa = static_cast<T>(S.fa[c0 / kChunk]);
+    const T fb = Terms<DIV, T>::kUsesP ? static_cast<T>(S.fb[c0 / kChunk]) : T(0);
     T* __restrict__ q = B.q;
     T* __restrict__ qg = B.qg;
     double lsum = 0.0, csum = 0.0;
     DOPS_SIMD_SUM(lsum, csum)
     for (int64_t i = 0; i < n; ++i) {
-      T qi, term, qgi;
-      Terms<DIV, T>::eval(na.log_prob(a[i]), nb.log_prob(b[i]), w, qi, term, qgi);
+      T term, qgi;
+      const T qi = ea[i] * fa;
+      const T pi = Terms<DIV, T>::kUsesP ? eb[i] * fb : T(0);
+      Terms<DIV, T>::given(na.log_prob(a[i]), nb.log_prob(b[i]), qi, pi, w, term, qgi);
       lsum += static_cast<double>(term);
       if (CSUM) csum += static_cast<double>(qgi);
       if (STORE) {
         q[i] = qi;
         qg[i] = qgi;
       }
+      if (KEEP) eb[i] = qgi;
     }
     if (CSUM) c_sum += csum;
     return lsum;
@@ -275,6 +339,7 @@ class RowKernel {
   const LossConsts<T>& K;
   const T scale_;
   Buffers<T>& B;
+  RowStash<T>& S;
   const scalar_t* s_row_ = nullptr;
   const scalar_t* t_row_ = nullptr;
   scalar_t* g_row_ = nullptr;
@@ -288,7 +353,8 @@ template <typename scalar_t, typename T, int DIV>
 DOPS_INLINE void run_rows_div(const DenseArgs& A, const LossConsts<T>& K, T scale, int64_t begin,
                               int64_t end) {
   Buffers<T> buf;
-  RowKernel<scalar_t, T, DIV> kernel(A, K, scale, buf);
+  RowStash<T> stash(K.soft ? A.v : 0);
+  RowKernel<scalar_t, T, DIV> kernel(A, K, scale, buf, stash);
   for (int64_t row = begin; row < end; ++row) kernel.run(row);
 }
 

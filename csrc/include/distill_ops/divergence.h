@@ -112,36 +112,48 @@ DOPS_HD DOPS_INLINE T min_(T x, T cap) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The per-element terms. `Terms<DIV, T>::eval(lq, lp, w, q, term, qg)` sets q = exp(lq), the loss
-// term and qg. Everything a caller does not use is dead code after inlining.
+// The per-element terms. `Terms<DIV, T>::given(lq, lp, q, p, w, term, qg)` is the definition: the
+// loss term and qg from the log-probabilities and q = exp(lq), p = exp(lp) (p is read only where
+// kUsesP). `Terms<DIV, T>::eval(lq, lp, w, q, term, qg)` computes q and p from the logs first; a
+// caller that has q and p already (the CPU kernel keeps the exponentials of its first pass) calls
+// `given`. Everything a caller does not use is dead code after inlining.
 
 template <int DIV, typename T>
 struct Terms;
 
-template <typename T>
-struct Terms<kForwardKL, T> {
-  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>&, T& q, T& term, T& qg) {
+// eval() of every Terms<DIV, T>, from its given() and kUsesP.
+template <typename Self, typename T>
+struct TermsFromLogs {
+  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>& w, T& q, T& term, T& qg) {
     q = math::exp_(lq);
-    const T p = math::exp_(lp);
+    const T p = Self::kUsesP ? math::exp_(lp) : T(0);
+    Self::given(lq, lp, q, p, w, term, qg);
+  }
+};
+
+template <typename T>
+struct Terms<kForwardKL, T> : TermsFromLogs<Terms<kForwardKL, T>, T> {
+  static constexpr bool kUsesP = true;
+  DOPS_HD DOPS_INLINE static void given(T lq, T lp, T, T p, const MixWeights<T>&, T& term, T& qg) {
     term = weighted(p, lp - lq);
     qg = -p;
   }
 };
 
 template <typename T>
-struct Terms<kReverseKL, T> {
-  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>&, T& q, T& term, T& qg) {
-    q = math::exp_(lq);
+struct Terms<kReverseKL, T> : TermsFromLogs<Terms<kReverseKL, T>, T> {
+  static constexpr bool kUsesP = false;
+  DOPS_HD DOPS_INLINE static void given(T lq, T lp, T q, T, const MixWeights<T>&, T& term, T& qg) {
     term = weighted(q, lq - lp);
     qg = term;
   }
 };
 
 template <typename T>
-struct Terms<kJSD, T> {
-  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>& w, T& q, T& term, T& qg) {
-    q = math::exp_(lq);
-    const T p = math::exp_(lp);
+struct Terms<kJSD, T> : TermsFromLogs<Terms<kJSD, T>, T> {
+  static constexpr bool kUsesP = true;
+  DOPS_HD DOPS_INLINE static void given(T lq, T lp, T q, T p, const MixWeights<T>& w, T& term,
+                                        T& qg) {
     const T lm = log_add_exp(lp + w.log_wp, lq + w.log_wq);
     const T tq = weighted(q, lq - lm);
     const T tp = weighted(p, lp - lm);
@@ -151,10 +163,10 @@ struct Terms<kJSD, T> {
 };
 
 template <typename T>
-struct Terms<kSkewForwardKL, T> {
-  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>& w, T& q, T& term, T& qg) {
-    q = math::exp_(lq);
-    const T p = math::exp_(lp);
+struct Terms<kSkewForwardKL, T> : TermsFromLogs<Terms<kSkewForwardKL, T>, T> {
+  static constexpr bool kUsesP = true;
+  DOPS_HD DOPS_INLINE static void given(T lq, T lp, T, T p, const MixWeights<T>& w, T& term,
+                                        T& qg) {
     const T lm = log_add_exp(lp + w.log_wp, lq + w.log_wq);
     term = weighted(p, lp - lm);
     // -(1 - a) p q / M; 0 where p or q is 0 (the exponent is -inf there)
@@ -163,9 +175,10 @@ struct Terms<kSkewForwardKL, T> {
 };
 
 template <typename T>
-struct Terms<kSkewReverseKL, T> {
-  DOPS_HD DOPS_INLINE static void eval(T lq, T lp, const MixWeights<T>& w, T& q, T& term, T& qg) {
-    q = math::exp_(lq);
+struct Terms<kSkewReverseKL, T> : TermsFromLogs<Terms<kSkewReverseKL, T>, T> {
+  static constexpr bool kUsesP = false;
+  DOPS_HD DOPS_INLINE static void given(T lq, T lp, T q, T, const MixWeights<T>& w, T& term,
+                                        T& qg) {
     const T lm = log_add_exp(lp + w.log_wp, lq + w.log_wq);
     term = weighted(q, lq - lm);
     // a q^2 / M; 0 where q is 0 (the exponent is -inf there)
