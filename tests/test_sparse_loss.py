@@ -117,6 +117,28 @@ def test_cpu_kernel_over_several_chunks(divergence, dtype):
                      temperature=0.8, labels=labels, hard_weight=0.4, backend="cpu")
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_cpu_kernel_masked_prefix_and_rising_max(divergence, temperature):
+    """The CPU kernel keeps pass 1's exponentials and rescales them per 512-column chunk: row 0
+    -inf over its first 1100 columns, then logits near -300 (the first chunks' exponentials must
+    give 0, not 0 * inf); row 1 ascending, so that every chunk raises the running max. At tau = 1
+    the CE term's softmax comes from the same kept exponentials; at 0.8 from its own pass."""
+    require_backend("cpu")
+    n, v, k, cut = 3, 2000, 9, 1100
+    ids, lp, tails = make_targets(n, v - cut, k, seed=21, empty_row=False)
+    ids = torch.where(ids >= 0, ids + cut, ids)  # targets in the unmasked part
+    s = make_student(n, v, seed=21)
+    s[0, :cut] = -torch.inf
+    s[0, cut:] -= 300.0
+    s[1] += torch.linspace(-40.0, 12.0, v, dtype=s.dtype)
+    labels = torch.tensor([cut + 5, v - 1, 17])
+    for tail in TAILS:
+        check_sparse(s, ids, lp, divergence=divergence, tail=tail, tail_logmass=tails,
+                     temperature=temperature, labels=labels, hard_weight=0.4, backend="cpu",
+                     reduction="none")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_leading_dims_and_noncontiguous(backend):
     require_backend(backend)

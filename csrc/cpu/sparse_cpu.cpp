@@ -10,6 +10,10 @@
 //           term) is written over the row, then the k target columns are overwritten (ids are
 //           unique in a row).
 //
+// Pass 1 keeps the row's exponentials exp(a_j - shift) (shift: the running max at the chunk), so
+// that pass 2 writes exp(a_j - lse_out) as one multiply by a chunk factor exp(shift - lse_out):
+// one exponential per element instead of two (as the dense kernel's RowStash).
+//
 // No probability tensor; the gradient is written in the forward and scaled in the backward. The
 // gradient may be the student tensor itself (inplace_grad): every student value is read before
 // the column holding it is written.
@@ -17,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -36,12 +41,19 @@ struct SparseBuffers {
   alignas(64) T x[kChunk];  // raw student logits
   alignas(64) T g[kChunk];
   std::vector<double> q, qg, a_k, g_k;  // per slot
-  explicit SparseBuffers(int64_t k) : q(k), qg(k), a_k(k), g_k(k) {}
+  std::vector<T> ea;                    // the row's exp(a - shift), kept by pass 1 (with a grad)
+  std::vector<double> shift;            // per chunk (-inf while the running max was -inf)
+  SparseBuffers(int64_t k, int64_t v, bool grad)
+      : q(k), qg(k), a_k(k), g_k(k), ea(grad ? static_cast<size_t>(v) : 0),
+        shift(static_cast<size_t>((v + kChunk - 1) / kChunk)) {}
 };
 
-// Fold x[0, n) * scale into the online state (sums in double).
+// Fold x[0, n) * scale into the online state (sums in double); with `keep`, the exponentials
+// exp(x * scale - shift) are stored there. Returns the shift (-inf while the state is empty: the
+// chunk's exponentials are all 0).
 template <typename T>
-DOPS_INLINE void fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n) {
+DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n,
+                        T* __restrict__ keep = nullptr) {
   T cm = math::neg_inf<T>();
   DOPS_SIMD_MAX(cm)
   for (int64_t i = 0; i < n; ++i) {
@@ -51,9 +63,19 @@ DOPS_INLINE void fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale
   // NaN: `>` drops it from the max, but exp(NaN - shift) makes z NaN below.
   const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
   double z = 0.0;
-  DOPS_SIMD_SUM(z)
-  for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
+  if (keep != nullptr) {
+    DOPS_SIMD_SUM(z)
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = math::exp_(x[i] * scale - shift);
+      keep[i] = e;
+      z += static_cast<double>(e);
+    }
+  } else {
+    DOPS_SIMD_SUM(z)
+    for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
+  }
   st.z += z;
+  return st.m == -INFINITY ? -INFINITY : static_cast<double>(shift);
 }
 
 // Force-inlined (as every step below the clone entry points): a function that is not inlined
@@ -104,7 +126,8 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
     const T* x = chunk_as(s_row + c0, n, B.x);
-    fold(sa, x, inv_tau, n);
+    T* keep = g_row != nullptr ? B.ea.data() + c0 : nullptr;
+    B.shift[c0 / kChunk] = fold(sa, x, inv_tau, n, keep);
     if (ce_own) fold(s1, x, T(1), n);
   }
   const double lse_a = sa.lse();
@@ -150,11 +173,13 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   if (g_row == nullptr) return;
 
   // ---- pass 2: the gradient ----
-  // Exponents as (x - m) - offset, with m a value of the stream (exact), as LogNormalizer does.
+  // The dense part from the kept exponentials: soft_scale * c_out * exp(a_j - lse_out) = e_j
+  // times the chunk's coef * exp(shift - lse_out), and the CE term's softmax (when it shares
+  // lse_a) is e_j times hard_c * exp(shift - lse_1); exp(-inf - lse) = 0 for a chunk that was all
+  // -inf. The CE term's own normalizer (tau != 1) has no kept exponentials: exponents as
+  // (x - m) - offset, with m a value of the stream (exact), as LogNormalizer does.
   const double soft_scale = A.soft_coef / A.temperature;
-  const T coef = static_cast<T>(soft_scale * fin.c_out * scale);
-  const T m_a = static_cast<T>(sa.m == -INFINITY ? 0.0 : sa.m);
-  const T off_a = static_cast<T>(fin.lse_out - static_cast<double>(m_a));
+  const double coef = soft_scale * fin.c_out * scale;
   const T m_1 = static_cast<T>(st1.m == -INFINITY ? 0.0 : st1.m);
   const T off_1 = static_cast<T>(lse_1 - static_cast<double>(m_1));
   const T hard_c = static_cast<T>(A.hard_coef * scale);
@@ -175,20 +200,27 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   const bool aliased = static_cast<const void*>(g_row) == static_cast<const void*>(s_row);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    // In place, the chunk is copied out before its columns are overwritten (no aliased pointers).
-    const T* __restrict__ x = chunk_as(s_row + c0, n, B.x, aliased);
+    const double shift = B.shift[c0 / kChunk];
+    const T* __restrict__ e = B.ea.data() + c0;
     T* __restrict__ g = B.g;
     if (dense_soft) {
+      const T f = static_cast<T>(coef * std::exp(shift - fin.lse_out));
       DOPS_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = coef * math::exp_((x[i] * inv_tau - m_a) - off_a);
+      for (int64_t i = 0; i < n; ++i) g[i] = f * e[i];
     } else {
       for (int64_t i = 0; i < n; ++i) g[i] = T(0);
     }
-    if (hard) {
+    if (hard && !ce_own) {
+      const T f = static_cast<T>(static_cast<double>(hard_c) * std::exp(shift - lse_1));
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] += f * e[i];
+    } else if (hard) {
+      // In place, the chunk is copied out before its columns are overwritten (no aliased pointers).
+      const T* __restrict__ x = chunk_as(s_row + c0, n, B.x, aliased);
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] += hard_c * math::exp_((x[i] * tau1 - m_1) - off_1);
-      if (label >= c0 && label < c0 + n) g[label - c0] -= hard_c;
     }
+    if (hard && label >= c0 && label < c0 + n) g[label - c0] -= hard_c;
     scalar_t* __restrict__ out = g_row + c0;
     DOPS_SIMD
     for (int64_t i = 0; i < n; ++i) out[i] = C::store(g[i]);
@@ -200,7 +232,7 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
 
 template <typename scalar_t, typename T>
 DOPS_INLINE void run_sparse_rows(const SparseArgs& A, int64_t begin, int64_t end) {
-  SparseBuffers<T> buf(A.k);
+  SparseBuffers<T> buf(A.k, A.v, A.grad != nullptr);
   for (int64_t row = begin; row < end; ++row) {
     switch (A.divergence) {
       case kForwardKL: sparse_row<scalar_t, T, kForwardKL>(A, row, buf); break;
