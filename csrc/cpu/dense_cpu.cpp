@@ -55,8 +55,8 @@ struct Buffers {
 // The exponentials of pass 1 for one row: e[i] = exp(x_i - shift_c) of student (a) and teacher (b),
 // and per chunk c of kChunk elements its shift (-inf while the running max was -inf: every e of
 // the chunk is 0), replaced after pass 1 by the factor f_c = exp(shift_c - lse) that makes
-// e[i] * f_c = exp(x_i - lse), the probability. Two rows' worth of T per thread (1 MiB at V = 128256
-// in float), reused from row to row: it stays in L2/L3 between the passes.
+// e[i] * f_c = exp(x_i - lse), the probability. Two rows' worth of T per thread (1 MiB at
+// V = 128256 in float), reused from row to row: it stays in L2/L3 between the passes.
 template <typename T>
 struct RowStash {
   std::vector<T> ea, eb;
