@@ -162,7 +162,9 @@ class RowKernel {
     if (K.need_grad && needs_c_pass(DIV)) {
       for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
         const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-        load(c0, n, /*teacher=*/false);
+        // the raw student only where write_grad reads it: the softcap's derivative, the CE term's
+        // own softmax
+        if (K.cap_on || K.ce_own_lse) load(c0, n, /*teacher=*/false);
         if (K.soft) {  // q from the kept exponentials, qg kept by pass 2
           const T fa = static_cast<T>(S.fa[c0 / kChunk]);
           const T* __restrict__ ea = S.ea.data() + c0;

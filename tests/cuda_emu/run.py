@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
             env["ASAN_OPTIONS"] += f":log_path={logs}/report"
         code = subprocess.run([sys.executable, "-m", "pytest", *argv], env=env).returncode
         for report in sorted(Path(logs).iterdir()):  # (a swapcontext warning alone is no report)
-            if "ERROR: AddressSanitizer" in report.read_text():
-                print(f"cuda_emu: AddressSanitizer's report ({report.name}):\n{report.read_text()}",
-                      flush=True)
+            text = report.read_text(errors="replace")
+            if "ERROR: AddressSanitizer" in text:
+                print(f"cuda_emu: AddressSanitizer's report ({report.name}):\n{text}", flush=True)
     if code == ASAN_EXIT_CODE:
         print(f"cuda_emu: AddressSanitizer aborted the run (exit {code}); the test that was "
               "running is the one after the last that pytest reported", flush=True)
