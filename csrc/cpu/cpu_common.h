@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "distill_ops/online_softmax.h"
 #include "distill_ops/primitives.h"
 
 // The row kernels are compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the
@@ -92,6 +93,37 @@ DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __
   }
   load_chunk(src, n, buf);
   return buf;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Online-softmax folds of a chunk, keeping the exponentials for a later pass
+
+// sum exp(x_i * scale - shift) over x[0, n), in double (in float, adding many small terms to a
+// partial sum near 1 loses ~1e-6); with `keep`, each exponential is stored there too.
+template <typename T>
+DOPS_INLINE double sum_exp(const T* __restrict__ x, T scale, T shift, int64_t n,
+                           T* __restrict__ keep) {
+  double z = 0.0;
+  if (keep != nullptr) {
+    DOPS_SIMD_SUM(z)
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = math::exp_(x[i] * scale - shift);
+      keep[i] = e;
+      z += static_cast<double>(e);
+    }
+  } else {
+    DOPS_SIMD_SUM(z)
+    for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
+  }
+  return z;
+}
+
+// The shift a chunk's kept exponentials are relative to, as a later pass needs it: -inf while the
+// state is still empty (raise() returns 0 then, and the chunk's exponentials are all 0), so that
+// the factor exp(shift - lse) is 0, where exp(0 - lse) could overflow and give 0 * inf = NaN.
+template <typename T>
+DOPS_INLINE double kept_shift(const SoftmaxState<double>& st, T shift) {
+  return st.m == -INFINITY ? -INFINITY : static_cast<double>(shift);
 }
 
 // ------------------------------------------------------------------------------------------------

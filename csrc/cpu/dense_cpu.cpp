@@ -223,7 +223,7 @@ class RowKernel {
   }
 
   // Fold x[0, n) into the online state; with W, also sum exp(x - m) (x - y) into w. With `keep`,
-  // e = exp(x - shift) is stored there too. Returns the shift (-inf while the state is empty).
+  // e = exp(x - shift) is stored there too. Returns their shift (kept_shift).
   template <bool W>
   DOPS_INLINE static double accumulate(SoftmaxState<double>& st, double& w_acc,
                                        const T* __restrict__ x, const T* __restrict__ y, int64_t n,
@@ -247,19 +247,11 @@ class RowKernel {
         w += weighted(static_cast<double>(e), static_cast<double>(x[i]) - static_cast<double>(y[i]));
       }
       w_acc += w;
-    } else if (keep != nullptr) {
-      DOPS_SIMD_SUM(z)
-      for (int64_t i = 0; i < n; ++i) {
-        const T e = math::exp_(x[i] - shift);
-        keep[i] = e;
-        z += static_cast<double>(e);
-      }
     } else {
-      DOPS_SIMD_SUM(z)
-      for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] - shift));
+      z = sum_exp(x, T(1), shift, n, keep);
     }
     st.z += z;
-    return st.m == -INFINITY ? -INFINITY : static_cast<double>(shift);
+    return kept_shift(st, shift);
   }
 
   // Per-element divergence terms of the chunk at c0: returns the sum of the loss terms; STORE keeps

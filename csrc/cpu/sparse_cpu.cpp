@@ -48,9 +48,8 @@ struct SparseBuffers {
         shift(static_cast<size_t>((v + kChunk - 1) / kChunk)) {}
 };
 
-// Fold x[0, n) * scale into the online state (sums in double); with `keep`, the exponentials
-// exp(x * scale - shift) are stored there. Returns the shift (-inf while the state is empty: the
-// chunk's exponentials are all 0).
+// Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
+// are stored there. Returns their shift (kept_shift).
 template <typename T>
 DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n,
                         T* __restrict__ keep = nullptr) {
@@ -62,20 +61,8 @@ DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T sca
   }
   // NaN: `>` drops it from the max, but exp(NaN - shift) makes z NaN below.
   const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
-  double z = 0.0;
-  if (keep != nullptr) {
-    DOPS_SIMD_SUM(z)
-    for (int64_t i = 0; i < n; ++i) {
-      const T e = math::exp_(x[i] * scale - shift);
-      keep[i] = e;
-      z += static_cast<double>(e);
-    }
-  } else {
-    DOPS_SIMD_SUM(z)
-    for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
-  }
-  st.z += z;
-  return st.m == -INFINITY ? -INFINITY : static_cast<double>(shift);
+  st.z += sum_exp(x, scale, shift, n, keep);
+  return kept_shift(st, shift);
 }
 
 // Force-inlined (as every step below the clone entry points): a function that is not inlined
