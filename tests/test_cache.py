@@ -291,3 +291,87 @@ def test_sampled_targets_cached_use_distinct_seeds_per_batch(tmp_path, tiny_llam
     assert not torch.equal(cache[0]["ids"], cache[2]["ids"])
     direct = teacher_sample(model(b).logits.detach(), 8, seed=0, backend="torch")
     assert torch.equal(cache[0]["ids"], direct.ids[0])
+
+
+# ----------------------------------------------------------------------------- bad targets, strays
+
+
+def test_add_refuses_nan_logprobs_and_repeated_ids(tmp_path):
+    """The checks sparse_kd_loss applies to its targets (ids unique per row except -1 padding,
+    no NaN log-probability at a valid slot, tail_logmass <= 0 and not NaN) run before anything is
+    buffered or written; the error names the argument, the sequence and the row."""
+    w = _writer(tmp_path, shard_tokens=1)   # every accepted add() would write a shard at once
+    ids, t = _batch(2, 5, seed=0)
+    bad = t.logprobs.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"targets\.logprobs has NaN.*sequence 0"):
+        w.add(ids, SparseTargets(t.ids, bad, t.tail_logmass))
+    rep = t.ids.clone()
+    rep[1, 3, 1] = rep[1, 3, 0]
+    with pytest.raises(ValueError, match=r"targets\.ids repeats id .* row 3.*sequence 1"):
+        w.add(ids, SparseTargets(rep, t.logprobs, t.tail_logmass))
+    tail = t.tail_logmass.clone()
+    tail[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"targets\.tail_logmass has NaN.*sequence 1"):
+        w.add(ids, SparseTargets(t.ids, t.logprobs, tail))
+    with pytest.raises(ValueError, match=r"targets\.ids must be in \[0, 50\) or -1"):
+        w.add(ids, SparseTargets(t.ids + V, t.logprobs, t.tail_logmass))
+    assert w.pending_sequences == 0 and not any(tmp_path.iterdir())
+    # -1 padding may repeat, and what lengths cut off is neither stored nor checked
+    pad_ids, pad_lp = t.ids.clone(), t.logprobs.clone()
+    pad_ids[:, :, 2:] = -1
+    pad_lp[:, :, 2:] = float("-inf")
+    pad_lp[0, 4, 0] = float("nan")                         # beyond lengths[0] = 4
+    w.add(ids, SparseTargets(pad_ids, pad_lp, t.tail_logmass), lengths=[4, 5])
+    w.close()
+    cache = TargetCache(tmp_path)
+    assert len(cache) == 2 and torch.equal(cache[0]["ids"], pad_ids[0, :4].int())
+
+
+def test_add_and_constructor_check_k(tmp_path):
+    w = _writer(tmp_path / "a")
+    ids, t = _batch(2, 5, seed=0, k=K - 1)
+    with pytest.raises(ValueError, match=f"targets have k = {K - 1} slots, but this cache "
+                                         f"holds k = {K}"):
+        w.add(ids, t)
+    with pytest.raises(ValueError, match="k = 9 is more than vocab_size = 5"):
+        TargetCacheWriter(tmp_path / "b", vocab_size=5, mode="topk", k=9, temperature=1.0)
+    assert not (tmp_path / "b").exists()
+    # sampled targets draw with replacement and pad merged duplicates: k may exceed V
+    TargetCacheWriter(tmp_path / "c", vocab_size=5, mode="sample", k=9, temperature=1.0)
+
+
+def test_shards_without_manifest_are_kept_and_refused(tmp_path):
+    """A directory with shard files but no manifest (lost, deleted, or a run interrupted between
+    its first shard and its first manifest) is refused: nothing in it is deleted."""
+    _one_shard_cache(tmp_path / "full")
+    d = tmp_path / "copy"
+    d.mkdir()
+    for f in (tmp_path / "full").iterdir():
+        if f.name != "manifest.json":
+            (d / f.name).write_bytes(f.read_bytes())
+    (d / "manifest.json.tmp").write_bytes(b"half a manifest")
+    before = sorted(f.name for f in d.iterdir())
+    assert [n for n in before if n.startswith("shard-")] == [f"shard-0000{i}.safetensors"
+                                                             for i in range(3)]
+    with pytest.raises(CacheError, match=r"3 shard files \(shard-00000\.safetensors, "
+                                         r"shard-00001\.safetensors, .*\) but no manifest\.json"):
+        _writer(d)
+    assert sorted(f.name for f in d.iterdir()) == before   # nothing deleted
+    with pytest.raises(CacheError, match="no manifest.json"):
+        write_teacher_cache(torch.nn.Linear(1, 1), [], d, k=K, vocab_size=V, progress=False)
+    assert sorted(f.name for f in d.iterdir()) == before
+
+
+def test_only_the_writers_own_files_are_cleaned(tmp_path):
+    """Strays are the writer's own names (its temp files; with a manifest, shards it never listed);
+    other files in the directory are the user's."""
+    (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / "shard-notes.txt").write_text("mine")
+    (tmp_path / "shard-00000.safetensors.tmp").write_bytes(b"half a shard")
+    (tmp_path / "manifest.json.tmp").write_bytes(b"half a manifest")
+    with _writer(tmp_path) as w:
+        w.add(*_batch(1, 5, seed=0))
+    w = _writer(tmp_path)  # re-open: a manifest now exists
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "manifest.json", "notes.tmp", "shard-00000.safetensors", "shard-notes.txt"]

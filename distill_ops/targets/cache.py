@@ -18,8 +18,9 @@ num_tokens, complete, and shards: a list of {file, sequences, tokens, bytes, sha
 Crash safety: a shard is written to a temporary file, flushed and renamed into place, and only then
 listed in the manifest (itself replaced atomically). A shard being written when the process dies is
 never listed; re-opening the cache with TargetCacheWriter continues after the last listed shard
-(write_teacher_cache skips the sequences already cached). The reader verifies every listed shard's
-size and sha256 on open: a truncated or corrupted shard is an error naming it.
+(write_teacher_cache skips the sequences already cached). Shard files in a directory without a
+manifest are refused, never deleted (nothing says what they hold). The reader verifies every
+listed shard's size and sha256 on open: a truncated or corrupted shard is an error naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -41,6 +43,14 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 DEFAULT_SHARD_TOKENS = 1 << 18
 # The fields a re-opened cache must agree on.
 IDENTITY = ("vocab_size", "mode", "k", "temperature", "dtype", "teacher", "tokenizer_hash", "extra")
+# The names the writer gives its files: shards, and the temporary files _atomic_write renames
+# into place (a shard's or the manifest's). Nothing else in a cache directory is the writer's.
+SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+TEMP_NAME = re.compile(r"(shard-\d{5,}\.safetensors|" + re.escape(MANIFEST) + r")\.tmp")
+# sparse_kd_loss's argument names in the messages of its target checks, and the names they have
+# in TargetCacheWriter.add.
+_ADD_NAMES = {"target_ids": "targets.ids", "target_logprobs": "targets.logprobs",
+              "tail_logmass": "targets.tail_logmass"}
 
 
 class CacheError(ValueError):
@@ -132,6 +142,9 @@ class TargetCacheWriter:
         for name, val in (("vocab_size", vocab_size), ("k", k), ("shard_tokens", shard_tokens)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if mode == "topk" and k > vocab_size:
+            raise ValueError(f"k = {k} is more than vocab_size = {vocab_size}: top-k targets hold "
+                             "k distinct ids of the vocabulary")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.path = Path(path)
@@ -154,7 +167,7 @@ class TargetCacheWriter:
         else:
             self.manifest = dict(format_version=FORMAT_VERSION, **wanted, shard_tokens=shard_tokens,
                                  num_sequences=0, num_tokens=0, complete=False, shards=[])
-        self._clean_strays()
+        self._clean_strays(manifest_found=existing is not None)
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buf_tokens = 0
         self._closed = False
@@ -168,15 +181,31 @@ class TargetCacheWriter:
 
     @property
     def pending_sequences(self) -> int:
+        """Sequences buffered by add() but not yet in a written shard (lost if the process dies)."""
         return len(self._buf)
 
-    def _clean_strays(self) -> None:
-        """Remove temporary files and shards that the manifest does not list (an interrupted
-        write): they would otherwise be overwritten silently later."""
+    def _clean_strays(self, manifest_found: bool) -> None:
+        """Remove the writer's own debris of an interrupted write: its temporary files and, when a
+        manifest exists, shards it does not list (their sequences are not counted as done, so a
+        resumed run writes them again, under the same names).
+
+        Shard files with no manifest at all are refused, never deleted: they may be a cache whose
+        manifest was lost, which only the user can judge. (A run killed between its first shard
+        and its first manifest also leaves this state.) Files of other names are left alone."""
+        names = sorted(f.name for f in self.path.iterdir())
+        shards = [n for n in names if SHARD_NAME.fullmatch(n)]
+        if shards and not manifest_found:
+            shown = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
+            raise CacheError(
+                f"{self.path} holds {len(shards)} shard file{'s' * (len(shards) != 1)} ({shown}) "
+                f"but no {MANIFEST}, so nothing says what they contain; they are left as they "
+                "are. Write the cache to a new directory, or remove the shard files yourself if "
+                f"they are not wanted (e.g. the first shard of a run interrupted before it wrote "
+                f"{MANIFEST})")
         listed = {s["file"] for s in self.manifest["shards"]}
-        for f in self.path.iterdir():
-            if f.name.endswith(".tmp") or (f.name.startswith("shard-") and f.name not in listed):
-                f.unlink()
+        for name in names:
+            if TEMP_NAME.fullmatch(name) or (SHARD_NAME.fullmatch(name) and name not in listed):
+                (self.path / name).unlink()
 
     # -- writing
 
@@ -196,6 +225,9 @@ class TargetCacheWriter:
                                     targets.tail_logmass.unsqueeze(0))
         b, seq = ids_in.shape
         k = self.manifest["k"]
+        if targets.ids.dim() and targets.ids.shape[-1] != k:
+            raise ValueError(f"targets have k = {targets.ids.shape[-1]} slots, but this cache "
+                             f"holds k = {k} (the writer's k)")
         if targets.ids.shape != (b, seq, k) or targets.logprobs.shape != (b, seq, k):
             raise ValueError(f"targets must have ids and logprobs of shape {(b, seq, k)} (input_ids "
                              f"{tuple(ids_in.shape)}, k={k}), got {tuple(targets.ids.shape)} and "
@@ -206,14 +238,14 @@ class TargetCacheWriter:
         v = self.manifest["vocab_size"]
         if ids_in.numel() and (int(ids_in.min()) < 0 or int(ids_in.max()) >= v):
             raise ValueError(f"input_ids must be in [0, {v})")
-        t_ids = targets.ids.detach().cpu()
-        if t_ids.numel() and (int(t_ids.min()) < -1 or int(t_ids.max()) >= v):
-            raise ValueError(f"targets.ids must be in [0, {v}) or -1")
         lens = [seq] * b if lengths is None else [int(x) for x in torch.as_tensor(lengths).tolist()]
         if len(lens) != b or any(not 0 <= x <= seq for x in lens):
             raise ValueError(f"lengths must be {b} values in [0, {seq}], got {lens}")
-        lp = targets.logprobs.detach().cpu().to(self.dtype)
-        tail = targets.tail_logmass.detach().cpu().to(torch.float32)
+        targets = SparseTargets(*(x.detach().cpu() for x in targets))
+        _check_targets(targets, lens, v)
+        t_ids = targets.ids
+        lp = targets.logprobs.to(self.dtype)
+        tail = targets.tail_logmass.to(torch.float32)
         ids_cpu = ids_in.detach().cpu().to(torch.int32)
         for r in range(b):
             n = lens[r]
@@ -273,6 +305,41 @@ class TargetCacheWriter:
             self.close()
         else:  # keep what was committed; leave the cache resumable (complete stays False)
             self._closed = True
+
+
+def _check_targets(targets: SparseTargets, lens: list[int], vocab_size: int) -> None:
+    """Apply sparse_kd_loss's checks of its targets (id range, ids unique in a row except -1
+    padding, no NaN or +inf log-probability at a valid slot, tail_logmass not NaN and <= 0) to the
+    kept tokens of (B, L, k) targets, so that a cache never stores what the loss would refuse.
+    An error names the argument as add() calls it and the sequence."""
+    from ..sparse import _check_ids, _check_logprobs, _check_tail
+
+    def check(ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor) -> None:
+        shape_ref = torch.empty(()).expand(*ids.shape[:-1], vocab_size)  # lends its shape only
+        _check_logprobs(lp, _check_ids(ids, shape_ref))
+        _check_tail(tail, shape_ref)
+
+    def renamed(exc: Exception, where: str) -> Exception:
+        msg = re.sub(r"\b(" + "|".join(_ADD_NAMES) + r")\b", lambda m: _ADD_NAMES[m.group(1)],
+                     str(exc))
+        return type(exc)(msg + where)
+
+    b, seq = targets.tail_logmass.shape
+    keep = torch.arange(seq) < torch.tensor(lens, dtype=torch.int64).reshape(b, 1)
+    try:  # all kept tokens at once; on an error, again per sequence to say which one
+        check(targets.ids[keep], targets.logprobs[keep], targets.tail_logmass[keep])
+        return
+    except TypeError as exc:  # a dtype: no one sequence's fault
+        raise renamed(exc, "") from None
+    except ValueError as exc:
+        first = exc
+    for r, n in enumerate(lens):
+        try:
+            check(targets.ids[r, :n], targets.logprobs[r, :n], targets.tail_logmass[r, :n])
+        except ValueError as exc:
+            raise renamed(exc, f" (in sequence {r} of this add() call; a row is a token "
+                               "position)") from None
+    raise renamed(first, "") from None
 
 
 class TargetCache:
