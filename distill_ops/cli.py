@@ -38,6 +38,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    """``distill-ops train``: a TrainConfig from --config and the flags (flags win), then
+    trainer.loop.train, under torchrun's process group when there is one; returns 0."""
     from .trainer import dist
     from .trainer.config import TrainConfig
     from .trainer.loop import train
@@ -63,6 +65,8 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_cache_teacher(argv: Sequence[str]) -> int:
+    """``distill-ops cache-teacher``: targets.cache_cli.main, imported only now; an installation
+    without it gets a message and status 2, not a traceback."""
     try:
         module = importlib.import_module("distill_ops.targets.cache_cli")
     except ImportError as exc:
@@ -73,6 +77,7 @@ def cmd_cache_teacher(argv: Sequence[str]) -> int:
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
+    """``distill-ops demo``: the self-contained demo (trainer.demo.main); returns its status."""
     from .trainer import demo
 
     return int(demo.main(list(argv)) or 0)
@@ -82,6 +87,8 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "cache-teacher": cmd_cache_tea
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``distill-ops`` entry point: dispatch ``argv`` (default sys.argv[1:]) to a command;
+    a config error or a missing file is one line on stderr and status 2, not a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = ("usage: distill-ops {train,demo,cache-teacher} [options]\n"

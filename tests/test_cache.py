@@ -375,3 +375,15 @@ def test_only_the_writers_own_files_are_cleaned(tmp_path):
     w = _writer(tmp_path)  # re-open: a manifest now exists
     assert sorted(f.name for f in tmp_path.iterdir()) == [
         "manifest.json", "notes.tmp", "shard-00000.safetensors", "shard-notes.txt"]
+
+
+def test_public_cache_functions_are_documented():
+    import inspect
+
+    from distill_ops.targets import cache_cli
+
+    for fn in (TargetCache.k, TargetCache.vocab_size, TargetCache.targets,
+               TargetCacheWriter.pending_sequences, cache_cli.build_parser, cache_cli.main):
+        f = fn.fget if isinstance(fn, property) else fn
+        assert (inspect.getdoc(f) or "").strip(), f.__qualname__
+        assert "return" in f.__annotations__, f.__qualname__

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from transformers import Trainer
@@ -179,7 +179,12 @@ class DistillationTrainer(Trainer):
         out = model(**inputs, use_cache=False)
         return out, sparse_kd_loss(out.logits, targets["ids"], targets["logprobs"], **kw)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
+                     return_outputs: bool = False,
+                     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None
+                     ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
+        """The distillation loss of one batch (Trainer's hook; see the module docstring for the
+        labels, the cached-target batches and the normalisation by ``num_items_in_batch``)."""
         inputs = dict(inputs)
         targets = {k: inputs.pop(k) for k in TARGET_KEYS if k in inputs}
         labels = inputs.pop("labels", None)

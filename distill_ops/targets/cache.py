@@ -396,10 +396,12 @@ class TargetCache:
 
     @property
     def k(self) -> int:
+        """Target slots per token (k of top-k, or the sample count): ids/logprobs are (L, k)."""
         return int(self.manifest["k"])
 
     @property
     def vocab_size(self) -> int:
+        """The teacher's vocabulary size (every id is below it); expect_vocab_size checks it."""
         return int(self.manifest["vocab_size"])
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -423,6 +425,8 @@ class TargetCache:
         }
 
     def targets(self, i: int) -> SparseTargets:
+        """Sequence i's targets as SparseTargets (L, k), ready for sparse_kd_loss; the input
+        tokens are in ``cache[i]["input_ids"]``."""
         item = self[i]
         return SparseTargets(item["ids"], item["logprobs"], item["tail_logmass"])
 

@@ -25,6 +25,8 @@ MODEL_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The cache-teacher flags, added to ``parser`` if given (e.g. a subcommand's parser), else to
+    a new one."""
     p = parser or argparse.ArgumentParser(prog="distill-ops cache-teacher",
                                           description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local transformers model directory (teacher)")
@@ -83,6 +85,8 @@ def load_token_data(data: str, model_dir: str, seq_len: int) -> torch.Tensor:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``distill-ops cache-teacher``: load the teacher, tokenize --data and write (or resume) the
+    cache at --out; returns the exit status. ``argv`` defaults to sys.argv[1:]."""
     args = build_parser().parse_args(argv)
     from transformers import AutoModelForCausalLM
 

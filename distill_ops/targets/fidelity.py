@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,10 @@ from ..sparse import sparse_kd_loss
 from .sample import teacher_sample
 from .topk import teacher_topk
 from .types import SparseTargets
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -55,7 +59,9 @@ def corpus_text(max_bytes: int) -> str:
     return "\n".join(parts)
 
 
-def train_tokenizer(text: str, vocab_size: int):
+def train_tokenizer(text: str, vocab_size: int) -> "Tokenizer":
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``text`` (no download; any
+    text encodes, with no unknown token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -68,7 +74,9 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
-def build_model(vocab_size: int, hidden: int, layers: int, seq_len: int):
+def build_model(vocab_size: int, hidden: int, layers: int, seq_len: int) -> "LlamaForCausalLM":
+    """A randomly initialised Llama-architecture causal LM of this size, from a transformers config
+    (no download): the teacher that train() then fits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
@@ -78,8 +86,9 @@ def build_model(vocab_size: int, hidden: int, layers: int, seq_len: int):
     return LlamaForCausalLM(cfg)
 
 
-def train(model, data: torch.Tensor, *, steps: int, batch: int, lr: float, student_step: int,
-          log=print):
+def train(model: torch.nn.Module, data: torch.Tensor, *, steps: int, batch: int, lr: float,
+          student_step: int, log: Callable[[str], None] = print
+          ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """AdamW with warm-up and cosine decay on random windows of ``data`` (num_windows, L).
     Returns the state dict at ``student_step`` (the student) and the loss curve."""
     g = torch.Generator().manual_seed(0)
@@ -155,10 +164,12 @@ def grad_of(student: torch.Tensor, targets: Optional[SparseTargets], teacher_log
 
 def evaluate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ks: Sequence[int],
              dtype: str, seeds: int, proposal_temperatures: Sequence[float],
-             sample_positions: int, log=print) -> list[dict]:
+             sample_positions: int, log: Callable[[str], None] = print
+             ) -> tuple[list[dict], dict]:
     """Metrics of every target kind. Sampled targets are evaluated on the first
     ``sample_positions`` positions (their reference sampler costs k x V per position and seed),
-    against the dense loss and gradient of those same positions."""
+    against the dense loss and gradient of those same positions. Returns (rows, info): one row per
+    (target kind, k), and run-wide numbers (dense losses, teacher entropy)."""
     full = _evaluate_topk(teacher_logits, student_logits, ks, dtype)
     m = min(sample_positions, teacher_logits.shape[0])
     rows, info = _evaluate_samples(teacher_logits[:m], student_logits[:m], ks, dtype, seeds,
@@ -258,7 +269,7 @@ def _ratio(rows, k):
     return err["topk-tail"] / err["topk-renorm"]
 
 
-def reading(rows, cfg) -> list[str]:
+def reading(rows: list[dict], cfg: dict) -> list[str]:
     """Observations drawn from this run's numbers (so they stay true when it is re-run)."""
     ks = sorted({r["k"] for r in rows})
     best = []
@@ -308,7 +319,9 @@ def reading(rows, cfg) -> list[str]:
     return out
 
 
-def render(rows, info, cfg) -> str:
+def render(rows: list[dict], info: dict, cfg: dict) -> str:
+    """The markdown report (docs/fidelity.md) of one run: setup, column definitions, the table of
+    ``rows`` and reading()'s observations, all from this run's numbers."""
     lines = [
         "# Sparse targets: fidelity per byte",
         "",
@@ -381,6 +394,8 @@ def render(rows, info, cfg) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train the teacher (or reuse --logits-cache), evaluate every target kind and write the report
+    to --out; returns 0. ``--quick`` is a tiny smoke run (the tests'; numbers not meaningful)."""
     ap = argparse.ArgumentParser(prog="python -m distill_ops.targets.fidelity",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/fidelity.md")

@@ -128,6 +128,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
+        """Check every value and their combinations (ConfigError naming the field); returns self.
+        Runs on construction; train() runs it again (fields may have been set since)."""
         from ..functional import DIVERGENCES
         from ..backends import BACKENDS
 
@@ -178,7 +180,9 @@ class TrainConfig:
                               "cache-teacher)")
         return self
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data: what save_yaml writes and checkpoints record; from_dict
+        reads it back."""
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------------------------------
@@ -201,6 +205,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        """Load a YAML mapping of fields; ``overrides`` (e.g. command-line flags) replace its
+        values before validation. A missing file is FileNotFoundError, a bad key ConfigError."""
         import yaml
 
         if not os.path.isfile(path):
@@ -214,6 +220,8 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def save_yaml(self, path: str) -> None:
+        """Write the config as YAML in field order; train() records its run so, in
+        output_dir/config.yaml, and from_yaml reads it back."""
         import yaml
 
         with open(path, "w", encoding="utf-8") as fh:

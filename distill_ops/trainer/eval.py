@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -31,9 +31,10 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.device,
-             teacher: Optional[torch.nn.Module] = None, amp_dtype: Optional[torch.dtype] = None,
-             limit: int = 0, backend: str = "auto") -> dict:
+def evaluate(model: torch.nn.Module, dataset: Union[torch.Tensor, torch.utils.data.Dataset], *,
+             batch_size: int, device: torch.device, teacher: Optional[torch.nn.Module] = None,
+             amp_dtype: Optional[torch.dtype] = None, limit: int = 0,
+             backend: str = "auto") -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (items with ``input_ids``, optionally cached targets
     ``ids``/``logprobs``). Works under DDP (each rank takes a shard; sums are all-reduced)."""
     dataset = as_dataset(dataset)

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -30,7 +30,12 @@ from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum
                         online_targets_from_hidden, sample_seed, sparse_loss_sum)
 from .optim import build_optimizer, build_scheduler
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 ModelLike = Union[str, torch.nn.Module, None]
+# An (n, seq_len) token tensor, or a dataset (__len__, __getitem__) of dicts with input_ids.
+DatasetLike = Union[torch.Tensor, torch.utils.data.Dataset, None]
 
 
 @dataclass
@@ -150,8 +155,9 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
 # the loop
 
 
-def train(config: Union[TrainConfig, dict], *, student: ModelLike = None, teacher: ModelLike = None,
-          tokenizer=None, train_dataset=None, eval_dataset=None) -> TrainResult:
+def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = None,
+          teacher: ModelLike = None, tokenizer: Optional[PreTrainedTokenizerBase] = None,
+          train_dataset: DatasetLike = None, eval_dataset: DatasetLike = None) -> TrainResult:
     """Distil (or, with ``targets="none"``, plainly train) a causal-LM student.
 
     Models and data come from the config's paths unless given as objects: ``student``/``teacher``
