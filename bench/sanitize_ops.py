@@ -72,8 +72,17 @@ def _teacher(shapes, dtypes) -> None:
     for n, v in shapes:
         for dtype in dtypes:
             t = torch.randn(n, v, device=DEV, dtype=dtype)
-            for k in sorted({1, min(v, 5), min(v, 64), v if v <= 2048 else 2048}):
+            # The one-read kernel where it takes k (csrc/cuda/topk_filter.cuh), else the radix one;
+            # then the radix kernel for every k; then rows sorted ascending, which compact the
+            # one-read kernel's candidate buffer every tile.
+            for k in sorted({1, min(v, 5), min(v, 64), min(v, 2048), min(v, 3500)}):
                 distill_ops.teacher_topk(t, k, backend=BACKEND)
+                os.environ["DISTILL_OPS_CUDA_TOPK"] = "radix"
+                try:
+                    distill_ops.teacher_topk(t, k, backend=BACKEND)
+                finally:
+                    del os.environ["DISTILL_OPS_CUDA_TOPK"]
+            distill_ops.teacher_topk(t.sort(dim=-1).values, min(v, 64), backend=BACKEND)
             # sample groups of 1, 2, 4 and 8 (S = 13: a partial group), and the column splits
             for s in (1, 2, 3, 13):
                 distill_ops.teacher_sample(t, s, proposal_temperature=1.5, seed=s, backend=BACKEND)

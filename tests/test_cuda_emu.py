@@ -74,7 +74,8 @@ def test_emulator_warp_ops_are_exact():
     assert out[0] == sum(l * l for l in range(32))  # shfl_down tree: lane 0 holds the sum
     assert out[1] == torch.tensor(0xAAAAAAAA, dtype=torch.int64).to(torch.int32)  # ballot
     assert out[2] == 64  # atomicAdd by every thread
-    assert (out[3:] == sum(range(32))).all()  # xor butterfly: every lane holds the sum
+    assert out[3] == 15  # shfl from lane 5 (value lane * 3)
+    assert (out[4:] == sum(range(32))).all()  # xor butterfly: every lane holds the sum
 
 
 def test_emulator_cluster_shares_memory():
@@ -338,6 +339,63 @@ def test_topk_ties_cross_tiles(dtype, k):
         t[row, 1300:1305] = up.to(dtype)
         assert (t[row, 1300] > t[row, 100]).item()
     check_topk(t, k, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("k", [1, 64, 1000])
+@pytest.mark.parametrize("shape", ["ascending", "descending", "constant", "random", "masked"])
+def test_topk_filter_compactions(dtype, k, shape):
+    """The one-read kernel (topk_filter.cuh) over rows of 20000: the candidate buffer (4096 words)
+    fills and compacts. Ascending, every element enters and it compacts every few tiles; descending
+    and constant, nothing enters after the first compaction (constant: the lowest ids win the
+    tie); random with the max planted in the last vector; masked, a -inf prefix longer than the
+    buffer, so the first compaction keeps -inf words and the threshold has to rise past them."""
+    v = 20000
+    g = torch.Generator().manual_seed(k)
+    if shape == "ascending":
+        t = torch.linspace(-30, 30, v).repeat(2, 1)
+    elif shape == "descending":
+        t = torch.linspace(30, -30, v).repeat(2, 1)
+    elif shape == "constant":
+        t = torch.full((2, v), 1.5)
+    else:
+        t = torch.randn(2, v, generator=g) * 3
+        t[0, -1] = 20.0
+        if shape == "masked":
+            t[:, :6000] = float("-inf")
+    t = t.to(dtype)
+    check_topk(t, k, temperature=0.7, backend="cpu",
+               lp_tol=1e-6 if dtype == torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_topk_filter_unaligned_and_ragged(dtype):
+    """Rows that are not 16-byte aligned (a view one column in) take the scalar tiles; a vector
+    width that does not divide V (1001) leaves a ragged last tile."""
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(3, 1002, generator=g) * 4).to(dtype)
+    check_topk(base[:, 1:], 40, backend="cpu", lp_tol=1e-5)
+    check_topk(base[:, :1001].contiguous(), 300, backend="cpu", lp_tol=1e-5)
+
+
+def test_topk_radix_kernel_where_the_filter_does_not_take_the_call(monkeypatch):
+    """k above filter_max_k (2048 for bf16) and DISTILL_OPS_CUDA_TOPK=radix take the radix kernel
+    and its host sort; =filter insists on the one-read kernel and refuses what it cannot take; any
+    other value is refused by name."""
+    g = torch.Generator().manual_seed(9)
+    t = (torch.randn(2, 2500, generator=g) * 4).to(torch.bfloat16)
+    check_topk(t, 2100, backend="cpu", lp_tol=1e-5)
+    monkeypatch.setenv("DISTILL_OPS_CUDA_TOPK", "radix")
+    check_topk(t, 7, backend="cpu", lp_tol=1e-5)
+    monkeypatch.setenv("DISTILL_OPS_CUDA_TOPK", "filter")
+    check_topk(t, 7, backend="cpu", lp_tol=1e-5)
+    with pytest.raises(RuntimeError, match="DISTILL_OPS_CUDA_TOPK=filter"):
+        teacher_topk(t, 2100, backend="cpu")
+    with pytest.raises(RuntimeError, match="DISTILL_OPS_CUDA_TOPK=filter"):
+        teacher_topk(t.double(), 3, backend="cpu")
+    monkeypatch.setenv("DISTILL_OPS_CUDA_TOPK", "fast")
+    with pytest.raises(RuntimeError, match="DISTILL_OPS_CUDA_TOPK must be"):
+        teacher_topk(t, 3, backend="cpu")
 
 
 # ------------------------------------------------------------------------------ sampling

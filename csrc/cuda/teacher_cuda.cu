@@ -1,5 +1,10 @@
-// CUDA kernel of teacher_topk (backends/reference_sparse.py is the contract; csrc/cpu/teacher_cpu.cpp
-// computes the same thing). One block per row (grid-stride over rows), no probability tensor:
+// CUDA kernels of teacher_topk (backends/reference_sparse.py is the contract; csrc/cpu/teacher_cpu.cpp
+// computes the same thing). One block per row (grid-stride over rows), no probability tensor.
+//
+// fp32, bf16 and fp16 rows with k <= filter_max_k (2048 for bf16/fp16, 3072 for fp32) go to the
+// one-read kernel of topk_filter.cuh, which writes the k winners already sorted. The rest (fp64,
+// larger k, or DISTILL_OPS_CUDA_TOPK=radix) go to the radix kernel below, which reads each row
+// 3 (bf16) to 9 (fp64) times:
 //
 //   radix   the k-th largest ranking key of the row by a most-significant-digit radix select,
 //           8 bits a pass over a shared-memory histogram, over the bits the input dtype can set
@@ -9,13 +14,12 @@
 //           it the lowest ids (a block scan per tile) until there are k; the rest adds
 //           exp(a - m) to the tail sum, so the tail mass is exact however small (no 1 - sum).
 //
-// The k winners are written unsorted (a slot counter); the host then orders them, value
-// descending then id ascending, with two torch sorts (ids are unique, the second sort is stable).
+// The radix kernel writes its k winners unsorted (a slot counter); the host then orders them,
+// value descending then id ascending, with two torch sorts (ids are unique, the second sort is
+// stable).
 //
-// Ranking keys: the logit's bits mapped so that unsigned order is float order; NaN ranks as +inf
-// and -0.0 as +0.0 (the CPU kernel and the reference compare values, where they are equal).
-//
-// Not yet run on a GPU: `auto` never picks it (distill_ops/ops/sparse.py); backend="cuda" does.
+// Not yet run on a GPU: `auto` never picks these kernels (distill_ops/ops/sparse.py);
+// backend="cuda" does.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gather.h>
@@ -25,6 +29,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -32,7 +38,8 @@
 #include "dense_kernels.cuh"
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/sparse_args.h"
-#include "distill_ops/topk_rank.h"
+#include "topk_filter.cuh"
+#include "topk_keys.cuh"
 
 namespace distill_ops {
 namespace cuda {
@@ -43,48 +50,6 @@ constexpr int kTopkThreads = 256;
 constexpr int kTopkWarps = kTopkThreads / 32;
 constexpr int kRadixBits = 8;
 constexpr int kBins = 1 << kRadixBits;
-
-template <typename T>
-struct KeyOf;
-template <>
-struct KeyOf<float> {
-  using type = uint32_t;
-};
-template <>
-struct KeyOf<double> {
-  using type = uint64_t;
-};
-
-__device__ __forceinline__ uint32_t bits_of(float x) { return __float_as_uint(x); }
-__device__ __forceinline__ uint64_t bits_of(double x) {
-  return static_cast<uint64_t>(__double_as_longlong(x));
-}
-
-// Unsigned keys in the order of the ranking values (NaN as +inf, -0.0 as +0.0).
-template <typename T>
-__device__ __forceinline__ typename KeyOf<T>::type rank_key(T x) {
-  using K = typename KeyOf<T>::type;
-  constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
-  const T r = rank_value(x);
-  const K b = bits_of(r == T(0) ? T(0) : r);  // -0.0 ranks as +0.0: one key for equal values
-  return (b & sign) ? ~b : (b | sign);
-}
-
-// How many high bits of the ranking key can differ between two values of the input dtype: a
-// bfloat16 widened to float leaves the low 16 bits zero, a half the low 13. Below them a key's
-// bits are constant given its sign (zeros, or ones where the mapping complements a negative), so
-// comparing keys masked to these bits orders values as the full keys do, and the radix select
-// stops there.
-template <typename scalar_t, typename K>
-constexpr int key_bits() {
-  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
-    return 16;
-  } else if constexpr (std::is_same<scalar_t, c10::Half>::value) {
-    return 19;
-  } else {
-    return static_cast<int>(sizeof(K)) * 8;
-  }
-}
 
 template <typename T>
 struct TopkShared {
@@ -227,6 +192,33 @@ void launch_topk(const TeacherArgs& A, double* rank, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
+void launch_filter(const TeacherArgs& A, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(A.n, int64_t(1) << 30));
+  const bool vec = aligned16<scalar_t>(A.teacher, A.stride_t, A.n);
+  topk_filter_kernel<scalar_t><<<grid, kFilterThreads, 0, stream>>>(A, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the one-read kernel takes this call: DISTILL_OPS_CUDA_TOPK=radix forces the radix kernel
+// (to compare the two), =filter insists on the one-read kernel (an error where it cannot).
+bool use_filter(at::ScalarType dtype, int64_t k, int64_t v) {
+  const int64_t max_k = v > kFilterMaxV        ? 0
+                        : dtype == at::kFloat  ? filter_max_k<float>()
+                        : dtype == at::kDouble ? 0
+                                               : filter_max_k<c10::BFloat16>();
+  const char* env = std::getenv("DISTILL_OPS_CUDA_TOPK");
+  const bool radix = env != nullptr && std::strcmp(env, "radix") == 0;
+  const bool filter = env != nullptr && std::strcmp(env, "filter") == 0;
+  TORCH_CHECK(env == nullptr || *env == '\0' || radix || filter,
+              "DISTILL_OPS_CUDA_TOPK must be 'radix' or 'filter', got '", env, "'");
+  TORCH_CHECK(!filter || k <= max_k, "distill_ops_native::teacher_topk: DISTILL_OPS_CUDA_TOPK=filter "
+              "takes fp32 (k <= ", filter_max_k<float>(), ") and bf16/fp16 (k <= ",
+              filter_max_k<c10::BFloat16>(), ") rows of at most 2^30 columns, got ", dtype,
+              " with k = ", k, ", V = ", v);
+  return !radix && k <= max_k;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tensor& teacher,
@@ -235,8 +227,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tenso
   TeacherCall call = prepare_topk_call(teacher, k, temperature, c10::DeviceType::CUDA);
   const TeacherArgs& A = call.args;
   if (A.n == 0) return {call.ids, call.logprobs, call.tail};
-  at::Tensor rank = at::empty({A.n, A.k}, teacher.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(teacher.device().index()).stream();
+  if (use_filter(call.dtype, A.k, A.v)) {  // the winners come out sorted
+    switch (call.dtype) {
+      case at::kFloat: launch_filter<float>(A, stream); break;
+      case at::kBFloat16: launch_filter<c10::BFloat16>(A, stream); break;
+      default: launch_filter<c10::Half>(A, stream); break;
+    }
+    return {call.ids, call.logprobs, call.tail};
+  }
+  at::Tensor rank = at::empty({A.n, A.k}, teacher.options().dtype(at::kDouble));
   switch (call.dtype) {
     case at::kFloat: launch_topk<float, float>(A, rank.data_ptr<double>(), stream); break;
     case at::kBFloat16:

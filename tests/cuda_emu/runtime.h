@@ -78,7 +78,7 @@ constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = size_t(256) << 10;
 
 enum class Wait { kRun, kBlock, kWarp, kCluster, kDone };
-enum class WarpOp { kShflXor, kShflDown, kBallot };
+enum class WarpOp { kShfl, kShflXor, kShflDown, kBallot };
 enum class Order { kShuffle, kForward, kReverse };
 
 // The most static shared memory a block may declare (a GPU's limit without dynamic shared memory).
@@ -299,7 +299,7 @@ inline bool release_warp(Block& b, int w) {
     if (f.op == WarpOp::kBallot) {
       f.result = ballot;
     } else {
-      const unsigned src = f.op == WarpOp::kShflXor ? (l ^ f.param) : (l + f.param);
+      const unsigned src = f.op == WarpOp::kShfl ? f.param : f.op == WarpOp::kShflXor ? (l ^ f.param) : (l + f.param);
       f.result = src < unsigned(kWarpSize) ? b.fibers[lo + src].value : f.value;
     }
   }
@@ -529,6 +529,11 @@ inline T shuffle(WarpOp op, unsigned mask, T v, int param, int width) {
 }  // namespace emu
 
 inline void __syncthreads() { ::emu::yield(::emu::Wait::kBlock); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return ::emu::shuffle(::emu::WarpOp::kShfl, mask, v, src_lane, width);
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {

@@ -43,8 +43,8 @@ __global__ void racy_read(int* out) {
   if (threadIdx.x == 63) out[0] = x;
 }
 
-// Exact warp results: an xor butterfly sum, a shfl_down tree sum (lane 0), a ballot, and a block
-// sum through shared memory and atomics.
+// Exact warp results: an xor butterfly sum, a shfl_down tree sum (lane 0), a ballot, a broadcast
+// from lane 5, and a block sum through shared memory and atomics.
 __global__ void warp_ops(int* out) {
   const int lane = threadIdx.x % 32;
   int x = lane;
@@ -52,13 +52,14 @@ __global__ void warp_ops(int* out) {
   int y = lane * lane;
   for (int off = 16; off > 0; off >>= 1) y += __shfl_down_sync(0xffffffffu, y, off);
   const unsigned odd = __ballot_sync(0xffffffffu, lane & 1);
+  const int from5 = __shfl_sync(0xffffffffu, lane * 3, 5);  // every lane gets lane 5's value
   __shared__ unsigned total;
   if (threadIdx.x == 0) total = 0;
   __syncthreads();
   atomicAdd(&total, 1u);
   __syncthreads();
   out[threadIdx.x] = threadIdx.x == 0 ? y : threadIdx.x == 1 ? static_cast<int>(odd)
-                   : threadIdx.x == 2 ? static_cast<int>(total) : x;
+                   : threadIdx.x == 2 ? static_cast<int>(total) : threadIdx.x == 3 ? from5 : x;
 }
 
 // Thread 63 writes one element past the end of the output: AddressSanitizer's report (the
