@@ -76,6 +76,22 @@ def _gencode() -> list[str]:
     return flags
 
 
+BUILD_INFO = os.path.join(ROOT, "distill_ops", "_build_info.py")
+
+
+def _write_build_info(cuda: bool, why: str) -> None:
+    """distill_ops/_build_info.py (not in git): whether this build has the CUDA kernels and, if
+    not, why, so that the installed package can say it (distill_ops.backends.native.available):
+    pip hides this script's messages unless run with -v."""
+    text = ("# Written by setup.py when it builds distill_ops._C; not in git.\n"
+            f"CUDA_BUILT = {cuda!r}\n"
+            f"CUDA_SKIPPED_BECAUSE = {('' if cuda else why)!r}\n")
+    old = open(BUILD_INFO).read() if os.path.exists(BUILD_INFO) else None
+    if old != text:  # an unchanged file keeps its mtime
+        with open(BUILD_INFO, "w") as f:
+            f.write(text)
+
+
 def extensions():
     import torch
     from torch.utils import cpp_extension
@@ -95,6 +111,7 @@ def extensions():
     ok, why = (False, "DISTILL_OPS_NO_CUDA=1") if no_cuda else _cuda_status(torch, cpp_extension)
     if force and not ok:
         raise RuntimeError(f"distill_ops: DISTILL_OPS_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    _write_build_info(ok, why)
 
     if ok:
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,44 @@ def test_module_flags():
 
     assert isinstance(_C.WITH_CUDA, bool)
     assert native.available("cpu") == (True, "")
+
+
+def test_build_info_matches_the_extension():
+    """setup.py records whether it built the CUDA part, and why not (pip hides its messages)."""
+    from distill_ops import _C, _build_info
+
+    assert _build_info.CUDA_BUILT == _C.WITH_CUDA
+    assert bool(_build_info.CUDA_SKIPPED_BECAUSE) == (not _C.WITH_CUDA)
+
+
+def test_setup_writes_build_info(tmp_path, monkeypatch):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_setup_under_test", root / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)
+    monkeypatch.setattr(setup_py, "BUILD_INFO", str(tmp_path / "_build_info.py"))
+    setup_py._write_build_info(False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    info: dict = {}
+    exec((tmp_path / "_build_info.py").read_text(), info)
+    assert info["CUDA_BUILT"] is False
+    assert info["CUDA_SKIPPED_BECAUSE"].startswith("nvcc not found")
+
+
+def test_available_cuda_says_why_it_was_skipped(monkeypatch):
+    import types
+
+    import distill_ops
+    from distill_ops import _C
+
+    info = types.ModuleType("distill_ops._build_info")
+    info.CUDA_BUILT, info.CUDA_SKIPPED_BECAUSE = False, "torch 2.13.0+cpu is not a CUDA build"
+    monkeypatch.setitem(sys.modules, "distill_ops._build_info", info)
+    monkeypatch.setattr(distill_ops, "_build_info", info, raising=False)
+    monkeypatch.setattr(_C, "WITH_CUDA", False)
+    assert native.available("cuda") == (
+        False, "the extension was built without CUDA: torch 2.13.0+cpu is not a CUDA build")
 
 
 def test_fake_kernel_traces():

@@ -40,8 +40,18 @@ def available(device_type: str) -> tuple[bool, str]:
     if _C is None:
         return False, _LOAD_ERROR or "extension missing"
     if device_type == "cuda" and not getattr(_C, "WITH_CUDA", False):
-        return False, "the extension was built without CUDA"
+        return False, "the extension was built without CUDA" + _cuda_skipped_because()
     return True, ""
+
+
+def _cuda_skipped_because() -> str:
+    """': <reason>' from the build's record (setup.py writes distill_ops/_build_info.py), or ''."""
+    try:
+        from distill_ops import _build_info  # type: ignore[attr-defined]
+    except ImportError:
+        return ""
+    why = getattr(_build_info, "CUDA_SKIPPED_BECAUSE", "")
+    return f": {why}" if why else ""
 
 
 def dense_forward(student, teacher, labels, *, divergence, mix, temperature, softcap, soft_coef,
