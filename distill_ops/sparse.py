@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -99,6 +101,28 @@ def _check_tail(tail: object, student: torch.Tensor) -> Optional[torch.Tensor]:
             raise ValueError(f"{name} is the log of a mass in [0, 1] and must be <= 0; found "
                              f"{tail.max().item()}")
     return tail
+
+
+def _check_tail_mode_mass(lp: torch.Tensor, ids: torch.Tensor, tail: Optional[torch.Tensor]) -> None:
+    """tail='tail' reads target_logprobs as full-vocabulary log-probabilities: a row's ids (plus
+    tail_logmass, when given) must hold a mass of at most 1 (to LOGMASS_SLACK), else the tail
+    bucket's mass 1 - P_K would be negative. Unnormalised weights belong to tail='renorm'."""
+    if not _eager() or not lp.numel():
+        return
+    valid = ids >= 0
+    wide = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    mass = torch.logsumexp(torch.where(valid, lp.detach().to(wide), -torch.inf), -1)
+    what = "target_logprobs"
+    if tail is not None:
+        mass = torch.logaddexp(mass, tail.detach().to(wide))
+        what = "target_logprobs plus tail_logmass"
+    over = mass > LOGMASS_SLACK
+    if bool(over.any()):
+        row = int(over.reshape(-1).nonzero()[0])
+        raise ValueError(f"tail='tail' needs full-vocabulary log-probabilities: the mass of "
+                         f"{what} must be at most 1, found {math.exp(float(mass.reshape(-1)[row])):.4g} "
+                         f"in row {row} (flattened leading dims); use tail='renorm' for "
+                         "unnormalised weights")
 
 
 def sparse_kd_loss(
@@ -236,6 +260,9 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
     label_rows = check.labels(labels, student, v, ignore_index)
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
+
+    if tail == "tail":
+        _check_tail_mode_mass(logprobs, ids, tails)
 
     name = resolve_backend(backend, student.device)
     if name == "triton" and ids.shape[-1] > TRITON_MAX_K:

@@ -56,6 +56,11 @@ CASES = [
      ValueError, "tail_logmass .* must be <= 0"),
     ("tail shape", lambda s, i, l, kw: kw.update(tail_logmass=torch.zeros(3)), ValueError,
      r"tail_logmass must have shape \(4,\)"),
+    ("tail mode, ids' mass over 1", lambda s, i, l, kw: (l.__setitem__((3, 0), 0.5), kw.update(tail="tail")),
+     ValueError, r"tail='tail' needs full-vocabulary log-probabilities: the mass of target_logprobs "
+                 r"must be at most 1, found .* in row 3"),
+    ("tail mode, with the tail over 1", lambda s, i, l, kw: kw.update(tail="tail", tail_logmass=torch.zeros(4)),
+     ValueError, "the mass of target_logprobs plus tail_logmass must be at most 1, found 2 in row 0"),
 ]
 
 
@@ -66,6 +71,14 @@ def test_bad_values(name, mutate, exc, msg):
     mutate(s, ids, lp, kw)
     with pytest.raises(exc, match=msg):
         sparse_kd_loss(s, ids, lp, **kw)
+
+
+def test_renorm_takes_unnormalised_weights_and_tail_mode_some_slack():
+    """Weights above 1 are fine where they are renormalised; tail mode accepts a mass a rounding
+    above 1 (the stored log-probabilities may be fp16)."""
+    s, ids, lp = _inputs()
+    assert torch.isfinite(sparse_kd_loss(s, ids, lp + 3.0))
+    assert torch.isfinite(sparse_kd_loss(s, ids, lp + 5e-3, tail="tail"))
 
 
 def test_bad_types_and_shapes():
