@@ -39,9 +39,11 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def cmd_train(argv: Sequence[str]) -> int:
     """``distill-ops train``: a TrainConfig from --config and the flags (flags win), then
-    trainer.loop.train, under torchrun's process group when there is one; returns 0."""
+    trainer.loop.train, under torchrun's process group when there is one; returns 0, or 130/143
+    when SIGINT/SIGTERM stopped the run (after checkpointing the last completed step)."""
     from .trainer import dist
     from .trainer.config import TrainConfig
+    from .trainer.interrupt import TrainingInterrupted
     from .trainer.loop import train
 
     args = _train_parser().parse_args(argv)
@@ -51,6 +53,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     started = dist.init_from_env(cfg.device)
     try:
         result = train(cfg)
+    except TrainingInterrupted as exc:   # SIGINT/SIGTERM: checkpointed and said so; 130 / 143
+        return int(exc.code)
     finally:
         if started:
             import torch.distributed as tdist

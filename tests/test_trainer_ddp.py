@@ -88,3 +88,49 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, fused):
     loss_ddp = [r["loss"] for r in out["history"] if "loss" in r]
     loss_one = [r["loss"] for r in single.history if "loss" in r]
     assert loss_ddp == pytest.approx(loss_one, rel=1e-5)
+
+
+def _signal_worker(rank, world, tmp, data):
+    faulthandler.enable(all_threads=True)
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                             world_size=world)
+    import signal
+
+    import distill_ops.trainer.loop as loop
+    from distill_ops.trainer import TrainingInterrupted
+
+    real, calls = loop._micro_step, []
+
+    def step(*args, **kwargs):   # only rank 1 is signalled, during its second step
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    loop._micro_step = step
+    outcome = {"rank": rank}
+    try:
+        train(_config(os.path.join(tmp, "ddp"), max_steps=6), student=llama(
+            V, 32, 1, heads=2, max_positions=32, seed=0), teacher=llama(
+            V, 48, 1, heads=2, max_positions=32, seed=7), train_dataset=data)
+    except TrainingInterrupted as exc:
+        outcome.update(code=exc.code, step=exc.step, checkpoint=exc.checkpoint)
+    torch.save(outcome, os.path.join(tmp, f"outcome_{rank}.pt"))
+    tdist.barrier()
+    tdist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_ddp_signal_on_one_rank_stops_all_at_the_same_step(tmp_path):
+    """SIGTERM reaching rank 1 only: both ranks finish step 2, write checkpoint-2 together (rank
+    0 the model, each its RNG) and stop with status 143."""
+    mp.spawn(_signal_worker, args=(2, str(tmp_path), _data()), nprocs=2, join=True)
+    outcomes = [torch.load(tmp_path / f"outcome_{r}.pt") for r in range(2)]
+    for out in outcomes:
+        assert out.get("code") == 143 and out["step"] == 2, out
+    ckpt = tmp_path / "ddp" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "rng_state_1.pt").is_file()
+    assert not (tmp_path / "ddp" / "checkpoint-3").exists()

@@ -10,7 +10,8 @@
 from .config import ConfigError, TrainConfig
 from .data import shift_labels, train_bpe_tokenizer
 from .eval import evaluate
+from .interrupt import TrainingInterrupted
 from .loop import TrainResult, load_model, train
 
-__all__ = ["TrainConfig", "ConfigError", "TrainResult", "train", "evaluate", "load_model",
-           "shift_labels", "train_bpe_tokenizer"]
+__all__ = ["TrainConfig", "ConfigError", "TrainResult", "TrainingInterrupted", "train", "evaluate",
+           "load_model", "shift_labels", "train_bpe_tokenizer"]

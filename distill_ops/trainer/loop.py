@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from .config import ConfigError, TrainConfig
 from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_tokenizer,
                    pack_documents, shift_labels, split_documents)
 from .eval import autocast, evaluate
+from .interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
 from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum,
                         fused_dense_loss_sum, fused_sparse_loss_sum, model_vocab, online_targets,
@@ -259,8 +262,11 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     train_seconds = 0.0
     final_eval: dict = {}
     last_ckpt = None
+    saved_step = step if resume else -1   # the step of the newest checkpoint on disk
+    stop_signum = 0
     peak = PeakMemory(device)
-    with peak:
+    # SIGINT/SIGTERM: finish the step in progress, checkpoint it, raise TrainingInterrupted
+    with peak, StopOnSignal() as stopper:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             micro = batches.micro_batches(step)
@@ -314,8 +320,21 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                         f"{k[5:]}={v:.4g}" for k, v in final_eval.items() if k != "eval_tokens"))
             if (cfg.save_every and step % cfg.save_every == 0) or (last and cfg.save_final):
                 last_ckpt = save(step)
+                saved_step = step
+            stop_signum = _agreed_stop(stopper.signum, device)
+            if stop_signum:
+                if saved_step != step:
+                    last_ckpt = save(step)
+                    saved_step = step
+                break
     if progress:
         progress.close()
+    if stop_signum:
+        if main:
+            print(f"distill-ops train: {signal_name(stop_signum)} received: stopped after step "
+                  f"{step} of {cfg.max_steps}, checkpoint saved to {last_ckpt} (continue with "
+                  "resume_from=latest)", file=sys.stderr, flush=True)
+        raise TrainingInterrupted(stop_signum, step, last_ckpt)
 
     history: list = []
     if main:
@@ -328,6 +347,20 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                        final_eval=final_eval, tokens_per_s=seen_tokens / max(train_seconds, 1e-9),
                        train_seconds=train_seconds, peak_memory_bytes=peak.peak_bytes,
                        peak_memory_kind=peak.kind, checkpoint=last_ckpt)
+
+
+def _agreed_stop(signum: Optional[int], device: torch.device) -> int:
+    """The signal every rank stops on after this step (0: go on). With several processes each
+    rank says whether it got SIGINT or SIGTERM and all stop at the same step if any did (SIGINT
+    wins); one process asks nobody."""
+    votes = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+    if dist.active() and dist.world_size() > 1:
+        votes = dist.all_reduce_sum(votes, device)
+    if votes[0] > 0:
+        return int(signal.SIGINT)
+    if votes[1] > 0:
+        return int(signal.SIGTERM)
+    return 0
 
 
 def _micro_step(cfg: TrainConfig, model, teacher, batch: dict, labels: torch.Tensor,
