@@ -168,13 +168,23 @@ def test_cuda_backend_refused_on_cpu_tensors():
 # the CUDA kernel (radix select; csrc/cuda/teacher_cuda.cu), on a GPU only
 
 
+@pytest.fixture(params=["auto", "radix"])
+def cuda_topk_kernel(request, monkeypatch):
+    """Both CUDA top-k kernels: the one-read kernel where it takes the call (auto), and the radix
+    select (csrc/cuda/teacher_cuda.cu; DISTILL_OPS_CUDA_TOPK=radix)."""
+    if request.param == "radix":
+        monkeypatch.setenv("DISTILL_OPS_CUDA_TOPK", "radix")
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("n,v,k,temperature", [(1, 1, 1, 1.0), (3, 7, 3, 0.6), (5, 1000, 64, 1.0),
                                                (2, 1000, 1000, 2.5), (3, 4099, 1000, 0.8),
-                                               (4, 128256, 64, 1.5), (2, 151936, 3, 1.0)])
-def test_cuda_kernel_matches_oracle(dtype, n, v, k, temperature):
+                                               (4, 128256, 64, 1.5), (2, 151936, 3, 1.0),
+                                               (3, 20000, 2048, 1.0)])
+def test_cuda_kernel_matches_oracle(dtype, n, v, k, temperature, cuda_topk_kernel):
     require_backend("cuda", "cuda")
     g = torch.Generator(device="cuda").manual_seed(v + k)
     t = (torch.randn(n, v, device="cuda", generator=g) * 4).to(dtype)
@@ -184,7 +194,7 @@ def test_cuda_kernel_matches_oracle(dtype, n, v, k, temperature):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("k", [1, 9, 31, 700])
-def test_cuda_kernel_ties_nan_inf(k):
+def test_cuda_kernel_ties_nan_inf(k, cuda_topk_kernel):
     """Integer logits (ties everywhere, across radix digits and tiles), -0.0 against +0.0, NaN
     (ranks as +inf) and -inf, with k across a tile boundary."""
     require_backend("cuda", "cuda")
@@ -199,6 +209,20 @@ def test_cuda_kernel_ties_nan_inf(k):
     out = teacher_topk(t, k, backend="cuda")
     ref = teacher_topk(t.cpu(), k, backend="cpu")
     assert torch.equal(out.ids.cpu(), ref.ids)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", ["ascending", "constant"])
+def test_cuda_filter_kernel_compactions(shape):
+    """Rows that make the one-read kernel compact its candidate buffer every tile (ascending) or
+    admit nothing after the first compaction (constant: the lowest ids win)."""
+    require_backend("cuda", "cuda")
+    v = 50000
+    t = torch.linspace(-30, 30, v, device="cuda") if shape == "ascending" else \
+        torch.full((v,), 2.0, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        check_topk(t.repeat(3, 1).to(dtype), 64, temperature=0.9, backend="cuda",
+                   lp_tol=1e-6 if dtype == torch.float32 else 1e-5)
 
 
 @pytest.mark.cuda
