@@ -254,6 +254,41 @@ def _train_until(config, stop_step, data):
     return R
 
 
+def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
+    """resume_from='latest' with nothing to resume from must not start over (and truncate the
+    metrics of the run the user meant to continue)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (out / "checkpoint-5.tmp").mkdir()   # an incomplete save does not count
+    with pytest.raises(FileNotFoundError, match="no checkpoint found in .*out"):
+        train(cfg(tmp_path, resume_from="latest"), student=tiny(), teacher=tiny(48, seed=1),
+              train_dataset=blocks())
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_resume_refuses_a_different_data_order(tmp_path):
+    """A resume with other settings for what fixes the data order/position (micro batch,
+    accumulation, world size, seq_len, data paths, seed) would not continue the run: refused,
+    naming the keys, before anything is loaded."""
+    data = blocks()
+    common = dict(max_steps=4, save_every=2)
+    train(cfg(tmp_path, **common), student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    with pytest.raises(ConfigError, match=r"micro_batch_size: 4 in the checkpoint, 2 now"):
+        train(cfg(tmp_path, **common, resume_from="latest", micro_batch_size=2), student=tiny(),
+              teacher=tiny(48, seed=1), train_dataset=data)
+    with pytest.raises(ConfigError, match=r"grad_accum_steps, seed differ"):
+        train(cfg(tmp_path, **common, resume_from="latest", grad_accum_steps=2, seed=3),
+              student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    state = {"config": cfg(tmp_path, train_data="a/b.txt", seq_len=16).to_dict(), "world_size": 2}
+    now = cfg(tmp_path, train_data="a/./b.txt", seq_len=32).to_dict()
+    assert [k for k, _, _ in ckpt_lib.resume_mismatch(state, now, 1)] == ["seq_len", "world_size"]
+    # what does not move the data (max_steps, lr, ...) may change
+    res = train(cfg(tmp_path, max_steps=5, save_every=2, lr=1e-3, resume_from="latest"),
+                student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    assert res.step == 5
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     data = blocks()
     a = train(cfg(tmp_path / "a", micro_batch_size=8, grad_accum_steps=1, max_steps=3),

@@ -63,13 +63,18 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]:
-    """``latest`` -> the newest complete checkpoint in output_dir (None when there is none); a
-    path -> that checkpoint (which must exist)."""
+    """``latest`` -> the newest complete checkpoint in output_dir; a path -> that checkpoint.
+    Either must exist (FileNotFoundError): a resume that silently started from step 0 would
+    also overwrite the run's metrics.jsonl."""
     if not resume_from:
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        if not found:
+            raise FileNotFoundError(
+                f"resume_from='latest' but no checkpoint found in {output_dir!r} (no "
+                f"checkpoint-<step>/ holding {STATE_FILE}); to start a new run, drop resume_from")
+        return found[-1][1]
     if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
         raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint directory "
                                 f"(no {STATE_FILE})")
@@ -136,10 +141,61 @@ def load_weights(model: torch.nn.Module, ckpt: str) -> None:
         raise RuntimeError(f"checkpoint {ckpt!r} lacks weights: {untied[:5]}")
 
 
-def load_checkpoint(ckpt: str, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
-    load_weights(model, ckpt)
+# What fixes which sequences a step reads (data.StepBatches: the order is a function of seed and
+# step over the global batch; the split and packing depend on the data, seq_len, eval split).
+DATA_ORDER_KEYS = ("micro_batch_size", "grad_accum_steps", "seq_len", "train_data", "eval_data",
+                   "eval_fraction", "cache", "seed")
+_PATH_KEYS = ("train_data", "eval_data", "cache")
+
+
+def _same_value(key: str, saved, now) -> bool:
+    if saved == now:
+        return True
+    if key in _PATH_KEYS and isinstance(saved, str) and isinstance(now, str):
+        if os.path.normpath(saved) == os.path.normpath(now):
+            return True
+        try:
+            return os.path.samefile(saved, now)
+        except OSError:
+            return False
+    return False
+
+
+def resume_mismatch(state: dict, config: dict, world_size: int) -> list[tuple[str, object, object]]:
+    """(key, saved, now) for each setting that fixes the data order or position and differs
+    between a checkpoint's trainer state and the resuming run (world_size included)."""
+    saved = state.get("config") or {}
+    out = [(k, saved[k], config.get(k)) for k in DATA_ORDER_KEYS
+           if k in saved and not _same_value(k, saved[k], config.get(k))]
+    if "world_size" in state and int(state["world_size"]) != int(world_size):
+        out.append(("world_size", int(state["world_size"]), int(world_size)))
+    return out
+
+
+def check_resume(ckpt: str, state: dict, config: dict, world_size: int) -> None:
+    """Refuse (ConfigError naming the keys) a resume whose data order or position would differ
+    from the run that wrote the checkpoint: it would not continue that run."""
+    diff = resume_mismatch(state, config, world_size)
+    if diff:
+        from .config import ConfigError
+
+        parts = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
+        raise ConfigError(
+            f"cannot resume from {ckpt}: {', '.join(k for k, _, _ in diff)} "
+            f"differ{'s' if len(diff) == 1 else ''} from the run that wrote it ({parts}); these "
+            "fix the data order and position, so the run would not continue where it stopped "
+            "(use the same values, or start a new run in another output_dir)")
+
+
+def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[dict] = None
+                    ) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state. With
+    ``config`` (the resuming run's TrainConfig.to_dict()), check_resume runs first, before
+    anything is changed."""
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+    if config is not None:
+        check_resume(ckpt, state, config, dist.world_size())
+    load_weights(model, ckpt)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(ckpt, f"rng_state_{dist.rank()}.pt")

@@ -219,7 +219,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     step = 0
     resume = ckpt_lib.resolve_resume(cfg.resume_from, cfg.output_dir)
     if resume:
-        state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler)
+        state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler,
+                                         config=cfg.to_dict())
         step = int(state["step"])
     # With fused_linear the loop runs the models without their lm_heads (the loss applies them).
     model = LastHidden(student) if cfg.fused_linear else student
