@@ -92,7 +92,9 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "cache-teacher": cmd_cache_tea
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``distill-ops`` entry point: dispatch ``argv`` (default sys.argv[1:]) to a command;
-    a config error or a missing file is one line on stderr and status 2, not a traceback."""
+    bad input (a config, vocabulary, tokenizer or cache error: ValueError; a missing file; a model
+    that cannot be loaded) is one line ``distill-ops <command>: error: ...`` on stderr and status
+    2; other exceptions keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = ("usage: distill-ops {train,demo,cache-teacher} [options]\n"
@@ -104,12 +106,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(usage)
         return 0 if argv else 2
-    from .trainer.config import ConfigError
+    from .trainer.config import ModelLoadError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"distill-ops {argv[0]}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:
+        # bad input: ConfigError, CacheError, vocabulary/tokenizer checks (ValueErrors), missing
+        # paths, unloadable models. Anything else is unexpected and keeps its traceback.
+        print(f"distill-ops {argv[0]}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -379,6 +379,65 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         train(cfg(tmp_path, targets="dense"), student=tiny(), train_dataset=blocks())
 
 
+def test_unloadable_model_directories_name_the_model_path_and_cause(tmp_path):
+    from distill_ops.trainer import ModelLoadError, load_model
+
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"student model path .*model.safetensors' is a file"):
+        load_model(str(a_file), "student")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=r"teacher model directory .*empty' has no "
+                                             r"config.json \(the directory is empty\)"):
+        load_model(str(empty), "teacher")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    (bad / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"cannot load the teacher model from .*bad': \w+"):
+        load_model(str(bad), "teacher")
+    with pytest.raises(ModelLoadError, match=r"cannot load the student model from .*bad'"):
+        load_model(str(bad), "student", from_scratch=True)
+    no_weights = tmp_path / "no_weights"
+    tiny().config.save_pretrained(no_weights)
+    with pytest.raises(ModelLoadError, match=r"student model directory .*no_weights' holds no "
+                                             r"weights.*student_from_scratch"):
+        load_model(str(no_weights), "student")
+    assert load_model(str(no_weights), "student", from_scratch=True).config.vocab_size == V
+    with pytest.raises(ModelLoadError, match="teacher model path"):
+        train(cfg(tmp_path, teacher=str(a_file)), student=tiny(), train_dataset=blocks())
+
+
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    from distill_ops.cli import main
+
+    tiny().save_pretrained(tmp_path / "s")
+    tiny(48, vocab=V + 8, seed=1).save_pretrained(tmp_path / "t")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()   # save_pretrained's progress bars
+    out = ["--output-dir", str(tmp_path / "out"), "--progress", "false"]
+    cases = [(["--student", str(tmp_path / "empty")], "student model directory"),
+             (["--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "empty")],
+              "teacher model directory"),
+             (["--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "t")],
+              "teacher vocabulary (104) differs")]
+    for args, what in cases:
+        assert main(["train", *args, *out]) == 2
+        err = capsys.readouterr().err   # after transformers' loading bars, if any
+        lines = [x for x in err.splitlines() if "error" in x]
+        assert len(lines) == 1 and lines[0].startswith("distill-ops train: error: "), err
+        assert what in lines[0] and "Traceback" not in err, err
+    import distill_ops.trainer.loop as loop
+
+    def broken(config):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(loop, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):   # unexpected: the traceback stays
+        main(["train", "--student", str(tmp_path / "s"), *out])
+
+
 def test_vocab_mismatch(tmp_path):
     teacher = tiny(48, vocab=V + 8, seed=1)
     with pytest.raises(ValueError, match="vocabulary.*common_prefix"):

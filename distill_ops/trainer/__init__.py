@@ -11,7 +11,7 @@ from .config import ConfigError, TrainConfig
 from .data import shift_labels, train_bpe_tokenizer
 from .eval import evaluate
 from .interrupt import TrainingInterrupted
-from .loop import TrainResult, load_model, train
+from .loop import ModelLoadError, TrainResult, load_model, train
 
-__all__ = ["TrainConfig", "ConfigError", "TrainResult", "TrainingInterrupted", "train", "evaluate",
+__all__ = ["TrainConfig", "ConfigError", "ModelLoadError", "TrainResult", "TrainingInterrupted", "train", "evaluate",
            "load_model", "shift_labels", "train_bpe_tokenizer"]

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it."""
 
 
+class ModelLoadError(OSError):
+    """A student or teacher directory cannot be loaded (trainer.loop.load_model); the message names
+    the model, the path and the cause (the original exception is chained)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a distillation run needs.

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import dist
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, ModelLoadError, TrainConfig
 from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_tokenizer,
                    pack_documents, shift_labels, split_documents)
 from .eval import autocast, evaluate
@@ -59,24 +59,51 @@ class TrainResult:
 # loading
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
+
+
 def load_model(spec: ModelLike, role: str, *, from_scratch: bool = False,
                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A model object as is, or a local directory loaded with AutoModelForCausalLM (never a
-    download). ``from_scratch`` builds the architecture from the directory's config.json."""
+    download). ``from_scratch`` builds the architecture from the directory's config.json.
+
+    A path that does not exist is FileNotFoundError; a file, a directory without config.json or
+    without weights, or one transformers cannot read is ModelLoadError naming ``role`` and the
+    path."""
     if isinstance(spec, torch.nn.Module):
         return spec
     if not spec:
         raise ConfigError(f"no {role} model: set {role}= to a local model directory")
+    need = ("(a local directory written by save_pretrained, with config.json and the weights, is "
+            "needed: nothing is downloaded)")
+    if os.path.isfile(spec):
+        raise ModelLoadError(f"{role} model path {spec!r} is a file, not a model directory {need}")
     if not os.path.isdir(spec):
-        raise FileNotFoundError(
-            f"{role} model path {spec!r} does not exist (a local directory written by "
-            "save_pretrained is needed: nothing is downloaded)")
+        raise FileNotFoundError(f"{role} model path {spec!r} does not exist {need}")
+    if not os.path.isfile(os.path.join(spec, "config.json")):
+        empty = " (the directory is empty)" if not os.listdir(spec) else ""
+        raise ModelLoadError(f"{role} model directory {spec!r} has no config.json{empty} {need}")
+    if not from_scratch and not any(os.path.isfile(os.path.join(spec, name))
+                                    for name in WEIGHT_FILES):
+        hint = (" (student_from_scratch=true builds the student from config.json alone)"
+                if role == "student" else "")
+        raise ModelLoadError(f"{role} model directory {spec!r} holds no weights (none of "
+                             f"{', '.join(WEIGHT_FILES)}){hint}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if from_scratch:
-        config = AutoConfig.from_pretrained(spec, local_files_only=True)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype)
+    try:
+        if from_scratch:
+            config = AutoConfig.from_pretrained(spec, local_files_only=True)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the {role} model from {spec!r}: {_one_line(exc)}") \
+            from exc
 
 
 class _Subset:
