@@ -447,6 +447,48 @@ def test_vocab_mismatch(tmp_path):
     assert res.step == 2
 
 
+def test_teacher_tokenizer_must_match_the_students(tmp_path):
+    """Same vocabulary size, other tokenizer: refused unless vocab='common_prefix' (a warning);
+    tokenizer files that differ without changing the vocabulary (model_max_length) pass."""
+    import shutil
+    import warnings
+
+    docs_a = ["import os\nprint(os.getcwd())\n" * 30, "Lists are mutable sequences. " * 40] * 3
+    docs_b = ["SELECT name FROM users WHERE id = 1;\n" * 30, "Quick brown foxes jump. " * 40] * 3
+    tok_a = train_bpe_tokenizer(docs_a, 300, str(tmp_path / "s"))
+    tok_b = train_bpe_tokenizer(docs_b, 300, str(tmp_path / "t"))
+    assert len(tok_a) == len(tok_b)
+    tiny(vocab=len(tok_a)).save_pretrained(tmp_path / "s")
+    tiny(48, vocab=len(tok_b), seed=1).save_pretrained(tmp_path / "t")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(docs_a))
+    kw = dict(student=str(tmp_path / "s"), teacher=str(tmp_path / "t"), train_data=str(corpus),
+              seq_len=16, max_steps=1, eval_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"teacher's tokenizer .*t\) differs from the student's "
+                                          r".*token id \d+ is .*common_prefix"):
+        train(cfg(tmp_path, **kw))
+    with pytest.warns(UserWarning, match="differs from the student's.*vocab='common_prefix'"):
+        assert train(cfg(tmp_path, vocab="common_prefix", **kw)).step == 1
+    # the same vocabulary in other files: no complaint
+    shutil.rmtree(tmp_path / "t")
+    tiny(48, vocab=len(tok_a), seed=1).save_pretrained(tmp_path / "t")
+    tok_a.save_pretrained(tmp_path / "t")
+    conf = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    conf["model_max_length"] = 12345
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(conf))
+    from distill_ops.targets.cache import tokenizer_hash
+
+    assert tokenizer_hash(tmp_path / "s") != tokenizer_hash(tmp_path / "t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train(cfg(tmp_path, **kw)).step == 1
+    # a teacher directory without a tokenizer: the size check only
+    for name in os.listdir(tmp_path / "t"):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(tmp_path / "t" / name)
+    assert train(cfg(tmp_path, **kw)).step == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # sparse targets (distill_ops.sparse), when present
 

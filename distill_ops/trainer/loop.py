@@ -28,8 +28,9 @@ from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_t
 from .eval import autocast, evaluate
 from .interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
-from .objective import (LastHidden, check_vocab, count_tokens, cross_entropy_sum, dense_loss_sum,
-                        fused_dense_loss_sum, fused_sparse_loss_sum, model_vocab, online_targets,
+from .objective import (LastHidden, check_tokenizers, check_vocab, count_tokens,
+                        cross_entropy_sum, dense_loss_sum, fused_dense_loss_sum,
+                        fused_sparse_loss_sum, model_dir, model_vocab, online_targets,
                         online_targets_from_hidden, sample_seed, sparse_loss_sum)
 from .optim import build_optimizer, build_scheduler
 
@@ -205,15 +206,17 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     amp_dtype = _amp_dtype(cfg, device)
 
     # models ------------------------------------------------------------------------------
-    student = load_model(student if student is not None else cfg.student, "student",
-                         from_scratch=cfg.student_from_scratch)
+    student_spec = student if student is not None else cfg.student
+    student = load_model(student_spec, "student", from_scratch=cfg.student_from_scratch)
     need_teacher = cfg.targets in ("dense", "topk", "sample")
     if need_teacher or teacher is not None or cfg.teacher:
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
-        teacher = load_model(teacher if teacher is not None else cfg.teacher, "teacher",
-                             dtype=teacher_dtype or torch.float32)
+        teacher_spec = teacher if teacher is not None else cfg.teacher
+        teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
         teacher.eval().requires_grad_(False).to(device)
         check_vocab(cfg, model_vocab(student), model_vocab(teacher))
+        check_tokenizers(cfg, cfg.tokenizer or model_dir(student_spec, student),
+                         model_dir(teacher_spec, teacher))
     else:
         teacher = None
     if tokenizer is None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import struct
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from ..functional import kd_loss
 from ..fused_linear import default_chunk_size, fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..targets.types import SparseTargets
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import IGNORE_INDEX
 
 
@@ -165,6 +167,70 @@ def check_vocab(cfg: TrainConfig, student_vocab: int, teacher_vocab: int) -> Non
             f"teacher vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}); "
             "distil over the shared first min(V) entries with vocab='common_prefix' (only when "
             "both tokenizers agree on those ids)")
+
+
+def _vocab_difference(student_tok, teacher_tok) -> Optional[str]:
+    """None when both tokenizers map the same strings to the same ids (over the shorter
+    vocabulary), else a phrase saying where they first differ."""
+    from .data import tokenizer_hash as vocab_fingerprint
+
+    if vocab_fingerprint(student_tok) == vocab_fingerprint(teacher_tok):
+        return None
+    by_id_s = {i: t for t, i in student_tok.get_vocab().items()}
+    by_id_t = {i: t for t, i in teacher_tok.get_vocab().items()}
+    for i in range(min(len(by_id_s), len(by_id_t))):
+        if by_id_s.get(i) != by_id_t.get(i):
+            return (f"token id {i} is {by_id_s.get(i)!r} for the student, {by_id_t.get(i)!r} for "
+                    "the teacher")
+    if len(by_id_s) == len(by_id_t):
+        return None   # same mapping listed differently (fingerprint of equal content)
+    return (f"the first {min(len(by_id_s), len(by_id_t))} ids agree; the student's tokenizer has "
+            f"{len(by_id_s)} tokens, the teacher's {len(by_id_t)}")
+
+
+def check_tokenizers(cfg: TrainConfig, student_dir: Optional[str],
+                     teacher_dir: Optional[str]) -> None:
+    """Where both model directories carry a tokenizer, the teacher's must map token ids to the same
+    strings as the student's: distilling across tokenizers of equal size trains on nonsense.
+
+    Equal tokenizer files (targets.cache.tokenizer_hash, the cache manifest's hash) pass at once;
+    otherwise both tokenizers are loaded and their vocabularies compared (files that differ only in
+    e.g. a chat template pass). A mismatch is a ConfigError, or a warning with
+    vocab='common_prefix' (where a difference within the shared ids is still worth a warning).
+    A directory without tokenizer files leaves only the vocabulary-size check (check_vocab)."""
+    from ..targets.cache import tokenizer_hash
+
+    if not (student_dir and teacher_dir and os.path.isdir(student_dir)
+            and os.path.isdir(teacher_dir)):
+        return
+    hs, ht = tokenizer_hash(student_dir), tokenizer_hash(teacher_dir)
+    if not hs or not ht or hs == ht:
+        return
+    from .data import load_tokenizer
+
+    try:
+        diff = _vocab_difference(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
+    except Exception as exc:   # unreadable tokenizer files: only the files' hashes are known
+        diff = (f"their tokenizer files differ and could not be compared token by token "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())})")
+    if diff is None:
+        return
+    what = (f"the teacher's tokenizer ({teacher_dir}) differs from the student's ({student_dir}): "
+            f"{diff}")
+    if cfg.vocab == "common_prefix":
+        warnings.warn(f"{what}; distilling anyway because vocab='common_prefix' (the teacher's "
+                      "distribution over ids that mean other tokens to the student is a wrong "
+                      "target)", stacklevel=3)
+        return
+    raise ConfigError(f"{what}; a teacher must share the student's tokenizer (set "
+                      "vocab='common_prefix' to distil anyway)")
+
+
+def model_dir(spec, model: Optional[torch.nn.Module]) -> Optional[str]:
+    """The local directory a model came from: its path spec, or a loaded model's name_or_path."""
+    path = spec if isinstance(spec, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+    path = os.fspath(path) if path else None
+    return path if path and os.path.isdir(path) else None
 
 
 def model_vocab(model: torch.nn.Module) -> int:
