@@ -579,6 +579,24 @@ def test_cache_targets_with_held_out_split(tmp_path):
               student=tiny(vocab=V + 4))
 
 
+@needs_sparse
+def test_cache_fixes_the_data(tmp_path):
+    """With targets='cache' the sequences come from the cache: train_data is an error (it would
+    be ignored), and an explicit seq_len must be the cache's sequence length."""
+    from distill_ops.targets.cache import write_teacher_cache
+
+    data = blocks()   # sequences of 24 tokens
+    write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, len(data), 8)],
+                        tmp_path / "cache", k=8, progress=False)
+    kw = dict(targets="cache", cache=str(tmp_path / "cache"), max_steps=1)
+    with pytest.raises(ConfigError, match=r"train_data='nope.txt' would not be used.*cache fixes"):
+        cfg(tmp_path, train_data="nope.txt", **kw)
+    with pytest.raises(ConfigError, match=r"seq_len=16 but the target cache .* length 24"):
+        train(cfg(tmp_path, seq_len=16, **kw), student=tiny())
+    assert train(cfg(tmp_path, seq_len=24, **kw), student=tiny()).step == 1
+    assert train(cfg(tmp_path, **kw), student=tiny()).step == 1   # seq_len left at its default
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

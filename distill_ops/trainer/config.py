@@ -58,6 +58,9 @@ class TrainConfig:
             ``builtin:pydoc`` (Python's own documentation, always present).
         eval_data: same forms; without it ``eval_fraction`` of the training sequences is held out.
         seq_len: tokens per training sequence (documents are packed, separated by EOS).
+        With ``targets="cache"`` the cache fixes the training data: train_data is an error, and a
+        seq_len set to other than its default must equal the cache's sequence length (unless
+        eval_data is given: it then packs the evaluation text).
     Optimisation
         micro_batch_size (per process), grad_accum_steps, max_steps, lr, min_lr_ratio (cosine
         decays to lr * min_lr_ratio), warmup_steps, weight_decay, adam_beta1/2, adam_eps, grad_clip
@@ -183,6 +186,10 @@ class TrainConfig:
         if self.targets == "cache" and not self.cache:
             raise ConfigError("targets='cache' needs cache (the directory written by "
                               "cache-teacher)")
+        if self.targets == "cache" and self.train_data:
+            raise ConfigError(f"targets='cache' trains on the sequences stored in the cache "
+                              f"({self.cache}), so train_data={self.train_data!r} would not be "
+                              "used: remove train_data (the cache fixes the data)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -146,6 +146,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
         tok_hash = tokenizer_hash(tok_dir) if tok_dir and os.path.isdir(tok_dir) else ""
         expect_hash = tok_hash if tok_hash and manifest.get("tokenizer_hash") else None
         cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash)
+        _check_cache_seq_len(cfg, cache)
         made_at = manifest.get("temperature")
         if made_at is not None and abs(float(made_at) - cfg.temperature) > 1e-9:
             warnings.warn(f"the cache's targets were made at temperature {made_at} but the loss "
@@ -173,6 +174,21 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
     if evald is None and cfg.eval_fraction > 0 and len(docs) == 1:
         train, evald = _split_dataset(train, cfg.eval_fraction, cfg.seed)
     return train, evald
+
+
+def _check_cache_seq_len(cfg: TrainConfig, cache) -> None:
+    """The cache holds the training sequences: a seq_len the user set (anything but the default)
+    must be their length, unless eval_data is given (seq_len then packs the evaluation text)."""
+    default = TrainConfig.__dataclass_fields__["seq_len"].default
+    if cfg.seq_len == default or cfg.eval_data or len(cache) == 0:
+        return
+    n_seq, n_tok = int(cache.manifest["num_sequences"]), int(cache.manifest["num_tokens"])
+    if n_tok != cfg.seq_len * n_seq:
+        length = (f"{n_tok // n_seq}" if n_tok % n_seq == 0 else
+                  f"{n_tok / n_seq:.1f} on average")
+        raise ConfigError(f"seq_len={cfg.seq_len} but the target cache {cfg.cache!r} holds "
+                          f"sequences of length {length} (the cache fixes the data): set seq_len "
+                          "to that or leave it unset")
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
