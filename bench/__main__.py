@@ -31,7 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", help="bf16 fp16 fp32")
     p.add_argument("--mode", nargs="+", help="fwd bwd fwdbwd")
     p.add_argument("--divergence", nargs="+",
-                   help="dense: forward_kl reverse_kl jsd, each optionally with +ce (hard label)")
+                   help="dense: " + " ".join(config.DIVERGENCES) + ", each optionally with +ce "
+                        "(hard label; default per preset, the CPU forward_kl); sparse: "
+                        + " ".join(config.SPARSE_DIVERGENCES) + " (default forward_kl); "
+                        "linear: " + " ".join(config.LINEAR_DIVERGENCES))
     p.add_argument("--k", nargs="+", help="sparse/topk: k; sample: the number of samples")
     p.add_argument("--H", type=int, default=None,
                    help="linear: the student's hidden size (the teacher's is 1.5x; default 2048 "
@@ -103,11 +106,13 @@ def main(argv=None) -> dict:
         memory = measure.cpu_memory_method()
     settings = {
         "temperature": providers.TEMPERATURE, "jsd_beta": providers.JSD_BETA,
+        "skew_alpha": providers.SKEW_ALPHA,
         "hard_weight": providers.HARD_WEIGHT, "reduction": "batchmean (mean over rows)",
         "logit_scale": inputs.LOGIT_SCALE, "timing": timing, "memory": memory,
         "budget_s": budget,
         "bytes": "fwd: read student+teacher once; fwdbwd: + write the gradient once; bwd: the "
-                 "gradient write; input dtype (see bench/inputs.py floor_bytes)",
+                 "gradient write; input dtype; sparse divergences other than forward_kl read the "
+                 "student at the k target ids only (see bench/inputs.py floor_bytes)",
         "linear": "hidden states and lm_head weights in, the teacher's hidden size 1.5x the "
                   "student's; compute-bound, rows report tflop_per_s (bench/inputs.py "
                   "linear_flops)",

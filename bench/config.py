@@ -12,8 +12,18 @@ SUITES = ("dense", "sparse", "topk", "sample", "linear")
 TEACHER_SUITES = ("topk", "sample")
 MODES = ("fwd", "bwd", "fwdbwd")
 # Dense cases: a divergence, optionally with the hard-label (cross-entropy) term, written "+ce".
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# Every divergence of distill_ops (distill_ops.DIVERGENCES; tests/test_bench.py checks the two
+# agree). Written out here so that the plan does not need distill_ops importable: a missing
+# distill_ops is a row of the run, not a failure to plan it.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "generalized_jsd")
+# What the full GPU sweep runs when no --divergence is given (unchanged: the others on request).
 DENSE_CASES = ("forward_kl", "reverse_kl", "jsd", "forward_kl+ce")
+# The divergences sparse_kd_loss takes (the same set; no hard-label cases in the sparse suite).
+# forward_kl compares with the student's full-vocabulary softmax, the others on the target
+# support (distill_ops.sparse_kd_loss, tail="renorm"); forward_kl runs when none is asked.
+SPARSE_DIVERGENCES = DIVERGENCES
+SPARSE_DEFAULT = ("forward_kl",)
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -54,7 +64,7 @@ QUICK_SPARSE = ("torch-eager", "distill_ops:triton", "distill_ops:cuda")
 @dataclasses.dataclass(frozen=True)
 class Case:
     suite: str            # dense | sparse | topk | sample
-    divergence: str       # forward_kl | reverse_kl | jsd (sparse: forward_kl; topk, sample: the suite)
+    divergence: str     # dense/sparse: DIVERGENCES; linear: LINEAR_DIVERGENCES; topk/sample: suite
     hard_label: bool      # dense only: add the hard-label cross-entropy term
     dtype: str            # bf16 | fp16 | fp32
     n: int
@@ -115,17 +125,30 @@ def _dense_cases(divs, dtypes, ns, vs, modes, providers=None, optional=False, *,
     return cases
 
 
-def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=False):
+def _sparse_cases(suite, dtypes, ns, vs, modes, ks, providers=None, optional=False, *,
+                  divs=None):
+    """Sparse-target cases (``divs``: the sparse divergences, default forward KL) and the
+    teacher-side suites (top-k, sampling: no divergence, a forward only)."""
+    teacher = suite in TEACHER_SUITES
+    if teacher:
+        divs = (suite,)
+    else:
+        divs = tuple(divs or SPARSE_DEFAULT)
+        for div in divs:
+            if div not in SPARSE_DIVERGENCES:
+                extra = (" (the sparse suite has no hard-label case)" if div.endswith("+ce")
+                         else "")
+                raise SystemExit(f"sparse suite: unknown divergence {div!r}; choose from "
+                                 f"{SPARSE_DIVERGENCES}{extra}")
     cases = []
-    for dtype in dtypes:
-        for v in vs:
-            for n in ns:
-                for k in ks:
-                    teacher = suite in TEACHER_SUITES
-                    for mode in (("fwd",) if teacher else modes):
-                        div = suite if teacher else "forward_kl"
-                        cases.append(Case(suite, div, False, dtype, n, v, mode, k=k,
-                                          providers=providers, optional=optional))
+    for div in divs:
+        for dtype in dtypes:
+            for v in vs:
+                for n in ns:
+                    for k in ks:
+                        for mode in (("fwd",) if teacher else modes):
+                            cases.append(Case(suite, div, False, dtype, n, v, mode, k=k,
+                                              providers=providers, optional=optional))
     return cases
 
 
@@ -172,11 +195,15 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
             raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
     if "dense" in suites:
         cases += _dense_cases(divergence or d_divs, dtypes, ns, vs, modes)
+    s_divs = divergence
+    if suite == "all" and divergence:
+        # the other suites' divergences that the sparse suite has (no "+ce"); none: its default
+        s_divs = [d for d in divergence if d in SPARSE_DIVERGENCES] or None
     for s in ("sparse",) + TEACHER_SUITES:
         if s in suites:
             # CPU sampling: S x V Gumbel draws per row (two logs each), ~100x a top-k: fewer rows.
             s_ns = ns if (N or gpu or s != "sample") else CPU_SAMPLE_N
-            cases += _sparse_cases(s, dtypes, s_ns, vs, modes, k or DEFAULT_K)
+            cases += _sparse_cases(s, dtypes, s_ns, vs, modes, k or DEFAULT_K, divs=s_divs)
     if "linear" in suites:
         # CPU: the GEMMs (2 N V (H_s + H_t) flops forward) dominate; a smaller vocabulary.
         l_vs = vs if (V or gpu) else CPU_LINEAR_V

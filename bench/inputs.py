@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .providers import sparse_uses_full_vocab
+
 SEED = 1234
 LOGIT_SCALE = 4.0
 # Rows processed at a time while making sparse targets (bounds the fp32 temporaries).
@@ -105,7 +107,13 @@ def floor_bytes(case, n: int) -> int:
     """Bytes that must move: read the logits once (fwd), and write the gradient once (fwdbwd, bwd).
 
     dense  fwd: student + teacher;  fwdbwd: student + teacher + gradient;  bwd: gradient only
+           (every divergence: each needs both full rows, the mixture ones (JSD, skew KL,
+           generalized JSD) no more than the KLs; their extra work is arithmetic, not bytes)
     sparse fwd: student + targets;  fwdbwd: student + targets + gradient;  bwd: gradient only
+           (forward KL: q over the full vocabulary, every student logit read; the other
+           divergences compare on the target support, so only the student's k logits at the ids
+           must be read (n k elements), while the gradient is still a dense N x V tensor (zeros
+           outside the ids) that must be written)
     topk   fwd: teacher + the k ids (int64) and log-probabilities (fp32) written per row
     sample fwd: the same, k = the number of samples (compute-bound: S x V noise draws per row)
     linear: the hidden states and weights read, their gradients written (the GEMMs dominate).
@@ -123,5 +131,9 @@ def floor_bytes(case, n: int) -> int:
         return {"fwd": 2 * nv + labels, "fwdbwd": 3 * nv + labels, "bwd": nv}[case.mode]
     targets = n * case.k * 12
     if case.suite == "sparse":
-        return {"fwd": nv + targets, "fwdbwd": 2 * nv + targets, "bwd": nv}[case.mode]
+        if sparse_uses_full_vocab(case.divergence):
+            student = nv
+        else:
+            student = n * case.k * elem
+        return {"fwd": student + targets, "fwdbwd": student + targets + nv, "bwd": nv}[case.mode]
     return nv + targets

@@ -1,10 +1,16 @@
 """What is measured: the same loss computed by each provider.
 
 Baselines are written the way users write them: log_softmax in fp32 of both sides, then
-``F.kl_div(..., log_target=True)`` (forward and reverse KL), TRL's ``generalized_jsd_loss`` form for
-JSD, ``F.cross_entropy`` for the hard-label term; ``torch-compile`` is torch.compile of exactly those
-functions; ``liger`` feeds the same fp32 log-probabilities to Liger-Kernel's KL / JSD losses.
+``F.kl_div(..., log_target=True)`` (forward and reverse KL; the skew KLs against the mixture's log
+built with ``torch.logaddexp`` of the weighted log-probabilities), TRL's ``generalized_jsd_loss``
+form for JSD and the generalized JSD, ``F.cross_entropy`` for the hard-label term;
+``torch-compile`` is torch.compile of exactly those functions; ``liger`` feeds the same fp32
+log-probabilities to Liger-Kernel's KL / JSD losses (it has no skew KL: those rows say so).
 ``distill_ops:<backend>`` calls the public API with that backend forced.
+
+The sparse suite: forward KL against the student's full-vocabulary softmax; every other divergence
+(as distill_ops.sparse_kd_loss with tail="renorm") between the teacher and the student both
+renormalised over the k target ids: the student's logits gathered there, then the dense forms.
 
 Every provider's function takes the input dict of inputs.py and returns the scalar loss (topk: the
 ids and log-probabilities). All losses are means over rows (batchmean), at ``TEMPERATURE``.
@@ -13,6 +19,7 @@ ids and log-probabilities). All losses are means over rows (batchmean), at ``TEM
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Callable, Optional
 
@@ -20,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 TEMPERATURE = 1.0
-JSD_BETA = 0.5
+JSD_BETA = 0.5      # jsd and generalized_jsd (TRL's convention: 0 forward KL, 1 reverse KL)
+# skew_forward_kl: KL(p || a p + (1-a) q); skew_reverse_kl: KL(q || (1-a) p + a q)
+SKEW_ALPHA = 0.1
 HARD_WEIGHT = 1.0
 
 
@@ -34,18 +43,63 @@ class Missing(Exception):
 
 # ----------------------------------------------------------------------------- eager PyTorch
 
+def _log_probs(student, teacher, temperature: float):
+    return (F.log_softmax(student.float() / temperature, dim=-1),
+            F.log_softmax(teacher.float() / temperature, dim=-1))
+
+
+def forward_kl_logprobs(log_q, log_p):
+    """KL(p || q) from log-probabilities, mean over rows: kl_div with a log target."""
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def reverse_kl_logprobs(log_q, log_p):
+    """KL(q || p): the same kl_div with the roles swapped (the gradient flows through the
+    target)."""
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+
+
+def skew_forward_kl_logprobs(log_q, log_p, alpha: float = SKEW_ALPHA):
+    """KL(p || M), M = alpha p + (1 - alpha) q: log M as a logaddexp of the weighted
+    log-probabilities (no underflow of M), then kl_div with a log target."""
+    log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+    return F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
+
+
+def skew_reverse_kl_logprobs(log_q, log_p, alpha: float = SKEW_ALPHA):
+    """KL(q || M), M = (1 - alpha) p + alpha q (the skew mixes in the student itself)."""
+    log_m = torch.logaddexp(log_p + math.log1p(-alpha), log_q + math.log(alpha))
+    return F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)
+
+
+# The KL-type divergences from log-probabilities (the JSDs go through generalized_jsd_loss below).
+KL_LOGPROBS = {"forward_kl": forward_kl_logprobs, "reverse_kl": reverse_kl_logprobs,
+               "skew_forward_kl": skew_forward_kl_logprobs,
+               "skew_reverse_kl": skew_reverse_kl_logprobs}
+
+
 def eager_forward_kl(student, teacher, temperature: float = TEMPERATURE):
     """KL(p || q) as users write it: fp32 log-softmax of both, kl_div with a log target."""
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature ** 2
+    return forward_kl_logprobs(*_log_probs(student, teacher, temperature)) * temperature ** 2
 
 
 def eager_reverse_kl(student, teacher, temperature: float = TEMPERATURE):
-    """KL(q || p): the same kl_div with the roles swapped (the gradient flows through the target)."""
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature ** 2
+    """KL(q || p) as users write it."""
+    return reverse_kl_logprobs(*_log_probs(student, teacher, temperature)) * temperature ** 2
+
+
+def eager_skew_forward_kl(student, teacher, temperature: float = TEMPERATURE,
+                          alpha: float = SKEW_ALPHA):
+    """Skew forward KL as users write it (fp32 log-softmax, logaddexp mixture, kl_div)."""
+    return (skew_forward_kl_logprobs(*_log_probs(student, teacher, temperature), alpha)
+            * temperature ** 2)
+
+
+def eager_skew_reverse_kl(student, teacher, temperature: float = TEMPERATURE,
+                          alpha: float = SKEW_ALPHA):
+    """Skew reverse KL as users write it."""
+    return (skew_reverse_kl_logprobs(*_log_probs(student, teacher, temperature), alpha)
+            * temperature ** 2)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta: float = 0.5,
@@ -84,12 +138,23 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta: floa
 
 
 def eager_jsd(student, teacher, temperature: float = TEMPERATURE, beta: float = JSD_BETA):
-    # Upcast first, as with the KL baselines: fp32 log-probabilities.
+    """JSD(beta) in TRL's form. Upcast first, as with the KL baselines (fp32 log-probabilities);
+    TRL leaves out the tau^2 factor that distill_ops (scale_temperature=True) and the KL baselines
+    apply, so it is multiplied in here."""
     return generalized_jsd_loss(student.float(), teacher.float(), beta=beta,
-                                temperature=temperature)
+                                temperature=temperature) * temperature ** 2
 
 
-EAGER = {"forward_kl": eager_forward_kl, "reverse_kl": eager_reverse_kl, "jsd": eager_jsd}
+def eager_generalized_jsd(student, teacher, temperature: float = TEMPERATURE,
+                          beta: float = JSD_BETA):
+    """distill_ops' ``generalized_jsd`` is TRL's GKD loss itself (beta 0 forward KL, 1 reverse KL,
+    in between JSD(beta)): TRL's generalized_jsd_loss form, every beta."""
+    return eager_jsd(student, teacher, temperature, beta)
+
+
+EAGER = {"forward_kl": eager_forward_kl, "reverse_kl": eager_reverse_kl, "jsd": eager_jsd,
+         "skew_forward_kl": eager_skew_forward_kl, "skew_reverse_kl": eager_skew_reverse_kl,
+         "generalized_jsd": eager_generalized_jsd}
 
 
 def eager_dense(divergence: str, hard_label: bool) -> Callable:
@@ -120,6 +185,39 @@ def eager_sparse_kd(student, ids, logw, temperature: float = TEMPERATURE):
     log_q = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, ids)
     log_p = F.log_softmax(logw, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+
+
+def sparse_uses_full_vocab(divergence: str, beta: float = JSD_BETA) -> bool:
+    """Whether the sparse loss compares with the student's full-vocabulary softmax (forward KL,
+    and the generalized JSD at beta = 0, which is forward KL) rather than with the student
+    renormalised over the target ids (every other divergence): distill_ops.sparse_kd_loss's
+    tail="renorm" rule. The first reads every student logit; the second only those at the ids."""
+    return divergence == "forward_kl" or (divergence == "generalized_jsd" and beta == 0.0)
+
+
+def eager_sparse_support(student, ids, logw, divergence: str, temperature: float = TEMPERATURE,
+                         beta: float = JSD_BETA, alpha: float = SKEW_ALPHA):
+    """A sparse divergence on the target support as users write it: the student's logits gathered
+    at the k ids and log-softmaxed there, the teacher's log-weights renormalised over them, then
+    the dense forms (kl_div / logaddexp mixture; the JSDs in TRL's form on the gathered logits)."""
+    s_k = student.float().gather(-1, ids) / temperature
+    if divergence in ("jsd", "generalized_jsd"):
+        return generalized_jsd_loss(s_k, logw.float(), beta=beta) * temperature ** 2
+    log_q = F.log_softmax(s_k, dim=-1)
+    log_p = F.log_softmax(logw.float(), dim=-1)
+    fn = KL_LOGPROBS[divergence]
+    out = fn(log_q, log_p, alpha) if divergence.startswith("skew") else fn(log_q, log_p)
+    return out * temperature ** 2
+
+
+def eager_sparse(divergence: str) -> Callable:
+    """The eager sparse loss of one divergence: fn(student, ids, logw)."""
+    if sparse_uses_full_vocab(divergence):
+        return eager_sparse_kd
+
+    def loss(student, ids, logw):
+        return eager_sparse_support(student, ids, logw, divergence)
+    return loss
 
 
 def eager_topk(teacher, k: int):
@@ -171,7 +269,8 @@ class TorchEager(Provider):
         if case.suite == "linear":
             return eager_linear(case.divergence, case.hard_label)
         if case.suite == "sparse":
-            return lambda x: eager_sparse_kd(x["student"], x["ids"], x["logw"])
+            fn = eager_sparse(case.divergence)
+            return lambda x: fn(x["student"], x["ids"], x["logw"])
         teacher_fn = eager_sample if case.suite == "sample" else eager_topk
         return lambda x: teacher_fn(x["teacher"], case.k)
 
@@ -194,7 +293,7 @@ class TorchCompile(Provider):
         if case.suite == "linear":
             return torch.compile(eager_linear(case.divergence, case.hard_label), dynamic=False)
         if case.suite == "sparse":
-            fn = torch.compile(eager_sparse_kd, dynamic=False)
+            fn = torch.compile(eager_sparse(case.divergence), dynamic=False)
             return lambda x: fn(x["student"], x["ids"], x["logw"])
         k = case.k
         teacher_fn = eager_sample if case.suite == "sample" else eager_topk
@@ -220,6 +319,11 @@ def import_or(module: str, what: str, error=None):
         raise (error or Unavailable)(f"{what} is not importable ({type(exc).__name__}: {exc})")
 
 
+# The divergences Liger-Kernel computes: LigerKLDIVLoss, and LigerJSD(beta) (TRL's generalized
+# JSD: beta = 1 reverse KL, in between JSD(beta)). No skew KL.
+LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "generalized_jsd")
+
+
 class Liger(Provider):
     """Liger-Kernel's losses on fp32 log-probabilities (how its KL / JSD modules are meant to be fed)."""
 
@@ -235,6 +339,10 @@ class Liger(Provider):
             raise Unavailable(f"Liger-Kernel has no {case.suite} op")
         if case.suite == "linear" and case.hard_label:
             raise Unavailable("Liger's fused-linear JSD has no hard-label term")
+        if case.divergence not in LIGER_DIVERGENCES:
+            raise Unavailable(f"Liger-Kernel has no {case.divergence} op (its losses: KL-div, "
+                              "and JSD with beta, which covers forward/reverse KL and the "
+                              "generalized JSD; no skew KL)")
         self._module()
 
     def make(self, case):
@@ -251,7 +359,8 @@ class Liger(Provider):
             def soft(log_q, log_p):
                 return kl(log_q, log_p) * tau ** 2
         else:
-            # Liger's JSD: beta = 1 is the reverse KL, as in TRL.
+            # Liger's JSD: beta = 1 is the reverse KL, as in TRL; jsd and generalized_jsd at
+            # JSD_BETA are the same function.
             jsd = lk.LigerJSD(beta=1.0 if case.divergence == "reverse_kl" else JSD_BETA)
 
             def soft(log_q, log_p):
@@ -415,12 +524,12 @@ class DistillOps(Provider):
         if case.suite == "dense":
             kd_loss = self._api("dense")
             div = case.divergence
+            kw = dict(divergence=div, beta=JSD_BETA, alpha=SKEW_ALPHA, temperature=TEMPERATURE,
+                      backend=b)
             if case.hard_label:
-                return lambda x: kd_loss(x["student"], x["teacher"], divergence=div, beta=JSD_BETA,
-                                         temperature=TEMPERATURE, labels=x["labels"],
-                                         hard_weight=HARD_WEIGHT, backend=b)
-            return lambda x: kd_loss(x["student"], x["teacher"], divergence=div, beta=JSD_BETA,
-                                     temperature=TEMPERATURE, backend=b)
+                return lambda x: kd_loss(x["student"], x["teacher"], labels=x["labels"],
+                                         hard_weight=HARD_WEIGHT, **kw)
+            return lambda x: kd_loss(x["student"], x["teacher"], **kw)
         if case.suite == "linear":
             fused_linear_kd_loss = self._api("linear")
             kw = dict(divergence=case.divergence, beta=JSD_BETA, temperature=TEMPERATURE,
@@ -431,8 +540,9 @@ class DistillOps(Provider):
                                                   labels=x.get("labels"), **kw)
         if case.suite == "sparse":
             sparse = self._api("sparse")
-            return lambda x: sparse(x["student"], x["ids"], x["logw"], temperature=TEMPERATURE,
-                                    backend=b)
+            kw = dict(divergence=case.divergence, beta=JSD_BETA, alpha=SKEW_ALPHA,
+                      temperature=TEMPERATURE, backend=b)
+            return lambda x: sparse(x["student"], x["ids"], x["logw"], **kw)
         teacher_fn = self._api(case.suite)
         k = case.k
         return lambda x: teacher_fn(x["teacher"], k, backend=b)

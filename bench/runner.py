@@ -17,7 +17,11 @@ from . import providers as prov
 # Bytes of fp32 (N x V) temporaries an eager-style provider holds at its peak, per divergence
 # (forward+backward; a forward alone holds about 60 %). Used only to shrink N before a row is tried;
 # a row that still runs out of memory is retried at N / 2 (twice at most).
-EAGER_FACTOR = {"forward_kl": 6, "reverse_kl": 7, "jsd": 12, "topk": 3, "sample": 3}
+EAGER_FACTOR = {"forward_kl": 6, "reverse_kl": 7, "jsd": 12, "generalized_jsd": 12,
+                "skew_forward_kl": 10, "skew_reverse_kl": 10, "topk": 3, "sample": 3}
+# The sparse divergences on the target support hold k-wide temporaries; what is N x V is the fp32
+# upcast of the student and the gather's fp32 gradient.
+SPARSE_SUPPORT_FACTOR = 2
 # The inputs that get a gradient, per suite (the student side).
 GRAD_INPUTS = {"dense": ("student",), "sparse": ("student",), "linear": ("hs", "ws")}
 SHRINK_HEADROOM = 0.9
@@ -57,7 +61,10 @@ def estimate_bytes(case, provider, n: int, copies: int) -> int:
         if provider.family != "baseline":
             return total
     if provider.family == "baseline":
-        factor = EAGER_FACTOR.get(case.divergence, 6) + (2 if case.hard_label else 0)
+        if case.suite == "sparse" and not prov.sparse_uses_full_vocab(case.divergence):
+            factor = SPARSE_SUPPORT_FACTOR
+        else:
+            factor = EAGER_FACTOR.get(case.divergence, 6) + (2 if case.hard_label else 0)
         work = factor * nv * 4
         if case.mode == "fwd":
             work = int(work * 0.6)

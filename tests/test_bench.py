@@ -237,3 +237,154 @@ def test_ptxas_spills_fails_on_a_spill_except_fp64(monkeypatch, capsys, bf16_spi
     out = capsys.readouterr().out
     assert "fp64, allowed: 244 B" in out
     assert ("SPILLS: 72 B" in out) == bool(rc)
+
+
+# ----------------------------------------------------------------------------- every divergence
+
+DIV_PROVIDERS = ["torch-eager", "distill_ops:cpu", "distill_ops:torch", "liger"]
+
+
+def test_bench_divergences_are_the_librarys():
+    """The dense and sparse suites offer every divergence distill_ops has (config writes them out
+    so that planning does not import distill_ops)."""
+    import distill_ops
+
+    assert set(config.DIVERGENCES) == set(distill_ops.DIVERGENCES)
+    assert set(config.SPARSE_DIVERGENCES) == set(distill_ops.DIVERGENCES)
+    assert set(prov.EAGER) == set(config.DIVERGENCES)
+
+
+@pytest.fixture(scope="module")
+def every_divergence(tmp_path_factory):
+    """One dense and one sparse run of the harness over every divergence (tiny CPU shapes;
+    torch.compile is left out, as in the rest of this file: its compilations cost minutes)."""
+    docs = {}
+    for suite, divs in (("dense", config.DIVERGENCES), ("sparse", config.SPARSE_DIVERGENCES)):
+        out = tmp_path_factory.mktemp("bench") / f"{suite}.json"
+        docs[suite] = bench_main.main([suite, "--N", "4", "--V", "64", "--k", "8", "--mode",
+                                       "fwdbwd", "--divergence", *divs,
+                                       "--providers", *DIV_PROVIDERS, "--out", str(out)] + FAST)
+    return docs
+
+
+@pytest.mark.parametrize("suite", ["dense", "sparse"])
+def test_every_divergence_runs_through_the_harness(every_divergence, suite):
+    rows = every_divergence[suite]["rows"]
+    divs = config.DIVERGENCES if suite == "dense" else config.SPARSE_DIVERGENCES
+    by = {(r["divergence"], r["provider"]): r for r in rows}
+    assert set(by) == {(d, p) for d in divs for p in DIV_PROVIDERS}  # nothing dropped
+    for div in divs:
+        for name in ("torch-eager", "distill_ops:cpu", "distill_ops:torch"):
+            row = by[(div, name)]
+            if name == "distill_ops:cpu" and row["status"] == "unavailable":
+                continue  # no CPU extension built
+            assert row["status"] == "ok", row
+            assert row["loss"] is not None and row["loss"] >= 0 and row["ms_median"] > 0
+            assert row["loss_vs_eager"] < 1e-4, row
+        liger = by[(div, "liger")]
+        assert liger["status"] == "unavailable" and liger["error"]
+
+
+@pytest.mark.parametrize("temperature", [prov.TEMPERATURE, 2.0])
+@pytest.mark.parametrize("div", [d for d in config.DIVERGENCES] + ["jsd+ce", "skew_reverse_kl+ce"])
+def test_dense_eager_matches_distill_ops_torch(div, temperature):
+    """Each eager baseline is the library's function (value and gradient): kd_loss with
+    backend="torch" on the same inputs, at the harness's beta / alpha and at a temperature that
+    shows the tau^2 factor. The provider itself at the harness's temperature; the eager function
+    at any other."""
+    import distill_ops
+
+    base, hard = (div[:-3], True) if div.endswith("+ce") else (div, False)
+    case = config.Case("dense", base, hard, "fp32", 6, 96, "fwd")
+    x = inputs.make(case, 6, torch.device("cpu"))
+    s1 = x["student"].clone().requires_grad_(True)
+    s2 = x["student"].clone().requires_grad_(True)
+    if temperature == prov.TEMPERATURE:
+        eager = prov.TorchEager().make(case)({**x, "student": s1})
+    else:
+        eager = prov.EAGER[base](s1, x["teacher"], temperature=temperature)
+        if hard:
+            eager = eager + prov.HARD_WEIGHT * torch.nn.functional.cross_entropy(s1, x["labels"])
+    kw = dict(divergence=base, beta=prov.JSD_BETA, alpha=prov.SKEW_ALPHA,
+              temperature=temperature, backend="torch")
+    if hard:
+        kw.update(labels=x["labels"], hard_weight=prov.HARD_WEIGHT)
+    ref = distill_ops.kd_loss(s2, x["teacher"], **kw)
+    torch.testing.assert_close(eager.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    eager.backward()
+    ref.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [prov.TEMPERATURE, 2.0])
+@pytest.mark.parametrize("div", config.SPARSE_DIVERGENCES)
+def test_sparse_eager_matches_distill_ops_torch(div, temperature):
+    """Each sparse eager baseline is sparse_kd_loss with backend="torch" (forward KL against the
+    full-vocabulary student; the others on the target support), value and gradient."""
+    import distill_ops
+
+    case = config.Case("sparse", div, False, "fp32", 6, 96, "fwd", k=8)
+    x = inputs.make(case, 6, torch.device("cpu"))
+    s1 = x["student"].clone().requires_grad_(True)
+    s2 = x["student"].clone().requires_grad_(True)
+    if temperature == prov.TEMPERATURE:
+        eager = prov.TorchEager().make(case)({**x, "student": s1})
+    elif prov.sparse_uses_full_vocab(div):
+        eager = prov.eager_sparse_kd(s1, x["ids"], x["logw"], temperature=temperature)
+    else:
+        eager = prov.eager_sparse_support(s1, x["ids"], x["logw"], div, temperature=temperature)
+    ref = distill_ops.sparse_kd_loss(s2, x["ids"], x["logw"], divergence=div, beta=prov.JSD_BETA,
+                                     alpha=prov.SKEW_ALPHA, temperature=temperature,
+                                     backend="torch")
+    torch.testing.assert_close(eager.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    eager.backward()
+    ref.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["skew_forward_kl", "skew_reverse_kl"])
+def test_liger_reports_no_skew_kl(div):
+    """Liger-Kernel has no skew KL: on a GPU too the row says so (before importing Liger)."""
+    case = config.Case("dense", div, False, "bf16", 8, 64, "fwdbwd")
+    with pytest.raises(prov.Unavailable, match="no skew KL"):
+        prov.Liger().check(case, torch.device("cuda"))
+
+
+def test_floor_bytes_per_divergence():
+    """Dense: every divergence must move both full rows (and write the gradient), the same bytes.
+    Sparse: forward KL reads the whole student row; the support divergences only its k logits at
+    the ids, and all of them write the dense gradient."""
+    n, v, k = 4, 64, 8
+    dense = {d: inputs.floor_bytes(config.Case("dense", d, False, "bf16", n, v, "fwdbwd"), n)
+             for d in config.DIVERGENCES}
+    assert set(dense.values()) == {3 * n * v * 2}
+    targets = n * k * 12
+    for div in config.SPARSE_DIVERGENCES:
+        student = n * v * 2 if div == "forward_kl" else n * k * 2
+        for mode, want in (("fwd", student + targets), ("fwdbwd", student + targets + n * v * 2),
+                           ("bwd", n * v * 2)):
+            case = config.Case("sparse", div, False, "bf16", n, v, mode, k=k)
+            assert inputs.floor_bytes(case, n) == want, (div, mode)
+
+
+def test_plan_divergence_defaults_and_choices():
+    """Nothing asked: the same divergences as before (the GPU plan does not grow). Asked: every
+    library divergence, dense and sparse; unknown names and a sparse '+ce' stop the run."""
+    full = config.build_plan("all", "cuda", False)
+    assert {c.divergence + ("+ce" if c.hard_label else "") for c in full
+            if c.suite == "dense"} == set(config.DENSE_CASES)
+    assert {c.divergence for c in full if c.suite == "sparse"} == {"forward_kl"}
+    assert {c.divergence for c in config.build_plan("sparse", "cpu", False)} == {"forward_kl"}
+    quick = config.build_plan("all", "cuda", True)
+    assert {c.divergence for c in quick if c.suite == "sparse"} == {"forward_kl"}
+    for suite in ("dense", "sparse"):
+        plan = config.build_plan(suite, "cpu", False, divergence=list(config.DIVERGENCES))
+        assert [c.divergence for c in plan] == list(config.DIVERGENCES)
+    with pytest.raises(SystemExit, match="unknown divergence"):
+        config.build_plan("dense", "cpu", False, divergence=["skew_kl"])
+    with pytest.raises(SystemExit, match="no hard-label case"):
+        config.build_plan("sparse", "cpu", False, divergence=["jsd+ce"])
+    mixed = config.build_plan("all", "cpu", False, divergence=["skew_reverse_kl", "jsd+ce"])
+    assert {c.divergence for c in mixed if c.suite == "sparse"} == {"skew_reverse_kl"}
+    ce_only = config.build_plan("all", "cpu", False, divergence=["forward_kl+ce"])
+    assert {c.divergence for c in ce_only if c.suite == "sparse"} == {"forward_kl"}
