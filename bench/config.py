@@ -44,6 +44,8 @@ GPU_DENSE = ("torch-eager", "torch-compile", "liger", "distill_ops:triton", "dis
              "distill_ops:cuda-resident")
 CPU_DENSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 GPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:triton", "distill_ops:cuda")
+# top-k: also the radix kernel beside the one-read kernel that distill_ops:cuda runs
+GPU_TOPK = GPU_SPARSE + ("distill_ops:cuda-radix",)
 CPU_SPARSE = ("torch-eager", "torch-compile", "distill_ops:cpu", "distill_ops:torch")
 DISTILL_GPU = ("distill_ops:triton", "distill_ops:cuda")
 DISTILL_GPU_DENSE = DISTILL_GPU + ("distill_ops:cuda-resident",)
@@ -59,6 +61,7 @@ CPU_LINEAR_V = (32000,)   # student hidden size; the teacher's is 1.5x (inputs.p
 QUICK_GPU_BUDGET_S = 240.0
 # --quick sparse/topk/sample rows (optional): no torch.compile there, its compilations cost the most time.
 QUICK_SPARSE = ("torch-eager", "distill_ops:triton", "distill_ops:cuda")
+QUICK_TOPK = QUICK_SPARSE + ("distill_ops:cuda-radix",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,8 @@ def default_providers(suite: str, device: str) -> tuple:
         return GPU_DENSE if gpu else CPU_DENSE
     if suite == "linear":
         return GPU_LINEAR if gpu else CPU_LINEAR
+    if suite == "topk":
+        return GPU_TOPK if gpu else CPU_SPARSE
     return GPU_SPARSE if gpu else CPU_SPARSE
 
 
@@ -173,7 +178,8 @@ def build_plan(suite: str, device: str, quick: bool, *, V=None, N=None, dtype=No
         for s in ("sparse",) + TEACHER_SUITES:
             if s in suites:
                 cases += _sparse_cases(s, ("bf16",), (8192,), (128256,), ("fwdbwd",), DEFAULT_K,
-                                       providers=QUICK_SPARSE, optional=True)
+                                       providers=QUICK_TOPK if s == "topk" else QUICK_SPARSE,
+                                       optional=True)
         if "linear" in suites:
             cases += _dense_cases(("forward_kl",), ("bf16",), (8192,), (128256,), ("fwdbwd",),
                                   optional=True, suite="linear", h=h)

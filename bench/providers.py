@@ -548,21 +548,19 @@ class DistillOps(Provider):
         return lambda x: teacher_fn(x["teacher"], k, backend=b)
 
 
-class DistillOpsResident(DistillOps):
-    """distill_ops' CUDA backend with its one-read resident (thread-block cluster) dense kernel
-    required (DISTILL_OPS_CUDA_RESIDENT=require, csrc/cuda/dense_resident.cuh): opt-in until
-    measured; where it does not apply the row fails with the kernel's reason, not another kernel's
-    time."""
+class DistillOpsForced(DistillOps):
+    """distill_ops' CUDA backend with one of its kernels chosen through the environment variable
+    the extension reads at every call (set for this provider's call only, then restored): the
+    variants that `auto` does not pick yet, timed beside it."""
 
-    ENV = "DISTILL_OPS_CUDA_RESIDENT"
-
-    def __init__(self):
+    def __init__(self, variant: str, env: str, value: str, suite: str, why: str):
         super().__init__("cuda")
-        self.name = "distill_ops:cuda-resident"
+        self.name = f"distill_ops:cuda-{variant}"
+        self.ENV, self.VALUE, self.SUITE, self.WHY = env, value, suite, why
 
     def check(self, case, device):
-        if case.suite != "dense":
-            raise Unavailable("the resident kernel is a dense-loss kernel")
+        if case.suite != self.SUITE:
+            raise Unavailable(self.WHY)
         super().check(case, device)
 
     def make(self, case):
@@ -570,7 +568,7 @@ class DistillOpsResident(DistillOps):
 
         def call(x):
             old = os.environ.get(self.ENV)
-            os.environ[self.ENV] = "require"  # read by the extension at every call
+            os.environ[self.ENV] = self.VALUE
             try:
                 return fn(x)
             finally:
@@ -580,6 +578,21 @@ class DistillOpsResident(DistillOps):
                     os.environ[self.ENV] = old
 
         return call
+
+
+def DistillOpsResident() -> DistillOpsForced:
+    """The one-read resident (thread-block cluster) dense kernel, required
+    (DISTILL_OPS_CUDA_RESIDENT=require, csrc/cuda/dense_resident.cuh): opt-in until measured; where
+    it does not apply the row fails with the kernel's reason, not another kernel's time."""
+    return DistillOpsForced("resident", "DISTILL_OPS_CUDA_RESIDENT", "require", "dense",
+                            "the resident kernel is a dense-loss kernel")
+
+
+def DistillOpsRadix() -> DistillOpsForced:
+    """The radix-select top-k kernel (DISTILL_OPS_CUDA_TOPK=radix, csrc/cuda/teacher_cuda.cu),
+    which reads each row 3-5 times, beside the one-read kernel that distill_ops:cuda runs."""
+    return DistillOpsForced("radix", "DISTILL_OPS_CUDA_TOPK", "radix", "topk",
+                            "the radix kernel is a top-k kernel")
 
 
 def get(name: str) -> Provider:
@@ -595,10 +608,13 @@ def get(name: str) -> Provider:
         return Torchtune()
     if name == "distill_ops:cuda-resident":
         return DistillOpsResident()
+    if name == "distill_ops:cuda-radix":
+        return DistillOpsRadix()
     if name == "distill_ops:torchtune":
         return DistillOpsTorchtune()
     if name.startswith("distill_ops:"):
         return DistillOps(name.split(":", 1)[1])
     raise SystemExit(f"unknown provider {name!r}: torch-eager, torch-compile, liger, trl, "
                      "torchtune, distill_ops:<torch|triton|cpu|cuda>, distill_ops:cuda-resident, "
+                     "distill_ops:cuda-radix, "
                      "distill_ops:torchtune")

@@ -17,7 +17,8 @@ from . import report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "torchtune",
-                  "distill_ops:cuda", "distill_ops:cuda-resident", "distill_ops:triton",
+                  "distill_ops:cuda", "distill_ops:cuda-resident", "distill_ops:cuda-radix",
+                  "distill_ops:triton",
                   "distill_ops:cpu", "distill_ops:torch", "distill_ops:torchtune")
 SHORT_STATUS = {"oom": "OOM", "error": "error", "unavailable": "n/a", "missing": "missing",
                 "skipped": "skipped"}

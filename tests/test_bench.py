@@ -140,6 +140,24 @@ def test_resident_provider_sets_the_kernel_switch_only_for_its_call(monkeypatch)
         p.check(config.Case("sparse", "forward_kl", False, "fp32", 2, 8, "fwd", k=2), "cuda")
 
 
+def test_radix_provider_forces_the_radix_topk_kernel_for_its_call(monkeypatch):
+    """distill_ops:cuda-radix sets DISTILL_OPS_CUDA_TOPK=radix for its own call only, runs only
+    top-k rows, and the GPU plans time it beside distill_ops:cuda."""
+    monkeypatch.delenv("DISTILL_OPS_CUDA_TOPK", raising=False)
+    p = prov.get("distill_ops:cuda-radix")
+    case = config.Case("topk", "topk", False, "bf16", 2, 8, "fwd", k=2)
+    seen = []
+    monkeypatch.setattr(prov.DistillOps, "make",
+                        lambda self, c: lambda x: seen.append(os.environ.get(p.ENV)))
+    p.make(case)({})
+    assert seen == ["radix"] and p.ENV not in os.environ
+    with pytest.raises(prov.Unavailable, match="top-k kernel"):
+        p.check(config.Case("sparse", "forward_kl", False, "fp32", 2, 8, "fwd", k=2), "cuda")
+    assert "distill_ops:cuda-radix" in config.default_providers("topk", "cuda")
+    quick = [c for c in config.build_plan("topk", "cuda", True) if c.suite == "topk"]
+    assert quick and all("distill_ops:cuda-radix" in c.providers for c in quick)
+
+
 def test_sanitize_driver_runs_every_op_family():
     """bench/sanitize_ops.py (the compute-sanitizer driver) through the CPU kernels: it must not
     rot unseen between GPU sessions."""
