@@ -94,7 +94,9 @@ def render_kernels(paths) -> str:
             bits.append(f"triton {ver.get('triton')}")
             if newest.get("driver"):
                 bits.append(f"driver {newest['driver']}")
-        commits = sorted({r["commit"][:10] for r in group})
+        # A run from a working tree with uncommitted changes: its commit does not pin the code.
+        commits = sorted({r["commit"][:10] + ("+uncommitted" if r.get("dirty") else "")
+                          for r in group})
         bits.append("commit " + ", ".join(commits))
         bits.append(newest["date"][:10])
         if newest.get("copy_gb_per_s"):

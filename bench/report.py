@@ -217,6 +217,7 @@ def load_rows(paths) -> list:
             tagged = dict(row)
             tagged.update(device=dev.get("name", "?"), device_type=dev.get("type"),
                           date=doc.get("date", ""), commit=doc.get("commit", "unknown"),
+                          dirty=doc.get("dirty"),
                           file=str(path), copy_gb_per_s=(doc.get("copy_bandwidth") or {}).get("gb_per_s"),
                           versions=doc.get("versions", {}), driver=dev.get("driver"))
             rows.append(tagged)

@@ -74,6 +74,17 @@ def test_readme_table_renders_and_rewrites_only_its_section(result, tmp_path):
     assert plain.read_text() == "no markers\n"
 
 
+def test_readme_table_marks_runs_of_uncommitted_trees(result, tmp_path):
+    """A run measured with uncommitted changes says so next to its commit (the commit alone does
+    not pin the code)."""
+    doc = json.loads(result.read_text())
+    for dirty, mark in ((True, "+uncommitted"), (False, ""), (None, "")):
+        doc.update(commit="0123456789abcdef", dirty=dirty)
+        path = tmp_path / f"run-{dirty}.json"
+        path.write_text(json.dumps(doc))
+        assert f"commit 0123456789{mark};" in readme_table.render([path])
+
+
 def test_plots(result, tmp_path):
     pytest.importorskip("matplotlib")
     from bench import plots
