@@ -1,22 +1,33 @@
 """python -m bench.trainer_step: one distillation training step of a transformers Llama student
-against a Llama teacher, with the eager KD loss users write and with distill_ops' fused loss.
+against a Llama teacher, with the eager KD loss users write, torch.compile of it, Liger-Kernel's
+fused-linear loss and distill_ops' fused losses.
 
     python -m bench.trainer_step [--device cuda|cpu] [--shape 3b-1b|small|tiny] [--batch B]
-        [--seq T] [--steps S] [--find-max] [--budget-s SEC] [--out PATH|DIR]
+        [--seq T] [--steps S] [--providers NAME ...] [--find-max] [--budget-s SEC]
+        [--out PATH|DIR]
 
-Both providers run the same step: the student forward (fp32 master weights, bf16 autocast on a GPU),
-the teacher forward (bf16 weights on a GPU, no grad), the loss over the full (B x T, V) logits, the
-backward and an AdamW step; gradient checkpointing on the student on a GPU. Only the loss differs:
+Every provider runs the same step: the student forward (fp32 master weights, bf16 autocast on a
+GPU), the teacher forward (bf16 weights on a GPU, no grad), the loss (over the full (B x T, V)
+logits, or from the last hidden states and lm_heads for the fused-linear ones), the backward and an
+AdamW step; gradient checkpointing on the student on a GPU. Only the loss differs:
 
 - eager: fp32 log_softmax of both, F.kl_div(batchmean, log_target) x tau^2 (bench/providers.py's
   eager_forward_kl, as users write it);
+- compile: that same eager loss function wrapped in torch.compile(dynamic=False), as a user who
+  puts @torch.compile on their loss gets it (the models stay eager); compiled afresh for the row
+  (torch._dynamo.reset()), the compilation inside the first, untimed step (the row's first_call_s);
+- liger: Liger-Kernel's LigerFusedLinearJSD(jsd_beta=0: the forward KL the others compute) on both
+  models' last hidden states and lm_heads, x tau^2 like the others; GPUs only (Triton): on the CPU,
+  or without liger_kernel, the row says unavailable with the reason;
 - distill_ops: distill_ops.kd_loss(..., inplace_grad=True): no probability tensor, the logits'
   gradient written over the student logits;
 - distill_ops-fused: distill_ops.fused_linear_kd_loss on both models' last hidden states and
   lm_heads (the trainer's fused_linear=True): neither model's logits exist, chunks of them do.
 
 Per provider: the median step time and tokens per second at (B, T), the peak memory of a step,
-the first step's loss (the two must agree: same models, same data), and with --find-max (CUDA) the
+the first step's loss (they must agree: same models, same data; loss_vs_eager is the relative
+difference from eager's), the first step's wall time (first_call_s: never timed, compilation
+included), and with --find-max (CUDA) the
 largest batch at sequence length T that trains without running out of memory (doubling, then
 bisection; each try is one step). Models are random-initialised from a config: nothing is
 downloaded. The JSON (schema distill-ops-bench-trainer/1) goes to bench/results/ like the kernel
@@ -35,7 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from . import measure, report
-from .providers import TEMPERATURE, eager_forward_kl
+from .providers import TEMPERATURE, Unavailable, eager_forward_kl, import_or
 
 SCHEMA = "distill-ops-bench-trainer/1"
 
@@ -53,7 +64,7 @@ SHAPES = {
 }
 DEFAULTS = {"cuda": dict(shape="3b-1b", batch=4, seq=2048),
             "cpu": dict(shape="small", batch=4, seq=256)}
-PROVIDERS = ("eager", "distill_ops", "distill_ops-fused")
+PROVIDERS = ("eager", "compile", "liger", "distill_ops", "distill_ops-fused")
 MAX_TOKENS = 1 << 21  # --find-max stops doubling here
 
 
@@ -69,7 +80,57 @@ def fused_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
                                reduction="mean", inplace_grad=True)
 
 
-LOSSES: dict = {"eager": eager_loss, "distill_ops": fused_loss, "distill_ops-fused": None}
+def compiled_eager_loss() -> Callable:
+    """eager_loss under torch.compile(dynamic=False), compiled afresh (as bench/providers.py's
+    TorchCompile: dynamo reset, its recompile limit raised for --find-max's batch sizes)."""
+    import torch._dynamo as dynamo
+
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo.config, knob):
+            setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
+    dynamo.reset()
+    return torch.compile(eager_loss, dynamic=False)
+
+
+def liger_loss(device: torch.device) -> Callable:
+    """Liger-Kernel's LigerFusedLinearJSD on (student hidden, student lm_head weight, teacher
+    hidden, teacher lm_head weight); jsd_beta=0 is KL(teacher || student), the forward KL of the
+    other providers (bench/providers.py's linear suite checks it). Unavailable off CUDA or when
+    liger_kernel does not import."""
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel runs on GPUs only (Triton kernels); this run is on "
+                          f"{device.type}")
+    lk = import_or("liger_kernel.transformers", "liger_kernel")
+    fl = lk.LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+
+    def loss(h, w_s, h_t, w_t):
+        return fl(h.reshape(-1, h.shape[-1]), w_s, h_t.reshape(-1, h_t.shape[-1]), w_t,
+                  None) * TEMPERATURE ** 2
+
+    return loss
+
+
+def distill_ops_fused_linear(h, w_s, h_t, w_t):
+    from distill_ops.fused_linear import fused_linear_kd_loss
+
+    return fused_linear_kd_loss(h, w_s, h_t, w_t, temperature=TEMPERATURE, reduction="mean")
+
+
+def make_loss(name: str, device: torch.device):
+    """(loss, on_hidden): on_hidden False: loss(student logits, teacher logits); True:
+    loss(student hidden, student lm_head weight, teacher hidden, teacher lm_head weight).
+    Raises Unavailable when the provider cannot run here."""
+    if name == "eager":
+        return eager_loss, False
+    if name == "compile":
+        return compiled_eager_loss(), False
+    if name == "liger":
+        return liger_loss(device), True
+    if name == "distill_ops":
+        return fused_loss, False
+    if name == "distill_ops-fused":
+        return distill_ops_fused_linear, True
+    raise ValueError(f"unknown provider {name!r}")
 
 
 def build_models(shape: dict, device: torch.device, seq: int):
@@ -91,34 +152,34 @@ def build_models(shape: dict, device: torch.device, seq: int):
 class Step:
     """One training step with a given loss; the optimizer persists across calls."""
 
-    def __init__(self, teacher, student, loss: Optional[Callable], device: torch.device):
-        """``loss`` takes (student logits, teacher logits); None: the fused-linear loss on the
-        models' hidden states and lm_heads."""
+    def __init__(self, teacher, student, loss: Callable, device: torch.device,
+                 on_hidden: bool = False):
+        """``loss`` takes (student logits, teacher logits); with ``on_hidden`` (the fused-linear
+        losses) (student hidden, student lm_head weight, teacher hidden, teacher lm_head weight),
+        called inside the autocast region as the trainer's fused_linear does."""
         from distill_ops.trainer.objective import LastHidden
 
         self.teacher, self.student, self.loss, self.device = teacher, student, loss, device
+        self.on_hidden = on_hidden
         self.opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
         self.amp = torch.bfloat16 if device.type == "cuda" else None
-        if loss is None:
+        if on_hidden:
             self.s_body, self.t_body = LastHidden(student), LastHidden(teacher)
 
     def __call__(self, input_ids: torch.Tensor) -> float:
-        from distill_ops.fused_linear import fused_linear_kd_loss
         from distill_ops.trainer.eval import autocast
 
         with autocast(self.device, self.amp):
-            if self.loss is None:
+            if self.on_hidden:
                 h = self.s_body(input_ids)
                 with torch.no_grad():
                     h_t = self.t_body(input_ids)
-                loss = fused_linear_kd_loss(h, self.s_body.head.weight, h_t,
-                                            self.t_body.head.weight, temperature=TEMPERATURE,
-                                            reduction="mean")
+                loss = self.loss(h, self.s_body.head.weight, h_t, self.t_body.head.weight)
             else:
                 s_logits = self.student(input_ids=input_ids, use_cache=False).logits
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        if self.loss is not None:
+        if not self.on_hidden:
             loss = self.loss(s_logits, t_logits)
             del t_logits
         loss.backward()
@@ -146,12 +207,16 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def time_steps(step: Step, ids: torch.Tensor, warmup: int, steps: int) -> dict:
-    """Warm-up steps (the first one's loss is kept), then timed steps: median, min, max, peak."""
+    """Warm-up steps (at least one: the first step, compilation included, is never timed; its
+    loss and wall time are kept), then timed steps: median, min, max, peak."""
     device = step.device
-    first_loss = None
-    for _ in range(warmup):
-        loss = step(ids)
-        first_loss = loss if first_loss is None else first_loss
+    measure.sync(device)
+    t0 = time.perf_counter()
+    first_loss = step(ids)
+    measure.sync(device)
+    first_call_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step(ids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -162,10 +227,10 @@ def time_steps(step: Step, ids: torch.Tensor, warmup: int, steps: int) -> dict:
         loss = step(ids)
         measure.sync(device)
         times.append(time.perf_counter() - t0)
-        first_loss = loss if first_loss is None else first_loss
     med = statistics.median(times)
     out = {"step_ms": 1e3 * med, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-           "tokens_per_s": ids.numel() / med, "first_loss": first_loss, "last_loss": loss}
+           "tokens_per_s": ids.numel() / med, "first_loss": first_loss, "last_loss": loss,
+           "first_call_s": first_call_s}
     if device.type == "cuda":
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         out["peak_step_extra_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
@@ -215,7 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", choices=tuple(SHAPES), default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed ones (at least 1: the first step)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--find-max", action="store_true", help="search the largest batch (CUDA only)")
@@ -248,20 +314,29 @@ def main(argv=None) -> dict:
     when = report._dt.datetime.fromisoformat(doc["date"])
     out = report.output_path(args.out, report.default_path(doc["device"], "trainer", False, when))
     deadline = time.monotonic() + args.budget_s
+    eager_first = None
     for name in args.providers:
         row = {"provider": name, "shape": shape_name, "V": shape["vocab"], "batch": batch,
                "seq": seq, "status": "ok"}
         teacher = student = step = None
         try:
+            loss, on_hidden = make_loss(name, device)  # Unavailable before the models are built
             torch.manual_seed(0)
             teacher, student = build_models(shape, device, seq)
             row["teacher_params"] = count_parameters(teacher)
             row["student_params"] = count_parameters(student)
-            step = Step(teacher, student, LOSSES[name], device)
+            step = Step(teacher, student, loss, device, on_hidden)
             row.update(time_steps(step, _tokens(shape["vocab"], batch, seq, device), args.warmup,
                                   args.steps))
+            if name == "eager":
+                eager_first = row["first_loss"]
+            if eager_first:
+                row["loss_vs_eager"] = abs(row["first_loss"] - eager_first) / abs(eager_first)
             if args.find_max:
                 row.update(find_max_batch(step, shape["vocab"], seq, deadline))
+        except Unavailable as exc:
+            row["status"] = "unavailable"
+            row["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported in the row, the next provider still runs
             row["status"] = "oom" if _is_oom(exc) else "error"
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -277,9 +352,12 @@ def main(argv=None) -> dict:
 
 def summary_line(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['provider']:12s} {row['status']}: {row.get('error', '')[:200]}"
-    text = (f"{row['provider']:12s} B={row['batch']} T={row['seq']}  {row['step_ms']:.1f} ms/step  "
+        return f"{row['provider']:17s} {row['status']}: {row.get('error', '')[:200]}"
+    text = (f"{row['provider']:17s} B={row['batch']} T={row['seq']}  {row['step_ms']:.1f} ms/step  "
             f"{row['tokens_per_s']:.0f} tok/s  first loss {row['first_loss']:.5f}")
+    if row.get("loss_vs_eager", 0.0) > 1e-2:
+        text += f" (differs from eager's by {row['loss_vs_eager']:.1e})"
+    text += f"  first step {row['first_call_s']:.2f} s"
     if row.get("peak_step_extra_gb") is not None:
         text += f"  step memory {1e3 * row['peak_step_extra_gb']:.0f} MB"
     if "max_tokens" in row:

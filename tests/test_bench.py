@@ -417,3 +417,50 @@ def test_plan_divergence_defaults_and_choices():
     assert {c.divergence for c in mixed if c.suite == "sparse"} == {"skew_reverse_kl"}
     ce_only = config.build_plan("all", "cpu", False, divergence=["forward_kl+ce"])
     assert {c.divergence for c in ce_only if c.suite == "sparse"} == {"forward_kl"}
+
+
+@pytest.fixture(scope="module")
+def trainer_peer_rows(tmp_path_factory):
+    """bench.trainer_step on the CPU, tiny models: eager, torch.compile of it, Liger-Kernel."""
+    from bench import trainer_step
+
+    out = tmp_path_factory.mktemp("trainer_peers") / "trainer.json"
+    trainer_step.main(["--device", "cpu", "--shape", "tiny", "--batch", "2", "--seq", "16",
+                       "--warmup", "1", "--steps", "1", "--providers", "eager", "compile",
+                       "liger", "--out", str(out)])
+    return {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+
+
+def test_trainer_compile_row_matches_eager(trainer_peer_rows):
+    """`compile` is eager's loss function under torch.compile: same first loss (1e-5 relative),
+    the same fields as the other providers, and the compilation in first_call_s, not the steps."""
+    eager, comp = trainer_peer_rows["eager"], trainer_peer_rows["compile"]
+    assert eager["status"] == "ok" and comp["status"] == "ok", comp.get("error")
+    a, b = eager["first_loss"], comp["first_loss"]
+    assert a > 0 and abs(a - b) <= 1e-5 * a
+    assert comp["loss_vs_eager"] <= 1e-5
+    for key in ("step_ms", "tokens_per_s", "peak_step_extra_gb", "first_loss", "last_loss",
+                "first_call_s", "teacher_params", "student_params"):
+        assert key in comp, key
+    assert comp["first_call_s"] > 0 and comp["tokens_per_s"] > 0
+
+
+def test_trainer_liger_row_unavailable_on_cpu(trainer_peer_rows):
+    """Liger-Kernel is Triton, GPUs only: on the CPU its row is kept, marked unavailable with the
+    reason, and the providers after it still ran (the run did not stop)."""
+    row = trainer_peer_rows["liger"]
+    assert row["status"] == "unavailable"
+    assert "GPU" in row["error"]
+    assert list(trainer_peer_rows) == ["eager", "compile", "liger"]
+
+
+def test_trainer_liger_without_the_package_is_unavailable(monkeypatch):
+    """Where liger_kernel does not import (a GPU machine without it), the reason is the import
+    error; checked here with the module blocked, the device only named."""
+    import sys
+
+    from bench import trainer_step
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(prov.Unavailable, match="liger_kernel is not importable"):
+        trainer_step.make_loss("liger", torch.device("cuda"))
