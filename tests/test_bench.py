@@ -135,38 +135,30 @@ def test_plan_presets():
     assert [(c.v, c.hard_label, c.dtype) for c in custom] == [(32000, True, "fp16"), (64, True, "fp16")]
 
 
-def test_resident_provider_sets_the_kernel_switch_only_for_its_call(monkeypatch):
-    """distill_ops:cuda-resident requires the resident kernel for its own call (the extension reads
-    DISTILL_OPS_CUDA_RESIDENT then) and leaves the environment as it found it; it has no sparse
-    rows."""
-    monkeypatch.delenv("DISTILL_OPS_CUDA_RESIDENT", raising=False)
-    p = prov.get("distill_ops:cuda-resident")
-    case = config.Case("dense", "forward_kl", False, "fp32", 2, 8, "fwd")
+@pytest.mark.parametrize("name,suite,value,refusal", [
+    ("distill_ops:cuda-resident", "dense", "require", "dense-loss kernel"),
+    ("distill_ops:cuda-radix", "topk", "radix", "top-k kernel"),
+])
+def test_forced_kernel_providers_set_their_switch_only_for_their_call(monkeypatch, name, suite,
+                                                                      value, refusal):
+    """distill_ops:cuda-resident (DISTILL_OPS_CUDA_RESIDENT=require) and distill_ops:cuda-radix
+    (DISTILL_OPS_CUDA_TOPK=radix) set the variable the extension reads for their own call only,
+    leave the environment as they found it, and refuse the other suites' rows; the GPU plans time
+    them beside distill_ops:cuda."""
+    p = prov.get(name)
+    monkeypatch.delenv(p.ENV, raising=False)
+    case = config.Case(suite, "forward_kl" if suite == "dense" else suite, False, "bf16", 2, 8,
+                       "fwd", k=2)
     seen = []
     monkeypatch.setattr(prov.DistillOps, "make",
                         lambda self, c: lambda x: seen.append(os.environ.get(p.ENV)))
     p.make(case)({})
-    assert seen == ["require"] and p.ENV not in os.environ
-    with pytest.raises(prov.Unavailable, match="dense-loss kernel"):
+    assert seen == [value] and p.ENV not in os.environ
+    with pytest.raises(prov.Unavailable, match=refusal):
         p.check(config.Case("sparse", "forward_kl", False, "fp32", 2, 8, "fwd", k=2), "cuda")
-
-
-def test_radix_provider_forces_the_radix_topk_kernel_for_its_call(monkeypatch):
-    """distill_ops:cuda-radix sets DISTILL_OPS_CUDA_TOPK=radix for its own call only, runs only
-    top-k rows, and the GPU plans time it beside distill_ops:cuda."""
-    monkeypatch.delenv("DISTILL_OPS_CUDA_TOPK", raising=False)
-    p = prov.get("distill_ops:cuda-radix")
-    case = config.Case("topk", "topk", False, "bf16", 2, 8, "fwd", k=2)
-    seen = []
-    monkeypatch.setattr(prov.DistillOps, "make",
-                        lambda self, c: lambda x: seen.append(os.environ.get(p.ENV)))
-    p.make(case)({})
-    assert seen == ["radix"] and p.ENV not in os.environ
-    with pytest.raises(prov.Unavailable, match="top-k kernel"):
-        p.check(config.Case("sparse", "forward_kl", False, "fp32", 2, 8, "fwd", k=2), "cuda")
-    assert "distill_ops:cuda-radix" in config.default_providers("topk", "cuda")
-    quick = [c for c in config.build_plan("topk", "cuda", True) if c.suite == "topk"]
-    assert quick and all("distill_ops:cuda-radix" in c.providers for c in quick)
+    assert name in config.default_providers(suite, "cuda")
+    quick = [c for c in config.build_plan(suite, "cuda", True) if c.suite == suite]
+    assert quick and any(name in (c.providers or ()) for c in quick)
 
 
 def test_sanitize_driver_runs_every_op_family():
