@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import fields
 from typing import Optional, Sequence
@@ -112,8 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         # bad input: ConfigError, CacheError, vocabulary/tokenizer checks (ValueErrors), missing
-        # paths, unloadable models. Anything else is unexpected and keeps its traceback.
-        print(f"distill-ops {argv[0]}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        # paths, unloadable models. Anything else is unexpected and keeps its traceback; so does
+        # this with DISTILL_OPS_TRACEBACK=1 (a ValueError may also come from a bug).
+        if os.environ.get("DISTILL_OPS_TRACEBACK") == "1":
+            raise
+        print(f"distill-ops {argv[0]}: error: {' '.join(str(exc).split())} "
+              "(DISTILL_OPS_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

@@ -428,6 +428,10 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
         lines = [x for x in err.splitlines() if "error" in x]
         assert len(lines) == 1 and lines[0].startswith("distill-ops train: error: "), err
         assert what in lines[0] and "Traceback" not in err, err
+    monkeypatch.setenv("DISTILL_OPS_TRACEBACK", "1")   # bad input with its traceback, on request
+    with pytest.raises(ValueError, match="teacher vocabulary"):
+        main(["train", *cases[-1][0], *out])
+    monkeypatch.delenv("DISTILL_OPS_TRACEBACK")
     import distill_ops.trainer.loop as loop
 
     def broken(config):
