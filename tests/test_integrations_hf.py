@@ -216,6 +216,18 @@ def test_cached_targets_are_sparse_kd_loss(tmp_path, fused):
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
 
 
+def test_cache_of_a_larger_vocabulary_is_refused_up_front(tmp_path):
+    """A cache whose ids reach past the student's logits is an error when the trainer is built,
+    not at the first batch that holds such an id; a cache of the student's size is fine."""
+    cache = _cache(tmp_path, llama(V, 48, 1, heads=2, seed=1))
+    with pytest.raises(ValueError, match=f"vocabulary of {V} tokens, but the student's logits "
+                                         f"have {V - 8} columns"):
+        DistillationTrainer(model=llama(V - 8, 32, 1, heads=2), teacher_model=None,
+                            args=args(tmp_path / "a"), train_dataset=cache)
+    DistillationTrainer(model=llama(V, 32, 1, heads=2), teacher_model=None,
+                        args=args(tmp_path / "b"), train_dataset=cache)
+
+
 def test_cached_targets_missing_say_so(tmp_path):
     trainer = DistillationTrainer(model=llama(V, 32, 1, heads=2), teacher_model=None,
                                   args=args(tmp_path), train_dataset=ListDataset())

@@ -99,6 +99,7 @@ class DistillationTrainer(Trainer):
             raise TypeError(f"kd_kwargs has keys {fn} does not take here: {bad} "
                             f"(allowed: {sorted(allowed)})")
         super().__init__(*args, **kwargs)
+        self._check_cached_vocab()
         self.kd_kwargs = kd_kwargs
         self.fused_linear = bool(fused_linear)
         self._heads_checked = False
@@ -106,6 +107,24 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             teacher_model.eval()
             teacher_model.requires_grad_(False)
+
+    def _check_cached_vocab(self) -> None:
+        """A TargetCache given as a dataset must fit the student's vocabulary: its ids reach up
+        to the cache's vocab_size, which the student's logits must cover. Checked here, not at the
+        first batch that holds such an id."""
+        from ..targets.cache import TargetCache
+
+        head = self.model.get_output_embeddings() if self.model is not None else None
+        if head is None:
+            return
+        width = int(head.weight.shape[0])
+        for name in ("train_dataset", "eval_dataset"):
+            ds = getattr(self, name, None)
+            if isinstance(ds, TargetCache) and ds.vocab_size > width:
+                raise ValueError(
+                    f"{name} is a target cache made with a vocabulary of {ds.vocab_size} tokens, "
+                    f"but the student's logits have {width} columns: its target ids would fall "
+                    "outside them (another teacher or tokenizer?)")
 
     def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
         teacher = self.teacher_model
