@@ -63,13 +63,6 @@ struct TopkShared {
   unsigned int slot;
 };
 
-template <typename T>
-__device__ __forceinline__ SoftmaxState<T, double> shfl_state(const SoftmaxState<T, double>& s,
-                                                              int off) {
-  return SoftmaxState<T, double>{__shfl_down_sync(0xffffffffu, s.m, off),
-                                 __shfl_down_sync(0xffffffffu, s.z, off)};
-}
-
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_row_kernel(const TeacherArgs A, double* __restrict__ rank_out) {
@@ -123,6 +116,7 @@ __global__ void __launch_bounds__(kTopkThreads)
     const K kth = prefix;
 
     // ---- the row's normalizer: warp then block merge ----
+    // dense_kernels.cuh's shfl_state (a xor butterfly: every lane ends with the warp's state)
     for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
     if (lane == 0) sh.states[warp] = st;
     __syncthreads();

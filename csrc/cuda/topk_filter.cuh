@@ -29,7 +29,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "dense_kernels.cuh"  // Pack, Acc, kWarp
+#include "dense_kernels.cuh"  // Pack, Acc, kWarp, shfl_state
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/sparse_args.h"
 #include "topk_keys.cuh"
@@ -347,9 +347,8 @@ __global__ void __launch_bounds__(kFilterThreads, sizeof(scalar_t) == 2 ? 4 : 3)
     sort_winners(sh, k);
     // ---- the row's normalizer and tail: warp, then block (every thread merges alike) ----
     for (int off = kWarp / 2; off > 0; off >>= 1) {
-      const SoftmaxState<float, Acc> o{__shfl_down_sync(0xffffffffu, st.m, off),
-                                       __shfl_down_sync(0xffffffffu, st.z, off)};
-      const Acc ot = __shfl_down_sync(0xffffffffu, tail, off);
+      const SoftmaxState<float, Acc> o = shfl_state(st, off);  // dense_kernels.cuh (xor)
+      const Acc ot = __shfl_xor_sync(0xffffffffu, tail, off);
       Acc fx, fy;
       st = merge(st, o, fx, fy);
       tail = scaled(tail, fx) + scaled(ot, fy);
