@@ -275,29 +275,37 @@ class TorchEager(Provider):
         return lambda x: teacher_fn(x["teacher"], case.k)
 
 
+def fresh_compiler() -> Callable[[Callable], Callable]:
+    """torch.compile(dynamic=False) after a dynamo reset (each row is compiled afresh, so its
+    first call holds the compilation), with the recompile limit raised for the shapes a run
+    tries (bench.trainer_step's --find-max)."""
+    import torch._dynamo as dynamo
+
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo.config, knob):
+            setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
+    dynamo.reset()
+    return lambda fn: torch.compile(fn, dynamic=False)
+
+
 class TorchCompile(Provider):
     """torch.compile of the eager functions above; a fresh compilation for every row."""
 
     name = "torch-compile"
 
     def make(self, case):
-        import torch._dynamo as dynamo
-
-        for knob in ("cache_size_limit", "recompile_limit"):
-            if hasattr(dynamo.config, knob):
-                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
-        dynamo.reset()
+        compile_ = fresh_compiler()
         if case.suite == "dense":
-            fn = torch.compile(eager_dense(case.divergence, case.hard_label), dynamic=False)
+            fn = compile_(eager_dense(case.divergence, case.hard_label))
             return _call_dense(fn, case)
         if case.suite == "linear":
-            return torch.compile(eager_linear(case.divergence, case.hard_label), dynamic=False)
+            return compile_(eager_linear(case.divergence, case.hard_label))
         if case.suite == "sparse":
-            fn = torch.compile(eager_sparse(case.divergence), dynamic=False)
+            fn = compile_(eager_sparse(case.divergence))
             return lambda x: fn(x["student"], x["ids"], x["logw"])
         k = case.k
         teacher_fn = eager_sample if case.suite == "sample" else eager_topk
-        fn = torch.compile(lambda t: teacher_fn(t, k), dynamic=False)
+        fn = compile_(lambda t: teacher_fn(t, k))
         return lambda x: fn(x["teacher"])
 
 

@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from . import measure, report
-from .providers import TEMPERATURE, Unavailable, eager_forward_kl, import_or
+from .providers import TEMPERATURE, Unavailable, eager_forward_kl, fresh_compiler, import_or
 
 SCHEMA = "distill-ops-bench-trainer/1"
 
@@ -83,15 +83,9 @@ def fused_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
 
 def compiled_eager_loss() -> Callable:
-    """eager_loss under torch.compile(dynamic=False), compiled afresh (as bench/providers.py's
-    TorchCompile: dynamo reset, its recompile limit raised for --find-max's batch sizes)."""
-    import torch._dynamo as dynamo
-
-    for knob in ("cache_size_limit", "recompile_limit"):
-        if hasattr(dynamo.config, knob):
-            setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
-    dynamo.reset()
-    return torch.compile(eager_loss, dynamic=False)
+    """eager_loss under torch.compile(dynamic=False), compiled afresh (bench/providers.py's
+    fresh_compiler, as the kernel suites' torch-compile rows)."""
+    return fresh_compiler()(eager_loss)
 
 
 def liger_loss(device: torch.device) -> Callable:
