@@ -205,6 +205,17 @@ def summary(doc: dict) -> str:
 
 # ----------------------------------------------------------------------------- reading results
 
+def device_label(dev: dict) -> str:
+    """The device a row was measured on, as tables group rows: its name, and for a CPU run on
+    fewer threads than the machine has (--threads), that count, so that such a run is neither
+    mixed with nor taken for the all-core rows."""
+    name = dev.get("name", "?")
+    threads, cores = dev.get("torch_threads"), dev.get("cpu_count")
+    if dev.get("type") == "cpu" and threads and cores and threads < cores:
+        name += f" ({threads} of {cores} threads)"
+    return name
+
+
 def load_rows(paths) -> list:
     """Every row of the given result files, each tagged with its file's device, date and commit."""
     rows = []
@@ -215,7 +226,7 @@ def load_rows(paths) -> list:
         dev = doc.get("device", {})
         for row in doc.get("rows", []):
             tagged = dict(row)
-            tagged.update(device=dev.get("name", "?"), device_type=dev.get("type"),
+            tagged.update(device=device_label(dev), device_type=dev.get("type"),
                           date=doc.get("date", ""), commit=doc.get("commit", "unknown"),
                           dirty=doc.get("dirty"),
                           file=str(path), copy_gb_per_s=(doc.get("copy_bandwidth") or {}).get("gb_per_s"),

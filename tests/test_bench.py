@@ -74,6 +74,22 @@ def test_readme_table_renders_and_rewrites_only_its_section(result, tmp_path):
     assert plain.read_text() == "no markers\n"
 
 
+def test_a_run_on_fewer_threads_is_its_own_device(result, tmp_path):
+    """A CPU run with --threads below the core count is grouped apart (its own table), so that
+    it never stands in for, or mixes with, the all-core rows."""
+    doc = json.loads(result.read_text())
+    doc["device"].update(type="cpu", name="Some CPU", cpu_count=4, torch_threads=4)
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(doc))
+    doc["device"]["torch_threads"] = 1
+    doc["date"] = "2999-01-01T00:00:00"   # newer: it must still not replace the all-core rows
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(doc))
+    devices = {r["device"] for r in report.latest(report.load_rows([full, one]))}
+    assert devices == {"Some CPU", "Some CPU (1 of 4 threads)"}
+    assert "**Some CPU (1 of 4 threads)**" in readme_table.render([full, one])
+
+
 def test_readme_table_marks_runs_of_uncommitted_trees(result, tmp_path):
     """A run measured with uncommitted changes says so next to its commit (the commit alone does
     not pin the code)."""
