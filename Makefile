@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 PIP     := $(PYTHON) -m pip
 # The CUDA build of torch: it runs on the CPU too, and it is what compiles the CUDA extension.
 TORCH   ?= torch==2.14.1
-DEPS    := numpy pytest ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
+DEPS    := numpy pytest pytest-xdist ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
 # The peers the tests and benchmarks compare against (their real code, not transcriptions).
 # torchtune 0.6.1 imports torchao's nf4tensor, which later torchao releases dropped.
 PEERS   := trl liger-kernel torchtune torchao==0.11.0
@@ -17,7 +17,8 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sparse_*.py) \
              tests/test_topk.py tests/test_fused_linear.py tests/test_cuda_emu.py
 
-.PHONY: setup build demo test test-emu test-gpu check-spills bench bench-cpu peers-dir clean
+.PHONY: setup build demo test test-emu test-gpu check-spills bench bench-cpu peers-dir \
+        device-twin device-prebuilt test-twin clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -35,8 +36,11 @@ setup build: $(VENV)/.built
 demo: $(VENV)/.built
 	$(PYTHON) -m distill_ops.trainer.demo
 
+# pytest-xdist's workers where it is installed (one per core: the tests are independent)
+XDIST = $$($(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
+
 test: $(VENV)/.built
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra $(XDIST)
 	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
 
 test-emu: $(VENV)/.built
@@ -54,14 +58,49 @@ bench: $(VENV)/.built
 
 # The pure-Python peers (Liger-Kernel, TRL) copied into .peers/ (git-ignored) so a device run can
 # carry them to a GPU machine that has no network: bench/gpu_check.sh puts .peers on PYTHONPATH.
+# TRL's GKD trainer module imports `datasets`, which the GPU image lacks (with `dill`; it has the
+# rest of what datasets needs: pyarrow, pandas, multiprocess, xxhash, fsspec).
+PEER_DIRS := liger_kernel trl datasets dill
 peers-dir: $(VENV)/.deps
 	rm -rf .peers && mkdir -p .peers
-	cp -r $$($(PYTHON) -c "import liger_kernel, os; print(os.path.dirname(liger_kernel.__file__))") .peers/
-	cp -r $$($(PYTHON) -c "import trl, os; print(os.path.dirname(trl.__file__))") .peers/
+	for m in $(PEER_DIRS); do \
+	  cp -r "$$($(PYTHON) -c "import $$m, os; print(os.path.dirname($$m.__file__))")" .peers/ || exit 1; \
+	done
 	find .peers -name __pycache__ -prune -exec rm -rf {} +
+
+# The GPU machine's own Python on this machine (bench/prebuilt.py): Python 3.12, torch 2.11.0+cu130
+# (with its Triton 3.6) and the image's transformers, so `make test-twin` runs the suite on the
+# CPU with the versions the GPU checks will meet, and `make device-prebuilt` builds the extension
+# for that machine ahead (sm_90 only), into .prebuilt/ for run(carry=[".prebuilt", ".peers"]).
+DEVICE_PY   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+DEVICE_VENV ?= .venv-device
+# numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays to Python ints, which numpy 2.4
+# refuses (the GPU's own numpy is 2.5, but there Triton compiles instead of interpreting).
+DEVICE_DEPS := torch==2.11.0 transformers==5.17.0 tokenizers==0.23.2 accelerate==1.15.0 \
+               "numpy<2.4" pytest pytest-xdist ninja setuptools wheel safetensors tqdm pyyaml \
+               matplotlib pyarrow pandas multiprocess xxhash fsspec
+
+$(DEVICE_VENV)/.deps:
+	$(DEVICE_PY) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEVICE_VENV)/bin/python -m pip install -q $(DEVICE_DEPS)
+	touch $@
+
+device-twin: $(DEVICE_VENV)/.deps
+
+.prebuilt/stamp.json: $(DEVICE_VENV)/.deps $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(DEVICE_VENV)/bin/python -m bench.prebuilt build
+
+device-prebuilt: .prebuilt/stamp.json
+
+# the whole pytest suite under the twin, on the prebuilt extension (CUDA compiled against torch
+# 2.11's headers too) and the carried peers (.peers)
+test-twin: .prebuilt/stamp.json peers-dir
+	$(DEVICE_VENV)/bin/python -m bench.prebuilt install
+	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra -n auto -p no:cacheprovider
 
 bench-cpu: $(VENV)/.built
 	$(PYTHON) -m bench dense --device cpu
 
 clean:
-	rm -rf build *.egg-info distill_ops/_C*.so $(VENV)
+	rm -rf build *.egg-info distill_ops/_C*.so $(VENV) $(DEVICE_VENV) .prebuilt

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks, for a lent GPU machine (see /work/.library/device): one call builds, tests,
-# sanitizes and benchmarks, each phase under its own time limit and all of them under one deadline
+# benchmarks and sanitizes, each phase under its own time limit and all of them under one deadline
 # (GPU_CHECK_DEADLINE_S, default 570 s: one device call of at most 600 s), logs under $OUT.
 #
-#   bench/gpu_check.sh [phase ...]     phases: build test sanitize bench trainer (default: all, in
-#                                      order; what the deadline skips, a second call can run:
-#                                      `bench/gpu_check.sh trainer` on the still-warm machine)
+#   bench/gpu_check.sh [phase ...]     phases: build test bench sanitize trainer (default: all
+#                                      but trainer, in order; the session's 15 minutes of device
+#                                      time hold one full call and a short second one on the
+#                                      still-warm machine: `bench/gpu_check.sh build trainer`)
 #
-# A phase that fails is reported and the next one still runs; a phase that the deadline leaves
-# no time for is reported as skipped; the summary is printed last (the device tool returns the end
-# of the output). Bench JSON lands in $OUT/results, written after every row (so a cut run keeps
-# its rows): copy it into bench/results/ and run `python -m bench.readme_table` on the dev machine.
+# The phase limits add up to the deadline, so every phase gets its turn: the test phases run on
+# 8 pytest workers where pytest-xdist is installed (the GPU image has it: Triton's compilations
+# are CPU work, and the machine has 16 cores), and the build takes seconds when the dev machine
+# built it ahead (`make device-prebuilt`, then carry .prebuilt: bench/prebuilt.py refuses a build
+# from other sources). A phase that fails is reported and the next one still runs; a phase that
+# the deadline leaves no time for is reported as skipped; the summary is printed last (the device
+# tool returns the end of the output). Bench JSON lands in $OUT/results, written after every row
+# (so a cut run keeps its rows): copy it into bench/results/ and run `python -m bench.readme_table`
+# on the dev machine. Without .git on the GPU machine, set DISTILL_OPS_COMMIT=<sha> so the JSON
+# names the commit measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -20,7 +27,7 @@ PY=${PY:-python3}
 # machine has no network to pip-install Liger-Kernel or TRL.
 [ -d .peers ] && export PYTHONPATH="$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(build test sanitize bench trainer)
+[ ${#phases[@]} -eq 0 ] && phases=(build test bench sanitize)
 summary=()
 
 DEADLINE=${GPU_CHECK_DEADLINE_S:-570}
@@ -40,37 +47,36 @@ run_phase() {  # name, limit (s), command...: the limit is cut to what the deadl
   summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")")
 }
 
+# pytest's workers: 8 where pytest-xdist is installed, else one process
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+PYTEST=("$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider "${XDIST[@]}")
+
 for p in "${phases[@]}"; do
   case $p in
-    build)  # sm_90 only: the lent machines are Hopper; 16 cores
-      run_phase build 300 env DISTILL_OPS_FORCE_CUDA=1 DISTILL_OPS_CUDA_ARCHS=90 MAX_JOBS=16 \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
-    test)  # a first run on a GPU: see many failures at once rather than stop at the first.
-      # The kernels never run on a GPU yet go first (pytest skips the repeated paths), so a
-      # phase cut by its limit still reports them.
-      run_phase test 200 "$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider \
-        tests/test_native.py tests/test_topk.py tests/test_sparse_sample.py \
-        tests/test_sparse_loss.py tests/test_sparse_inplace.py tests
+    build)  # the prebuilt extension if it matches these sources, else sm_90 only, on 16 cores
+      run_phase build 150 bash -c "\"$PY\" -m bench.prebuilt install || env DISTILL_OPS_FORCE_CUDA=1 \
+        DISTILL_OPS_CUDA_ARCHS=90 MAX_JOBS=16 \"$PY\" -m pip install --no-build-isolation --no-deps -e ." ;;
+    test)  # a first run on a GPU: see many failures at once rather than stop at the first
+      run_phase test 150 "${PYTEST[@]}" tests
       # the resident dense kernel (opt-in: csrc/cuda/dense_resident.cuh): required on the shapes
-      # it takes (test_cuda_resident_kernel: a refusal is an error), then where it applies
-      run_phase resident 150 "$PY" -m pytest -q -ra -m cuda --maxfail=25 -p no:cacheprovider \
-        tests/test_native.py -k resident_kernel
-      run_phase resident-1 120 env DISTILL_OPS_CUDA_RESIDENT=1 "$PY" -m pytest -q -ra -m cuda \
-        --maxfail=25 -p no:cacheprovider tests/test_native.py tests/test_dense_edge.py tests/test_dense_gradcheck.py ;;
-    sanitize)
-      run_phase memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m bench.sanitize_ops
-      run_phase racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        "$PY" -m bench.sanitize_ops --quick ;;
+      # it takes (test_cuda_resident_kernel: a refusal is an error), then wherever it applies
+      run_phase resident 80 env DISTILL_OPS_CUDA_RESIDENT=1 "${PYTEST[@]}" \
+        tests/test_native.py tests/test_dense_edge.py tests/test_dense_gradcheck.py ;;
     bench)  # the bench's own budget stops it (rows kept) before the phase's limit would
-      b=$(($(left) - 40))
-      [ "$b" -gt 240 ] && b=240
-      run_phase bench 300 "$PY" -m bench all --device cuda --quick --no-progress \
+      b=$(($(left) - 160))   # leaves the sanitizer its 150 s
+      [ "$b" -gt 200 ] && b=200
+      run_phase bench $((b + 30)) "$PY" -m bench all --device cuda --quick --no-progress \
         --budget-s "$b" --out "$OUT/results/" ;;
+    sanitize)
+      run_phase memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m bench.sanitize_ops
+      run_phase racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m bench.sanitize_ops --quick ;;
     trainer)  # 3B -> 1B Llama shapes, V = 128256: tokens/s and the largest batch x 2048 per loss
-      b=$(($(left) - 60))
+      b=$(($(left) - 40))
       [ "$b" -gt 180 ] && b=180
-      run_phase trainer 240 "$PY" -m bench.trainer_step --find-max --budget-s "$b" \
+      run_phase trainer $((b + 30)) "$PY" -m bench.trainer_step --find-max --budget-s "$b" \
         --out "$OUT/results/" ;;
     *) summary+=("unknown phase: $p") ;;
   esac

@@ -103,6 +103,19 @@ def test_emulator_asan_reports_a_write_past_the_end():
     assert "no report" not in run.stdout
 
 
+def test_emulator_load_survives_a_killed_build():
+    """A build killed mid-way leaves torch's lock file in the build folder, and torch's loader
+    (2.11 at least: `make test-twin`) waits on it forever. load() takes its own lock, which dies
+    with its holder, and clears torch's."""
+    (build.BUILD / "lock").touch()   # what a killed build leaves (the fixture built already)
+    code = "import sys; sys.path.insert(0, 'tests'); from cuda_emu import build; build.load()"
+    root = Path(__file__).resolve().parents[1]
+    # the same build as this process (plain, or AddressSanitizer's with its preloads): no compiling
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("order,seen", [("forward", 1), ("reverse", 0)])
 def test_emulator_thread_order_decides_a_race(monkeypatch, order, seen):
     """A read racing a write in the same phase sees it or not depending on DISTILL_OPS_EMU_ORDER:

@@ -3,7 +3,7 @@
 by the CUDA code paths (the kernels, their launch configuration, the split-row and split-column
 paths and the host code around them).
 
-The .cu files are copied to build/cuda_emu with four rewrites: ``kernel<<<cfg>>>(args)`` becomes
+The .cu files are copied to build/cuda_emu-<python>-<torch> with four rewrites: ``kernel<<<cfg>>>(args)`` becomes
 ``::emu::launch(&kernel, cfg)(args)``, ``__shared__ T name;`` a reference into the running block's
 shared memory (``::emu::shared<T>``), the CUDA dispatch registration becomes a CPU one of
 distill_ops_emu, and the device type the argument checks expect becomes the CPU. Everything else
@@ -15,10 +15,12 @@ compiles as written, against shims of the few CUDA headers they include (shim/).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +32,10 @@ CSRC = ROOT / "csrc"
 # memcheck: a read or write outside a tensor's allocation is reported where it happens). The
 # process must start with libasan preloaded: `make test-emu-asan`.
 ASAN = os.environ.get("DISTILL_OPS_EMU_ASAN") == "1"
-BUILD = ROOT / "build" / ("cuda_emu_asan" if ASAN else "cuda_emu")
+# One build per interpreter and torch: the extension is tied to both, and a second environment
+# (make test-twin) would otherwise rebuild it on every switch.
+_ENV_TAG = re.sub(r"[^\w.-]", "_", f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")
+BUILD = ROOT / "build" / (("cuda_emu_asan" if ASAN else "cuda_emu") + "-" + _ENV_TAG)
 OPS = ("dense_forward", "sparse_forward", "teacher_topk", "teacher_sample_draws")
 
 # A kernel name (with template arguments) before <<<config>>>, and the parenthesis that opens the
@@ -113,10 +118,26 @@ def load():
     for op in OPS:
         schema = str(getattr(torch.ops.distill_ops_native, op).default._schema)
         lib.define(schema.split("::", 1)[1])
-    sources = mirror()
     BUILD.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
+    # One process at a time mirrors and builds (pytest-xdist's workers share BUILD). torch's own
+    # lock is a file that a killed build leaves behind, and every later load waits on it forever;
+    # this one is released by the kernel when its holder dies, so while it is held any torch lock
+    # left in BUILD is stale.
+    with open(BUILD / "load.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (BUILD / "lock").unlink(missing_ok=True)
+        _build(cpp_extension, mirror(), sanitize)
+    for op in OPS:  # the same fake (meta) kernels, so that torch.compile traces them
+        torch.library.register_fake(f"distill_ops_emu::{op}", lib=lib)(
+            getattr(native, f"_{op}_fake"))
+    _library = lib
+    return torch.ops.distill_ops_emu
+
+
+def _build(cpp_extension, sources: list[str], sanitize: list[str]) -> None:
+    """Compiles (what ninja finds out of date) and loads the emulated kernels' library."""
     cpp_extension.load(
         name="distill_ops_cuda_emu_asan" if ASAN else "distill_ops_cuda_emu",
         sources=sources,
@@ -129,11 +150,6 @@ def load():
         with_cuda=False,
         verbose=False,
     )
-    for op in OPS:  # the same fake (meta) kernels, so that torch.compile traces them
-        torch.library.register_fake(f"distill_ops_emu::{op}", lib=lib)(
-            getattr(native, f"_{op}_fake"))
-    _library = lib
-    return torch.ops.distill_ops_emu
 
 
 def install() -> None:
