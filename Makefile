@@ -41,10 +41,10 @@ XDIST = $$($(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 test: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra $(XDIST)
-	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
+	$(PYTHON) tests/cuda_emu/run.py -q -ra $(XDIST) -k "cpu or cuda_emu" $(EMU_TESTS)
 
 test-emu: $(VENV)/.built
-	$(PYTHON) tests/cuda_emu/run.py -q -ra -k "cpu or cuda_emu" $(EMU_TESTS)
+	$(PYTHON) tests/cuda_emu/run.py -q -ra $(XDIST) -k "cpu or cuda_emu" $(EMU_TESTS)
 
 # ptxas's register report of every CUDA kernel (sm_90); fails when one other than fp64 spills.
 check-spills: $(VENV)/.deps

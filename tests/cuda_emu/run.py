@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     if code == ASAN_EXIT_CODE:
         print(f"cuda_emu: AddressSanitizer aborted the run (exit {code}); the test that was "
               "running is the one after the last that pytest reported", flush=True)
+    # (under pytest-xdist an abort ends one worker, and pytest names the test it was running)
     return code
 
 
