@@ -56,17 +56,15 @@ test-gpu: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PYTHON) -m bench all --device cuda
 
-# The pure-Python peers (Liger-Kernel, TRL) copied into .peers/ (git-ignored) so a device run can
-# carry them to a GPU machine that has no network: bench/gpu_check.sh puts .peers on PYTHONPATH.
+# The pure-Python peers (Liger-Kernel, TRL) copied into .peers/ (git-ignored), with their
+# .dist-info (the bench JSON records their versions), so a device run can carry them to a GPU
+# machine that has no network: bench/gpu_check.sh puts .peers on PYTHONPATH.
 # TRL's GKD trainer module imports `datasets`, which the GPU image lacks (with `dill`; it has the
 # rest of what datasets needs: pyarrow, pandas, multiprocess, xxhash, fsspec).
-PEER_DIRS := liger_kernel trl datasets dill
+PEER_DISTS := liger-kernel trl datasets dill
 peers-dir: $(VENV)/.deps
-	rm -rf .peers && mkdir -p .peers
-	for m in $(PEER_DIRS); do \
-	  cp -r "$$($(PYTHON) -c "import $$m, os; print(os.path.dirname($$m.__file__))")" .peers/ || exit 1; \
-	done
-	find .peers -name __pycache__ -prune -exec rm -rf {} +
+	rm -rf .peers
+	$(PYTHON) -m bench.peers_dir .peers $(PEER_DISTS)
 
 # The GPU machine's own Python on this machine (bench/prebuilt.py): Python 3.12, torch 2.11.0+cu130
 # (with its Triton 3.6) and the image's transformers, so `make test-twin` runs the suite on the
