@@ -8,15 +8,17 @@
 #                                      time hold one full call and a short second one on the
 #                                      still-warm machine: `bench/gpu_check.sh build trainer`)
 #
-# The phase limits add up to the deadline, so every phase gets its turn: the test phases run on
+# The phase limits are sized so that every phase gets its turn before the deadline when the
+# extension comes prebuilt (the bench takes what the tests leave, less the sanitizer's 150 s;
+# building from source, ~1.5 min, comes out of the bench's share). The test phases run on
 # 8 pytest workers where pytest-xdist is installed (the GPU image has it: Triton's compilations
 # are CPU work, and the machine has 16 cores), and the build takes seconds when the dev machine
 # built it ahead (`make device-prebuilt`, then carry .prebuilt: bench/prebuilt.py refuses a build
 # from other sources). A phase that fails is reported and the next one still runs; a phase that
 # the deadline leaves no time for is reported as skipped; the summary is printed last (the device
 # tool returns the end of the output). Bench JSON lands in $OUT/results, written after every row
-# (so a cut run keeps its rows): copy it into bench/results/ and run `python -m bench.readme_table`
-# on the dev machine. Without .git on the GPU machine, set DISTILL_OPS_COMMIT=<sha> so the JSON
+# (so a cut run keeps its rows), and the logs in $OUT/logs.tar.gz: copy the JSON into bench/results/
+# and run `python -m bench.readme_table` on the dev machine. Without .git on the GPU machine, set DISTILL_OPS_COMMIT=<sha> so the JSON
 # names the commit measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +68,7 @@ for p in "${phases[@]}"; do
     bench)  # the bench's own budget stops it (rows kept) before the phase's limit would
       b=$(($(left) - 160))   # leaves the sanitizer its 150 s
       [ "$b" -gt 200 ] && b=200
+      [ "$b" -lt 0 ] && b=0     # the key rows still run (they are never skipped), cut by the limit
       run_phase bench $((b + 30)) "$PY" -m bench all --device cuda --quick --no-progress \
         --budget-s "$b" --out "$OUT/results/" ;;
     sanitize)
@@ -84,3 +87,7 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2>&1
 echo "== $(cat "$OUT/gpu.txt") | commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 for line in "${summary[@]}"; do echo "$line"; done
+# The device tool brings back at most 8 files from $OUT: the logs travel as one archive, so the
+# results JSON always comes back (logs.tar.gz, gpu.txt, results/*.json).
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar -czf logs.tar.gz ./*.log && rm -f ./*.log)
+echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
