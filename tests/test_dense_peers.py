@@ -143,14 +143,9 @@ def _real_trl():
     from distill_ops.integrations import trl as dtrl
 
     dtrl.unpatch_gkd_trainer()
-    classes = dtrl._gkd_classes()
+    errors: list = []
+    classes = dtrl._gkd_classes(errors)
     if not classes:
-        errors = []
-        for name in dtrl.GKD_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception as exc:  # noqa: BLE001 - say why, e.g. a dependency trl lacks
-                errors.append(f"{name}: {exc!r}")
         pytest.fail("trl is installed but no GKDTrainer was found (update GKD_MODULES, or "
                     f"install what trl's module needs): {'; '.join(errors) or 'no such class'}")
     return classes[0].generalized_jsd_loss

@@ -135,6 +135,14 @@ def fake_trl(monkeypatch):
     dtrl.unpatch_gkd_trainer()
 
 
+def test_patch_gkd_trainer_says_why_none_imports(fake_trl, monkeypatch):
+    """trl present but no GKDTrainer importable (a moved module, a dependency trl lacks): the
+    error names each module tried and why it failed."""
+    monkeypatch.setattr(dtrl, "GKD_MODULES", ("trl.no_such_gkd",))
+    with pytest.raises(ImportError, match=r"trl\.no_such_gkd: ModuleNotFoundError\(.*no_such_gkd"):
+        dtrl.patch_gkd_trainer()
+
+
 def test_patch_gkd_trainer(fake_trl):
     GKDTrainer, Subclass, original = fake_trl
     assert dtrl.patch_gkd_trainer() == [GKDTrainer]

@@ -74,12 +74,16 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     return kd_loss(student_logits, teacher_logits, reduction="none", **common)
 
 
-def _gkd_classes() -> list:
+def _gkd_classes(errors: Optional[list] = None) -> list:
+    """The GKDTrainer classes of GKD_MODULES that import; each module that does not is skipped,
+    and its error appended to ``errors`` (when given) as "module: error"."""
     classes = []
     for name in GKD_MODULES:
         try:
             module = importlib.import_module(name)
-        except Exception:  # missing, or an optional dependency of trl is
+        except Exception as exc:  # missing, or an optional dependency of trl is
+            if errors is not None:
+                errors.append(f"{name}: {exc!r}")
             continue
         cls = getattr(module, "GKDTrainer", None)
         if isinstance(cls, type) and cls not in classes:
@@ -98,10 +102,11 @@ def patch_gkd_trainer() -> list:
     if importlib.util.find_spec("trl") is None:
         raise ImportError("trl is not installed: pip install trl (patch_gkd_trainer patches its "
                           "GKDTrainer)")
-    classes = _gkd_classes()
+    errors: list = []
+    classes = _gkd_classes(errors)
     if not classes:
         raise ImportError("trl is installed but no GKDTrainer could be imported from "
-                          f"{', '.join(GKD_MODULES)}")
+                          f"{', '.join(GKD_MODULES)}: {'; '.join(errors) or 'no such class'}")
     for cls in classes:
         if cls not in _ORIGINALS:
             _ORIGINALS[cls] = cls.__dict__.get("generalized_jsd_loss")
