@@ -18,7 +18,7 @@ EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sp
              tests/test_topk.py tests/test_fused_linear.py tests/test_cuda_emu.py
 
 .PHONY: setup build demo test test-emu test-gpu check-spills bench bench-cpu peers-dir \
-        device-twin device-prebuilt test-twin clean
+        device-twin device-py device-prebuilt test-twin clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,10 @@ $(DEVICE_VENV)/.deps:
 	touch $@
 
 device-twin: $(DEVICE_VENV)/.deps
+
+# the twin's Python, for .ci/run to ask whether it exists here
+device-py:
+	@echo $(DEVICE_PY)
 
 .prebuilt/stamp.json: $(DEVICE_VENV)/.deps $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(DEVICE_VENV)/bin/python -m bench.prebuilt build

@@ -17,12 +17,8 @@ def copy_distribution(name: str, dest: Path) -> list[str]:
     """Copy distribution ``name``'s top-level packages and its .dist-info into ``dest``."""
     dist = metadata.distribution(name)
     root = Path(dist.locate_file(""))
-    tops = set()
-    for f in dist.files or ():
-        first = Path(f).parts[0]
-        if first != ".." and not first.endswith((".dist-info", ".data")) and first != "__pycache__":
-            tops.add(first)
-    tops.add(Path(dist._path).name)  # the .dist-info folder itself  # noqa: SLF001
+    # RECORD lists every installed file, the .dist-info's own among them; ".." is bin/ (scripts)
+    tops = {Path(f).parts[0] for f in dist.files or ()} - {"..", "__pycache__"}
     for top in sorted(tops):
         src = root / top
         if src.is_dir():
