@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     sub.add_parser("digest", help="print the sources' digest")
     args = p.parse_args(argv)
     if args.cmd == "build":
+        if not all(a.strip().isdigit() for a in args.archs.replace(",", ";").split(";")):
+            p.error(f"--archs: {args.archs!r} is not a list of compute capabilities such as 90 or 80;90")
+        if args.jobs < 1:
+            p.error(f"--jobs: {args.jobs} must be at least 1")
         return build(args.archs, args.jobs)
     if args.cmd == "install":
         return install()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+import pytest
+
 from bench import peers_dir
 
 
@@ -21,3 +23,8 @@ def test_copied_distribution_imports_with_its_version(tmp_path):
                           f"import sys; sys.path.insert(0, {str(tmp_path)!r}); {code}"],
                          capture_output=True, text=True, check=True)
     assert run.stdout.strip().startswith(str(tmp_path))
+
+
+def test_unknown_distribution_is_named(tmp_path):
+    with pytest.raises(metadata.PackageNotFoundError, match="no-such-peer-dist"):
+        peers_dir.main([str(tmp_path), "no-such-peer-dist"])

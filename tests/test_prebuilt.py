@@ -71,3 +71,12 @@ def test_install_without_a_build_says_so(tree, capsys):
     shutil.rmtree(path / ".prebuilt")
     assert prebuilt.install() == 1
     assert "no stamp.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,named", [(["build", "--archs", "sm_90"], "--archs"),
+                                        (["build", "--archs", "90;"], "--archs"),
+                                        (["build", "--jobs", "0"], "--jobs")])
+def test_build_refuses_bad_arguments_before_building(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        prebuilt.main(argv)
+    assert exc.value.code == 2 and named in capsys.readouterr().err
