@@ -216,6 +216,42 @@ def test_cached_targets_are_sparse_kd_loss(tmp_path, fused):
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_cached_targets_of_ragged_sequences_accumulate_over_the_whole_batch(tmp_path, fused):
+    """A cache written from right-padded batches holds sequences of different lengths. The
+    default collator pads them (target ids with -1), and the batches get their labels before
+    Trainer counts num_items_in_batch: 2 x 2 accumulation makes the update one batch of 4 makes,
+    although the two micro-batches hold 5 and 17 labelled tokens (with a per-micro-batch mean,
+    the updates differed by more than 100%)."""
+    from distill_ops.targets.cache import TargetCache, write_teacher_cache
+
+    ids = ListDataset().ids[:4]
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([3, 4, 12, 7]):
+        mask[row, length:] = 0
+    write_teacher_cache(llama(V, 48, 1, heads=2, seed=1), [(ids, mask)], tmp_path / "cache", k=8,
+                        dtype="float32", progress=False)
+    cache = TargetCache(tmp_path / "cache")
+    assert [len(cache[i]["input_ids"]) for i in range(4)] == [3, 4, 12, 7]
+    lr = 10.0
+
+    def update(bs, ga):
+        student = llama(V, 32, 1, heads=2, seed=0)
+        before = [p.detach().clone() for p in student.parameters()]
+        DistillationTrainer(
+            model=student, teacher_model=None, fused_linear=fused,
+            kd_kwargs=dict(tail="tail", hard_weight=0.5),
+            args=args(tmp_path / f"run{bs}", per_device_train_batch_size=bs,
+                      gradient_accumulation_steps=ga, max_steps=1, learning_rate=lr, optim="sgd",
+                      max_grad_norm=0.0, lr_scheduler_type="constant", weight_decay=0.0,
+                      train_sampling_strategy="sequential"),
+            train_dataset=cache).train()
+        return [(b - p.detach()) / lr for b, p in zip(before, student.parameters())]
+
+    for a, b in zip(update(4, 1), update(2, 2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_cache_of_a_larger_vocabulary_is_refused_up_front(tmp_path):
     """A cache whose ids reach past the student's logits is an error when the trainer is built,
     not at the first batch that holds such an id; a cache of the student's size is fine."""

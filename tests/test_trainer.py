@@ -601,6 +601,37 @@ def test_cache_fixes_the_data(tmp_path):
     assert train(cfg(tmp_path, **kw), student=tiny()).step == 1   # seq_len left at its default
 
 
+@needs_sparse
+def test_cache_of_ragged_sequences_trains_and_accumulates_exactly(tmp_path):
+    """A cache written from right-padded batches keeps each sequence's own length, so a
+    micro-batch mixes lengths: collate pads the target ids with -1 (a 0 repeated id 0, which
+    sparse_kd_loss refuses), and 2 x 2 accumulation equals one batch of 4 although the
+    micro-batches hold different numbers of tokens."""
+    from distill_ops.targets.cache import write_teacher_cache
+
+    data = blocks(n=8, t=12)
+    mask = torch.ones_like(data)
+    for row, length in enumerate([3, 12, 12, 5, 7, 12, 2, 9]):
+        mask[row, length:] = 0
+    write_teacher_cache(tiny(48, seed=1), [(data[i:i + 4], mask[i:i + 4]) for i in (0, 4)],
+                        tmp_path / "cache", k=8, progress=False)
+    kw = dict(targets="cache", cache=str(tmp_path / "cache"), max_steps=2, eval_fraction=0.0,
+              hard_weight=0.5)
+    one = train(cfg(tmp_path / "a", micro_batch_size=4, grad_accum_steps=1, **kw), student=tiny())
+    acc = train(cfg(tmp_path / "b", micro_batch_size=2, grad_accum_steps=2, **kw), student=tiny())
+    assert_same_weights(weights(one.model), weights(acc.model), exact=False)
+
+
+def test_collate_pads_cached_target_ids_with_minus_one():
+    items = [{"input_ids": torch.tensor([1, 2]), "ids": torch.tensor([[3, 4], [5, 6]]),
+              "logprobs": torch.zeros(2, 2)},
+             {"input_ids": torch.tensor([7]), "ids": torch.tensor([[8, 9]]),
+              "logprobs": torch.zeros(1, 2)}]
+    out = collate(items)
+    assert out["ids"].tolist() == [[[3, 4], [5, 6]], [[8, 9], [-1, -1]]]
+    assert out["logprobs"].shape == (2, 2, 2) and out["input_ids"].tolist() == [[1, 2], [7, 0]]
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

@@ -27,7 +27,9 @@ Without a teacher (``teacher_model=None``) the targets come with the batch, as
 optionally ``tail_logmass`` per position, the teacher's targets for the token after it; the loss is
 ``sparse_kd_loss`` (``fused_linear_sparse_kd_loss`` with ``fused_linear``) and ``kd_kwargs`` are
 its keywords. Cache items carry no ``labels``: then the labels are the ``input_ids`` (-100 where
-``attention_mask`` is 0).
+``attention_mask`` is 0), added to each batch before Trainer counts the accumulated batch's tokens.
+A cache written from padded batches holds sequences of different lengths; the default collator
+here is then ``distill_ops.trainer.data.collate`` (right padding, target ids padded with -1).
 
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
 accumulated batch when the Trainer provides it (``num_items_in_batch``), as transformers' own
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from ..functional import kd_loss
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import sparse_kd_loss
+from ..trainer.data import collate
 
 IGNORE_INDEX = -100
 # The batch keys of cached targets (TargetCache's item keys).
@@ -55,6 +58,22 @@ TARGET_KEYS = ("ids", "logprobs", "tail_logmass")
 _PER_CALL = {"student_logits", "teacher_logits", "student_hidden", "student_weight",
              "teacher_hidden", "teacher_weight", "student_bias", "teacher_bias", "target_ids",
              "target_logprobs", "tail_logmass", "labels", "reduction", "ignore_index"}
+
+
+def _own_labels(batch: Mapping) -> torch.Tensor:
+    """The labels of a batch of cached targets, which has none: its input_ids, -100 on padding."""
+    labels = batch["input_ids"].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = IGNORE_INDEX
+    return labels
+
+
+def _with_own_labels(batch: Any) -> Any:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch or \
+            "labels" in batch or "shift_labels" in batch:
+        return batch
+    return {**batch, "labels": _own_labels(batch)}
 
 
 def _keywords(fn) -> set:
@@ -98,6 +117,9 @@ class DistillationTrainer(Trainer):
         if bad:
             raise TypeError(f"kd_kwargs has keys {fn} does not take here: {bad} "
                             f"(allowed: {sorted(allowed)})")
+        if teacher_model is None and len(args) < 3 and kwargs.get("data_collator") is None:
+            # Trainer's default stacks the items, which a cache of ragged sequences cannot do
+            kwargs["data_collator"] = collate
         super().__init__(*args, **kwargs)
         self._check_cached_vocab()
         self.kd_kwargs = kd_kwargs
@@ -198,6 +220,15 @@ class DistillationTrainer(Trainer):
         out = model(**inputs, use_cache=False)
         return out, sparse_kd_loss(out.logits, targets["ids"], targets["logprobs"], **kw)
 
+    def get_batch_samples(self, epoch_iterator: Any, *args: Any, **kwargs: Any) -> tuple:
+        """Trainer's hook; a batch of cached targets gets its labels here (_own_labels), because
+        Trainer counts ``num_items_in_batch`` from a batch's "labels" alone: without them,
+        gradient accumulation would average each micro-batch on its own, and micro-batches of
+        different token counts would weigh their tokens differently than one big batch."""
+        if self.teacher_model is None:
+            epoch_iterator = map(_with_own_labels, epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, *args, **kwargs)
+
     def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
                      return_outputs: bool = False,
                      num_items_in_batch: Optional[Union[int, torch.Tensor]] = None
@@ -209,11 +240,9 @@ class DistillationTrainer(Trainer):
         labels = inputs.pop("labels", None)
         shift = inputs.pop("shift_labels", None)
         if labels is None and shift is None and self.teacher_model is None:
-            # Cache items carry no labels: the next tokens are the input's own.
-            labels = inputs["input_ids"].clone()
-            mask = inputs.get("attention_mask")
-            if mask is not None:
-                labels[mask == 0] = IGNORE_INDEX
+            # Cache items carry no labels: the next tokens are the input's own (training batches
+            # have them from get_batch_samples already; evaluation's come here).
+            labels = _own_labels(inputs)
         if labels is None and shift is None:
             raise ValueError("DistillationTrainer needs 'labels' (or 'shift_labels') in the batch: "
                              "use a causal-LM collator, e.g. DataCollatorForLanguageModeling(tok, "

@@ -225,16 +225,24 @@ def as_dataset(data):
     return data
 
 
+# The right-padding value of a key, 0 for any other. Cached target ids pad with -1, the padding
+# id sparse_kd_loss skips: a 0 would repeat id 0 in a padded position's row, which it refuses.
+PAD_VALUES = {"ids": -1}
+
+
 def collate(items: Sequence[dict]) -> dict:
     """Stack per-sequence dicts into a batch; a sequence shorter than the longest is right-padded
-    (input_ids with 0 and attention_mask 0, targets with zeros) so its padding predicts nothing."""
+    (input_ids with 0 and attention_mask 0, target ids with -1, other targets with zeros) so its
+    padding predicts nothing."""
     longest = max(int(item["input_ids"].shape[0]) for item in items)
     out: dict = {}
     padded = any(int(item["input_ids"].shape[0]) != longest for item in items)
     for key in items[0]:
         tensors = [torch.as_tensor(item[key]) for item in items]
         if padded:
-            tensors = [torch.nn.functional.pad(t, _pad_spec(t, longest)) for t in tensors]
+            fill = PAD_VALUES.get(key, 0)
+            tensors = [torch.nn.functional.pad(t, _pad_spec(t, longest), value=fill)
+                       for t in tensors]
         out[key] = torch.stack(tensors)
     if padded or "attention_mask" in items[0]:
         mask = torch.zeros(len(items), longest, dtype=torch.long)
