@@ -16,11 +16,12 @@ TORCH_LIBRARY(distill_ops_native, m) {
       "float soft_coef, float hard_coef, int ignore_index) -> Tensor");
   // Sparse targets (reference: backends/reference_sparse.py). ids int32 (N, k); logprobs, tail and
   // grad_scale float32 (float64 when logprobs is float64, which makes the loss float64 too).
+  // target_bits (tail mode only): reference_sparse.target_bits(ids, V), int32 (N, ceil(V / 32)).
   m.def(
       "sparse_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? tail, Tensor? labels, "
       "Tensor(a!)? grad, Tensor? grad_scale, int divergence, float mix, int mode, "
       "float temperature, float target_scale, float soft_coef, float hard_coef, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index, Tensor? target_bits=None) -> Tensor");
   m.def("teacher_topk(Tensor teacher, int k, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "teacher_sample(Tensor teacher, int num_samples, float inv_prop, float delta, "

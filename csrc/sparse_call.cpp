@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 
+#include "distill_ops/sparse_math.h"
 #include "sparse_op.h"
 #include "tensor_checks.h"
 
@@ -30,6 +31,7 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
                                const std::optional<at::Tensor>& grad_scale, int64_t divergence,
                                double mix, int64_t mode, double temperature, double target_scale,
                                double soft_coef, double hard_coef, int64_t ignore_index,
+                               const std::optional<at::Tensor>& target_bits,
                                c10::DeviceType device_type) {
   const char* op = "distill_ops_native::sparse_forward: ";
   check_logits(op, "student", student, device_type);
@@ -95,6 +97,16 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
     TORCH_CHECK(gs.device() == student.device(), op, "grad_scale is on ", gs.device(),
                 " but student is on ", student.device());
     a.grad_scale = gs.data_ptr();
+  }
+  if (mode == kModeTail) {
+    TORCH_CHECK(target_bits.has_value(), op,
+                "target_bits is required in tail mode (mode 2): reference_sparse.target_bits(ids, V)");
+    const at::Tensor& b = *target_bits;
+    TORCH_CHECK(b.scalar_type() == at::kInt, op, "target_bits must be int32, got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == n && b.size(1) == (v + 31) / 32, op,
+                "target_bits must have shape (", n, ", ", (v + 31) / 32, "), got ", b.sizes());
+    check_rows(op, "target_bits", b, student);
+    a.target_bits = reinterpret_cast<const uint32_t*>(b.data_ptr<int32_t>());
   }
   call.loss = at::empty({n}, student.options().dtype(fp64 ? at::kDouble : at::kFloat));
   a.loss = call.loss.data_ptr();

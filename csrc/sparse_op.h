@@ -26,6 +26,7 @@ SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& ids,
                                const std::optional<at::Tensor>& grad_scale, int64_t divergence,
                                double mix, int64_t mode, double temperature, double target_scale,
                                double soft_coef, double hard_coef, int64_t ignore_index,
+                               const std::optional<at::Tensor>& target_bits,
                                c10::DeviceType device_type);
 
 // A validated teacher_topk / teacher_sample call and its three outputs (ids, logprobs, tail).

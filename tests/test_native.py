@@ -233,6 +233,28 @@ def test_bad_grad_outputs_are_refused_by_both_ops(device):
             s, ids, lp, None, None, shifted, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.0, -100)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_tail_mode_needs_the_target_bits(device):
+    """Tail mode sums the student's mass outside the targets column by column, so the op takes
+    their bit set (reference_sparse.target_bits) and refuses a call without it or of the wrong
+    shape or dtype, naming target_bits, before any kernel runs."""
+    from distill_ops.backends.reference_sparse import target_bits
+
+    s, _ = logits(3, 40, seed=0, device=device)
+    ids = torch.tensor([[0, 33], [2, -1], [31, 32]], dtype=torch.int32, device=device)
+    lp = torch.log(torch.full((3, 2), 0.25, device=device))
+    call = lambda bits: torch.ops.distill_ops_native.sparse_forward(  # noqa: E731
+        s, ids, lp, None, None, None, None, 0, 0.5, 2, 1.0, 1.0, 1.0, 0.0, -100, bits)
+    bits = target_bits(ids, 40)
+    assert bits.tolist() == [[1, 2], [4, 0], [-(1 << 31), 1]]
+    for bad, match in ((None, "target_bits is required in tail mode"),
+                       (bits[:, :1].contiguous(), r"target_bits must have shape \(3, 2\)"),
+                       (bits.long(), "target_bits must be int32")):
+        with pytest.raises(RuntimeError, match=match):
+            call(bad)
+    assert torch.isfinite(call(bits)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # against the oracle
 

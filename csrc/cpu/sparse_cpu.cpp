@@ -1,7 +1,10 @@
 // CPU kernel of sparse_forward (backends/reference_sparse.py is the contract): rows in parallel,
 // each row in two streaming passes over the student logits, as the Triton kernel does:
 //
-//   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1);
+//   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1; and,
+//           in tail mode, the sum outside K: the chunk's kept exponentials at columns whose
+//           target bit is clear, so a student sure of K still gets its tail mass, where
+//           1 - Q_K would round to 0);
 //   slots   gather the k student logits at the target ids and run the row algebra of
 //           csrc/include/distill_ops/sparse_math.h (in double): loss, C, the per-slot gradients and
 //           the coefficient of the dense part outside the support;
@@ -50,6 +53,27 @@ struct SparseBuffers {
 
 // Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
 // are stored there. Returns their shift (kept_shift).
+// sum of e[0, n) over the columns c0 + i that are not targets (bit clear in the row's bit set; c0
+// is a multiple of 32), in double.
+template <typename T>
+DOPS_INLINE double sum_outside(const T* __restrict__ e, const uint32_t* __restrict__ bits,
+                               int64_t c0, int64_t n) {
+  double z = 0.0;
+  for (int64_t w0 = 0; w0 < n; w0 += 32) {
+    const uint32_t word = bits[(c0 + w0) >> 5];
+    const int64_t m = n - w0 < 32 ? n - w0 : 32;
+    if (word == 0) {
+      DOPS_SIMD_SUM(z)
+      for (int64_t i = 0; i < m; ++i) z += static_cast<double>(e[w0 + i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        if (!((word >> i) & 1u)) z += static_cast<double>(e[w0 + i]);
+      }
+    }
+  }
+  return z;
+}
+
 template <typename T>
 DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n,
                         T* __restrict__ keep = nullptr) {
@@ -110,11 +134,19 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   // ---- pass 1: normalizers ----
   SoftmaxState<double> sa = SoftmaxState<double>::empty();
   SoftmaxState<double> s1 = SoftmaxState<double>::empty();
+  const uint32_t* bits = A.mode == kModeTail ? A.target_bits + row * ((V + 31) / 32) : nullptr;
+  sparse::LseAcc outside;  // tail mode: logsumexp of a over the columns outside K
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
     const T* x = chunk_as(s_row + c0, n, B.x);
-    T* keep = g_row != nullptr ? B.ea.data() + c0 : nullptr;
-    B.shift[c0 / kChunk] = fold(sa, x, inv_tau, n, keep);
+    // (without a gradient the tail mode keeps the chunk's exponentials in the g scratch)
+    T* keep = g_row != nullptr ? B.ea.data() + c0 : bits != nullptr ? B.g : nullptr;
+    const double shift = fold(sa, x, inv_tau, n, keep);
+    B.shift[c0 / kChunk] = shift;
+    if (bits != nullptr && shift > -INFINITY) {
+      const double z = sum_outside(keep, bits, c0, n);
+      if (z != 0.0) outside.add(shift + std::log(z));  // (NaN poisons it)
+    }
     if (ce_own) fold(s1, x, T(1), n);
   }
   const double lse_a = sa.lse();
@@ -153,7 +185,7 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     c_sum += B.qg[i];
   }
   const sparse::RowFinish fin =
-      sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, lse_k, tn.lp_tail, w, live);
+      sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, outside.lse(), tn.lp_tail, w, live);
   double loss = A.soft_coef * fin.soft;
   if (hard) loss += A.hard_coef * (lse_1 - static_cast<double>(C::load(s_row[label])));
   store_loss(loss);
@@ -241,10 +273,12 @@ at::Tensor sparse_forward_cpu(const at::Tensor& student, const at::Tensor& ids,
                               const std::optional<at::Tensor>& grad,
                               const std::optional<at::Tensor>& grad_scale, int64_t divergence,
                               double mix, int64_t mode, double temperature, double target_scale,
-                              double soft_coef, double hard_coef, int64_t ignore_index) {
+                              double soft_coef, double hard_coef, int64_t ignore_index,
+                              const std::optional<at::Tensor>& target_bits) {
   SparseCall call = prepare_sparse_call(student, ids, logprobs, tail, labels, grad, grad_scale,
                                         divergence, mix, mode, temperature, target_scale,
-                                        soft_coef, hard_coef, ignore_index, c10::DeviceType::CPU);
+                                        soft_coef, hard_coef, ignore_index, target_bits,
+                                        c10::DeviceType::CPU);
   const SparseArgs& A = call.args;
   if (A.n == 0) return call.loss;
   // The kernel indexes the row with the ids and labels: check them first (cheap: N x k).

@@ -1,8 +1,10 @@
 // CUDA kernel of sparse_forward (backends/reference_sparse.py is the contract; the CPU kernel,
 // csrc/cpu/sparse_cpu.cpp, does the same steps). One block per row (grid-stride over rows):
 //
-//   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1),
-//           16-byte loads, merged across the block (the dense kernels' helpers);
+//   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1; in
+//           tail mode, of a over the columns outside K, whose target bit is clear: the student's
+//           tail mass summed there, never 1 - Q_K), 16-byte loads, merged across the block (the
+//           dense kernels' helpers);
 //   slots   the threads share the k target slots: teacher and student log-normalizers over the
 //           slots (block-merged), then the loss terms and C = sum qg (block sums), then the row
 //           algebra of csrc/include/distill_ops/sparse_math.h, all in double;
@@ -75,9 +77,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const bool label_ok = label >= 0 && label < V;
 
-    // ---- pass 1: normalizers ----
+    // ---- pass 1: normalizers (st.b: outside K, tail mode only) ----
     RowStates<T> st = RowStates<T>::empty();
     Acc unused = 0;
+    const uint32_t* bits =
+        A.mode == kModeTail ? A.target_bits + row * ((V + 31) / 32) : nullptr;
     stream_slice<scalar_t>(0, V, vec, [&](auto kc, int64_t j0) {
       constexpr int KV = decltype(kc)::value;
       T x[KV], a[KV];
@@ -86,6 +90,15 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int i = 0; i < KV; ++i) a[i] = x[i] * inv_tau;
       fold<KV, false>(st.a, unused, a, a);
       if (ce_own) fold<KV, false>(st.one, unused, x, x);
+      if (bits != nullptr) {
+        T o[KV];
+#pragma unroll
+        for (int i = 0; i < KV; ++i) {
+          const int64_t j = j0 + i;
+          o[i] = (bits[j >> 5] >> (j & 31)) & 1u ? math::neg_inf<T>() : a[i];
+        }
+        fold<KV, false>(st.b, unused, o, o);
+      }
     });
     st = block_merge(st, sh, false);
     const double lse_a = st.a.lse();
@@ -140,7 +153,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     block_sum2(soft, c_sum, sh);
     const sparse::RowFinish fin =
-        sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, lse_k, tn.lp_tail, w, live);
+        sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, st.b.lse(), tn.lp_tail, w, live);
     if (threadIdx.x == 0) {
       double loss = A.soft_coef * fin.soft;
       if (hard) {
@@ -242,11 +255,13 @@ at::Tensor sparse_forward_cuda(const at::Tensor& student, const at::Tensor& ids,
                                const std::optional<at::Tensor>& grad,
                                const std::optional<at::Tensor>& grad_scale, int64_t divergence,
                                double mix, int64_t mode, double temperature, double target_scale,
-                               double soft_coef, double hard_coef, int64_t ignore_index) {
+                               double soft_coef, double hard_coef, int64_t ignore_index,
+                               const std::optional<at::Tensor>& target_bits) {
   c10::cuda::CUDAGuard guard(student.device());
   SparseCall call = prepare_sparse_call(student, ids, logprobs, tail, labels, grad, grad_scale,
                                         divergence, mix, mode, temperature, target_scale,
-                                        soft_coef, hard_coef, ignore_index, c10::DeviceType::CUDA);
+                                        soft_coef, hard_coef, ignore_index, target_bits,
+                                        c10::DeviceType::CUDA);
   if (call.args.n == 0) return call.loss;
   at::Tensor slot_grad;
   if (call.args.grad != nullptr) {

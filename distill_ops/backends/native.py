@@ -11,6 +11,9 @@ from typing import Optional
 
 import torch
 
+from . import reference_sparse
+from .reference_sparse import MODE_TAIL
+
 _LOAD_ERROR: Optional[str] = None
 try:  # the extension registers its operators under torch.ops.distill_ops_native on import
     from distill_ops import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -78,7 +81,7 @@ if _C is not None:
     @torch.library.register_fake("distill_ops_native::sparse_forward")
     def _sparse_forward_fake(student, ids, logprobs, tail, labels, grad, grad_scale, divergence,
                              mix, mode, temperature, target_scale, soft_coef, hard_coef,
-                             ignore_index):
+                             ignore_index, target_bits=None):
         dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
         return student.new_empty((student.shape[0],), dtype=dtype)
 
@@ -109,11 +112,12 @@ def sparse_forward(student, ids, logprobs, tail_logmass, labels, *, divergence, 
     lp = logprobs.to(wide).contiguous()
     tail = None if tail_logmass is None else tail_logmass.to(wide).contiguous()
     scale = None if grad_scale is None else grad_scale.to(wide)
+    bits = reference_sparse.target_bits(ids, student.shape[1]) if mode == MODE_TAIL else None
     return OPS.sparse_forward(
         student, ids.to(torch.int32).contiguous(), lp, tail,
         None if labels is None else labels.contiguous(), grad, scale, int(divergence), float(mix),
         int(mode), float(temperature), float(target_scale), float(soft_coef), float(hard_coef),
-        int(ignore_index))
+        int(ignore_index), bits)
 
 
 def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):

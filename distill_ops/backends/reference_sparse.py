@@ -18,8 +18,11 @@ and teacher log-weights w; temperature tau; a = s / tau, lse_a = logsumexp(a)):
                 grad_j = 0 outside K.
   MODE_TAIL     (tail="tail", any divergence): buckets = K + one tail bucket; teacher (P_i, T)
                 with P_i = exp(w_i), T = exp(tail_logmass) or max(0, 1 - sum P), normalised to sum
-                1 (a no-op for consistent inputs); student (q_i, 1 - Q_K), Q_K = sum_K q_i.
-                The tail bucket is a softmax over the complement of K, so
+                1 (a no-op for consistent inputs); student (q_i, 1 - Q_K), Q_K = sum_K q_i,
+                with 1 - Q_K = exp(lse_out - lse_a), lse_out the logsumexp of a over the columns
+                outside K, summed there (never 1 - Q_K by subtraction: a student sure of K leaves
+                less outside than the rounding of Q_K, and the subtraction gave 0 and an infinite
+                loss). The tail bucket is a softmax over the complement of K, so
                 grad_j (j not in K) = dD/d(tail logit) * q_j / (1 - Q_K).
 
   For any divergence over buckets with student bucket log-probs lq_b, teacher lp_b:
@@ -53,6 +56,22 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurately on both sides of -log 2."""
     x = x.clamp(max=0.0)
     return torch.where(x > -LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def target_bits(ids: torch.Tensor, v: int) -> torch.Tensor:
+    """The target ids of each row as a bit set, int32 (N, ceil(V / 32)): bit j % 32 of word j // 32
+    is set when j is a valid (>= 0) id of the row. The GPU kernels of MODE_TAIL test a column's bit
+    to leave the targets out of the sum outside K (ids are unique in a row, so adding the bits of a
+    word is or-ing them)."""
+    n = ids.shape[0]
+    bits = torch.zeros(n, (v + 31) // 32, dtype=torch.int32, device=ids.device)
+    valid = ids >= 0
+    ids = torch.where(valid, ids, torch.zeros_like(ids)).to(torch.int64)
+    one_bit = _BIT_OF.to(ids.device)[ids & 31]  # int32; bit 31 is -2^31
+    return bits.scatter_add_(1, ids >> 5, torch.where(valid, one_bit, torch.zeros_like(one_bit)))
+
+
+_BIT_OF = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
 
 
 def _plogratio(w: torch.Tensor, lw: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -121,7 +140,14 @@ def _sparse_chunk(s, ids, lw, tail, labels, *, divergence, mix, mode, temperatur
     soft = term.sum(-1)
     big_c = qg.sum(-1)
     if mode == MODE_TAIL:
-        lq_tail = log1mexp(lse_k - lse_a)
+        rows = torch.arange(s.shape[0], device=s.device).unsqueeze(-1).expand_as(ids)
+        outside = a.clone()
+        outside[rows[valid], ids[valid]] = -torch.inf
+        # in float64, as the kernels' row algebra: the difference of two logsumexps of the size of
+        # a would lose that many ulps of the compute dtype
+        wide_out = torch.logsumexp(outside.to(torch.float64), -1)
+        lq_tail = (wide_out - torch.logsumexp(a.to(torch.float64), -1)).to(a.dtype)
+        lse_out = wide_out.to(a.dtype)
         t_term, t_qg, t_q = bucket_terms(lq_tail, lp_tail, divergence, mix)
         soft = soft + t_term
         big_c = big_c + t_qg
@@ -142,7 +168,7 @@ def _sparse_chunk(s, ids, lw, tail, labels, *, divergence, mix, mode, temperatur
     if mode == MODE_FULL:
         c_out, lse_out = -big_c, lse_a
     elif mode == MODE_TAIL:
-        c_out, lse_out = t_qg - t_q * big_c, lse_a + lq_tail
+        c_out = t_qg - t_q * big_c
     else:
         c_out, lse_out = torch.zeros_like(big_c), lse_a
     c_out = torch.where(live, c_out, torch.zeros_like(c_out))

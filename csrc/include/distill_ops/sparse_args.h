@@ -13,6 +13,10 @@ struct SparseArgs {
   const void* logprobs = nullptr;    // (n, k) contiguous, float (double when `fp64`)
   const void* tail = nullptr;        // (n,) contiguous, same dtype as logprobs, or null
   const int64_t* labels = nullptr;   // (n,) contiguous, or null
+  // kModeTail: the row's target ids as a bit set, (n, (v + 31) / 32) contiguous, bit j % 32 of
+  // word j / 32 (reference_sparse.target_bits), so the sum outside K leaves them out column by
+  // column; null in the other modes.
+  const uint32_t* target_bits = nullptr;
   void* grad = nullptr;              // (n, v) in the student's dtype, row stride stride_g, or null
   const void* grad_scale = nullptr;  // 0-dim float (double when `fp64`), or null for 1
   void* loss = nullptr;              // (n,) float (double when `fp64`)

@@ -8,7 +8,9 @@
 //   teacher   lp_i = w_i * target_scale - z  (z: teacher_norm), and lp_tail for MODE_TAIL;
 //   student   lq_i = a_i - lse_a (MODE_FULL, MODE_TAIL) or a_i - lse_K (MODE_SUPPORT);
 //   slots     (term_i, qg_i, q_i) = Terms<DIV>(lq_i, lp_i); soft = sum term, C = sum qg;
-//   finish    the tail bucket (MODE_TAIL) and the dense coefficient outside the support:
+//   finish    the tail bucket (MODE_TAIL: log(1 - Q_K) = lse_out - lse_a, lse_out the caller's
+//             logsumexp of a over the columns outside K, never 1 - Q_K by subtraction, which
+//             cancels to 0 when the student is sure of K) and the dense coefficient outside K:
 //             grad_j = soft_scale * c_out * exp(a_j - lse_out) for j not in K,
 //             grad_i = soft_scale * (qg_i - q_i * C) for i in K.
 // The algebra runs in double (k values per row: cheap); the caller streams the vocabulary.
@@ -101,19 +103,20 @@ struct RowFinish {
 
 // `live`: the row has a valid target and non-zero teacher mass (z > -inf); otherwise its soft loss
 // and soft gradient are 0.
+// `lse_tail` (MODE_TAIL only): the logsumexp of a over the columns outside K.
 template <int DIV>
 DOPS_HD DOPS_INLINE RowFinish finish_row(int mode, double soft_slots, double c_slots, double lse_a,
-                                         double lse_k, double lp_tail, const MixWeights<double>& w,
-                                         bool live) {
+                                         double lse_tail, double lp_tail,
+                                         const MixWeights<double>& w, bool live) {
   RowFinish r{soft_slots, c_slots, 0.0, lse_a};
   if (mode == kModeTail) {
-    const double lq_tail = log1mexp(lse_k - lse_a);
+    const double lq_tail = lse_tail - lse_a;
     double tq, tterm, tqg;
     Terms<DIV, double>::eval(lq_tail, lp_tail, w, tq, tterm, tqg);
     r.soft += tterm;
     r.c += tqg;
     r.c_out = tqg - tq * r.c;
-    r.lse_out = lse_a + lq_tail;
+    r.lse_out = lse_tail;
   } else if (mode == kModeFull) {
     r.c_out = -r.c;
   }

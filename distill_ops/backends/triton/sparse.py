@@ -3,7 +3,9 @@
 One program per row:
 
   pass 1  stream the student row once: online normalizer lse(s / tau) (and lse(s) for the hard-label
-          term when tau != 1);
+          term when tau != 1; in tail mode, lse(s / tau) over the columns outside the targets,
+          whose bit in reference_sparse.target_bits is clear: the student's tail mass is summed
+          there, never formed as 1 - Q_K, which cancels to 0 for a student sure of its targets);
   middle  gather the k student logits at the target ids and do the bucket algebra on the k (+1 tail)
           values held in registers: loss, C = sum qg, the per-target gradients u and the coefficient
           c_out of the dense part outside the support;
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
-from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
+from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
 
@@ -95,8 +97,8 @@ def _bucket_terms(lq, lp, mix, DIV: tl.constexpr):
 
 @triton.jit
 def _sparse_kd_kernel(
-    s_ptr, ids_ptr, lw_ptr, tail_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
-    V, K, stride_s, stride_i, stride_w, stride_g,
+    s_ptr, ids_ptr, lw_ptr, tail_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr, bits_ptr,
+    V, K, stride_s, stride_i, stride_w, stride_g, stride_b,
     inv_tau, mix, target_scale, soft_coef, hard_coef, ignore_index,
     DIV: tl.constexpr, MODE: tl.constexpr, HAS_TAIL: tl.constexpr, RETEMPER: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, NEED_GRAD: tl.constexpr,
@@ -121,6 +123,7 @@ def _sparse_kd_kernel(
         z_a = tl.zeros([], ACC)
         m_1 = tl.full([], neg_inf, ACC)
         z_1 = tl.zeros([], ACC)
+        z_o = tl.zeros([], ACC)  # tail mode: the sum outside the targets, relative to m_a
         for start in range(0, V, BLOCK):
             offs = start + base
             mask = offs < V
@@ -128,7 +131,12 @@ def _sparse_kd_kernel(
             a = s * inv_tau
             m_new = tl.maximum(m_a, tl.max(a, axis=0))
             m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-            z_a = z_a * tl.exp(m_a - m_safe) + tl.sum(tl.exp(a - m_safe), axis=0)
+            e = tl.exp(a - m_safe)
+            if MODE == 2:
+                word = tl.load(bits_ptr + row * stride_b + (offs >> 5), mask=mask, other=0)
+                target = ((word >> (offs & 31)) & 1) != 0
+                z_o = z_o * tl.exp(m_a - m_safe) + tl.sum(tl.where(target, 0.0, e), axis=0)
+            z_a = z_a * tl.exp(m_a - m_safe) + tl.sum(e, axis=0)
             m_a = m_new
             if HARD and CE_SEPARATE:
                 m1_new = tl.maximum(m_1, tl.max(s, axis=0))
@@ -177,7 +185,8 @@ def _sparse_kd_kernel(
         soft = tl.sum(term, axis=0)
         big_c = tl.sum(qg, axis=0)
         if MODE == 2:
-            lq_tail = _log1mexp(lse_k - lse_a)
+            lse_tail = m_a + tl.log(z_o)  # -inf when the targets cover the vocabulary
+            lq_tail = lse_tail - lse_a
             t_term, t_qg, t_q = _bucket_terms(lq_tail, lp_tail, mix, DIV)
             soft += t_term
             big_c += t_qg
@@ -199,7 +208,7 @@ def _sparse_kd_kernel(
                 c_out = -big_c
             elif MODE == 2:
                 c_out = t_qg - t_q * big_c
-                lse_out = lse_a + lq_tail
+                lse_out = lse_tail
             else:
                 c_out = tl.zeros([], ACC)
             c_out = tl.where(live, c_out, 0.0)
@@ -269,11 +278,12 @@ def sparse_forward(
     block, warps = _block_and_warps(v, student.element_size())
     hard = labels is not None and hard_coef != 0
     g = grad if grad is not None else student  # never written when NEED_GRAD is False
+    bits = target_bits(ids, v) if mode == MODE_TAIL else ids  # (a stand-in, never read)
     _sparse_kd_kernel[(n,)](
         student, ids, logprobs, tail_logmass if tail_logmass is not None else logprobs,
         labels if labels is not None else ids, g,
-        grad_scale if grad_scale is not None else loss, loss,
-        v, k, student.stride(0), ids.stride(0), logprobs.stride(0), g.stride(0),
+        grad_scale if grad_scale is not None else loss, loss, bits,
+        v, k, student.stride(0), ids.stride(0), logprobs.stride(0), g.stride(0), bits.stride(0),
         1.0 / temperature, mix, target_scale, soft_coef, hard_coef, ignore_index,
         DIV=divergence, MODE=mode, HAS_TAIL=tail_logmass is not None,
         RETEMPER=target_scale != 1.0, HAS_LABELS=labels is not None, HARD=hard,
