@@ -89,6 +89,10 @@ def test_resume_after_interruption(tmp_path):
     committed = w.num_sequences
     assert 0 < committed < 8 and not read_manifest(part)["complete"]
     del w  # the process dies: the buffer is lost
+    # an unfinished cache is no training set unless asked for: it is a prefix of the data
+    with pytest.raises(CacheError, match=f"incomplete \\({committed} sequences committed"):
+        TargetCache(part)
+    assert len(TargetCache(part, allow_incomplete=True)) == committed
     (part / "shard-00007.safetensors.tmp").write_bytes(b"half a shard")
     (part / "shard-00009.safetensors").write_bytes(b"never listed")
     w = _writer(part, shard_tokens=30)
@@ -241,6 +245,27 @@ def test_write_teacher_cache_and_resume(tmp_path, tiny_llama, mode):
     counting.calls = 0
     write_teacher_cache(counting, batches, tmp_path / "part", **opts)
     assert counting.calls == 0
+
+
+def test_resume_with_other_data_is_refused(tmp_path, tiny_llama):
+    """A resumed write skips what the cache holds by count: it checks the skipped sequences are
+    this run's, so another corpus or sequence length is refused, not appended."""
+    model, _ = tiny_llama
+    opts = dict(k=4, dtype="float32", progress=False, backend="torch", shard_tokens=18)
+
+    def first_two(batches):
+        for i, b in enumerate(batches):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(model, first_two(_token_batches(4)), tmp_path / "c", **opts)
+    assert read_manifest(tmp_path / "c")["num_sequences"] == 4
+    for other in (_token_batches(4, seed=1), _token_batches(4, length=5)):
+        with pytest.raises(CacheError, match="holds other tokens as sequence 0"):
+            write_teacher_cache(model, other, tmp_path / "c", **opts)
+    assert write_teacher_cache(model, _token_batches(4), tmp_path / "c", **opts)["complete"]
 
 
 def test_write_teacher_cache_attention_mask(tmp_path, tiny_llama):

@@ -348,11 +348,14 @@ class TargetCache:
     ``cache[i]`` is sequence i: dict(input_ids int64 (L,), ids int32 (L, k), logprobs float32
     (L, k), tail_logmass float32 (L,)); ``cache.targets(i)`` the same as SparseTargets.
     Opening checks the format version, the expected vocabulary size and tokenizer hash, and (unless
-    ``verify=False``) the size and sha256 of every shard.
+    ``verify=False``) the size and sha256 of every shard. A cache whose writer has not finished
+    (interrupted, or still running) is refused unless ``allow_incomplete=True``: training on it
+    would use a prefix of the data without saying so.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, expect_vocab_size: Optional[int] = None,
-                 expect_tokenizer_hash: Optional[str] = None, verify: bool = True) -> None:
+                 expect_tokenizer_hash: Optional[str] = None, verify: bool = True,
+                 allow_incomplete: bool = False) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -360,6 +363,11 @@ class TargetCache:
         if manifest is None:
             raise CacheError(f"no target cache at {self.path} ({MANIFEST} not found)")
         self.manifest = manifest
+        if not manifest.get("complete", False) and not allow_incomplete:
+            raise CacheError(f"the cache at {self.path} is incomplete ({manifest['num_sequences']} "
+                             "sequences committed; its writer was interrupted or is still "
+                             "running): finish it by re-running the same command, or open it "
+                             "with allow_incomplete=True")
         if expect_vocab_size is not None and manifest["vocab_size"] != expect_vocab_size:
             raise CacheError(f"the cache at {self.path} has vocab_size {manifest['vocab_size']}, "
                              f"but {expect_vocab_size} was expected (another tokenizer/teacher?)")
@@ -452,6 +460,20 @@ def _batch_parts(batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return torch.as_tensor(batch), None
 
 
+def _check_same_sequences(cache: "TargetCache", first: int, input_ids: torch.Tensor,
+                          mask: Any, path: Any) -> None:
+    """Raise unless sequences first, first + 1, ... of ``cache`` are these rows (right-padded)."""
+    lengths = [input_ids.shape[1]] * input_ids.shape[0] if mask is None else \
+        torch.as_tensor(mask)[: input_ids.shape[0]].sum(-1).tolist()
+    for r, length in enumerate(lengths):
+        held = cache[first + r]["input_ids"]
+        if not torch.equal(held, input_ids[r, : int(length)].to(held)):
+            raise CacheError(
+                f"the cache at {path} holds other tokens as sequence {first + r} than this run's "
+                "data: resuming would append this data's targets to another's. Use the data and "
+                "settings the cache was started with, or another output directory")
+
+
 def write_teacher_cache(
     model: torch.nn.Module,
     batches: Iterable[Any],
@@ -476,7 +498,8 @@ def write_teacher_cache(
 
     ``batches`` yields (B, L) token-id tensors, (input_ids, attention_mask) pairs or dicts with
     those keys (right padding: a row keeps attention_mask.sum() tokens); its order must be the same
-    on every run. What a previous, interrupted run committed is skipped without running the model.
+    on every run. What a previous, interrupted run committed is skipped without running the model
+    (after checking that those sequences are this data's: other data is refused).
     Sampled targets (mode="sample", k draws) use seed (seed, index of the batch's first sequence),
     so a resumed run draws what an uninterrupted one would. Returns the manifest.
     """
@@ -491,6 +514,9 @@ def write_teacher_cache(
         if mode == "sample" else {}
     existing = read_manifest(path)
     done = 0 if existing is None else int(existing["num_sequences"])
+    # a resumed run checks that the sequences it skips are the ones the cache holds: other data
+    # (another corpus, sequence length or order) would be appended to them without a word
+    committed = TargetCache(path, verify=False, allow_incomplete=True) if done else None
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if vocab_size is None:
@@ -514,6 +540,8 @@ def write_teacher_cache(
                 mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
             b = input_ids.shape[0]
             skip = min(max(done - seen, 0), b)
+            if skip:
+                _check_same_sequences(committed, seen, input_ids[:skip], mask, path)
             first_seq = seen
             seen += b
             if skip == b:
