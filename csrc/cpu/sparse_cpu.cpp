@@ -51,8 +51,6 @@ struct SparseBuffers {
         shift(static_cast<size_t>((v + kChunk - 1) / kChunk)) {}
 };
 
-// Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
-// are stored there. Returns their shift (kept_shift).
 // sum of e[0, n) over the columns c0 + i that are not targets (bit clear in the row's bit set; c0
 // is a multiple of 32), in double.
 template <typename T>
@@ -74,6 +72,8 @@ DOPS_INLINE double sum_outside(const T* __restrict__ e, const uint32_t* __restri
   return z;
 }
 
+// Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
+// are stored there. Returns their shift (kept_shift).
 template <typename T>
 DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n,
                         T* __restrict__ keep = nullptr) {
