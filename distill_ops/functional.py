@@ -135,7 +135,9 @@ def kd_loss(
     name = backends.resolve(backend, student.device)
     lead = student.shape[:-1]
     student2d = student.reshape(-1, vocab_size)
-    teacher2d = teacher.reshape(-1, vocab_size)
+    # Never differentiated (as sparse_kd_loss's targets and the fused-linear teacher): detached,
+    # so a teacher that requires grad does not make the loss require one the op cannot give.
+    teacher2d = teacher.detach().reshape(-1, vocab_size)
     if student2d.stride(-1) != 1:
         student2d = student2d.contiguous()
     if teacher2d.dtype != student2d.dtype:

@@ -160,15 +160,17 @@ class _FusedLinear(torch.autograd.Function):
         total = (torch.stack(parts).sum() if parts
                  else h_s.new_zeros((), dtype=torch.float64 if wide else torch.float32))
         loss = total if scale is None else total * scale.to(total.dtype)
-        ctx.grads = (grad_h,
-                     None if w_acc is None else w_acc.to(w_s.dtype),
-                     None if b_acc is None else b_acc.to(b_s.dtype))
+        # Saved, not kept as attributes: autograd frees them after the backward (the loss tensor
+        # may outlive it, and these are N x H and V x H), or keeps them for another backward
+        # with retain_graph=True.
+        ctx.save_for_backward(grad_h, None if w_acc is None else w_acc.to(w_s.dtype),
+                              None if b_acc is None else b_acc.to(b_s.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        g_h, g_w, g_b = (None if g is None else scale_saved_grad(g, grad_loss) for g in grads)
+        g_h, g_w, g_b = (None if g is None else scale_saved_grad(g, grad_loss)
+                         for g in ctx.saved_tensors)
         return (g_h, g_w, g_b) + (None,) * 10
 
 

@@ -314,6 +314,29 @@ def test_inplace_grad_reduction_none_and_views(backend, device):
     assert torch.equal(x, s)
 
 
+def test_inplace_grad_second_backward_is_refused(backend, device):
+    """The gradient lives in the logits' memory and goes to the first backward: a second one
+    (retain_graph=True) says so, where it used to add nothing (or fail on a None)."""
+    s, t = make_logits(3, 20, seed=36, device=device)
+    leaf = s.clone().requires_grad_(True)
+    loss = kd_loss(leaf * 1, t, inplace_grad=True, backend=backend)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward .* inplace_grad=True"):
+        loss.backward()
+
+
+def test_teacher_requiring_grad_is_never_differentiated(backend, device):
+    """The teacher is detached: only its grad flag set, the loss needs none (it used to need one
+    and fail in the backward); with both flags set the student's gradient is the usual one."""
+    s, t = make_logits(3, 20, seed=37, device=device)
+    teacher = t.clone().requires_grad_(True)
+    assert not kd_loss(s, teacher, backend=backend).requires_grad
+    student = s.clone().requires_grad_(True)
+    kd_loss(student, teacher, backend=backend).backward()
+    assert teacher.grad is None
+    assert rel_err(student.grad, oracle(s, t)[1]) < 1e-5
+
+
 def test_inplace_grad_is_caught_when_the_logits_were_saved(backend, device):
     """The overwritten logits must not silently feed another backward: exp() saves its output,
     so its backward has to fail loudly after the kernel wrote the gradient over it."""

@@ -161,6 +161,34 @@ def test_tied_student_weight_gets_both_gradients():
     assert rel_err(grads[0], grads[1]) < 1e-5
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_retain_graph_and_gradcheck(sparse):
+    """The gradients made in the forward are saved tensors: a second backward with
+    retain_graph=True gives them again (it raised a TypeError on a dropped attribute), and so
+    gradcheck, which backpropagates several times, passes on float64."""
+    from distill_ops import teacher_topk
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    c = make_case((5,), 4, 6, 11, seed=71, dtype=torch.float64)
+    targets = teacher_topk(c["ht"] @ c["wt"].t(), 3)
+
+    def loss_of(h, w, b):
+        if sparse:
+            return fused_linear_sparse_kd_loss(h, w, targets, student_bias=b, tail="tail",
+                                               backend="torch")
+        return fused_linear_kd_loss(h, w, c["ht"], c["wt"], student_bias=b, chunk_size=2,
+                                    divergence="jsd", backend="torch")
+
+    x = [c[k].clone().requires_grad_(True) for k in ("hs", "ws", "bs")]
+    loss = loss_of(*x)
+    first = torch.autograd.grad(loss, x, retain_graph=True)
+    (2 * loss).backward()
+    for a, b in zip(first, (p.grad for p in x)):
+        torch.testing.assert_close(2 * a, b, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(loss_of, [c[k].clone().requires_grad_(True)
+                                              for k in ("hs", "ws", "bs")])
+
+
 def test_default_chunk_size():
     assert default_chunk_size(100000, 128256, 2) == 1024        # 256 MiB of bf16 logits
     assert default_chunk_size(100000, 128256, 4) == 512

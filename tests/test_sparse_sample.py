@@ -103,6 +103,11 @@ def test_target_format(backend):
         torch.testing.assert_close(counts, counts.round(), atol=1e-4, rtol=0)
         assert abs(lp.exp().sum().item() - 1) < 1e-5
     assert torch.isneginf(out.logprobs[~valid]).all()
+    # a row of -inf draws id 0 (documented); its weight is undefined (NaN) but the padding is
+    # -inf on every backend (the reference padded it with NaN: -inf * 0 spread by logsumexp)
+    t[2] = -torch.inf
+    out = teacher_sample(t, 4, seed=1, backend=backend)
+    assert out.ids[2].tolist() == [0, -1, -1, -1] and torch.isneginf(out.logprobs[2, 1:]).all()
 
 
 def test_reproducible_and_seeded():

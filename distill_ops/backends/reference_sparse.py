@@ -281,7 +281,8 @@ def merge_draws(best_id: torch.Tensor, x_at: torch.Tensor, delta: torch.Tensor):
     group = first.to(torch.int64).cumsum(-1) - 1
     counts = torch.zeros_like(xs).scatter_add_(1, group, torch.ones_like(xs))
     lw = torch.where(first, torch.log(counts.gather(1, group)) + xs * delta, -torch.inf)
-    lp = lw - torch.logsumexp(lw, -1, keepdim=True)
+    # (the padding stays -inf even when a row's weights are NaN: an all -inf row, -inf * 0)
+    lp = torch.where(first, lw - torch.logsumexp(lw, -1, keepdim=True), -torch.inf)
     out_ids = torch.where(first, sorted_ids, torch.full_like(sorted_ids, -1))
     perm = torch.sort(lp, dim=-1, descending=True, stable=True).indices
     return out_ids.gather(1, perm), lp.gather(1, perm)

@@ -114,4 +114,9 @@ class InplaceGradKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "distill_ops: a second backward through a loss computed with inplace_grad=True "
+                "(retain_graph=True): its gradient lived in the student logits' memory and went "
+                "to the first backward; use inplace_grad=False to backpropagate it twice")
         return (None, scale_saved_grad(grad, grad_loss)) + (None,) * ctx.n_args
