@@ -63,7 +63,7 @@ def _check_ids(ids: object, student: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _check_logprobs(lp: object, ids: torch.Tensor) -> torch.Tensor:
+def _check_logprobs(lp: object, ids: torch.Tensor, counted: Optional[torch.Tensor]) -> torch.Tensor:
     name = "target_logprobs"
     if not isinstance(lp, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(lp).__name__}")
@@ -74,7 +74,7 @@ def _check_logprobs(lp: object, ids: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(lp.shape)}")
     check.same_device(name, lp, "target_ids", ids)
     if _eager() and lp.numel():
-        live = lp[ids >= 0]
+        live = lp[(ids >= 0) & _rows(counted, ids)]
         if bool(torch.isnan(live).any()):
             raise ValueError(f"{name} has NaN at a valid (id >= 0) slot")
         if bool((live == torch.inf).any()):
@@ -82,7 +82,17 @@ def _check_logprobs(lp: object, ids: torch.Tensor) -> torch.Tensor:
     return lp
 
 
-def _check_tail(tail: object, student: torch.Tensor) -> Optional[torch.Tensor]:
+def _rows(counted: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The rows whose label counts (all without labels), broadcast over ``like``'s last axis when
+    it has one more: the value checks skip ignored rows, which the kernels never read (a teacher
+    row of -inf, labelled -100, has NaN log-probabilities)."""
+    if counted is None:
+        return torch.ones((), dtype=torch.bool, device=like.device)
+    return counted.unsqueeze(-1) if like.dim() > counted.dim() else counted
+
+
+def _check_tail(tail: object, student: torch.Tensor,
+                counted: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     name = "tail_logmass"
     if tail is None:
         return None
@@ -95,26 +105,29 @@ def _check_tail(tail: object, student: torch.Tensor) -> Optional[torch.Tensor]:
                          f"logits without the vocabulary axis), got {tuple(tail.shape)}")
     check.same_device(name, tail, "student_logits", student)
     if _eager() and tail.numel():
-        if bool(torch.isnan(tail).any()):
+        seen = torch.where(_rows(counted, tail), tail, -torch.inf)
+        if bool(torch.isnan(seen).any()):
             raise ValueError(f"{name} has NaN")
-        if bool((tail > LOGMASS_SLACK).any()):
+        if bool((seen > LOGMASS_SLACK).any()):
             raise ValueError(f"{name} is the log of a mass in [0, 1] and must be <= 0; found "
-                             f"{tail.max().item()}")
+                             f"{seen.max().item()}")
     return tail
 
 
-def _check_tail_mode_mass(lp: torch.Tensor, ids: torch.Tensor, tail: Optional[torch.Tensor]) -> None:
+def _check_tail_mode_mass(lp: torch.Tensor, ids: torch.Tensor, tail: Optional[torch.Tensor],
+                          counted: Optional[torch.Tensor]) -> None:
     """tail='tail' reads target_logprobs as full-vocabulary log-probabilities: a row's ids (plus
     tail_logmass, when given) must hold a mass of at most 1 (to LOGMASS_SLACK), else the tail
     bucket's mass 1 - P_K would be negative. Unnormalised weights belong to tail='renorm'."""
     if not _eager() or not lp.numel():
         return
-    valid = ids >= 0
+    valid = (ids >= 0) & _rows(counted, ids)
     wide = torch.float64 if lp.dtype == torch.float64 else torch.float32
     mass = torch.logsumexp(torch.where(valid, lp.detach().to(wide), -torch.inf), -1)
     what = "target_logprobs"
     if tail is not None:
-        mass = torch.logaddexp(mass, tail.detach().to(wide))
+        mass = torch.logaddexp(mass, torch.where(_rows(counted, tail), tail.detach().to(wide),
+                                                 -torch.inf))
         what = "target_logprobs plus tail_logmass"
     over = mass > LOGMASS_SLACK
     if bool(over.any()):
@@ -237,8 +250,13 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
     elif target_logprobs is None:
         raise TypeError("sparse_kd_loss needs target_logprobs (or a SparseTargets as target_ids)")
     ids = _check_ids(target_ids, student)
-    logprobs = _check_logprobs(target_logprobs, ids)
-    tails = _check_tail(tail_logmass, student)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v = student.shape[-1]
+    label_rows = check.labels(labels, student, v, ignore_index)
+    counted = None if label_rows is None else (labels != ignore_index)
+    logprobs = _check_logprobs(target_logprobs, ids, counted)
+    tails = _check_tail(tail_logmass, student, counted)
     check.choice("divergence", divergence, DIVERGENCES)
     check.choice("tail", tail, TAILS)
     check.choice("reduction", reduction, reductions)
@@ -254,15 +272,11 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
     alpha = check.unit_interval("alpha", alpha)
     hard_weight = check.non_negative("hard_weight", hard_weight)
     soft_weight = check.non_negative("soft_weight", soft_weight)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    v = student.shape[-1]
-    label_rows = check.labels(labels, student, v, ignore_index)
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
 
     if tail == "tail":
-        _check_tail_mode_mass(logprobs, ids, tails)
+        _check_tail_mode_mass(logprobs, ids, tails, counted)
 
     name = resolve_backend(backend, student.device)
     if name == "triton" and ids.shape[-1] > TRITON_MAX_K:

@@ -243,6 +243,35 @@ def test_tail_mode_with_a_student_sure_of_its_targets(backend, divergence, dtype
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("tail", TAILS)
+def test_an_ignored_row_may_have_undefined_targets(backend, tail):
+    """A teacher row of -inf has no softmax: its top-k log-probabilities are NaN. Labelled -100
+    the row does not count, so the value checks skip it (they refused the whole batch) and the
+    other rows' loss and gradient are those of the batch without it; unlabelled, it is refused."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(23)
+    t = torch.randn(3, 9, generator=g) * 2
+    t[1] = -torch.inf
+    s = torch.randn(3, 9, generator=g)
+    targets = teacher_topk(t, 4, backend="torch")
+    assert torch.isnan(targets.logprobs[1]).any()
+    labels = torch.tensor([2, -100, 5])
+    kw = dict(tail=tail, hard_weight=0.5, backend=backend)
+    x = s.clone().requires_grad_(True)
+    loss = sparse_kd_loss(x, targets, labels=labels, **kw)
+    loss.backward()
+    keep = torch.tensor([0, 2])
+    part = teacher_topk(t[keep], 4, backend="torch")
+    y = s[keep].clone().requires_grad_(True)
+    ref = sparse_kd_loss(y, part, labels=labels[keep], **kw)
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-6 and rel_err(x.grad[keep], y.grad) < 1e-6
+    assert torch.count_nonzero(x.grad[1]) == 0
+    with pytest.raises(ValueError, match="target_logprobs has NaN at a valid"):
+        sparse_kd_loss(s, targets, labels=torch.tensor([2, 3, 5]), **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_scale_temperature_and_weights(backend):
     require_backend(backend)
     ids, lp, _ = make_targets(N, V, K, seed=18)

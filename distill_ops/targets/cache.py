@@ -316,8 +316,8 @@ def _check_targets(targets: SparseTargets, lens: list[int], vocab_size: int) -> 
 
     def check(ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor) -> None:
         shape_ref = torch.empty(()).expand(*ids.shape[:-1], vocab_size)  # lends its shape only
-        _check_logprobs(lp, _check_ids(ids, shape_ref))
-        _check_tail(tail, shape_ref)
+        _check_logprobs(lp, _check_ids(ids, shape_ref), None)
+        _check_tail(tail, shape_ref, None)
 
     def renamed(exc: Exception, where: str) -> Exception:
         msg = re.sub(r"\b(" + "|".join(_ADD_NAMES) + r")\b", lambda m: _ADD_NAMES[m.group(1)],
