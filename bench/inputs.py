@@ -117,8 +117,9 @@ def floor_bytes(case, n: int) -> int:
     topk   fwd: teacher + the k ids (int64) and log-probabilities (fp32) written per row
     sample fwd: the same, k = the number of samples (compute-bound: S x V noise draws per row)
     linear: the hidden states and weights read, their gradients written (the GEMMs dominate).
-    All in the input dtype. ``bwd`` rows time only what runs after the forward; for kernels that
-    write the gradient in the forward their floor fraction is not a bandwidth statement.
+    All in the input dtype. ``bwd``: what a backward alone must write. The runner holds no bwd row
+    against it (the fused providers make the gradient in the forward, so their bwd rows time a
+    scale of it): bwd rows report times only.
     """
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
     nv = n * case.v * elem

@@ -18,6 +18,7 @@ row's peak is null.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import statistics
@@ -159,6 +160,7 @@ def cpu_memory_method() -> str:
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
+@functools.cache  # once a process: find_library may run ldconfig, and the setting persists
 def _pin_mmap_threshold() -> None:
     """glibc serves a freed buffer's memory again from its heap, without returning it to the OS,
     once its dynamic mmap threshold has risen (up to 32 MiB): a temporary of a few MB is then

@@ -139,8 +139,8 @@ def _sparse_chunk(s, ids, lw, tail, labels, *, divergence, mix, mode, temperatur
     term, qg, q = bucket_terms(lq, lp, divergence, mix)
     soft = term.sum(-1)
     big_c = qg.sum(-1)
+    rows = torch.arange(s.shape[0], device=s.device).unsqueeze(-1).expand_as(ids)
     if mode == MODE_TAIL:
-        rows = torch.arange(s.shape[0], device=s.device).unsqueeze(-1).expand_as(ids)
         outside = a.clone()
         outside[rows[valid], ids[valid]] = -torch.inf
         # in float64, as the kernels' row algebra: the difference of two logsumexps of the size of
@@ -175,7 +175,6 @@ def _sparse_chunk(s, ids, lw, tail, labels, *, divergence, mix, mode, temperatur
     dense_w = torch.exp(a - lse_out.unsqueeze(-1))
     g = torch.where((c_out != 0).unsqueeze(-1), (soft_scale * c_out).unsqueeze(-1) * dense_w,
                     torch.zeros_like(a))
-    rows = torch.arange(s.shape[0], device=s.device).unsqueeze(-1).expand_as(ids)
     g[rows[valid], ids[valid]] = (soft_scale * u)[valid]
     if labels is not None and hard_coef != 0:
         ce = torch.exp(s - lse_1.unsqueeze(-1))
