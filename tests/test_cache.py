@@ -93,6 +93,9 @@ def test_resume_after_interruption(tmp_path):
     with pytest.raises(CacheError, match=f"incomplete \\({committed} sequences committed"):
         TargetCache(part)
     assert len(TargetCache(part, allow_incomplete=True)) == committed
+    for where in (part, full):  # refused whether or not the cache is complete
+        with pytest.raises(TypeError, match="allow_incomplete must be a bool, got str"):
+            TargetCache(where, allow_incomplete="yes")
     (part / "shard-00007.safetensors.tmp").write_bytes(b"half a shard")
     (part / "shard-00009.safetensors").write_bytes(b"never listed")
     w = _writer(part, shard_tokens=30)

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
+from .. import _validate as check
 from .types import SparseTargets
 
 FORMAT_VERSION = 1
@@ -358,6 +359,7 @@ class TargetCache:
                  allow_incomplete: bool = False) -> None:
         from safetensors import safe_open
 
+        check.flag("allow_incomplete", allow_incomplete)
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
