@@ -57,6 +57,12 @@ def finite(name: str, value: object) -> float:
     return v
 
 
+def integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
 def non_negative(name: str, value: object) -> float:
     v = finite(name, value)
     if v < 0:

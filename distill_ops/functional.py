@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,12 +36,15 @@ def resolve_divergence(divergence: str, beta: float, alpha: float) -> tuple[int,
     return code, 0.0
 
 
-def loss_constants(divergence: str, temperature: float, beta: float, alpha: float,
+def loss_constants(*, divergence: str, temperature: float, beta: float, alpha: float,
                    hard_weight: float, soft_weight: float, scale_temperature: bool,
-                   ignore_index: int, softcap: Optional[float]) -> tuple:
-    """Check the loss keywords shared by every dense entry point (each error names its argument)
-    and turn them into the kernels' constants: (divergence code, mix, tau, softcap or 0,
-    soft coefficient with the tau^2 factor, hard coefficient)."""
+                   ignore_index: int, softcap: Optional[float], reduction: str, backend: str,
+                   vocab: str = "strict", inplace_grad: bool = False,
+                   reductions: Sequence[str] = REDUCTIONS) -> tuple:
+    """Check the keywords of the dense losses (kd_loss, fused_linear_kd_loss and their modules,
+    which call this at construction; each error names its argument) and turn them into the
+    kernels' constants: (divergence code, mix, tau, softcap or 0, soft coefficient with the tau^2
+    factor, hard coefficient)."""
     check.choice("divergence", divergence, DIVERGENCES)
     tau = check.positive("temperature", temperature)
     beta = check.unit_interval("beta", beta)
@@ -49,8 +52,11 @@ def loss_constants(divergence: str, temperature: float, beta: float, alpha: floa
     hard_weight = check.non_negative("hard_weight", hard_weight)
     soft_weight = check.non_negative("soft_weight", soft_weight)
     cap = 0.0 if softcap is None else check.positive("softcap", softcap)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check.integer("ignore_index", ignore_index)
+    check.choice("reduction", reduction, reductions)
+    check.choice("vocab", vocab, VOCAB_MODES)
+    check.choice("backend", backend, backends.BACKENDS)
+    check.flag("inplace_grad", inplace_grad)
     code, mix = resolve_divergence(divergence, beta, alpha)
     soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
                                else 1.0)
@@ -107,13 +113,11 @@ def kd_loss(
     teacher = check.logits("teacher_logits", teacher_logits)
     check.same_device("teacher_logits", teacher, "student_logits", student)
     check.leading_shape("teacher_logits", teacher, "student_logits", student)
-    check.choice("reduction", reduction, REDUCTIONS)
-    check.choice("vocab", vocab, VOCAB_MODES)
-    check.choice("backend", backend, backends.BACKENDS)
-    check.flag("inplace_grad", inplace_grad)
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
-        divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature,
-        ignore_index, softcap)
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
+        ignore_index=ignore_index, softcap=softcap, reduction=reduction, backend=backend,
+        vocab=vocab, inplace_grad=inplace_grad)
 
     v_student, v_teacher = student.shape[-1], teacher.shape[-1]
     if v_student != v_teacher:

@@ -194,10 +194,14 @@ def _student_side(student_hidden, student_weight, student_bias, chunk_size):
     losses: (hidden, weight, vocabulary size)."""
     hs, ws = _hidden_and_head("student", student_hidden, student_weight)
     _check_bias("student_bias", student_bias, hs, ws.shape[0])
+    check_chunk_size(chunk_size)
+    return hs, ws, ws.shape[0]
+
+
+def check_chunk_size(chunk_size: object) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return hs, ws, ws.shape[0]
 
 
 def _check_bias(name, b, hs, vocab_size):
@@ -290,11 +294,11 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
                          f"{vocab_size}; slice both weights to the common vocabulary")
     _check_bias("teacher_bias", teacher_bias, hs, vocab_size)
-    check.choice("reduction", reduction, FUSED_REDUCTIONS)
-    check.choice("backend", backend, backends.BACKENDS)
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
-        divergence, temperature, beta, alpha, hard_weight, soft_weight, scale_temperature,
-        ignore_index, softcap)
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
+        ignore_index=ignore_index, softcap=softcap, reduction=reduction, backend=backend,
+        reductions=FUSED_REDUCTIONS)
     label_rows = check.labels(labels, hs, vocab_size, ignore_index)   # shape: hs's leading shape
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .functional import kd_loss
-from .fused_linear import fused_linear_kd_loss
-from .sparse import sparse_kd_loss
+from .functional import kd_loss, loss_constants
+from .fused_linear import FUSED_REDUCTIONS, check_chunk_size, fused_linear_kd_loss
+from .sparse import sparse_keywords, sparse_kd_loss
 from .targets.types import SparseTargets
+
+
+def check_keywords(loss: Callable, n_tensors: int, kwargs: dict, checker: Callable,
+                   **fixed: Any) -> None:
+    """Check a module's keywords at construction, as its functional ``loss`` would at its first
+    call: unknown names (binding them to ``loss``'s signature) and their values (``checker``, the
+    functional's own keyword check, given the bound values with the defaults filled in), so that a
+    mistake fails where it was made, not at the first forward."""
+    bound = inspect.signature(loss).bind(*([None] * n_tensors), **kwargs)
+    bound.apply_defaults()
+    accepted = inspect.signature(checker).parameters
+    checker(**{k: v for k, v in bound.arguments.items() if k in accepted}, **fixed)
 
 
 class KDLoss(nn.Module):
@@ -27,8 +39,7 @@ class KDLoss(nn.Module):
         super().__init__()
         if "labels" in kwargs:
             raise TypeError("labels is an argument of forward(), not of KDLoss()")
-        # An unknown keyword fails here, at construction, not at the first forward.
-        inspect.signature(kd_loss).bind(None, None, **kwargs)
+        check_keywords(kd_loss, 2, kwargs, loss_constants)
         self.kwargs = kwargs
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -56,7 +67,8 @@ class FusedLinearKDLoss(nn.Module):
         for name in self._PER_CALL:
             if name in kwargs:
                 raise TypeError(f"{name} is an argument of forward(), not of FusedLinearKDLoss()")
-        inspect.signature(fused_linear_kd_loss).bind(None, None, None, None, **kwargs)
+        check_keywords(fused_linear_kd_loss, 4, kwargs, loss_constants, reductions=FUSED_REDUCTIONS)
+        check_chunk_size(kwargs.get("chunk_size"))
         self.kwargs = kwargs
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -89,7 +101,7 @@ class SparseKDLoss(nn.Module):
         for name in self._PER_CALL:
             if name in kwargs:
                 raise TypeError(f"{name} is an argument of forward(), not of SparseKDLoss()")
-        inspect.signature(sparse_kd_loss).bind(None, None, **kwargs)
+        check_keywords(sparse_kd_loss, 2, kwargs, sparse_keywords)
         self.kwargs = kwargs
 
     def forward(self, student_logits: torch.Tensor,

@@ -219,6 +219,42 @@ def sparse_kd_loss(
     return loss.reshape(lead) if red == 0 else loss
 
 
+def sparse_keywords(*, divergence: str, temperature: float, tail: str, hard_weight: float,
+                    soft_weight: float, scale_temperature: bool, ignore_index: int,
+                    reduction: str, target_temperature: Optional[float], beta: float, alpha: float,
+                    backend: str, inplace_grad: bool = False,
+                    reductions: Sequence[str] = REDUCTIONS) -> tuple:
+    """Check the keywords of the sparse losses (sparse_kd_loss, fused_linear_sparse_kd_loss and
+    SparseKDLoss, which calls this at construction; each error names its argument) and turn them
+    into the kernels' constants: (divergence code, mix, mode, tau, target scale, soft coefficient
+    with the tau^2 factor, hard coefficient)."""
+    check.integer("ignore_index", ignore_index)
+    check.choice("divergence", divergence, DIVERGENCES)
+    check.choice("tail", tail, TAILS)
+    check.choice("reduction", reduction, reductions)
+    check.choice("backend", backend, backends.BACKENDS)
+    check.flag("inplace_grad", inplace_grad)
+    tau = check.positive("temperature", temperature)
+    target_scale = 1.0
+    if target_temperature is not None:
+        target_scale = 1.0 / check.positive("target_temperature", target_temperature)
+        if tail == "tail":
+            raise ValueError("target_temperature re-tempers the targets over their ids and needs "
+                             "tail='renorm' (the tail bucket cannot be re-tempered)")
+    beta = check.unit_interval("beta", beta)
+    alpha = check.unit_interval("alpha", alpha)
+    hard_weight = check.non_negative("hard_weight", hard_weight)
+    soft_weight = check.non_negative("soft_weight", soft_weight)
+    code, mix = resolve_divergence(divergence, beta, alpha)
+    if tail == "tail":
+        mode = MODE_TAIL
+    else:
+        mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
+    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
+                               else 1.0)
+    return code, mix, mode, tau, target_scale, soft_coef, hard_weight
+
+
 class SparseCall(NamedTuple):
     """A checked sparse-loss call, flattened for the kernels: ids (rows, k) int32, logprobs
     (rows, k), tail (rows,) or None, labels (rows,) int64 or None, the kernels' constants
@@ -249,46 +285,26 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
             tail_logmass = targets.tail_logmass
     elif target_logprobs is None:
         raise TypeError("sparse_kd_loss needs target_logprobs (or a SparseTargets as target_ids)")
+    code, mix, mode, tau, target_scale, soft_coef, hard_weight = sparse_keywords(
+        divergence=divergence, temperature=temperature, tail=tail, hard_weight=hard_weight,
+        soft_weight=soft_weight, scale_temperature=scale_temperature, ignore_index=ignore_index,
+        reduction=reduction, target_temperature=target_temperature, beta=beta, alpha=alpha,
+        backend=backend, reductions=reductions)
     ids = _check_ids(target_ids, student)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     v = student.shape[-1]
     label_rows = check.labels(labels, student, v, ignore_index)
     counted = None if label_rows is None else (labels != ignore_index)
     logprobs = _check_logprobs(target_logprobs, ids, counted)
     tails = _check_tail(tail_logmass, student, counted)
-    check.choice("divergence", divergence, DIVERGENCES)
-    check.choice("tail", tail, TAILS)
-    check.choice("reduction", reduction, reductions)
-    check.choice("backend", backend, backends.BACKENDS)
-    tau = check.positive("temperature", temperature)
-    target_scale = 1.0
-    if target_temperature is not None:
-        target_scale = 1.0 / check.positive("target_temperature", target_temperature)
-        if tail == "tail":
-            raise ValueError("target_temperature re-tempers the targets over their ids and needs "
-                             "tail='renorm' (the tail bucket cannot be re-tempered)")
-    beta = check.unit_interval("beta", beta)
-    alpha = check.unit_interval("alpha", alpha)
-    hard_weight = check.non_negative("hard_weight", hard_weight)
-    soft_weight = check.non_negative("soft_weight", soft_weight)
     if hard_weight > 0 and label_rows is None:
         raise ValueError("hard_weight > 0 needs labels")
-
-    if tail == "tail":
+    if mode == MODE_TAIL:
         _check_tail_mode_mass(logprobs, ids, tails, counted)
 
     name = resolve_backend(backend, student.device)
     if name == "triton" and ids.shape[-1] > TRITON_MAX_K:
         raise ValueError(f"target_ids has k = {ids.shape[-1]} slots; the Triton backend takes at "
                          f"most {TRITON_MAX_K}")
-    code, mix = resolve_divergence(divergence, beta, alpha)
-    if tail == "tail":
-        mode = MODE_TAIL
-    else:
-        mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
-    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
-                               else 1.0)
     k = ids.shape[-1]
     ids2d = ids.reshape(-1, k).to(torch.int32, memory_format=torch.contiguous_format)
     lp2d = logprobs.detach().reshape(-1, k)

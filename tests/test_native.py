@@ -255,6 +255,26 @@ def test_sparse_tail_mode_needs_the_target_bits(device):
     assert torch.isfinite(call(bits)).all()
 
 
+def test_target_bits_sets_each_target_bit_once():
+    """target_bits against a bit set built in Python, every bit position of a word (bit 31 is the
+    int32 sign), random unique ids with -1 padding."""
+    from distill_ops.backends.reference_sparse import target_bits
+
+    gen = torch.Generator().manual_seed(7)
+    v, k = 100, 40
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(6)])
+    ids[1, ::3] = -1
+    ids = torch.cat([ids, torch.arange(k).unsqueeze(0)])   # bits 0..31 of word 0, 0..7 of word 1
+    words = [[0] * ((v + 31) // 32) for _ in range(ids.shape[0])]
+    for row, line in enumerate(ids.tolist()):
+        for j in line:
+            if j >= 0:
+                words[row][j // 32] |= 1 << (j % 32)
+    signed = [[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words]
+    assert target_bits(ids.to(torch.int32), v).tolist() == signed
+    assert target_bits(ids.to(torch.int32), v)[-1, 0].item() == -1
+
+
 # ---------------------------------------------------------------------------------------------
 # against the oracle
 

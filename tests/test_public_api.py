@@ -1,5 +1,6 @@
 """The names other code builds on are exported at the top level (the issues' public contracts)."""
 
+import pytest
 import torch
 
 import distill_ops
@@ -53,3 +54,33 @@ def test_sparse_module_equals_function():
         pass
     else:
         raise AssertionError("an unknown keyword was accepted")
+
+
+@pytest.mark.parametrize("module", ["KDLoss", "FusedLinearKDLoss", "SparseKDLoss"])
+@pytest.mark.parametrize("keyword, value, error", [
+    ("temperature", 0.0, ValueError), ("divergence", "kl", ValueError),
+    ("beta", 1.5, ValueError), ("hard_weight", -1.0, ValueError),
+    ("reduction", "avg", ValueError), ("backend", "tpu", ValueError),
+    ("ignore_index", 1.5, TypeError), ("scale_temperature", "yes", TypeError),
+])
+def test_modules_check_keyword_values_at_construction(module, keyword, value, error):
+    """A bad keyword value fails where the module is made, naming the keyword, not at its first
+    forward (which may be hours into a run)."""
+    with pytest.raises(error, match=keyword):
+        getattr(distill_ops, module)(**{keyword: value})
+
+
+def test_module_specific_keywords_are_checked_at_construction():
+    with pytest.raises(ValueError, match="chunk_size"):
+        distill_ops.FusedLinearKDLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        distill_ops.FusedLinearKDLoss(reduction="none")   # fused losses have no per-token form
+    with pytest.raises(ValueError, match="target_temperature"):
+        distill_ops.SparseKDLoss(tail="tail", target_temperature=2.0)
+    with pytest.raises(ValueError, match="tail"):
+        distill_ops.SparseKDLoss(tail="drop")
+    with pytest.raises(TypeError, match="inplace_grad"):
+        distill_ops.SparseKDLoss(inplace_grad=1)
+    with pytest.raises(ValueError, match="vocab"):
+        distill_ops.KDLoss(vocab="union")
+    distill_ops.KDLoss(divergence="generalized_jsd", beta=0.0, softcap=30.0)   # valid: accepted

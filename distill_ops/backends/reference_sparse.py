@@ -67,11 +67,12 @@ def target_bits(ids: torch.Tensor, v: int) -> torch.Tensor:
     bits = torch.zeros(n, (v + 31) // 32, dtype=torch.int32, device=ids.device)
     valid = ids >= 0
     ids = torch.where(valid, ids, torch.zeros_like(ids)).to(torch.int64)
-    one_bit = _BIT_OF.to(ids.device)[ids & 31]  # int32; bit 31 is -2^31
+    # 2^(id % 32) as an int32 bit pattern, made on the ids' device (no host table copied per
+    # call): exact in int64, then bit 31 (2^31) becomes -2^31 before the narrowing.
+    shift = ids & 31
+    one_bit = torch.bitwise_left_shift(torch.ones_like(ids), shift)
+    one_bit = torch.where(shift == 31, one_bit - (1 << 32), one_bit).to(torch.int32)
     return bits.scatter_add_(1, ids >> 5, torch.where(valid, one_bit, torch.zeros_like(one_bit)))
-
-
-_BIT_OF = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
 
 
 def _plogratio(w: torch.Tensor, lw: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
