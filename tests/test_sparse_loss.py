@@ -272,6 +272,29 @@ def test_an_ignored_row_may_have_undefined_targets(backend, tail):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_renorm_student_without_mass_on_the_targets_is_nan(backend, divergence):
+    """tail='renorm' renormalises the student over the target ids; a student row that is -inf at
+    every id has no such distribution (0/0), so its loss and gradient are NaN in every backend (the
+    torch and Triton reverse KLs masked the NaN q~ to a loss of 0, the CPU kernel gave NaN).
+    The other rows are untouched, and labelled -100 the row counts for nothing."""
+    require_backend(backend)
+    ids, lp, _ = make_targets(N, V, K, seed=29, pad=False)
+    s = make_student(N, V, seed=29)
+    s[2].scatter_(0, ids[2].long(), -torch.inf)
+    loss, grad = run_sparse(s, ids, lp, divergence=divergence, reduction="none", backend=backend)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).any()
+    keep = [i for i in range(N) if i != 2]
+    ref, ref_grad = run_sparse(s[keep], ids[keep], lp[keep], divergence=divergence,
+                               reduction="none", backend=backend)
+    assert rel_err(loss[keep], ref) < 1e-6 and rel_err(grad[keep], ref_grad) < 1e-6
+    labels = torch.zeros(N, dtype=torch.long)
+    labels[2] = -100
+    loss, grad = run_sparse(s, ids, lp, divergence=divergence, labels=labels, backend=backend)
+    assert torch.isfinite(loss) and torch.count_nonzero(grad[2]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_scale_temperature_and_weights(backend):
     require_backend(backend)
     ids, lp, _ = make_targets(N, V, K, seed=18)

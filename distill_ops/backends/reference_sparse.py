@@ -76,8 +76,10 @@ def target_bits(ids: torch.Tensor, v: int) -> torch.Tensor:
 
 
 def _plogratio(w: torch.Tensor, lw: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """w (log w - log r) with 0 log 0 = 0 (no NaN from -inf - -inf in the masked lanes)."""
-    live = w > 0
+    """w (log w - log r) with 0 log 0 = 0 (no NaN from -inf - -inf in the masked lanes). A NaN w
+    stays NaN (w != 0, not w > 0): a student with no mass on any target has no renormalised q~,
+    and its row is NaN in every backend, not 0."""
+    live = w != 0
     return torch.where(live, w * torch.where(live, lw - lr, torch.zeros_like(w)), torch.zeros_like(w))
 
 

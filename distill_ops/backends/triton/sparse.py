@@ -66,7 +66,7 @@ def _log1mexp(x):
 
 @triton.jit
 def _plogratio(w, lw, lr):
-    return tl.where(w > 0, w * (lw - lr), 0.0)
+    return tl.where(w != 0, w * (lw - lr), 0.0)  # NaN w stays NaN (as reference_sparse)
 
 
 @triton.jit
