@@ -130,6 +130,20 @@ def test_leading_dims_and_strides(backend):
     assert out.ids.shape == (2, 3, 6) and out.tail_logmass.shape == (2, 3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_large_logits_keep_their_log_probabilities(backend, offset, small_blocks):
+    """Logits far from 0 (softmax is shift-invariant): the log-probabilities are formed as
+    (a - max) - log z, exact where a - logsumexp(a) rounds at the logits' scale (the torch and
+    Triton backends were 4.8e-4 off at 1e4 in fp32, the kernels working in double 1e-7). At
+    temperature 1, since at another one every backend rounds x / tau to fp32 first (a relative
+    6e-8 of the logits, the input's own resolution)."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(4, 90, generator=g) * 3 + offset
+    check_topk(t, 8, backend=backend)
+
+
 def test_tiny_tail_is_accurate():
     """A peaked teacher: the mass outside the top-k is ~1e-12, far below float32's 1 - sum p
     resolution; its log is still right to a relative 1e-5."""
