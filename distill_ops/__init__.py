@@ -9,9 +9,9 @@ Public API::
     fused_linear_sparse_kd_loss(student_hidden, student_weight, target_ids, target_logprobs, ...)
     sparse_kd_loss(student_logits, target_ids, target_logprobs, *, tail="renorm", ...)
     SparseKDLoss(**same keywords)
-    teacher_topk(teacher_logits, k, *, temperature=1.0) -> SparseTargets
+    teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto") -> SparseTargets
     teacher_sample(teacher_logits, num_samples, *, temperature=1.0, proposal_temperature=1.0,
-                   seed=0) -> SparseTargets
+                   seed=0, backend="auto") -> SparseTargets
 
 The trainer (``distill_ops.trainer``), the offline target cache (``distill_ops.targets``) and the
 drop-ins for transformers / TRL (``distill_ops.integrations``) are imported on demand.

@@ -213,13 +213,16 @@ def _check_bias(name, b, hs, vocab_size):
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
-           wide, entropy=None):
+           wide, entropy=None, teacher_dtype: Optional[torch.dtype] = None):
     """Flatten, pick the chunk size and the compute dtype, and run the autograd Function
-    (``entropy``: a list that collects the student's entropy sum per chunk; dense only)."""
+    (``entropy``: a list that collects the student's entropy sum per chunk; dense only;
+    ``teacher_dtype``: the dense teacher's projection dtype, which may be the wider side)."""
     dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
     h_s2 = hs.reshape(-1, hs.shape[-1])
     n = h_s2.shape[0]
-    chunk = chunk_size or default_chunk_size(n, ws.shape[0], torch.finfo(dt_s).bits // 8)
+    # The budget holds for each side's chunk of logits: size it by the wider dtype.
+    item = max(torch.finfo(dt).bits for dt in (dt_s, teacher_dtype or dt_s)) // 8
+    chunk = chunk_size or default_chunk_size(n, ws.shape[0], item)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hs.requires_grad, grad_on and ws.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
@@ -267,7 +270,7 @@ def fused_linear_kd_loss(
             ``batchmean`` (sum over the number of tokens). (No ``none``: the gradients are made in
             the forward for a scalar loss.)
         chunk_size: tokens per chunk; default: the most whose logits take at most 256 MiB per side.
-        The other keywords are ``kd_loss``'s.
+        The other keywords are ``kd_loss``'s, less ``vocab`` and ``inplace_grad``.
 
     Returns:
         The scalar loss (float32; float64 for float64 inputs).
@@ -308,7 +311,8 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
                None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
     return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
-                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy)
+                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy,
+                  teacher_dtype=dt_t)
 
 
 def fused_linear_sparse_kd_loss(

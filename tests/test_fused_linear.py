@@ -196,6 +196,25 @@ def test_default_chunk_size():
     assert default_chunk_size(5, CHUNK_BYTES, 4) == 1            # at least one row
 
 
+def test_default_chunk_counts_the_wider_side(monkeypatch):
+    """A bf16 student against an fp32 teacher: the teacher's chunk of logits is fp32, so the
+    default chunk is sized by 4 bytes an element (sized by the student's 2, the teacher's chunk
+    was twice the budget)."""
+    import distill_ops.fused_linear as fl
+
+    monkeypatch.setattr(fl, "CHUNK_BYTES", 64 * 4 * 8)     # 8 rows of fp32 logits (V = 64)
+    seen = []
+    monkeypatch.setattr(fl, "default_chunk_size",
+                        lambda n, v, item: seen.append(item) or default_chunk_size(n, v, item))
+    g = torch.Generator().manual_seed(3)
+    hs = torch.randn(40, 16, generator=g).bfloat16()
+    ws = torch.randn(64, 16, generator=g).bfloat16()
+    ht, wt = torch.randn(40, 24, generator=g), torch.randn(64, 24, generator=g)
+    fl.fused_linear_kd_loss(hs, ws, ht, wt, backend="torch")
+    assert seen == [4]
+    assert default_chunk_size(40, 64, 4) == 8
+
+
 def test_errors():
     c = make_case((4,), 8, 6, 11, seed=11)
     args = (c["hs"], c["ws"], c["ht"], c["wt"])

@@ -73,6 +73,19 @@ def test_config_unknown_key_is_named(tmp_path):
         TrainConfig.from_yaml(str(path))
 
 
+def test_malformed_yaml_is_a_config_error(tmp_path, capsys):
+    """A YAML syntax error is a ConfigError naming the file, so the CLI prints one line and exits
+    with status 2 (yaml's own error is not a ValueError: it gave a traceback and status 1)."""
+    from distill_ops.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("student: [a\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        TrainConfig.from_yaml(str(path))
+    assert main(["train", "--config", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
 def test_config_yaml_types_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("max_steps: 7\ntemperature: 2\nbf16: false\ndivergence: reverse_kl\n")

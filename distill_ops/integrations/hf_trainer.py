@@ -96,7 +96,7 @@ class DistillationTrainer(Trainer):
             the batches carry cached targets (module docstring).
         kd_kwargs: keywords of :func:`distill_ops.kd_loss` (divergence, temperature, beta, alpha,
             hard_weight, soft_weight, scale_temperature, softcap, vocab, backend, ...); not
-            ``labels`` or ``reduction``, which the trainer sets. With ``fused_linear``, those of
+            ``labels``, ``reduction`` or ``ignore_index``, which the trainer sets. With ``fused_linear``, those of
             :func:`distill_ops.fused_linear_kd_loss` (the same, less vocab and inplace_grad,
             plus chunk_size); without a teacher, those of ``sparse_kd_loss`` (or
             ``fused_linear_sparse_kd_loss``).

@@ -45,7 +45,7 @@ class TrainConfig:
             so a resumed run draws what the uninterrupted one would).
         fused_linear: compute the loss from the models' last hidden states and lm_heads
             (fused_linear_kd_loss, fused_linear_sparse_kd_loss): no (tokens x V) logits are
-            materialised (targets dense, topk or cache).
+            materialised (targets dense, topk, sample or cache).
         inplace_grad: without fused_linear, the loss writes its gradient over the student's
             logits (one tokens x V buffer less; equal vocabularies). Turn it off for a model whose
             forward keeps its own logits for its backward (autograd then says a tensor "has been
@@ -56,7 +56,8 @@ class TrainConfig:
     Data
         train_data: a .txt file, a .jsonl file (``text`` field), a directory of those, or
             ``builtin:pydoc`` (Python's own documentation, always present).
-        eval_data: same forms; without it ``eval_fraction`` of the training sequences is held out.
+        eval_data: same forms; without it ``eval_fraction`` of the training sequences is held out
+            (of train_data's; ``train(train_dataset=...)`` holds out nothing: pass eval_dataset).
         seq_len: tokens per training sequence (documents are packed, separated by EOS).
         With ``targets="cache"`` the cache fixes the training data: train_data is an error, and a
         seq_len set to other than its default must equal the cache's sequence length (unless
@@ -218,13 +219,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
         """Load a YAML mapping of fields; ``overrides`` (e.g. command-line flags) replace its
-        values before validation. A missing file is FileNotFoundError, a bad key ConfigError."""
+        values before validation. A missing file is FileNotFoundError, a bad key or malformed YAML ConfigError."""
         import yaml
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:  # (not a ValueError: the CLI would print a traceback)
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: the top level of a config must be a mapping")
         data = dict(data)
