@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import config, inputs, measure, providers, report
+from . import agreement, config, inputs, measure, providers, report
 from .runner import Runner
 
 
@@ -113,6 +113,22 @@ def main(argv=None) -> dict:
         "bytes": "fwd: read student+teacher once; fwdbwd: + write the gradient once; bwd: the "
                  "gradient write; input dtype; sparse divergences other than forward_kl read the "
                  "student at the k target ids only (see bench/inputs.py floor_bytes)",
+        "rotation": (f"inputs rotate among copies exceeding twice the "
+                     f"{'L2' if device.type == 'cuda' else 'last-level cache'} "
+                     f"({measure.rotation_cache_bytes(device) / 2 ** 20:.0f} MiB), at most "
+                     f"{inputs.MAX_COPIES} copies and {inputs.ROTATION_CAP_BYTES / 2 ** 30:.0f} "
+                     "GiB in all (a row's input_copies)"),
+        "agreement": {"reference": agreement.REFERENCE, "checks": agreement.CHECKS,
+                      "loss_tol": agreement.LOSS_TOL, "grad_tol": agreement.GRAD_TOL,
+                      "grad_tol_mixtures_add": agreement.MIXTURE_GRAD_ALLOWANCE,
+                      "mixtures": agreement.MIXTURES,
+                      "topk_ids_tol": agreement.TOPK_IDS_TOL,
+                      "topk_values_tol": agreement.TOPK_VALUES_TOL,
+                      "sample_reference": agreement.SAMPLE_REFERENCE,
+                      "sample_check_rows": agreement.SAMPLE_CHECK_ROWS},
+        "copy_bandwidth": (f"floor_fraction uses the warm probe made before the rows "
+                           f"(copy_bandwidth.{measure.FLOOR_PROBE}); after, spread and a "
+                           "fresh-destination probe are recorded beside it"),
         "linear": "hidden states and lm_head weights in, the teacher's hidden size 1.5x the "
                   "student's; compute-bound, rows report tflop_per_s (bench/inputs.py "
                   "linear_flops)",
@@ -125,10 +141,7 @@ def main(argv=None) -> dict:
                                                            when))
 
     copy_bytes = None if args.copy_mb is None else int(args.copy_mb * 2 ** 20)
-    try:
-        doc["copy_bandwidth"] = measure.copy_bandwidth(device, timer, copy_bytes)
-    except Exception as exc:  # noqa: BLE001 - the rows are still worth having without it
-        doc["copy_bandwidth"] = {"gb_per_s": None, "error": f"{type(exc).__name__}: {exc}"}
+    doc["copy_bandwidth"] = measure.copy_probes_before(device, timer, copy_bytes)
     report.write(doc, out)
 
     began = time.monotonic()
@@ -142,6 +155,7 @@ def main(argv=None) -> dict:
     runner = Runner(device, timer, budget_s=budget, progress=not args.no_progress, on_row=on_row,
                     copy_gb_per_s=doc["copy_bandwidth"]["gb_per_s"])
     runner.run(cases, providers_for)
+    measure.add_probe_after(doc["copy_bandwidth"], device, timer, copy_bytes)
     timer.close()
     on_row(runner.rows)
     print(report.summary(doc))

@@ -95,12 +95,23 @@ def set_bytes(case, n: int) -> int:
     return nv
 
 
-def copies_for_l2(case, n: int, l2_bytes: Optional[int], max_copies: int = 32) -> int:
-    """How many input sets to rotate among so that together they exceed twice the L2 cache."""
-    if not l2_bytes:
+# Rotation copies: at most this many sets, and together at most this many bytes (one set alone
+# may be larger: then nothing rotates). 2x a CPU's last-level cache (a 384 MB L3 at most today)
+# fits under the byte cap; a GPU's L2 (50-100 MB) under both.
+MAX_COPIES = 32
+ROTATION_CAP_BYTES = 2 ** 30
+
+
+def copies_for_cache(case, n: int, cache_bytes: Optional[int], max_copies: int = MAX_COPIES,
+                     cap_bytes: int = ROTATION_CAP_BYTES) -> int:
+    """How many input sets to rotate among so that together they exceed twice the cache that
+    would otherwise hold them between calls (a GPU's L2, a CPU's last-level cache), within
+    ``max_copies`` sets and ``cap_bytes`` bytes in all."""
+    if not cache_bytes:
         return 1
     one = max(set_bytes(case, n), 1)
-    return max(1, min(max_copies, math.ceil(2 * l2_bytes / one)))
+    wanted = math.ceil(2 * cache_bytes / one)
+    return max(1, min(max_copies, cap_bytes // one, wanted))
 
 
 def floor_bytes(case, n: int) -> int:

@@ -7,7 +7,9 @@ Peak extra memory: ``torch.cuda.max_memory_allocated()`` during one call minus t
 allocated just before it (inputs, rotation copies, anything the provider keeps), after
 ``reset_peak_memory_stats``.
 
-CPU: ``time.perf_counter`` around each call, median of the repeats after warm-up. Peak extra
+CPU: ``time.perf_counter`` around each call, median of the repeats after warm-up; inputs smaller
+than the last-level cache rotate among copies that together exceed twice it (rotation_cache_bytes,
+inputs.copies_for_cache), so a call does not find the previous one's inputs in cache. Peak extra
 memory: the process's resident-set high-water mark during one call minus its resident set just
 before, with the high-water mark reset first (Linux: writing 5 to /proc/self/clear_refs resets
 VmHWM). Large torch CPU buffers are mmap'ed by the allocator and returned to the OS when freed, so
@@ -23,6 +25,7 @@ import gc
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -59,6 +62,55 @@ def l2_bytes(device: torch.device) -> Optional[int]:
         return None
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "L2_cache_size", 0)) or 50 * 2 ** 20
+
+
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+# Where sysfs says nothing (not Linux, a container hiding it): a common server L3 (the 2-core VMs
+# this harness runs on report 32 MiB). Too small a guess rotates too few copies; too large only
+# costs memory (bounded by inputs.ROTATION_CAP_BYTES).
+DEFAULT_LLC_BYTES = 32 * 2 ** 20
+
+
+def _sysfs_size(text: str) -> Optional[int]:
+    """'32768K' / '1M' / '512' (bytes) as bytes."""
+    text = text.strip().upper()
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+    digits = text.rstrip("KMGB")
+    return int(digits) * scale if digits.isdigit() else None
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def llc_bytes_from_sysfs(root: Path = SYSFS_CPU) -> Optional[int]:
+    """The machine's last-level cache: the highest cache level sysfs lists (data or unified),
+    each instance counted once (CPUs sharing one list the same shared_cpu_list), summed over the
+    instances, since rotated inputs spread over every core's slice when all cores run. None
+    where sysfs has no cache description."""
+    found: dict = {}   # level -> {shared_cpu_list: bytes}
+    for index in sorted(root.glob("cpu[0-9]*/cache/index[0-9]*")):
+        level, size = _read(index / "level"), _read(index / "size")
+        if _read(index / "type") == "Instruction" or not level or not level.isdigit() or not size:
+            continue
+        nbytes = _sysfs_size(size)
+        if nbytes:
+            shared = _read(index / "shared_cpu_list") or str(index.parent.parent.name)
+            found.setdefault(int(level), {})[shared] = nbytes
+    if not found:
+        return None
+    return sum(found[max(found)].values())
+
+
+def rotation_cache_bytes(device: torch.device) -> int:
+    """The cache the input rotation must defeat: the L2 on a GPU, the last-level cache on the CPU
+    (sysfs, else DEFAULT_LLC_BYTES)."""
+    if device.type == "cuda":
+        return l2_bytes(device)
+    return llc_bytes_from_sysfs() or DEFAULT_LLC_BYTES
 
 
 class CudaTimer:
@@ -203,27 +255,95 @@ def peak_extra_bytes(device: torch.device, step: Callable, reset: Callable) -> O
 
 # ----------------------------------------------------------------------------- copy bandwidth
 
-def copy_bandwidth(device: torch.device, timer, nbytes: Optional[int] = None) -> dict:
-    """A large device-to-device (or RAM-to-RAM) copy: (bytes read + bytes written) / median time."""
-    if nbytes is None:
-        if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-            nbytes = int(min(2 ** 30, free // 4))
-        else:
-            nbytes = 256 * 2 ** 20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    times = timer.time(lambda: dst.copy_(src), lambda: None)
+COPY_METHOD = "dst.copy_(src), bytes read + written over median time"
+# The probe fractions of the floor use (bench/README.md): the warm one measured before the rows.
+# It is known when each row is written (a killed run's rows are complete), and it is what every
+# file before 2026-12 measured, so fractions stay comparable across files; `after` and `spread`
+# say how far the machine drifted during the run, `fresh` how much slower writes into
+# never-touched memory are (first-touch page faults: what a CPU fwdbwd row's gradient pays).
+FLOOR_PROBE = "before"
+
+
+def default_copy_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(min(2 ** 30, free // 4))
+    return 256 * 2 ** 20
+
+
+def _new_destination(like: torch.Tensor) -> torch.Tensor:
+    """A newly allocated, never written buffer. On a GPU the caching allocator would hand back the
+    block just freed, so its cache is emptied first (device memory has no first-touch cost, so
+    there the fresh probe mostly checks that)."""
+    if like.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return torch.empty_like(like)
+
+
+def _probe_result(nbytes: int, times: list, destination: str) -> dict:
     stats = summarize(times)
+    return {"bytes": nbytes, "ms_median": stats["ms_median"], "ms_min": stats["ms_min"],
+            "ms_max": stats["ms_max"], "reps": stats["reps"],
+            "gb_per_s": 2 * nbytes / (stats["ms_median"] * 1e-3) / 1e9,
+            "method": COPY_METHOD, "destination": destination}
+
+
+def copy_bandwidth(device: torch.device, timer, nbytes: Optional[int] = None, *,
+                   fresh: bool = False) -> dict:
+    """A large device-to-device (or RAM-to-RAM) copy: (bytes read + bytes written) / median time.
+    ``fresh``: every timed copy goes into a destination allocated just before it (outside the
+    timing) and never touched; otherwise into one warm buffer, written by every rep."""
+    nbytes = nbytes or default_copy_bytes(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = [torch.empty_like(src)]
+
+    def renew() -> None:
+        dst[0] = None   # free the previous one first: one destination alive at a time
+        dst[0] = _new_destination(src)
+
+    times = timer.time(lambda: dst[0].copy_(src), renew if fresh else (lambda: None))
     src = dst = None  # noqa: F841 - free the buffers before the rows run
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
-        "bytes": nbytes,
-        "ms_median": stats["ms_median"],
-        "gb_per_s": 2 * nbytes / (stats["ms_median"] * 1e-3) / 1e9,
-        "method": "dst.copy_(src), bytes read + written over median time",
-    }
+    return _probe_result(nbytes, times, "fresh (allocated before each copy, never touched)"
+                         if fresh else "warm (one buffer, rewritten every rep)")
+
+
+def probe_error(exc: BaseException) -> dict:
+    return {"gb_per_s": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def copy_probes_before(device: torch.device, timer, nbytes: Optional[int] = None) -> dict:
+    """The run's copy_bandwidth record before the rows: the warm probe (top-level ``gb_per_s``,
+    the one floor fractions use, as in older files) and the fresh-destination probe."""
+    try:
+        before = copy_bandwidth(device, timer, nbytes)
+    except Exception as exc:  # noqa: BLE001 - the rows are still worth having without it
+        before = probe_error(exc)
+    try:
+        fresh = copy_bandwidth(device, timer, nbytes, fresh=True)
+    except Exception as exc:  # noqa: BLE001
+        fresh = probe_error(exc)
+    return {**before, "floor_uses": FLOOR_PROBE, "before": before, "fresh": fresh}
+
+
+def add_probe_after(record: dict, device: torch.device, timer,
+                    nbytes: Optional[int] = None) -> None:
+    """The warm probe again once the rows are done, and the spread of the two."""
+    try:
+        record["after"] = copy_bandwidth(device, timer, nbytes)
+    except Exception as exc:  # noqa: BLE001
+        record["after"] = probe_error(exc)
+    record["spread"] = probe_spread(record.get("before"), record["after"])
+
+
+def probe_spread(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
+    """min, max and (max - min) / min of the warm probes' GB/s; None if one is missing."""
+    values = [p.get("gb_per_s") for p in (before or {}, after or {})]
+    if any(v is None or v <= 0 for v in values):
+        return None
+    lo, hi = min(values), max(values)
+    return {"min_gb_per_s": lo, "max_gb_per_s": hi, "relative": (hi - lo) / lo}
 
 
 def default_threads() -> int:

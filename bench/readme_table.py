@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import report, trainer_step
+from . import agreement, report, trainer_step
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 PROVIDER_ORDER = ("torch-eager", "torch-compile", "liger", "trl", "torchtune",
@@ -44,6 +44,16 @@ def _mem(mb) -> str:
     return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
+# A measured cell's mark for what its agreement check found (bench/agreement.py); the reference's
+# cells and fully checked ones carry none.
+AGREEMENT_MARK = {"reference": "", "checked": "", "unchecked": " †", "failed": " ✗"}
+AGREEMENT_LEGEND = {
+    "unchecked": "† not (fully) checked: a run from before the checks, or what the row's "
+                 "`agreement.unchecked` says",
+    "failed": "✗ differs beyond tolerance (the row's `agreement.failed`)",
+}
+
+
 def _cell(row: dict) -> str:
     if row is None:
         return ""
@@ -58,7 +68,34 @@ def _cell(row: dict) -> str:
     text = " · ".join(parts)
     if row.get("shrunk"):
         text += f" (N={row['N']})"
-    return text
+    return text + AGREEMENT_MARK[agreement.state(row)]
+
+
+def _agreement_legend(group: list, suite: str) -> str:
+    """What the cells were checked against, and the marks the group's cells carry."""
+    if suite == "sample":
+        text = (f"Unmarked cells draw the ids and weights of {agreement.SAMPLE_REFERENCE}, the "
+                "reference backend (same seed; bench/agreement.py), or are it; "
+                "torch.multinomial's draws are comparable with nothing")
+    else:
+        text = (f"Unmarked cells agree with {agreement.REFERENCE} within tolerance "
+                "(bench/agreement.py), or are it")
+    states = {agreement.state(r) for r in group if r["status"] == "ok"}
+    marks = [AGREEMENT_LEGEND[s] for s in ("unchecked", "failed") if s in states]
+    return text + ("; " + "; ".join(marks) if marks else "") + "."
+
+
+def _bandwidth_text(group: list) -> str:
+    """The copy bandwidth the group's floor fractions were divided by. Each file has its own, and
+    a group's cells may come from several files: one value where they agree to the digit shown,
+    else the range (each cell used its own file's)."""
+    values = sorted({round(r["copy_gb_per_s"]) for r in group
+                     if r.get("copy_gb_per_s") and r.get("floor_fraction") is not None})
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"copy bandwidth {values[0]} GB/s"
+    return f"copy bandwidth {values[0]}-{values[-1]} GB/s (by run; each cell uses its run's)"
 
 
 def _order(name: str) -> tuple:
@@ -99,8 +136,8 @@ def render_kernels(paths) -> str:
                           for r in group})
         bits.append("commit " + ", ".join(commits))
         bits.append(newest["date"][:10])
-        if newest.get("copy_gb_per_s"):
-            bits.append(f"copy bandwidth {newest['copy_gb_per_s']:.0f} GB/s")
+        if _bandwidth_text(group):
+            bits.append(_bandwidth_text(group))
         out.append(f"**{device}**, {suite} ({'; '.join(bits)})")
         out.append("")
         measured = sorted({r["provider"] for r in group if r["status"] in ("ok", "oom", "error")},
@@ -130,6 +167,7 @@ def render_kernels(paths) -> str:
         else:
             out.append("Cell: median time · fraction of the bandwidth floor (bytes that must move "
                        "over the measured copy bandwidth) · peak extra memory.")
+        out.append(_agreement_legend(group, suite))
         if absent:
             reasons = []
             for name in absent:

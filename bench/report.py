@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from . import agreement
+
 SCHEMA = "distill-ops-bench/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -172,9 +174,24 @@ def num(value, none: str = "-") -> str:
     return f"{value:.3g}"
 
 
+AGREE_SHORT = {"reference": "ref", "checked": "ok", "failed": "FAIL", "unchecked": "unchecked"}
+
+
+def _probes_text(bw: dict) -> str:
+    """' (before the rows; after the rows 37, fresh destination 4.1)': the other probes, where
+    the file has them (the first value is the one floor fractions use)."""
+    bits = []
+    for key, name in (("after", "after the rows"), ("fresh", "fresh destination")):
+        value = (bw.get(key) or {}).get("gb_per_s")
+        if value is not None:
+            bits.append(f"{name} {value:.3g}")
+    return f" (before the rows; {', '.join(bits)})" if bits else ""
+
+
 def summary(doc: dict) -> str:
     """A plain-text table of every row (the errors shortened)."""
-    cols = ["case", "provider", "N", "ms", "min-max", "GB/s", "floor", "peak MB", "1st s", "status"]
+    cols = ["case", "provider", "N", "ms", "min-max", "GB/s", "floor", "peak MB", "1st s", "agree",
+            "status"]
     lines = []
     for r in doc["rows"]:
         div = r["divergence"] + ("+ce" if r.get("hard_label") else "")
@@ -183,23 +200,28 @@ def summary(doc: dict) -> str:
         status = r["status"]
         if status != "ok" and r.get("error"):
             status += ": " + r["error"].replace("\n", " ")[:70]
+        elif "agreement" in r and agreement.failures_text(r):
+            status += f" ({agreement.failures_text(r)})"
         elif r.get("loss_vs_eager") is not None and r["loss_vs_eager"] > 1e-2:
             status += f" (loss differs from eager by {r['loss_vs_eager']:.1e})"
         spread = (f"{num(r['ms_min'])}-{num(r['ms_max'])}" if r.get("ms_min") is not None else "-")
         lines.append([case, r["provider"], n, num(r["ms_median"]), spread,
                       num(r["gb_per_s"]), _fmt(r["floor_fraction"], ".0%"),
-                      _fmt(r["peak_extra_mb"], ".0f"), _fmt(r["first_call_s"], ".1f"), status])
+                      _fmt(r["peak_extra_mb"], ".0f"), _fmt(r["first_call_s"], ".1f"),
+                      AGREE_SHORT[agreement.state(r)] if r["status"] == "ok" else "-", status])
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
     out = []
     dev = doc["device"]
     bw = doc.get("copy_bandwidth") or {}
     out.append(f"# {dev.get('name')} | torch {doc['versions'].get('torch')} | triton "
                f"{doc['versions'].get('triton')} | commit {doc['commit'][:12]} | copy bandwidth "
-               f"{_fmt(bw.get('gb_per_s'), '.0f')} GB/s")
+               f"{_fmt(bw.get('gb_per_s'), '.0f')} GB/s{_probes_text(bw)}")
     out.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     for line in lines:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-    out.append("(N* = shrunk to fit memory; floor = achieved GB/s over the measured copy bandwidth)")
+    out.append("(N* = shrunk to fit memory; floor = achieved GB/s over the measured copy bandwidth; "
+               "agree: ref = the reference, ok = every check within tolerance, FAIL = a check "
+               "above it, unchecked = something was not compared (the row's agreement says what)")
     return "\n".join(out)
 
 

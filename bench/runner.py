@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import inputs, measure
+from . import agreement, inputs, measure
 from . import providers as prov
 
 # Bytes of fp32 (N x V) temporaries an eager-style provider holds at its peak, per divergence
@@ -111,6 +111,13 @@ def build_step(fn: Callable, sets: list, mode: str, suite: str):
     return step, reset
 
 
+def first_set_grads(x: dict, mode: str, suite: str) -> dict:
+    """The gradients the first call left on the first input set (none for a forward)."""
+    if mode == "fwd":
+        return {}
+    return {key: x[key].grad for key in GRAD_INPUTS.get(suite, ())}
+
+
 def _loss_value(out) -> Optional[float]:
     if isinstance(out, torch.Tensor) and out.numel() == 1:
         return float(out.detach().float())
@@ -127,7 +134,8 @@ class Runner:
         self.progress = progress
         self.on_row = on_row
         self.copy_gb_per_s = copy_gb_per_s
-        self.l2 = measure.l2_bytes(device)
+        # inputs rotate among copies larger than this cache (GPU: L2; CPU: the last-level cache)
+        self.cache_bytes = measure.rotation_cache_bytes(device)
         self.rows: list = []
         self.started = time.monotonic()
 
@@ -142,6 +150,7 @@ class Runner:
             "error": None, "ms_median": None, "ms_min": None, "ms_max": None, "ms_p20": None,
             "ms_p80": None, "reps": None, "bytes": None, "gb_per_s": None, "floor_fraction": None,
             "peak_extra_mb": None, "first_call_s": None, "loss": None, "input_copies": None,
+            "agreement": None,
         }
 
     def _fit(self, case, provider, n: int) -> int:
@@ -150,7 +159,7 @@ class Runner:
         _free_memory(self.device)
         free = torch.cuda.mem_get_info(self.device)[0]
         while n > 1:
-            copies = inputs.copies_for_l2(case, n, self.l2)
+            copies = inputs.copies_for_cache(case, n, self.cache_bytes)
             if estimate_bytes(case, provider, n, copies) <= SHRINK_HEADROOM * free:
                 break
             n //= 2
@@ -159,7 +168,7 @@ class Runner:
     def _measure(self, case, provider, n: int) -> dict:
         """The measured fields of a row (nothing is written to the row unless all of it worked)."""
         row: dict = {}
-        copies = inputs.copies_for_l2(case, n, self.l2)
+        copies = inputs.copies_for_cache(case, n, self.cache_bytes)
         sets = [inputs.make(case, n, self.device, seed_offset=i) for i in range(copies)]
         row["input_copies"] = copies
         fn = provider.make(case)
@@ -170,6 +179,9 @@ class Runner:
         measure.sync(self.device)
         row["first_call_s"] = time.perf_counter() - t0
         row["loss"] = _loss_value(out)
+        # Compared once, here: before the timing, so that neither the gradients nor the eager
+        # reference's temporaries are alive while it runs (reset() drops the gradients next).
+        row["agreement"] = self._agreement(case, provider, sets[0], out)
         del out
         peak = measure.peak_extra_bytes(self.device, step, reset)
         row["peak_extra_mb"] = None if peak is None else peak / 2 ** 20
@@ -193,6 +205,22 @@ class Runner:
             row["floor_fraction"] = row["gb_per_s"] / self.copy_gb_per_s
         row["status"] = "ok"
         return row
+
+    def _agreement(self, case, provider, first_set: dict, out) -> dict:
+        """The row's agreement record. The check's own memory (eager's chunk temporaries) is not
+        in the N estimate: a check that fails, out of memory or otherwise, leaves the row
+        measured and says so rather than failing or shrinking it."""
+        try:
+            return agreement.check_first_call(
+                case, provider.name, first_set, out,
+                first_set_grads(first_set, case.mode, case.suite))
+        except Exception as exc:  # noqa: BLE001 - the timing is still worth having
+            why = _error_text(exc, 300)
+        # out of the except block: its traceback no longer holds the check's tensors
+        _free_memory(self.device)
+        record = agreement.new_record(agreement.reference_of(case.suite))
+        agreement.add_unchecked(record, "the comparison", why)
+        return record
 
     def run_row(self, case, provider) -> dict:
         row = self._base_row(case, provider)
@@ -254,24 +282,12 @@ class Runner:
                     bar.update()
                     if self.on_row is not None:
                         self.on_row(self.rows)
-                _compare_losses(case_rows)
+                agreement.compare_losses(case_rows)
                 if self.on_row is not None:
                     self.on_row(self.rows)
         finally:
             bar.close()
         return self.rows
-
-
-def _compare_losses(rows: list) -> None:
-    """Relative difference of each row's loss from the eager one (same N): a check that every
-    provider computes the same function, recorded as ``loss_vs_eager``."""
-    ref = next((r for r in rows if r["provider"] == "torch-eager" and r["status"] == "ok"
-                and r["loss"] is not None), None)
-    if ref is None:
-        return
-    for row in rows:
-        if row["status"] == "ok" and row["loss"] is not None and row["N"] == ref["N"]:
-            row["loss_vs_eager"] = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
 
 
 class _progress:

@@ -503,3 +503,288 @@ def test_trainer_liger_without_the_package_is_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
     with pytest.raises(prov.Unavailable, match="liger_kernel is not importable"):
         trainer_step.make_loss("liger", torch.device("cuda"))
+
+
+# ----------------------------------------------------------------------------- agreement checks
+
+def _agreement(rows, suite, provider, divergence=None):
+    return next(r for r in rows if r["suite"] == suite and r["provider"] == provider
+                and (divergence is None or r["divergence"] == divergence))
+
+
+def test_rows_record_which_agreement_checks_were_made(result):
+    """Each measured row says what was compared with the reference and its worst error: loss and
+    gradient (fwdbwd), top-k ids and values; the sampling rows of torch.multinomial say that
+    nothing is comparable; the reference rows say they are the reference."""
+    from bench import agreement
+
+    rows = json.loads(result.read_text())["rows"]
+    for suite in ("dense", "sparse", "linear"):
+        rec = _agreement(rows, suite, "distill_ops:torch", "forward_kl")["agreement"]
+        assert rec["against"] == "torch-eager" and set(rec["checks"]) == {"loss", "grad"}, rec
+        assert rec["checks"]["grad"]["error"] < 1e-5 and rec["checks"]["grad"]["tol"] == 5e-4
+        assert rec["failed"] == [] and rec["unchecked"] == []
+        assert _agreement(rows, suite, "torch-eager")["agreement"]["reference"]
+    topk = _agreement(rows, "topk", "distill_ops:torch")["agreement"]
+    assert set(topk["checks"]) == {"ids", "values"} and not topk["failed"], topk
+    eager_sample = _agreement(rows, "sample", "torch-eager")
+    assert not eager_sample["agreement"]["checks"]
+    assert "not comparable" in eager_sample["agreement"]["unchecked"][0]
+    assert agreement.state(eager_sample) == "unchecked"
+    assert _agreement(rows, "sample", "distill_ops:torch")["agreement"]["reference"]
+    native = _agreement(rows, "sample", "distill_ops:cpu")
+    if native["status"] == "ok":   # the C++ sampler draws the reference's ids from the same seed
+        assert native["agreement"]["checks"]["ids"]["error"] == 0, native["agreement"]
+        assert agreement.state(native) == "checked"
+    json.dumps(rows, allow_nan=False)   # floats only: no tensor, no NaN kept in a row
+
+
+class _WrongGradient(prov.Provider):
+    """The eager loss's value with 1.5 times its gradient: only a gradient check sees it."""
+
+    name = "wrong-gradient"
+
+    def make(self, case):
+        eager = prov.TorchEager().make(case)
+
+        def fn(x):
+            loss = eager(x)
+            return loss + 0.5 * (loss - loss.detach())
+        return fn
+
+
+class _LiveTensorTimer(CpuTimer):
+    """A CpuTimer that counts the live N x V tensors when the timing starts."""
+
+    def __init__(self, shape):
+        super().__init__(rep_s=0.0, min_reps=1)
+        self.shape, self.live = shape, []
+
+    def time(self, step, reset):
+        import gc
+
+        reset()
+        gc.collect()
+        self.live.append(sum(1 for o in gc.get_objects()
+                             if issubclass(type(o), torch.Tensor) and tuple(o.shape) == self.shape))
+        return super().time(step, reset)
+
+
+def test_a_wrong_gradient_is_flagged_and_compared_outside_the_timing():
+    """A provider with the right loss and a wrong gradient: its row is measured (status ok), its
+    gradient check fails and the summary says so; the comparison leaves no N x V tensor alive
+    when the timing starts (only the rotated inputs)."""
+    from bench import agreement
+
+    n, v = 8, 1000
+    case = config.Case("dense", "forward_kl", False, "fp32", n, v, "fwdbwd")
+    timer = _LiveTensorTimer((n, v))
+    runner = Runner(torch.device("cpu"), timer, progress=False)
+    eager, wrong = runner.run([case], lambda c: [prov.get("torch-eager"), _WrongGradient()])
+    rec = wrong["agreement"]
+    assert wrong["status"] == "ok" and rec["failed"] == ["grad"], rec
+    assert abs(rec["checks"]["grad"]["error"] - 0.5) < 1e-3
+    assert rec["checks"]["loss"]["error"] < 1e-6 and "loss" not in rec["failed"]
+    assert agreement.state(wrong) == "failed" and agreement.state(eager) == "reference"
+    text = report.summary({"rows": [eager, wrong], "device": {"name": "cpu"},
+                           "versions": {}, "commit": "x"})
+    assert "grad differs from torch-eager by 5.0e-01" in text
+    assert timer.live == [2 * eager["input_copies"], 2 * wrong["input_copies"]]
+
+
+def test_topk_check_allows_ties_and_catches_wrong_ids_and_values():
+    """Top-k ids compare as sets allowing ties (eager's log-probabilities at the ids), values at
+    the provider's own ids."""
+    from bench import agreement
+
+    teacher = torch.tensor([[5.0, 5.0, 5.0, 1.0, 0.0, -1.0]] * 3)
+    case = config.Case("topk", "topk", False, "fp32", 3, 6, "fwd", k=2)
+    log_p = torch.log_softmax(teacher, -1)
+
+    def check(ids):
+        ids = torch.tensor([ids] * 3)
+        return agreement.check_first_call(case, "x", {"teacher": teacher},
+                                          (ids, log_p.gather(-1, ids)), {})
+
+    tied = check([2, 1])        # eager picks 0 and 1: another choice among equals
+    assert not tied["failed"] and tied["checks"]["ids"]["error"] == 0, tied
+    wrong = check([0, 3])
+    assert wrong["failed"] == ["ids"], wrong
+    ids = torch.tensor([[0, 1]] * 3)
+    off = agreement.check_first_call(case, "x", {"teacher": teacher},
+                                     (ids, log_p.gather(-1, ids) + 1e-2), {})
+    assert off["failed"] == ["values"], off
+
+
+@pytest.mark.parametrize("dtype,divergence,tol", [("fp32", "forward_kl", 5e-4),
+                                                  ("bf16", "forward_kl", 1e-2),
+                                                  ("fp32", "jsd", 5e-4 + 1e-2)])
+def test_gradient_tolerance_depends_on_dtype_and_divergence(dtype, divergence, tol):
+    from bench import agreement
+
+    case = config.Case("dense", divergence, False, dtype, 2, 8, "fwdbwd")
+    assert agreement._grad_tol(case) == pytest.approx(tol)
+
+
+def test_gradient_reference_is_chunked_over_rows(monkeypatch):
+    """The eager gradient is recomputed a few rows at a time (bounded temporaries) and still
+    matches the whole-batch gradient, shared weights (the linear suite's lm_head) included."""
+    from bench import agreement
+
+    monkeypatch.setattr(agreement, "REFERENCE_CHUNK_ELEMENTS", 3 * 80)   # 3 rows of V = 80
+    for suite in ("dense", "linear"):
+        case = config.Case(suite, "jsd", True, "fp32", 7, 80, "fwdbwd", h=16)
+        x = inputs.make(case, 7, torch.device("cpu"))
+        keys = ("hs", "ws") if suite == "linear" else ("student",)
+        for key in keys:
+            x[key].requires_grad_(True)
+        prov.TorchEager().make(case)(x).backward()
+        rec = agreement.check_first_call(case, "p", x, None, {k: x[k].grad for k in keys})
+        assert rec["checks"]["grad"]["error"] < 1e-6, (suite, rec)
+
+
+# ----------------------------------------------------------------------------- copy bandwidth
+
+def test_copy_bandwidth_probed_before_after_and_into_fresh_memory(result):
+    """The probe runs before and after the rows (both kept, with their spread) and once into a
+    fresh destination; floor fractions use the warm probe before the rows."""
+    doc = json.loads(result.read_text())
+    bw = doc["copy_bandwidth"]
+    for key in ("before", "after", "fresh"):
+        assert bw[key]["gb_per_s"] > 0 and bw[key]["bytes"] == 2 * 2 ** 20, key
+    assert bw["fresh"]["destination"].startswith("fresh")
+    assert bw["floor_uses"] == "before" and bw["gb_per_s"] == bw["before"]["gb_per_s"]
+    lo, hi = sorted((bw["before"]["gb_per_s"], bw["after"]["gb_per_s"]))
+    assert bw["spread"] == pytest.approx({"min_gb_per_s": lo, "max_gb_per_s": hi,
+                                          "relative": (hi - lo) / lo})
+    row = next(r for r in doc["rows"] if r.get("floor_fraction"))
+    assert row["floor_fraction"] == pytest.approx(row["gb_per_s"] / bw["before"]["gb_per_s"])
+
+
+def test_fresh_copy_probe_allocates_a_new_destination_for_every_copy(monkeypatch):
+    from bench import measure
+
+    made = []
+    real = measure._new_destination
+    monkeypatch.setattr(measure, "_new_destination", lambda like: made.append(1) or real(like))
+    timer = CpuTimer(warmup=1, rep_s=0.0, min_reps=3, max_reps=3)
+    probe = measure.copy_bandwidth(torch.device("cpu"), timer, 1 << 16, fresh=True)
+    assert len(made) == 1 + 3 and probe["reps"] == 3   # one before each copy, warm-up included
+    measure.copy_bandwidth(torch.device("cpu"), timer, 1 << 16)
+    assert len(made) == 4                               # the warm probe reuses its buffer
+
+
+# ----------------------------------------------------------------------------- CPU rotation
+
+def _fake_cache(root, cpu, index, level, size, kind="Unified", shared="0-1"):
+    d = root / f"cpu{cpu}" / "cache" / f"index{index}"
+    d.mkdir(parents=True)
+    for name, value in (("level", level), ("size", size), ("type", kind),
+                        ("shared_cpu_list", shared)):
+        (d / name).write_text(f"{value}\n")
+
+
+def test_llc_from_sysfs(tmp_path):
+    """The highest level's size, each shared instance once, instances summed; None without
+    sysfs (the caller then takes the documented default)."""
+    from bench import measure
+
+    for cpu in (0, 1):
+        _fake_cache(tmp_path, cpu, 0, 1, "32K", "Data", shared=str(cpu))
+        _fake_cache(tmp_path, cpu, 1, 1, "32K", "Instruction", shared=str(cpu))
+        _fake_cache(tmp_path, cpu, 2, 2, "512K", shared=str(cpu))
+        _fake_cache(tmp_path, cpu, 3, 3, "32768K", shared="0-1")
+    assert measure.llc_bytes_from_sysfs(tmp_path) == 32 * 2 ** 20
+    _fake_cache(tmp_path, 2, 3, 3, "16M", shared="2-3")   # a second L3 instance
+    assert measure.llc_bytes_from_sysfs(tmp_path) == 48 * 2 ** 20
+    assert measure.llc_bytes_from_sysfs(tmp_path / "absent") is None
+    assert measure.rotation_cache_bytes(torch.device("cpu")) > 0
+
+
+def test_cpu_inputs_rotate_past_the_last_level_cache(monkeypatch):
+    """On the CPU a set smaller than the LLC is rotated among copies that together exceed twice
+    it (16 MB teachers sat in a 32 MiB L3 before), within the byte cap."""
+    from bench import measure
+
+    monkeypatch.setattr(measure, "llc_bytes_from_sysfs", lambda root=None: 2 ** 20)
+    case = config.Case("topk", "topk", False, "fp32", 4, 16384, "fwd", k=8)   # 256 KiB a set
+    runner = Runner(torch.device("cpu"), CpuTimer(rep_s=0.0, min_reps=1), progress=False)
+    (row,) = runner.run([case], lambda c: [prov.get("torch-eager")])
+    assert row["status"] == "ok" and row["input_copies"] == 8
+    big = config.Case("topk", "topk", False, "fp32", 1024, 16384, "fwd", k=8)   # 64 MiB a set
+    assert inputs.copies_for_cache(big, 1024, 2 ** 31) == inputs.ROTATION_CAP_BYTES // (64 << 20)
+
+
+# ----------------------------------------------------------------------------- README table
+
+def test_readme_table_marks_unchecked_and_failed_cells(result, tmp_path):
+    """Cells whose agreement was not checked (old files have no record) carry a mark and a
+    legend line, as do failed checks; checked cells and the reference's carry none."""
+    doc = json.loads(result.read_text())
+    table = readme_table.render([result])
+    dense = next(line for line in table.splitlines() if line.startswith("| forward_kl | fp32"))
+    assert "†" not in dense and "✗" not in dense
+    old = json.loads(json.dumps(doc))
+    for row in old["rows"]:
+        row.pop("agreement")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    lines = readme_table.render([path]).splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    head = cells(next(line for line in lines if line.startswith("| loss |")))
+    dense = cells(next(line for line in lines if line.startswith("| forward_kl | fp32")))
+    assert "†" in dense[head.index("distill_ops:torch")]
+    assert "†" not in dense[head.index("torch-eager")]
+    assert any(line.startswith("Unmarked cells agree with torch-eager") and "† not" in line
+               for line in lines)
+    for row in doc["rows"]:
+        if row["provider"] == "distill_ops:torch" and row["suite"] == "dense":
+            row["agreement"]["failed"] = ["grad"]
+    path.write_text(json.dumps(doc))
+    assert "✗" in readme_table.render([path])
+
+
+def test_readme_table_header_shows_the_bandwidth_of_every_run_in_the_group(result, tmp_path):
+    """A group's cells can come from several files, each cell's floor fraction from its own
+    file's copy bandwidth: the header shows the range then, one value otherwise."""
+    doc = json.loads(result.read_text())
+    doc["rows"] = [r for r in doc["rows"] if r["suite"] == "dense"]
+    paths = []
+    for i, (gb, n) in enumerate(((26.2, 4), (39.4, 8))):
+        doc["copy_bandwidth"]["gb_per_s"] = gb
+        doc["date"] = f"2026-12-0{i + 1}T00:00:00+00:00"
+        for row in doc["rows"]:
+            row["N"] = row["N_requested"] = n
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert "copy bandwidth 26-39 GB/s (by run" in readme_table.render(paths)
+    assert "copy bandwidth 39 GB/s)" in readme_table.render(paths[1:])
+
+
+def test_a_check_that_breaks_leaves_the_row_measured(monkeypatch):
+    """The check's own memory is not in the row's N estimate: a check that fails (out of
+    memory, say) must neither fail nor shrink the row, only say it did not check."""
+    from bench import agreement
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(agreement, "check_first_call", broken)
+    case = config.Case("dense", "forward_kl", False, "fp32", 8, 16, "fwdbwd")
+    runner = Runner(torch.device("cpu"), CpuTimer(rep_s=0.0, min_reps=1), progress=False)
+    (row,) = runner.run([case], lambda c: [prov.get("distill_ops:torch")])
+    assert row["status"] == "ok" and row["N"] == 8 and not row["shrunk"]
+    assert "out of memory" in row["agreement"]["unchecked"][0]
+    assert agreement.state(row) == "unchecked"
+
+
+def test_a_nan_in_any_chunk_fails_the_check():
+    """A NaN in a later chunk is not lost to Python's max (which keeps the first operand)."""
+    from bench import agreement
+
+    ratio = agreement._MaxRatio()
+    ratio.add(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    ratio.add(torch.tensor([float("nan")]), torch.tensor([1.0]))
+    record = agreement.new_record("torch-eager")
+    agreement.add_check(record, "grad", agreement._worst(0.0, ratio.value()), 1e-2)
+    assert record["failed"] == ["grad"] and record["checks"]["grad"]["error"] == float("inf")
