@@ -115,4 +115,4 @@ def labels(
         raise ValueError(
             f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
         )
-    return x.reshape(-1).to(torch.int64)
+    return x.reshape(-1).to(torch.int64).contiguous()

@@ -395,3 +395,50 @@ def test_cuda_large(backend, tail, divergence, dtype):
     check_sparse(s[rows], targets.ids[rows], targets.logprobs[rows],
                  tail_logmass=targets.tail_logmass[rows], backend=backend,
                  **{**kw, "labels": labels[rows]})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_strided_labels(backend):
+    """1-D labels with a stride (labels2d[:, 0]): reshape and the int64 cast leave such a view as
+    it is, and the Triton kernels read labels_ptr + row, i.e. other labels (a silently wrong CE).
+    The checked labels are contiguous."""
+    require_backend(backend)
+    from distill_ops import kd_loss
+
+    g = torch.Generator().manual_seed(31)
+    s, t = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    labels = torch.randint(0, 30, (4, 3), generator=g)[:, 0]
+    assert labels.stride() == (3,)
+    want = torch.nn.functional.cross_entropy(s.double(), labels, reduction="none")
+    targets = teacher_topk(t, 5, backend="torch")
+    for loss in (kd_loss(s, t, labels=labels, hard_weight=1.0, soft_weight=0.0,
+                         reduction="none", backend=backend),
+                 sparse_kd_loss(s, targets, labels=labels, hard_weight=1.0, soft_weight=0.0,
+                                reduction="none", backend=backend)):
+        assert rel_err(loss, want) < 1e-6
+
+
+def test_triton_kernels_read_no_label_or_id_outside_the_row():
+    """Under torch.compile the value checks do not run, so a label or id outside [0, V) can reach
+    a kernel: the Triton kernels give NaN for that row (as the CUDA kernels do), never a read past
+    the row (it read the next row's logits: a finite, wrong loss)."""
+    require_backend("triton")
+    from distill_ops.backends.triton import dense, sparse
+
+    g = torch.Generator().manual_seed(32)
+    n, v = 3, 40
+    s, t = torch.randn(n, v, generator=g), torch.randn(n, v, generator=g)
+    labels = torch.tensor([v + 3, 7, 2])
+    out = dense.dense_forward(s, t, labels, divergence=0, mix=0.0, temperature=1.0, softcap=0.0,
+                              soft_coef=1.0, hard_coef=1.0, ignore_index=-100, grad=None,
+                              grad_scale=None)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+    ids = torch.tensor([[1, 2, v + 1], [3, 4, 5], [6, 7, 8]], dtype=torch.int32)
+    lp = torch.log(torch.full((n, 3), 1 / 3))
+    for lab in (None, torch.tensor([1, v, 3])):
+        out = sparse.sparse_forward(s, ids, lp, None, lab, divergence=0, mix=0.0, mode=0,
+                                    temperature=1.0, target_scale=1.0, soft_coef=1.0,
+                                    hard_coef=0.0 if lab is None else 1.0, ignore_index=-100,
+                                    grad=None, grad_scale=None)
+        assert torch.isnan(out[0]) and torch.isfinite(out[2])
+        assert torch.isnan(out[1]) == (lab is not None)

@@ -41,8 +41,12 @@ def reduce_rows(rows: torch.Tensor, reduction: int, scale: Optional[torch.Tensor
     return total if scale is None else total * scale.to(total.dtype)
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor,
+                     inplace: bool = False) -> torch.Tensor:
     """grad * grad_loss (scalar, or one value per row), skipping the pass when it is exactly 1.
+    ``inplace``: the saved gradient is dead after this backward, so it is scaled in its own memory
+    (eager mode only): out of place, a backward of ``w * loss`` (gradient accumulation, a loss
+    weight, GradScaler, the trainer's 1 / tokens) made a second N x V tensor.
 
     The test reads the value, so it runs in eager mode only: on a plain tensor outside the
     compiler. AOT autograd traces this backward with functional or fake tensors, and there
@@ -51,7 +55,11 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tenso
         eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
         if eager and bool(grad_loss == 1):
             return grad
+        if inplace and eager:   # the saved gradient is dead after this backward: no second N x V
+            return grad.mul_(grad_loss.to(grad.dtype))
         return grad * grad_loss.to(grad.dtype)
+    if inplace and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling():
+        return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
     return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
 
 
@@ -88,7 +96,11 @@ def register_saved_grad_autograd(op, need_grad_at: int, what: str) -> None:
         if not ctx.need_grad:
             raise RuntimeError(f"distill_ops: backward through {what} computed without need_grad")
         (grad,) = ctx.saved_tensors
-        return (scale_saved_grad(grad, grad_loss),) + (None,) * (ctx.n_inputs - 1)
+        # Scale in place unless the graph is kept for another backward (retain_graph=True), which
+        # reads the saved gradient again. (A private query: a release without it gets the out of
+        # place product, as before.)
+        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
+        return (scale_saved_grad(grad, grad_loss, inplace=not keep),) + (None,) * (ctx.n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -119,4 +131,6 @@ class InplaceGradKD(torch.autograd.Function):
                 "distill_ops: a second backward through a loss computed with inplace_grad=True "
                 "(retain_graph=True): its gradient lived in the student logits' memory and went "
                 "to the first backward; use inplace_grad=False to backpropagate it twice")
-        return (None, scale_saved_grad(grad, grad_loss)) + (None,) * ctx.n_args
+        # In place: the buffer is the student logits' own memory and no second backward reads
+        # it (the check above), so it ends holding d (grad_loss . loss) / d logits.
+        return (None, scale_saved_grad(grad, grad_loss, inplace=True)) + (None,) * ctx.n_args

@@ -192,7 +192,10 @@ def _dense_kd_row(
         s_lab = tl.zeros([], ACC)
         if HARD:
             # Read before pass 2: with the in-place gradient, pass 2 overwrites the row.
-            s_lab = _softcap(tl.load(s_row + label).to(ACC), CAP, cap)
+            # (a label outside [0, V) -- unchecked under torch.compile -- is NaN, never a read
+            # outside the row, as in the CUDA kernels' label_logit)
+            s_lab = _softcap(tl.load(s_row + label, mask=(label >= 0) & (label < V),
+                                     other=float("nan")).to(ACC), CAP, cap)
 
         # ---- pass 2: loss (and gradient when C is known) ----
         # Backwards over the row: the blocks pass 1 read last are re-read first, from L2.

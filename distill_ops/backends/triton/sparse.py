@@ -152,7 +152,8 @@ def _sparse_kd_kernel(
         kk = tl.arange(0, KP)
         kmask = kk < K
         ids = tl.load(ids_ptr + row * stride_i + kk, mask=kmask, other=-1).to(tl.int64)
-        valid = ids >= 0
+        valid = (ids >= 0) & (ids < V)  # an id >= V is never read (unchecked under compile)
+        n_bad = tl.sum(((ids < -1) | (ids >= V)).to(tl.int32), axis=0)
         lw = tl.load(lw_ptr + row * stride_w + kk, mask=valid, other=0.0).to(ACC)
         lw = tl.where(valid, lw, neg_inf)
         s_k = tl.load(s_row + ids, mask=valid, other=0.0).to(ACC)
@@ -193,8 +194,10 @@ def _sparse_kd_kernel(
         soft = tl.where(live, soft, 0.0)
         loss = soft_coef * soft
         if HARD:
-            s_lab = tl.load(s_row + label).to(ACC)
+            s_lab = tl.load(s_row + label, mask=(label >= 0) & (label < V),
+                            other=float("nan")).to(ACC)
             loss += hard_coef * (lse_1 - s_lab)
+        loss = tl.where(n_bad > 0, float("nan"), loss)  # as the CUDA kernel: NaN, no read
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
         # ---- pass 2: the gradient ----
