@@ -12,7 +12,9 @@ of) the running set adds its exp to a tail sum at the moment it is rejected.
 Sampling. num_samples Gumbel-max races run side by side over the row: for each block, a
 (samples x block) tile of counter-based noise (targets/rng.py: the same bits as the reference)
 is added to the tempered logits and each sample keeps its running argmax (the lower id on ties).
-Then duplicates are merged (a samples x samples comparison), the log normalised importance weights
+Then duplicates are merged (a samples x samples comparison in the kernel up to
+MERGE_IN_KERNEL_MAX_S samples, else reference_sparse.merge_draws on the raw draws), the log
+normalised importance weights
 log(count_i) + x_i (1/T - 1/(T Tp)) - lse are computed and the unique ids are written by weight
 descending, then id ascending, padded with (-1, -inf).
 """
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ...targets import rng
+from ..reference_sparse import merge_draws
 
 MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
 # rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
@@ -179,9 +182,9 @@ def _losing_rank(a, bound):
 
 @triton.jit(do_not_specialize=["seed_key"])
 def _sample_kernel(
-    x_ptr, ids_ptr, lp_ptr,
-    V, S, stride_x, stride_i, stride_l, inv_prop, delta, seed_key,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr,
+    x_ptr, ids_ptr, lp_ptr, draws_ptr,
+    V, S, stride_x, stride_i, stride_l, stride_d, inv_prop, delta, seed_key,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr, MERGE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -227,6 +230,9 @@ def _sample_kernel(
                 best = tl.where(upd, bmax, best)
                 best_id = tl.where(upd, bid, best_id)
 
+    if not MERGE:  # the raw draws; sample_forward merges them (merge_draws)
+        tl.store(draws_ptr + row * stride_d + ss, best_id, mask=valid)
+        return
     # Merge duplicates and weight the unique ids.
     x_at = tl.load(x_row + best_id, mask=valid, other=0.0).to(ACC)
     same = (best_id[:, None] == best_id[None, :]) & valid[:, None] & valid[None, :]
@@ -273,6 +279,13 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
     return ids, lps, tail
 
 
+# The most samples whose duplicates the kernel merges itself: the merge compares every pair, in
+# SP x SP tiles, and above this they spill (S = 256: 2.8 KB of stack a thread on sm_90) and
+# take minutes to compile (S = 1024: a 9.5 MB PTX, 24 min on a 2-core machine). Past it the
+# kernel writes the raw draws and reference_sparse.merge_draws merges them (as for CUDA).
+MERGE_IN_KERNEL_MAX_S = 128
+
+
 def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
                    proposal_temperature: float, seed: int):
     """reference_sparse.sample_forward's contract on the Triton kernel."""
@@ -294,9 +307,21 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     else:  # the same float32 rounding as the reference
         inv32 = torch.tensor(inv_prop, dtype=torch.float32)
         delta = float(torch.tensor(1.0 / temperature, dtype=torch.float32) - inv32)
+    merge = num_samples <= MERGE_IN_KERNEL_MAX_S
+    draws = ids if merge else torch.empty(n, num_samples, dtype=torch.int64, device=dev)
     _sample_kernel[(n,)](
-        teacher, ids, lps, v, num_samples, teacher.stride(0), ids.stride(0), lps.stride(0),
-        inv_prop, delta, rng.seed_key(seed), ACC=tl.float64 if fp64 else tl.float32,
-        BLOCK=block, SP=sp, num_warps=8, enable_fp_fusion=False,
+        teacher, ids, lps, draws, v, num_samples, teacher.stride(0), ids.stride(0),
+        lps.stride(0), draws.stride(0), inv_prop, delta, rng.seed_key(seed),
+        ACC=tl.float64 if fp64 else tl.float32, BLOCK=block, SP=sp, MERGE=merge,
+        # per-sample state is spread over the threads: from 128 samples on, 16 warps halve the
+        # registers (sm_90, ptxas: S = 128 255 -> 128, 512 243 -> 125; S = 1024 still spills
+        # 296 B of stack, against 568 B on 8 warps)
+        num_warps=8 if sp <= 64 else 16, enable_fp_fusion=False,
     )
+    if not merge:
+        dtype = torch.float64 if fp64 else torch.float32
+        out_ids, out_lps = merge_draws(draws, teacher.gather(1, draws).to(dtype),
+                                       torch.tensor(delta, dtype=dtype, device=dev))
+        ids.copy_(out_ids)
+        lps.copy_(out_lps)
     return ids, lps, tail
