@@ -84,6 +84,17 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
+def distinct_rows(name: str, x2d: torch.Tensor) -> None:
+    """For inplace_grad: the rows of ``x2d`` (N, V), unit-stride along V, must not share memory
+    (an expanded tensor's do), or the kernel would write one row's gradient over another row's
+    logits while that row is still being read."""
+    n, v = x2d.shape
+    if n > 1 and abs(x2d.stride(0)) < v:
+        raise ValueError(f"inplace_grad=True needs {name} whose rows do not share memory (row "
+                         f"stride {x2d.stride(0)} < V = {v}, e.g. an expanded tensor); pass a "
+                         "copy or inplace_grad=False")
+
+
 def choice(name: str, value: object, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")

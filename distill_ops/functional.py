@@ -157,6 +157,7 @@ def kd_loss(
     if inplace_grad and need_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
+        check.distinct_rows("student_logits", student2d)
         loss = inplace_dense_kd(student2d, teacher2d, label_rows, *args, name)
     else:
         loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)

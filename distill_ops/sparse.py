@@ -211,6 +211,7 @@ def sparse_kd_loss(
     if check.flag("inplace_grad", inplace_grad) and need_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
+        check.distinct_rows("student_logits", student2d)
         loss = inplace_sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
                                      *call.consts, red, call.backend)
     else:

@@ -489,3 +489,19 @@ def test_retain_graph_backwards_scale_the_saved_gradient_afresh(backend, device)
     (3.0 * loss).backward()
     assert rel_err(leaf.grad, 1.5 * first) < 1e-6
     assert rel_err(first, 2.0 * oracle(s, t)[1]) < 1e-5
+
+
+def test_inplace_grad_refuses_rows_that_share_memory(backend, device):
+    """An expanded student's rows are one row's memory: written in place, each row's gradient
+    would land on logits another row still reads (the CPU kernel accepted it and returned a
+    wrong gradient). Refused, naming student_logits, before any kernel runs."""
+    s, t = make_logits(4, 30, seed=43, device=device)
+    base = s[:1].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="student_logits whose rows do not share memory"):
+        kd_loss((base * 1).expand(4, 30), t, inplace_grad=True, backend=backend)
+    targets = distill_ops.teacher_topk(t, 3, backend="torch")
+    with pytest.raises(ValueError, match="student_logits whose rows do not share memory"):
+        distill_ops.sparse_kd_loss((base * 1).expand(4, 30), targets, inplace_grad=True,
+                                   backend=backend)
+    kd_loss((base * 1).expand(4, 30), t, backend=backend).backward()  # out of place: fine
+    assert base.grad is not None

@@ -54,7 +54,8 @@ def evaluate(model: torch.nn.Module, dataset: Union[torch.Tensor, torch.utils.da
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             t_logits = (teacher(input_ids=input_ids, attention_mask=mask).logits
                         if teacher is not None else None)
-        logits = logits.float()
+        # (no fp32 copies of the logits: the kernels read bf16 exactly and accumulate in fp32,
+        # and argmax is the same on the upcast; cross_entropy_sum upcasts its own transient)
         ce += float(cross_entropy_sum(logits, labels))
         tokens += int(keep.sum())
         pred = logits.argmax(-1)
@@ -62,7 +63,9 @@ def evaluate(model: torch.nn.Module, dataset: Union[torch.Tensor, torch.utils.da
         if t_logits is not None:
             have_kl = have_top1 = True
             v = min(logits.shape[-1], t_logits.shape[-1])
-            kl += float(kd_loss(logits, t_logits.float(), labels=labels, reduction="sum",
+            if t_logits.dtype != logits.dtype:  # (kd_loss would round one to the other's dtype)
+                logits, t_logits = logits.float(), t_logits.float()
+            kl += float(kd_loss(logits, t_logits, labels=labels, reduction="sum",
                                 vocab="common_prefix", backend=backend))
             agree += float(((logits[..., :v].argmax(-1) == t_logits[..., :v].argmax(-1))
                             & keep).sum())
