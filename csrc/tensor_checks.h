@@ -70,6 +70,9 @@ inline void check_grad_out(const char* op, const at::Tensor& g, const at::Tensor
   TORCH_CHECK(g.stride(0) >= 0, op, "grad has a negative row stride");
   TORCH_CHECK(at::get_overlap_status(g, student) != at::MemOverlapStatus::Partial, op,
               "grad overlaps the student logits without being them");
+  // Rows that share memory (an expanded tensor): one row's gradient would land on another's.
+  TORCH_CHECK(g.size(0) <= 1 || g.stride(0) >= g.size(1), op,
+              "grad's rows share memory (row stride ", g.stride(0), " < V = ", g.size(1), ")");
 }
 
 }  // namespace distill_ops

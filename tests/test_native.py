@@ -209,6 +209,8 @@ def _bad_grads(s):
         (torch.empty(s.shape[0] + 1, s.shape[1], dtype=s.dtype, device=s.device), "grad has shape"),
         (torch.empty_like(s, dtype=torch.float64), "grad has dtype"),
         (wide[:, ::2], "grad must have unit stride"),
+        (torch.empty(1, s.shape[1], dtype=s.dtype, device=s.device).expand_as(s),
+         "grad's rows share memory"),
     ]
 
 
