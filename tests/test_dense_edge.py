@@ -505,3 +505,18 @@ def test_inplace_grad_refuses_rows_that_share_memory(backend, device):
                                    backend=backend)
     kd_loss((base * 1).expand(4, 30), t, backend=backend).backward()  # out of place: fine
     assert base.grad is not None
+
+
+def test_retain_graph_unit_backwards_do_not_share_the_saved_gradient(backend, device):
+    """An unweighted loss backpropagated three times with retain_graph: the student's .grad
+    must not be the saved gradient itself, or the second backward's accumulation into .grad
+    changed the retained buffer (the third backward raised 'modified by an inplace operation')."""
+    s, t = make_logits(3, 37, seed=44, device=device)
+    leaf = s.clone().requires_grad_(True)
+    loss = kd_loss(leaf, t, backend=backend)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    torch.nn.utils.clip_grad_norm_([leaf], 1e-3)      # an in-place edit of .grad between them
+    leaf.grad = None
+    loss.backward()
+    assert rel_err(leaf.grad, oracle(s, t)[1]) < 1e-5

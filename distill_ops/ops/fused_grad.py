@@ -99,8 +99,15 @@ def register_saved_grad_autograd(op, need_grad_at: int, what: str) -> None:
         # Scale in place unless the graph is kept for another backward (retain_graph=True), which
         # reads the saved gradient again. (A private query: a release without it gets the out of
         # place product, as before.)
-        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
-        return (scale_saved_grad(grad, grad_loss, inplace=not keep),) + (None,) * (ctx.n_inputs - 1)
+        query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+        keep = query() if query is not None else None
+        g = scale_saved_grad(grad, grad_loss, inplace=keep is False)
+        if keep and g is grad:
+            # The unit shortcut handed out the saved buffer itself: as .grad, a later in-place
+            # edit (the next backward's accumulation, clip_grad_norm_) would change what the
+            # retained graph reads again.
+            g = grad.clone()
+        return (g,) + (None,) * (ctx.n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
 
