@@ -309,31 +309,26 @@ def copy_bandwidth(device: torch.device, timer, nbytes: Optional[int] = None, *,
                          if fresh else "warm (one buffer, rewritten every rep)")
 
 
-def probe_error(exc: BaseException) -> dict:
-    return {"gb_per_s": None, "error": f"{type(exc).__name__}: {exc}"}
+def _probe(device: torch.device, timer, nbytes: Optional[int], fresh: bool = False) -> dict:
+    """copy_bandwidth, or its error as a record: the rows are still worth having without it."""
+    try:
+        return copy_bandwidth(device, timer, nbytes, fresh=fresh)
+    except Exception as exc:  # noqa: BLE001
+        return {"gb_per_s": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def copy_probes_before(device: torch.device, timer, nbytes: Optional[int] = None) -> dict:
     """The run's copy_bandwidth record before the rows: the warm probe (top-level ``gb_per_s``,
     the one floor fractions use, as in older files) and the fresh-destination probe."""
-    try:
-        before = copy_bandwidth(device, timer, nbytes)
-    except Exception as exc:  # noqa: BLE001 - the rows are still worth having without it
-        before = probe_error(exc)
-    try:
-        fresh = copy_bandwidth(device, timer, nbytes, fresh=True)
-    except Exception as exc:  # noqa: BLE001
-        fresh = probe_error(exc)
+    before = _probe(device, timer, nbytes)
+    fresh = _probe(device, timer, nbytes, fresh=True)
     return {**before, "floor_uses": FLOOR_PROBE, "before": before, "fresh": fresh}
 
 
 def add_probe_after(record: dict, device: torch.device, timer,
                     nbytes: Optional[int] = None) -> None:
     """The warm probe again once the rows are done, and the spread of the two."""
-    try:
-        record["after"] = copy_bandwidth(device, timer, nbytes)
-    except Exception as exc:  # noqa: BLE001
-        record["after"] = probe_error(exc)
+    record["after"] = _probe(device, timer, nbytes)
     record["spread"] = probe_spread(record.get("before"), record["after"])
 
 

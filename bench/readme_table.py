@@ -136,8 +136,8 @@ def render_kernels(paths) -> str:
                           for r in group})
         bits.append("commit " + ", ".join(commits))
         bits.append(newest["date"][:10])
-        if _bandwidth_text(group):
-            bits.append(_bandwidth_text(group))
+        if bandwidth := _bandwidth_text(group):
+            bits.append(bandwidth)
         out.append(f"**{device}**, {suite} ({'; '.join(bits)})")
         out.append("")
         measured = sorted({r["provider"] for r in group if r["status"] in ("ok", "oom", "error")},

@@ -200,8 +200,8 @@ def summary(doc: dict) -> str:
         status = r["status"]
         if status != "ok" and r.get("error"):
             status += ": " + r["error"].replace("\n", " ")[:70]
-        elif "agreement" in r and agreement.failures_text(r):
-            status += f" ({agreement.failures_text(r)})"
+        elif failed := agreement.failures_text(r):
+            status += f" ({failed})"
         elif r.get("loss_vs_eager") is not None and r["loss_vs_eager"] > 1e-2:
             status += f" (loss differs from eager by {r['loss_vs_eager']:.1e})"
         spread = (f"{num(r['ms_min'])}-{num(r['ms_max'])}" if r.get("ms_min") is not None else "-")

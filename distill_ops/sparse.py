@@ -10,10 +10,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import _validate as check
-from . import backends
 from .backends.base import FORWARD_KL
 from .backends.reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
-from .functional import DIVERGENCES, resolve_divergence
+from .functional import loss_constants
 from .ops.fused_grad import REDUCTIONS
 from .ops.sparse import resolve as resolve_backend
 from .ops.sparse import inplace_sparse_kd, sparse_kd
@@ -229,30 +228,23 @@ def sparse_keywords(*, divergence: str, temperature: float, tail: str, hard_weig
     SparseKDLoss, which calls this at construction; each error names its argument) and turn them
     into the kernels' constants: (divergence code, mix, mode, tau, target scale, soft coefficient
     with the tau^2 factor, hard coefficient)."""
-    check.integer("ignore_index", ignore_index)
-    check.choice("divergence", divergence, DIVERGENCES)
+    # The keywords the dense losses share, checked by their own function (no softcap here).
+    code, mix, tau, _, soft_coef, hard_weight = loss_constants(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
+        ignore_index=ignore_index, softcap=None, reduction=reduction, backend=backend,
+        inplace_grad=inplace_grad, reductions=reductions)
     check.choice("tail", tail, TAILS)
-    check.choice("reduction", reduction, reductions)
-    check.choice("backend", backend, backends.BACKENDS)
-    check.flag("inplace_grad", inplace_grad)
-    tau = check.positive("temperature", temperature)
     target_scale = 1.0
     if target_temperature is not None:
         target_scale = 1.0 / check.positive("target_temperature", target_temperature)
         if tail == "tail":
             raise ValueError("target_temperature re-tempers the targets over their ids and needs "
                              "tail='renorm' (the tail bucket cannot be re-tempered)")
-    beta = check.unit_interval("beta", beta)
-    alpha = check.unit_interval("alpha", alpha)
-    hard_weight = check.non_negative("hard_weight", hard_weight)
-    soft_weight = check.non_negative("soft_weight", soft_weight)
-    code, mix = resolve_divergence(divergence, beta, alpha)
     if tail == "tail":
         mode = MODE_TAIL
     else:
         mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
-    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
-                               else 1.0)
     return code, mix, mode, tau, target_scale, soft_coef, hard_weight
 
 

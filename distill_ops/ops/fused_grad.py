@@ -51,16 +51,15 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor,
     The test reads the value, so it runs in eager mode only: on a plain tensor outside the
     compiler. AOT autograd traces this backward with functional or fake tensors, and there
     torch.compiler.is_compiling() is False in some releases (torch 2.11: `make test-twin`)."""
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
     if grad_loss.dim() == 0:
-        eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
         if eager and bool(grad_loss == 1):
             return grad
-        if inplace and eager:   # the saved gradient is dead after this backward: no second N x V
-            return grad.mul_(grad_loss.to(grad.dtype))
-        return grad * grad_loss.to(grad.dtype)
-    if inplace and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling():
-        return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
-    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        factor = grad_loss.to(grad.dtype)
+    else:
+        factor = grad_loss.to(grad.dtype).unsqueeze(-1)
+    # in place, the saved gradient being dead after this backward: no second N x V
+    return grad.mul_(factor) if inplace and eager else grad * factor
 
 
 def grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
