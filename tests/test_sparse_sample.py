@@ -337,9 +337,9 @@ def test_cuda_kernel_draws_the_reference_ids(dtype, n, v, s):
 @pytest.mark.parametrize("v,s", [(37, 8), (1300, 13), (3, 16)])
 def test_raw_draws_merged_on_the_host_equal_the_fused_op(dtype, v, s):
     """The CUDA path's pieces on the CPU: the teacher_sample_draws op (the kernel's raw ids) merged
-    by native.merge_sampled (reference_sparse.merge_draws) equals the CPU kernel's fused op."""
+    by reference_sparse.merge_sampled (merge_draws) equals the CPU kernel's fused op."""
     require_backend("cpu")
-    from distill_ops.backends import native
+    from distill_ops.backends import native, reference_sparse
 
     t = _logits(6, v, seed=v, dtype=dtype)
     fp = torch.float64 if dtype == torch.float64 else torch.float32
@@ -348,7 +348,7 @@ def test_raw_draws_merged_on_the_host_equal_the_fused_op(dtype, v, s):
     draws = native.sample_draws(t, s, inv_prop, rng.seed_key(3))
     assert draws.dtype == torch.int64 and draws.shape == (6, s)
     assert 0 <= draws.min() and draws.max() < v
-    got = native.merge_sampled(t, draws, delta)
+    got = reference_sparse.merge_sampled(t, draws, delta)
     want = teacher_sample(t, s, temperature=1.2, proposal_temperature=1.5, seed=3, backend="cpu")
     assert torch.equal(got[0], want.ids) and torch.equal(got[2], want.tail_logmass)
     torch.testing.assert_close(got[1], want.logprobs, rtol=1e-6, atol=1e-7)
@@ -478,13 +478,13 @@ def test_one_ulp_races_are_not_pruned(monkeypatch, backend, dtype, num_samples):
 
 @pytest.mark.parametrize("s", [100, 200])
 def test_triton_merges_many_samples_on_the_host(monkeypatch, s):
-    """Past MERGE_IN_KERNEL_MAX_S the Triton kernel writes the raw draws and merge_draws merges
+    """Past MERGE_IN_KERNEL_MAX_S the Triton kernel writes the raw draws and merge_sampled merges
     them (its samples x samples merge spilled from 256 samples on and took 24 minutes to compile
     at 1024): the same targets as the reference either way."""
     require_backend("triton")
     calls = []
-    real = triton_topk.merge_draws
-    monkeypatch.setattr(triton_topk, "merge_draws", lambda *a: calls.append(1) or real(*a))
+    real = triton_topk.merge_sampled
+    monkeypatch.setattr(triton_topk, "merge_sampled", lambda *a: calls.append(1) or real(*a))
     t = _logits(3, 40, seed=s, spread=1.0)
     a = teacher_sample(t, s, proposal_temperature=1.5, seed=9, backend="torch")
     b = teacher_sample(t, s, proposal_temperature=1.5, seed=9, backend="triton")

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import reference_sparse
-from .reference_sparse import MODE_TAIL
+from .reference_sparse import MODE_TAIL, merge_sampled
 
 _LOAD_ERROR: Optional[str] = None
 try:  # the extension registers its operators under torch.ops.distill_ops_native on import
@@ -129,7 +129,7 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
                    proposal_temperature: float, seed: int):
     """reference_sparse.sample_forward's contract, run by the compiled kernels: inv_prop and delta
     are rounded to the compute dtype the way the reference rounds them, so the draws agree. On the
-    CPU one kernel draws and merges; on CUDA the kernel draws and reference_sparse.merge_draws
+    CPU one kernel draws and merges; on CUDA the kernel draws and reference_sparse.merge_sampled
     merges the duplicates (a few small sorts of (N, num_samples))."""
     from ..targets import rng
 
@@ -150,11 +150,3 @@ def sample_draws(teacher: torch.Tensor, num_samples: int, inv_prop: torch.Tensor
                                                              float(inv_prop), key)
 
 
-def merge_sampled(teacher: torch.Tensor, draws: torch.Tensor, delta: torch.Tensor):
-    """sample_forward's outputs from raw draws: merge_draws over the logits at the drawn ids."""
-    from .reference_sparse import merge_draws
-
-    dtype = delta.dtype
-    ids, lps = merge_draws(draws, teacher.gather(1, draws).to(dtype), delta.to(teacher.device))
-    tail = torch.full((teacher.shape[0],), -torch.inf, dtype=torch.float32, device=teacher.device)
-    return ids.to(torch.int32), lps.to(torch.float32), tail

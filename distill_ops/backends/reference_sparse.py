@@ -295,6 +295,15 @@ def merge_draws(best_id: torch.Tensor, x_at: torch.Tensor, delta: torch.Tensor):
     return out_ids.gather(1, perm), lp.gather(1, perm)
 
 
+def merge_sampled(teacher: torch.Tensor, draws: torch.Tensor, delta: torch.Tensor):
+    """sample_forward's outputs from raw draws (the CUDA kernel's, and the Triton kernel's past
+    its in-kernel merge): merge_draws over the logits at the drawn ids."""
+    dtype = delta.dtype
+    ids, lps = merge_draws(draws, teacher.gather(1, draws).to(dtype), delta.to(teacher.device))
+    tail = torch.full((teacher.shape[0],), -torch.inf, dtype=torch.float32, device=teacher.device)
+    return ids.to(torch.int32), lps.to(torch.float32), tail
+
+
 def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: float,
                    proposal_temperature: float, seed: int):
     """(ids int32 (N, S), logprobs float32 (N, S), tail_logmass float32 (N,) = -inf): num_samples

@@ -13,7 +13,7 @@ Sampling. num_samples Gumbel-max races run side by side over the row: for each b
 (samples x block) tile of counter-based noise (targets/rng.py: the same bits as the reference)
 is added to the tempered logits and each sample keeps its running argmax (the lower id on ties).
 Then duplicates are merged (a samples x samples comparison in the kernel up to
-MERGE_IN_KERNEL_MAX_S samples, else reference_sparse.merge_draws on the raw draws), the log
+MERGE_IN_KERNEL_MAX_S samples, else reference_sparse.merge_sampled on the raw draws), the log
 normalised importance weights
 log(count_i) + x_i (1/T - 1/(T Tp)) - lse are computed and the unique ids are written by weight
 descending, then id ascending, padded with (-1, -inf).
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ...targets import rng
-from ..reference_sparse import merge_draws
+from ..reference_sparse import merge_sampled
 
 MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
 # rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
@@ -230,7 +230,7 @@ def _sample_kernel(
                 best = tl.where(upd, bmax, best)
                 best_id = tl.where(upd, bid, best_id)
 
-    if not MERGE:  # the raw draws; sample_forward merges them (merge_draws)
+    if not MERGE:  # the raw draws; sample_forward merges them (merge_sampled)
         tl.store(draws_ptr + row * stride_d + ss, best_id, mask=valid)
         return
     # Merge duplicates and weight the unique ids.
@@ -282,7 +282,7 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
 # The most samples whose duplicates the kernel merges itself: the merge compares every pair, in
 # SP x SP tiles, and above this they spill (S = 256: 2.8 KB of stack a thread on sm_90) and
 # take minutes to compile (S = 1024: a 9.5 MB PTX, 24 min on a 2-core machine). Past it the
-# kernel writes the raw draws and reference_sparse.merge_draws merges them (as for CUDA).
+# kernel writes the raw draws and reference_sparse.merge_sampled merges them (as for CUDA).
 MERGE_IN_KERNEL_MAX_S = 128
 
 
@@ -320,8 +320,5 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     )
     if not merge:
         dtype = torch.float64 if fp64 else torch.float32
-        out_ids, out_lps = merge_draws(draws, teacher.gather(1, draws).to(dtype),
-                                       torch.tensor(delta, dtype=dtype, device=dev))
-        ids.copy_(out_ids)
-        lps.copy_(out_lps)
+        return merge_sampled(teacher, draws, torch.tensor(delta, dtype=dtype, device=dev))
     return ids, lps, tail
