@@ -156,6 +156,27 @@ def test_tiny_tail_is_accurate():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,gap", [(torch.float32, 110.0), (torch.float32, 400.0),
+                                       (torch.float64, 900.0)])
+def test_tail_far_below_the_top(backend, dtype, gap, small_blocks):
+    """A tail more than ~100 (float32) or ~745 (double) below the row max: summed as exponentials
+    relative to that max it underflowed to 0 (tail -inf, and a sparse loss in tail mode of
+    reverse KL infinite); it is summed again relative to its own max. The rows put the top-k
+    early or late (several chunks and blocks), and row 2 ties its k-th best with a tail element
+    of a higher id (a tie that stays out)."""
+    require_backend(backend)
+    n, v, k = 3, 1200, 2
+    g = torch.Generator().manual_seed(int(gap))
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) - gap
+    t[0, 5], t[0, 9] = 0.0, -0.5
+    t[1, 1100], t[1, 3] = 0.0, -1.0
+    t[2, 40], t[2, 700], t[2, 900] = 0.0, -gap + 20, -gap + 20   # 700 in, 900 tail
+    out = check_topk(t.to(dtype), k, temperature=0.7, backend=backend)
+    assert out.ids[2].tolist() == [40, 700]
+    assert bool(torch.isfinite(out.tail_logmass).all()), out.tail_logmass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_errors(backend):
     require_backend(backend)
     t = torch.randn(2, 10)

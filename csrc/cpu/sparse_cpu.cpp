@@ -4,7 +4,8 @@
 //   pass 1  online normalizer of a = s / tau (and of s for the hard-label term when tau != 1; and,
 //           in tail mode, the sum outside K: the chunk's kept exponentials at columns whose
 //           target bit is clear, so a student sure of K still gets its tail mass, where
-//           1 - Q_K would round to 0);
+//           1 - Q_K would round to 0; summed again relative to its own max when it is too far
+//           below the row max for the kept exponentials: tail_refit.h);
 //   slots   gather the k student logits at the target ids and run the row algebra of
 //           csrc/include/distill_ops/sparse_math.h (in double): loss, C, the per-slot gradients and
 //           the coefficient of the dense part outside the support;
@@ -33,6 +34,7 @@
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/sparse_args.h"
 #include "distill_ops/sparse_math.h"
+#include "distill_ops/tail_refit.h"
 
 namespace distill_ops {
 namespace cpu {
@@ -70,6 +72,30 @@ DOPS_INLINE double sum_outside(const T* __restrict__ e, const uint32_t* __restri
     }
   }
   return z;
+}
+
+// The logsumexp of a = s / tau over the columns outside the targets, each chunk relative to its
+// own max there: the tail mode's sum when the kept exponentials (relative to the row's running
+// max) underflowed (tail_refit.h). Returns the online state of those columns.
+template <typename scalar_t, typename T>
+DOPS_INLINE SoftmaxState<double> outside_state(const scalar_t* s_row, const uint32_t* bits,
+                                               int64_t V, T inv_tau, T* buf) {
+  SoftmaxState<double> st = SoftmaxState<double>::empty();
+  auto outside = [&](int64_t j) { return !((bits[j >> 5] >> (j & 31)) & 1u); };
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+    const T* __restrict__ x = chunk_as(s_row + c0, n, buf);
+    T cm = math::neg_inf<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      const T a = x[i] * inv_tau;
+      if (outside(c0 + i) && !(a <= cm)) cm = a;  // (a NaN is kept: it poisons z below)
+    }
+    const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
+    for (int64_t i = 0; i < n; ++i) {
+      if (outside(c0 + i)) st.z += static_cast<double>(math::exp_(x[i] * inv_tau - shift));
+    }
+  }
+  return st;
 }
 
 // Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
@@ -184,8 +210,17 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     soft += term;
     c_sum += B.qg[i];
   }
+  // The tail mass too far below the row max for the kept exponentials: summed again (then pass 2
+  // exponentiates outside K relative to its own normalizer, not with the kept values).
+  double lse_out = outside.lse();
+  SoftmaxState<double> out_st = SoftmaxState<double>::empty();
+  const bool refit = bits != nullptr && n_valid < V && lse_out - sa.m < kTailRefitLog;
+  if (refit) {
+    out_st = outside_state(s_row, bits, V, inv_tau, B.x);
+    lse_out = out_st.lse();
+  }
   const sparse::RowFinish fin =
-      sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, outside.lse(), tn.lp_tail, w, live);
+      sparse::finish_row<DIV>(A.mode, soft, c_sum, lse_a, lse_out, tn.lp_tail, w, live);
   double loss = A.soft_coef * fin.soft;
   if (hard) loss += A.hard_coef * (lse_1 - static_cast<double>(C::load(s_row[label])));
   store_loss(loss);
@@ -204,6 +239,10 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   const T hard_c = static_cast<T>(A.hard_coef * scale);
   const bool dense_soft = fin.c_out != 0.0;
   const T tau1 = ce_own ? T(1) : inv_tau;
+  // refit: exp(a_j - lse_out) as (a_j - m_out) - off_out (m_out a value of the stream: exact)
+  const T m_out = static_cast<T>(out_st.m == -INFINITY ? 0.0 : out_st.m);
+  const T off_out = static_cast<T>(fin.lse_out - static_cast<double>(m_out));
+  const T coef_t = static_cast<T>(coef);
   // The target columns first: with an in-place gradient their logits are gone after the row pass.
   for (int64_t i = 0; i < K; ++i) {
     const int64_t id = ids[i];
@@ -222,7 +261,13 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     const double shift = B.shift[c0 / kChunk];
     const T* __restrict__ e = B.ea.data() + c0;
     T* __restrict__ g = B.g;
-    if (dense_soft) {
+    // In place, the chunk is copied out before its columns are overwritten (no aliased pointers).
+    const T* __restrict__ x =
+        refit || (hard && ce_own) ? chunk_as(s_row + c0, n, B.x, aliased) : nullptr;
+    if (dense_soft && refit) {
+      DOPS_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = coef_t * math::exp_((x[i] * inv_tau - m_out) - off_out);
+    } else if (dense_soft) {
       const T f = static_cast<T>(coef * std::exp(shift - fin.lse_out));
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] = f * e[i];
@@ -234,8 +279,6 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] += f * e[i];
     } else if (hard) {
-      // In place, the chunk is copied out before its columns are overwritten (no aliased pointers).
-      const T* __restrict__ x = chunk_as(s_row + c0, n, B.x, aliased);
       DOPS_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] += hard_c * math::exp_((x[i] * tau1 - m_1) - off_1);
     }

@@ -7,7 +7,8 @@
 // rejected (on arrival or at a cut) adds its exp to the tail sum at that moment, relative to the
 // running max, so the tail mass is exact even when it is tiny (no 1 - sum subtraction). Once there
 // has been a cut, a chunk is screened with vectorised loops (its max; the masked sum of what
-// cannot enter) and only the few elements above the k-th best are handled one at a time.
+// cannot enter) and only the few elements above the k-th best are handled one at a time. A tail
+// too far below the row max for that sum (it underflows: tail_refit.h) is summed again at the end.
 //
 // Sampling: num_samples Gumbel-max races over the row on the counter-based noise of
 // csrc/include/distill_ops/rng.h (the reference's bits, in the reference's dtype), started at the
@@ -31,6 +32,7 @@
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/rng.h"
 #include "distill_ops/sparse_args.h"
+#include "distill_ops/tail_refit.h"
 #include "distill_ops/topk_rank.h"
 
 namespace distill_ops {
@@ -82,6 +84,28 @@ struct TopkRow {
     if (static_cast<int64_t>(cand.size()) < 2 * A.k) return false;
     kth = cut(zt, shift, inv_tau);
     return true;
+  }
+
+  // log sum exp(a) over the row's elements outside the top-k, whose k-th best is `kth`, relative
+  // to the tail's own max (tail_refit.h: the streamed sum underflowed). One more read of the row.
+  DOPS_INLINE double refit_tail(const scalar_t* t_row, const Cand<T>& kth, T inv_tau) {
+    SoftmaxState<double> st = SoftmaxState<double>::empty();
+    for (int64_t c0 = 0; c0 < A.v; c0 += kChunk) {
+      const int64_t n = A.v - c0 < kChunk ? A.v - c0 : kChunk;
+      const T* __restrict__ x = chunk_as(t_row + c0, n, xbuf);
+      T cm = math::neg_inf<T>();
+      for (int64_t i = 0; i < n; ++i) {
+        const T a = x[i] * inv_tau;
+        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i}) && a > cm) cm = a;
+      }
+      const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
+      for (int64_t i = 0; i < n; ++i) {
+        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i})) {
+          st.z += static_cast<double>(math::exp_(x[i] * inv_tau - shift));
+        }
+      }
+    }
+    return st.lse();
   }
 
   DOPS_INLINE void run(int64_t row) {
@@ -168,7 +192,11 @@ struct TopkRow {
       A.logprobs[row * k + i] =
           static_cast<float>((static_cast<double>(a) - static_cast<double>(shift)) - log_z);
     }
-    A.tail[row] = static_cast<float>(std::log(zt) - log_z);
+    double log_tail = std::log(zt);  // relative to exp(shift)
+    if (log_tail < kTailRefitLog && k < V) {
+      log_tail = refit_tail(t_row, cand[k - 1], inv_tau) - static_cast<double>(shift);
+    }
+    A.tail[row] = static_cast<float>(log_tail - log_z);
   }
 };
 

@@ -11,8 +11,9 @@
 //           (key_bits: 2 passes for bf16, 3 for fp16, 4 for fp32, 8 for fp64); the first pass
 //           also builds the row's online normalizer (max, sum exp) of a = x / tau;
 //   select  one pass in id order: every element above the k-th key is taken, and of those equal to
-//           it the lowest ids (a block scan per tile) until there are k; the rest adds
-//           exp(a - m) to the tail sum, so the tail mass is exact however small (no 1 - sum).
+//           it the lowest ids (a block scan per tile) until there are k; the rest goes to the
+//           tail's own online normalizer (its own max, not the row's, below which its terms would
+//           underflow: tail_refit.h), so the tail mass is exact however small (no 1 - sum).
 //
 // The radix kernel writes its k winners unsorted (a slot counter); the host then orders them,
 // value descending then id ascending, with two torch sorts (ids are unique, the second sort is
@@ -55,7 +56,6 @@ template <typename T>
 struct TopkShared {
   unsigned int hist[kBins];
   SoftmaxState<T, double> states[kTopkWarps];
-  double sums[kTopkWarps];
   int warp_eq[kTopkWarps];
   typename KeyOf<T>::type prefix;
   int64_t need;  // how many of the elements whose key prefix matches are still to be taken
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kTopkThreads)
     const double log_z = ::log(rs.z);
 
     // ---- select in id order; the rest is tail ----
-    double tail = 0.0;
+    SoftmaxState<T, double> tail = SoftmaxState<T, double>::empty();
     int64_t eq_base = 0;  // elements equal to the k-th key in earlier tiles
     for (int64_t base = 0; base < V; base += kTopkThreads) {
       const int64_t i = base + tid;
@@ -162,18 +162,21 @@ __global__ void __launch_bounds__(kTopkThreads)
         const double r = static_cast<double>(rank_value(x));
         rank_out[o] = r == 0.0 ? 0.0 : r;
       } else if (valid) {
-        tail += static_cast<double>(math::exp_(a - m));
+        const T sft = tail.raise(a);
+        tail.z += static_cast<double>(math::exp_(a - sft));
       }
       eq_base += tile_eq;
       __syncthreads();  // sh.warp_eq is rewritten by the next tile
     }
-    for (int off = 16; off > 0; off >>= 1) tail += __shfl_down_sync(0xffffffffu, tail, off);
-    if (lane == 0) sh.sums[warp] = tail;
+    for (int off = 16; off > 0; off >>= 1) tail = merge(tail, shfl_state(tail, off));
+    if (lane == 0) sh.states[warp] = tail;  // (tid 0 read the normalizer's before a barrier)
     __syncthreads();
     if (tid == 0) {
-      double zt = 0.0;
-      for (int w = 0; w < kTopkWarps; ++w) zt += sh.sums[w];
-      A.tail[row] = static_cast<float>(::log(zt) - log_z);
+      SoftmaxState<T, double> r = sh.states[0];
+      for (int w = 1; w < kTopkWarps; ++w) r = merge(r, sh.states[w]);
+      // (m_tail - m) + log z_tail - log z: -inf when there is no tail (k == V)
+      A.tail[row] = static_cast<float>(
+          (static_cast<double>(r.m) - static_cast<double>(m)) + ::log(r.z) - log_z);
     }
     __syncthreads();  // sh is reused by the next row
   }

@@ -23,7 +23,9 @@
 //
 // At the end the k winners are sorted in shared memory (bitonic, descending) and written in order,
 // so the host does not sort. The tail mass is the sum over what was rejected or evicted, kept
-// relative to each thread's running max like the normalizer, so it is exact however small.
+// relative to each thread's running max like the normalizer, so no 1 - sum cancels. Its terms
+// underflow when the tail is far below the max (tail_refit.h): such a row's tail is summed once
+// more, over the words below the k-th, relative to its own max (refit_tail; a second read).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +34,7 @@
 #include "dense_kernels.cuh"  // Pack, Acc, kWarp, shfl_state
 #include "distill_ops/online_softmax.h"
 #include "distill_ops/sparse_args.h"
+#include "distill_ops/tail_refit.h"
 #include "topk_keys.cuh"
 
 namespace distill_ops {
@@ -324,6 +327,31 @@ __device__ __forceinline__ void sort_winners(FilterShared& sh, unsigned k) {
   }
 }
 
+// log sum exp(x / tau) over the row's elements whose word is below `kth` (the k-th best's: outside
+// the top-k), relative to their own max; the whole block calls it, and every thread gets the sum.
+// (sh.states is free: the row's normalizer was read from it before the caller's branch.)
+template <typename scalar_t>
+__device__ __forceinline__ double refit_tail(FilterShared& sh, const scalar_t* t_row, int V,
+                                            uint64_t kth, float inv_tau) {
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  SoftmaxState<float, Acc> st = SoftmaxState<float, Acc>::empty();
+  for (int j = threadIdx.x; j < V; j += kFilterThreads) {
+    const float x = static_cast<float>(t_row[j]);
+    if (candidate(rank_key(x), j) < kth) {
+      const float a = x * inv_tau;
+      const float shift = st.raise(a);
+      st.z += static_cast<Acc>(math::exp_(a - shift));
+    }
+  }
+  for (int off = kWarp / 2; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
+  __syncthreads();  // every thread has read the normalizer's states
+  if (lane == 0) sh.states[warp] = st;
+  __syncthreads();
+  SoftmaxState<float, Acc> r = sh.states[0];
+  for (int w = 1; w < kFilterWarps; ++w) r = merge(r, sh.states[w]);
+  return r.lse();
+}
+
 // 4 blocks an SM for 16-bit rows (64 registers, no spill on sm_90), 3 for fp32, whose kernel
 // spilled 4 bytes under the 64-register cap.
 template <typename scalar_t>
@@ -375,7 +403,12 @@ __global__ void __launch_bounds__(kFilterThreads, sizeof(scalar_t) == 2 ? 4 : 3)
       // (a - m) - log z, as LogNormalizer: exact near the max
       A.logprobs[o] = static_cast<float>((static_cast<double>(a) - static_cast<double>(m)) - log_z);
     }
-    if (tid == 0) A.tail[row] = static_cast<float>(::log(zt) - log_z);
+    double log_tail = ::log(zt);  // relative to exp(m); the same in every thread
+    if (log_tail < kTailRefitLog && k < A.v) {
+      log_tail = refit_tail(sh, t_row, static_cast<int>(A.v), sh.cand[k - 1], inv_tau) -
+                 static_cast<double>(m);
+    }
+    if (tid == 0) A.tail[row] = static_cast<float>(log_tail - log_z);
     __syncthreads();  // sh is reused by the next row
   }
 }

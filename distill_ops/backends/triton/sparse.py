@@ -4,8 +4,9 @@ One program per row:
 
   pass 1  stream the student row once: online normalizer lse(s / tau) (and lse(s) for the hard-label
           term when tau != 1; in tail mode, lse(s / tau) over the columns outside the targets,
-          whose bit in reference_sparse.target_bits is clear: the student's tail mass is summed
-          there, never formed as 1 - Q_K, which cancels to 0 for a student sure of its targets);
+          whose bit in reference_sparse.target_bits is clear, with its own running max: the
+          student's tail mass is summed there, never formed as 1 - Q_K, which cancels to 0 for a
+          student sure of its targets, and not relative to the row max, below which it underflows);
   middle  gather the k student logits at the target ids and do the bucket algebra on the k (+1 tail)
           values held in registers: loss, C = sum qg, the per-target gradients u and the coefficient
           c_out of the dense part outside the support;
@@ -123,7 +124,10 @@ def _sparse_kd_kernel(
         z_a = tl.zeros([], ACC)
         m_1 = tl.full([], neg_inf, ACC)
         z_1 = tl.zeros([], ACC)
-        z_o = tl.zeros([], ACC)  # tail mode: the sum outside the targets, relative to m_a
+        # tail mode: the normalizer of a outside the targets, with its own max (relative to m_a,
+        # the terms underflow when the student is sure of its targets)
+        m_o = tl.full([], neg_inf, ACC)
+        z_o = tl.zeros([], ACC)
         for start in range(0, V, BLOCK):
             offs = start + base
             mask = offs < V
@@ -135,7 +139,11 @@ def _sparse_kd_kernel(
             if MODE == 2:
                 word = tl.load(bits_ptr + row * stride_b + (offs >> 5), mask=mask, other=0)
                 target = ((word >> (offs & 31)) & 1) != 0
-                z_o = z_o * tl.exp(m_a - m_safe) + tl.sum(tl.where(target, 0.0, e), axis=0)
+                o = tl.where(target, neg_inf, a)
+                mo_new = tl.maximum(m_o, tl.max(o, axis=0))
+                mo_safe = tl.where(mo_new == neg_inf, 0.0, mo_new)
+                z_o = z_o * tl.exp(m_o - mo_safe) + tl.sum(tl.exp(o - mo_safe), axis=0)
+                m_o = mo_new
             z_a = z_a * tl.exp(m_a - m_safe) + tl.sum(e, axis=0)
             m_a = m_new
             if HARD and CE_SEPARATE:
@@ -186,7 +194,7 @@ def _sparse_kd_kernel(
         soft = tl.sum(term, axis=0)
         big_c = tl.sum(qg, axis=0)
         if MODE == 2:
-            lse_tail = m_a + tl.log(z_o)  # -inf when the targets cover the vocabulary
+            lse_tail = m_o + tl.log(z_o)  # -inf when the targets cover the vocabulary
             lq_tail = lse_tail - lse_a
             t_term, t_qg, t_q = _bucket_terms(lq_tail, lp_tail, mix, DIV)
             soft += t_term

@@ -7,7 +7,9 @@ id ascending (ties go to the lower id). A program keeps the row's running top-k 
 for each block it updates the online normalizer and, only if some key of the block beats the current
 k-th key, merges the block into the running set with Triton's bitonic top-k. The mass outside the
 top-k is accumulated exactly, without a subtraction: every element that is never in (or drops out
-of) the running set adds its exp to a tail sum at the moment it is rejected.
+of) the running set adds its exp to a tail sum at the moment it is rejected. A tail too far below
+the row max for that sum (its terms underflow) is summed again at the end, over the keys below the
+k-th, relative to its own max (TAIL_REFIT_LOG).
 
 Sampling. num_samples Gumbel-max races run side by side over the row: for each block, a
 (samples x block) tile of counter-based noise (targets/rng.py: the same bits as the reference)
@@ -35,6 +37,9 @@ LN2_HI = tl.constexpr(rng.LN2_HI)
 LN2_LO = tl.constexpr(rng.LN2_LO)
 SQRT_HALF = tl.constexpr(rng.SQRT_HALF)
 GUMBEL_MAX = tl.constexpr(rng.GUMBEL_MAX)
+# csrc/include/distill_ops/tail_refit.h kTailRefitLog: a tail whose streamed log-mass relative to
+# the row max is below it is summed again (the streamed terms underflow far below the max).
+TAIL_REFIT_LOG = tl.constexpr(-40.0)
 # Tests set this to force several blocks per row on small vocabularies (the interpreter is slow).
 BLOCK_OVERRIDE = None
 
@@ -112,7 +117,23 @@ def _topk_kernel(
     lp = (_key_value(run).to(ACC) * inv_tau - m_safe) - log_z
     tl.store(ids_ptr + row * stride_i + kk, ids.to(tl.int32), mask=kmask)
     tl.store(lp_ptr + row * stride_l + kk, lp.to(tl.float32), mask=kmask)
-    tail = tl.log(zt) - log_z
+    log_tail = tl.log(zt)  # relative to exp(m)
+    if (log_tail < TAIL_REFIT_LOG) & (K < V):
+        m_o = tl.full([], neg_inf, ACC)
+        z_o = tl.zeros([], ACC)
+        for start in range(0, V, BLOCK):
+            offs = start + base
+            mask = offs < V
+            x = tl.load(x_row + offs, mask=mask, other=neg_inf)
+            a = x.to(ACC) * inv_tau
+            key = (_order_bits(x.to(tl.float32)).to(tl.int64) << 32) | (0xFFFFFFFF - offs.to(tl.int64))
+            out = mask & (key < kth)
+            mo_new = tl.maximum(m_o, tl.max(tl.where(out, a, neg_inf), axis=0))
+            mo_safe = tl.where(mo_new == neg_inf, 0.0, mo_new)
+            z_o = z_o * tl.exp(m_o - mo_safe) + tl.sum(tl.where(out, tl.exp(a - mo_safe), 0.0), axis=0)
+            m_o = mo_new
+        log_tail = (m_o - m_safe) + tl.log(z_o)
+    tail = log_tail - log_z
     tl.store(tail_ptr + row, tail.to(tl.float32))
 
 
