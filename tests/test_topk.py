@@ -87,6 +87,24 @@ def test_cpu_kernel_over_several_chunks(n, v, k, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [3, 40])
+def test_rows_without_a_softmax_are_nan(backend, k, small_blocks):
+    """A row with a +inf logit, or with every logit -inf, has no softmax: its log-probabilities
+    and tail are NaN on every backend (the reference gave +inf rows -inf tails and -inf log
+    probabilities beside the NaN), as the dense losses give such rows NaN. The ids still rank
+    by value (+inf first)."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(3, 40, generator=g)
+    t[0, 17] = torch.inf
+    t[1] = -torch.inf
+    out = teacher_topk(t, k, backend=backend)
+    assert int(out.ids[0, 0]) == 17
+    assert torch.isnan(out.logprobs[:2]).all() and torch.isnan(out.tail_logmass[:2]).all()
+    assert torch.isfinite(out.logprobs[2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_go_to_the_lower_id(backend, small_blocks):
     require_backend(backend)
     g = torch.Generator().manual_seed(3)

@@ -267,7 +267,9 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
             # fp32; the CPU and CUDA kernels, which work in double, were 1e-7 off).
             a = x / temperature
             m = a.amax(-1, keepdim=True)
-            a = a - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            # (a +inf max shifts too: inf - inf makes the row NaN, as in the kernels; a row with
+            # a +inf logit has no softmax)
+            a = a - torch.where(m == -torch.inf, torch.zeros_like(m), m)
             lse = torch.logsumexp(a, -1, keepdim=True)
             sel = _select_topk(x, k)
             ids[lo:hi] = sel.to(torch.int32)

@@ -38,7 +38,8 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     Returns SparseTargets: ids int32 (..., k) sorted by probability descending (ties: lower id
     first), logprobs float32 (..., k) = log softmax(teacher_logits / temperature) at those ids (the
     full-vocabulary normaliser, so they sum to less than 1), and tail_logmass float32 (...) = log of
-    the probability mass outside the k ids (-inf when k == V), however small (a row whose tail is
+    the probability mass outside the k ids (-inf when k == V; a row with a +inf logit, or all
+    -inf, has no softmax: NaN), however small (a row whose tail is
     below e^-40 of its top is read a second time for it). One streaming pass per row on the
     Triton and CPU backends; on CUDA a one-read filter kernel (fp32/bf16/fp16, k <= 2048; 3072
     for fp32), else a radix select. No (N x V) probability tensor is made. Never differentiated.
