@@ -249,6 +249,24 @@ def test_tail_mode_with_a_student_sure_of_its_targets(backend, divergence, dtype
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("divergence,mix", [("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0),
+                                            ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.1)])
+@pytest.mark.parametrize("tail", TAILS)
+def test_mixtures_where_p_and_q_leave_float32(backend, divergence, mix, tail):
+    """A low temperature, a student sure of one target and a teacher sure of the other: where p is
+    subnormal and q ~ e^-300, the mixture formed as w_p p + w_q q rounded to 0 and its term was
+    infinite (torch and Triton; beta 0 or 1 made 0 * inf = NaN). It is a log-add-exp, as in the
+    dense losses."""
+    require_backend(backend)
+    s = torch.tensor([[0.0, 30.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0], [0.0, 30.0, -5.0, 1.0],
+                      [3.0, 1.0, 0.0, 0.5]])
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]], dtype=torch.int32)
+    lp = torch.tensor([[-103.5, -1e-3], [-200.0, -1e-3], [-90.0, -2e-3], [-0.5, -1.2]])
+    check_sparse(s, ids, lp, divergence=divergence, tail=tail, temperature=0.1, beta=mix,
+                 alpha=mix, reduction="sum", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("tail", TAILS)
 def test_an_ignored_row_may_have_undefined_targets(backend, tail):
     """A teacher row of -inf has no softmax: its top-k log-probabilities are NaN. Labelled -100

@@ -71,7 +71,15 @@ def log_mixture(logp: torch.Tensor, logq: torch.Tensor, wp: float, wq: float) ->
 
 
 def divergence_rows(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix: float) -> torch.Tensor:
-    """Per-row divergence D(p, q) from log-probabilities over the last axis.
+    """Per-row divergence D(p, q) from log-probabilities over the last axis (divergence_terms'
+    sum)."""
+    return divergence_terms(logq, logp, divergence, mix).sum(-1)
+
+
+def divergence_terms(logq: torch.Tensor, logp: torch.Tensor, divergence: int,
+                     mix: float) -> torch.Tensor:
+    """The per-element terms of divergence D(p, q), from log-probabilities (any shape; the sparse
+    losses sum them over their buckets).
 
     forward_kl       KL(p || q)
     reverse_kl       KL(q || p)
@@ -94,7 +102,7 @@ def divergence_rows(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix
         terms = _plogratio(q, logq, log_mixture(logp, logq, 1 - mix, mix))
     else:
         raise ValueError(f"unknown divergence code {divergence}")
-    return terms.sum(-1)
+    return terms
 
 
 def row_losses(
@@ -133,7 +141,7 @@ def _exp_capped(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.where(x > cap, torch.full_like(x, cap), x).exp()
 
 
-def _qg(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix: float) -> torch.Tensor:
+def qg_terms(logq: torch.Tensor, logp: torch.Tensor, divergence: int, mix: float) -> torch.Tensor:
     """qg_i = q_i * dD/dq_i: with C = sum_i qg_i, dD/da_j = qg_j - q_j C (a = student logits / tau).
 
     The mixture ratios p q / M and q^2 / M are formed in log space, as csrc/include/distill_ops/
@@ -175,7 +183,7 @@ def row_grads(
     if soft_coef != 0:
         logq = torch.log_softmax(s / temperature, dim=-1)
         logp = torch.log_softmax(apply_softcap(teacher, softcap) / temperature, dim=-1)
-        qg = _qg(logq, logp, divergence, mix)
+        qg = qg_terms(logq, logp, divergence, mix)
         g = g + (soft_coef / temperature) * (qg - logq.exp() * qg.sum(-1, keepdim=True))
     if labels is not None:
         valid = labels != ignore_index

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from ..targets import rng
-from .base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
+from .reference import divergence_terms, qg_terms
 
 MODE_FULL, MODE_SUPPORT, MODE_TAIL = 0, 1, 2
 CHUNK_ELEMENTS = 1 << 22
@@ -75,36 +75,12 @@ def target_bits(ids: torch.Tensor, v: int) -> torch.Tensor:
     return bits.scatter_add_(1, ids >> 5, torch.where(valid, one_bit, torch.zeros_like(one_bit)))
 
 
-def _plogratio(w: torch.Tensor, lw: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """w (log w - log r) with 0 log 0 = 0 (no NaN from -inf - -inf in the masked lanes). A NaN w
-    stays NaN (w != 0, not w > 0): a student with no mass on any target has no renormalised q~,
-    and its row is NaN in every backend, not 0."""
-    live = w != 0
-    return torch.where(live, w * torch.where(live, lw - lr, torch.zeros_like(w)), torch.zeros_like(w))
-
-
 def bucket_terms(lq: torch.Tensor, lp: torch.Tensor, divergence: int, mix: float):
-    """Per-bucket (loss term, qg = q dD/dq, q) of divergence D(p, q); zero where q = p = 0."""
-    p, q = lp.exp(), lq.exp()
-    if divergence == FORWARD_KL:
-        return _plogratio(p, lp, lq), -p, q
-    if divergence == REVERSE_KL:
-        t = _plogratio(q, lq, lp)
-        return t, t, q
-    if divergence in (JSD, SKEW_FORWARD_KL):
-        m = mix * p + (1 - mix) * q
-        lm = torch.log(m)
-        if divergence == JSD:
-            qg = (1 - mix) * _plogratio(q, lq, lm)
-            return mix * _plogratio(p, lp, lm) + qg, qg, q
-        ratio = torch.where(m > 0, q / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(m))
-        return _plogratio(p, lp, lm), -(1 - mix) * p * ratio, q
-    if divergence == SKEW_REVERSE_KL:
-        m = (1 - mix) * p + mix * q
-        t = _plogratio(q, lq, torch.log(m))
-        ratio = torch.where(m > 0, q / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(m))
-        return t, t - mix * q * ratio, q
-    raise ValueError(f"unknown divergence code {divergence}")
+    """Per-bucket (loss term, qg = q dD/dq, q) of divergence D(p, q); zero where q = p = 0. The
+    dense reference's per-element terms (the mixtures in log space: a teacher bucket below fp32's
+    range against a student's ~0 gave M = 0 and an infinite term when formed as w_p p + w_q q)."""
+    return (divergence_terms(lq, lp, divergence, mix), qg_terms(lq, lp, divergence, mix),
+            lq.exp())
 
 
 def _teacher_buckets(lw, valid, tail, mode, target_scale, vocab):

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
+from .dense import _mixture_args, _terms
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
 
@@ -66,41 +67,10 @@ def _log1mexp(x):
 
 
 @triton.jit
-def _plogratio(w, lw, lr):
-    return tl.where(w != 0, w * (lw - lr), 0.0)  # NaN w stays NaN (as reference_sparse)
-
-
-@triton.jit
-def _bucket_terms(lq, lp, mix, DIV: tl.constexpr):
-    """Per-bucket loss term and qg = q dD/dq of divergence DIV (codes of backends/base.py)."""
-    q = tl.exp(lq)
-    p = tl.exp(lp)
-    if DIV == 0:  # forward KL
-        term = _plogratio(p, lp, lq)
-        qg = -p
-    elif DIV == 1:  # reverse KL
-        term = _plogratio(q, lq, lp)
-        qg = term
-    elif DIV == 2:  # JSD(beta)
-        lm = tl.log(mix * p + (1.0 - mix) * q)
-        qg = (1.0 - mix) * _plogratio(q, lq, lm)
-        term = mix * _plogratio(p, lp, lm) + qg
-    elif DIV == 3:  # skew forward KL(alpha), M = alpha p + (1 - alpha) q
-        m = mix * p + (1.0 - mix) * q
-        term = _plogratio(p, lp, tl.log(m))
-        qg = tl.where(m > 0, -(1.0 - mix) * p * (q / tl.where(m > 0, m, 1.0)), 0.0)
-    else:  # skew reverse KL(alpha), M = (1 - alpha) p + alpha q
-        m = (1.0 - mix) * p + mix * q
-        term = _plogratio(q, lq, tl.log(m))
-        qg = term - mix * tl.where(m > 0, q * (q / tl.where(m > 0, m, 1.0)), 0.0)
-    return term, qg, q
-
-
-@triton.jit
 def _sparse_kd_kernel(
     s_ptr, ids_ptr, lw_ptr, tail_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr, bits_ptr,
     V, K, stride_s, stride_i, stride_w, stride_g, stride_b,
-    inv_tau, mix, target_scale, soft_coef, hard_coef, ignore_index,
+    inv_tau, wp, wq, lwp, lwq, ratio_cap, target_scale, soft_coef, hard_coef, ignore_index,
     DIV: tl.constexpr, MODE: tl.constexpr, HAS_TAIL: tl.constexpr, RETEMPER: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, NEED_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
@@ -190,13 +160,14 @@ def _sparse_kd_kernel(
             lq = tl.where(valid, a_k - lse_k, neg_inf)
         else:
             lq = tl.where(valid, a_k - lse_a, neg_inf)
-        term, qg, q = _bucket_terms(lq, lp, mix, DIV)
+        # the dense kernel's per-element terms (mixtures in log space), over the k buckets
+        term, qg, q = _terms(lq, lp, wp, wq, lwp, lwq, ratio_cap, DIV)
         soft = tl.sum(term, axis=0)
         big_c = tl.sum(qg, axis=0)
         if MODE == 2:
             lse_tail = m_o + tl.log(z_o)  # -inf when the targets cover the vocabulary
             lq_tail = lse_tail - lse_a
-            t_term, t_qg, t_q = _bucket_terms(lq_tail, lp_tail, mix, DIV)
+            t_term, t_qg, t_q = _terms(lq_tail, lp_tail, wp, wq, lwp, lwq, ratio_cap, DIV)
             soft += t_term
             big_c += t_qg
         soft = tl.where(live, soft, 0.0)
@@ -295,7 +266,8 @@ def sparse_forward(
         labels if labels is not None else ids, g,
         grad_scale if grad_scale is not None else loss, loss, bits,
         v, k, student.stride(0), ids.stride(0), logprobs.stride(0), g.stride(0), bits.stride(0),
-        1.0 / temperature, mix, target_scale, soft_coef, hard_coef, ignore_index,
+        1.0 / temperature, *_mixture_args(divergence, mix), target_scale, soft_coef, hard_coef,
+        ignore_index,
         DIV=divergence, MODE=mode, HAS_TAIL=tail_logmass is not None,
         RETEMPER=target_scale != 1.0, HAS_LABELS=labels is not None, HARD=hard,
         NEED_GRAD=grad is not None, HAS_SCALE=grad_scale is not None,
