@@ -267,6 +267,31 @@ def test_mixtures_where_p_and_q_leave_float32(backend, divergence, mix, tail):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("k", [8, 5])
+def test_scaled_logits_are_rounded_once(backend, divergence, tail, k):
+    """At tau != 1 a = s / tau is rounded once and that value is used by the max, the normaliser
+    and the target slots alike. The CPU kernel's normaliser took exp(s * (1 / tau) - max) with the
+    product contracted into an FMA (unrounded), so the top token's term was exp(its rounding
+    error) instead of 1; reverse KL (R ~ 600 here) amplified that shift of every log q into a
+    wrong loss and a gradient far from the truth's ~0. Likewise log q = a - lse(a) in float32
+    (torch, Triton) rounds at |a| ~ 290: as (a - max) - log z."""
+    require_backend(backend)
+    s = torch.zeros(3, 8)
+    s[0, 3] = 58.02304458618164  # student sure of token 3
+    s[1] = torch.tensor([31.7, -2.0, 30.1, 0.0, 29.3, 1.0, 0.5, 27.9])
+    s[2] = torch.tensor([1.3, 0.2, -0.7, 2.2, 0.1, -1.5, 0.9, 0.4])
+    t = torch.zeros(3, 8)
+    t[0, 3], t[0, 5] = -600.0, 5.0  # teacher sure of token 5 (e^-600: the oracle's double)
+    t[1] = torch.tensor([3.0, 0.0, 2.0, -1.0, 1.0, 0.5, -3.0, 2.5])
+    t[2] = torch.tensor([0.3, 1.2, 0.7, -0.2, 2.0, 0.0, -1.0, 0.8])
+    tg = teacher_topk(t, k, backend="torch")
+    check_sparse(s, tg.ids, tg.logprobs, tail_logmass=tg.tail_logmass, divergence=divergence,
+                 tail=tail, temperature=0.2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("tail", TAILS)
 def test_an_ignored_row_may_have_undefined_targets(backend, tail):
     """A teacher row of -inf has no softmax: its top-k log-probabilities are NaN. Labelled -100

@@ -98,22 +98,34 @@ DOPS_INLINE const T* chunk_as(const scalar_t* __restrict__ src, int64_t n, T* __
 // ------------------------------------------------------------------------------------------------
 // Online-softmax folds of a chunk, keeping the exponentials for a later pass
 
-// sum exp(x_i * scale - shift) over x[0, n), in double (in float, adding many small terms to a
-// partial sum near 1 loses ~1e-6); with `keep`, each exponential is stored there too.
+// x[0, n) * scale, each product rounded on its own (stored, then read by the caller's next loop):
+// in one expression with the subtraction of the max, x * scale - shift, the compiler contracts
+// the two into an FMA, whose exponent is not the rounded value the max and the target slots are
+// formed from (the top term became exp(its rounding error), not 1). x itself for scale 1.
 template <typename T>
-DOPS_INLINE double sum_exp(const T* __restrict__ x, T scale, T shift, int64_t n,
-                           T* __restrict__ keep) {
+DOPS_INLINE const T* scaled_chunk(const T* __restrict__ x, T scale, int64_t n, T* __restrict__ buf) {
+  if (scale == T(1)) return x;
+  DOPS_SIMD
+  for (int64_t i = 0; i < n; ++i) buf[i] = x[i] * scale;
+  return buf;
+}
+
+// sum exp(x_i - shift) over x[0, n) (x already scaled: scaled_chunk), in double (in float, adding
+// many small terms to a partial sum near 1 loses ~1e-6); with `keep`, each exponential is stored
+// there too.
+template <typename T>
+DOPS_INLINE double sum_exp(const T* __restrict__ x, T shift, int64_t n, T* __restrict__ keep) {
   double z = 0.0;
   if (keep != nullptr) {
     DOPS_SIMD_SUM(z)
     for (int64_t i = 0; i < n; ++i) {
-      const T e = math::exp_(x[i] * scale - shift);
+      const T e = math::exp_(x[i] - shift);
       keep[i] = e;
       z += static_cast<double>(e);
     }
   } else {
     DOPS_SIMD_SUM(z)
-    for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] * scale - shift));
+    for (int64_t i = 0; i < n; ++i) z += static_cast<double>(math::exp_(x[i] - shift));
   }
   return z;
 }

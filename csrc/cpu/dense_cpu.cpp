@@ -248,7 +248,7 @@ class RowKernel {
       }
       w_acc += w;
     } else {
-      z = sum_exp(x, T(1), shift, n, keep);
+      z = sum_exp(x, shift, n, keep);
     }
     st.z += z;
     return kept_shift(st, shift);

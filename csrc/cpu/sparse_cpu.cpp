@@ -44,6 +44,7 @@ namespace {
 template <typename T>
 struct SparseBuffers {
   alignas(64) T x[kChunk];  // raw student logits
+  alignas(64) T a[kChunk];  // x / tau (scaled_chunk)
   alignas(64) T g[kChunk];
   std::vector<double> q, qg, a_k, g_k;  // per slot
   std::vector<T> ea;                    // the row's exp(a - shift), kept by pass 1 (with a grad)
@@ -79,39 +80,35 @@ DOPS_INLINE double sum_outside(const T* __restrict__ e, const uint32_t* __restri
 // max) underflowed (tail_refit.h). Returns the online state of those columns.
 template <typename scalar_t, typename T>
 DOPS_INLINE SoftmaxState<double> outside_state(const scalar_t* s_row, const uint32_t* bits,
-                                               int64_t V, T inv_tau, T* buf) {
+                                               int64_t V, T inv_tau, SparseBuffers<T>& B) {
   SoftmaxState<double> st = SoftmaxState<double>::empty();
   auto outside = [&](int64_t j) { return !((bits[j >> 5] >> (j & 31)) & 1u); };
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const T* __restrict__ x = chunk_as(s_row + c0, n, buf);
+    const T* __restrict__ a = scaled_chunk(chunk_as(s_row + c0, n, B.x), inv_tau, n, B.a);
     T cm = math::neg_inf<T>();
     for (int64_t i = 0; i < n; ++i) {
-      const T a = x[i] * inv_tau;
-      if (outside(c0 + i) && !(a <= cm)) cm = a;  // (a NaN is kept: it poisons z below)
+      if (outside(c0 + i) && !(a[i] <= cm)) cm = a[i];  // (a NaN is kept: it poisons z below)
     }
     const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
     for (int64_t i = 0; i < n; ++i) {
-      if (outside(c0 + i)) st.z += static_cast<double>(math::exp_(x[i] * inv_tau - shift));
+      if (outside(c0 + i)) st.z += static_cast<double>(math::exp_(a[i] - shift));
     }
   }
   return st;
 }
 
-// Fold x[0, n) * scale into the online state; with `keep`, the exponentials exp(x * scale - shift)
-// are stored there. Returns their shift (kept_shift).
+// Fold x[0, n) (already scaled) into the online state; with `keep`, the exponentials
+// exp(x - shift) are stored there. Returns their shift (kept_shift).
 template <typename T>
-DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, T scale, int64_t n,
+DOPS_INLINE double fold(SoftmaxState<double>& st, const T* __restrict__ x, int64_t n,
                         T* __restrict__ keep = nullptr) {
   T cm = math::neg_inf<T>();
   DOPS_SIMD_MAX(cm)
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = x[i] * scale;
-    cm = v > cm ? v : cm;
-  }
+  for (int64_t i = 0; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
   // NaN: `>` drops it from the max, but exp(NaN - shift) makes z NaN below.
   const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
-  st.z += sum_exp(x, scale, shift, n, keep);
+  st.z += sum_exp(x, shift, n, keep);
   return kept_shift(st, shift);
 }
 
@@ -167,13 +164,13 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     const T* x = chunk_as(s_row + c0, n, B.x);
     // (without a gradient the tail mode keeps the chunk's exponentials in the g scratch)
     T* keep = g_row != nullptr ? B.ea.data() + c0 : bits != nullptr ? B.g : nullptr;
-    const double shift = fold(sa, x, inv_tau, n, keep);
+    const double shift = fold(sa, scaled_chunk(x, inv_tau, n, B.a), n, keep);
     B.shift[c0 / kChunk] = shift;
     if (bits != nullptr && shift > -INFINITY) {
       const double z = sum_outside(keep, bits, c0, n);
       if (z != 0.0) outside.add(shift + std::log(z));  // (NaN poisons it)
     }
-    if (ce_own) fold(s1, x, T(1), n);
+    if (ce_own) fold(s1, x, n);
   }
   const double lse_a = sa.lse();
   const SoftmaxState<double>& st1 = ce_own ? s1 : sa;
@@ -216,7 +213,7 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
   SoftmaxState<double> out_st = SoftmaxState<double>::empty();
   const bool refit = bits != nullptr && n_valid < V && lse_out - sa.m < kTailRefitLog;
   if (refit) {
-    out_st = outside_state(s_row, bits, V, inv_tau, B.x);
+    out_st = outside_state(s_row, bits, V, inv_tau, B);
     lse_out = out_st.lse();
   }
   const sparse::RowFinish fin =
@@ -265,8 +262,9 @@ DOPS_INLINE void sparse_row(const SparseArgs& A, int64_t row, SparseBuffers<T>& 
     const T* __restrict__ x =
         refit || (hard && ce_own) ? chunk_as(s_row + c0, n, B.x, aliased) : nullptr;
     if (dense_soft && refit) {
+      const T* __restrict__ a = scaled_chunk(x, inv_tau, n, B.a);
       DOPS_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = coef_t * math::exp_((x[i] * inv_tau - m_out) - off_out);
+      for (int64_t i = 0; i < n; ++i) g[i] = coef_t * math::exp_((a[i] - m_out) - off_out);
     } else if (dense_soft) {
       const T f = static_cast<T>(coef * std::exp(shift - fin.lse_out));
       DOPS_SIMD

@@ -72,7 +72,7 @@ struct TopkRow {
     std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better<T>);
     for (size_t i = k; i < cand.size(); ++i) {
       const T v = cand[i].value;
-      zt += static_cast<double>(math::exp_(v * inv_tau - shift));
+      zt += static_cast<double>(math::exp_(math::mul_rn(v, inv_tau) - shift));
     }
     cand.resize(k);
     return cand[k - 1];
@@ -93,15 +93,15 @@ struct TopkRow {
     for (int64_t c0 = 0; c0 < A.v; c0 += kChunk) {
       const int64_t n = A.v - c0 < kChunk ? A.v - c0 : kChunk;
       const T* __restrict__ x = chunk_as(t_row + c0, n, xbuf);
+      const T* __restrict__ a = scaled_chunk(x, inv_tau, n, e);
       T cm = math::neg_inf<T>();
       for (int64_t i = 0; i < n; ++i) {
-        const T a = x[i] * inv_tau;
-        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i}) && a > cm) cm = a;
+        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i}) && a[i] > cm) cm = a[i];
       }
       const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
       for (int64_t i = 0; i < n; ++i) {
         if (better(kth, Cand<T>{rank_value(x[i]), c0 + i})) {
-          st.z += static_cast<double>(math::exp_(x[i] * inv_tau - shift));
+          st.z += static_cast<double>(math::exp_(a[i] - shift));
         }
       }
     }
@@ -122,10 +122,12 @@ struct TopkRow {
       const T* __restrict__ x = chunk_as(t_row + c0, n, xbuf);
       T cm = math::neg_inf<T>();
       T best = math::neg_inf<T>();  // the chunk's best ranking value
+      // the scaled chunk goes to e first, the exponentials over it below (scaled_chunk: rounded
+      // on their own, not contracted into the subtraction)
       DOPS_SIMD_MAX(cm, best)
       for (int64_t i = 0; i < n; ++i) {
-        const T a = x[i] * inv_tau;
-        cm = a > cm ? a : cm;
+        e[i] = x[i] * inv_tau;
+        cm = e[i] > cm ? e[i] : cm;
         const T r = rank_value(x[i]);
         best = r > best ? r : best;
       }
@@ -135,7 +137,7 @@ struct TopkRow {
       double z = 0.0;
       DOPS_SIMD_SUM(z)
       for (int64_t i = 0; i < n; ++i) {
-        e[i] = math::exp_(x[i] * inv_tau - shift);
+        e[i] = math::exp_(e[i] - shift);
         z += static_cast<double>(e[i]);
       }
       st.z += z;

@@ -326,9 +326,10 @@ __device__ __forceinline__ void fold_elems(RowStates<T>& st, const LossConsts<T>
     T a[K], b[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      a[k] = sp[k] * Kc.inv_tau;
+      a[k] = math::mul_rn(sp[k], Kc.inv_tau);  // (never contracted: see primitives.h mul_rn)
       b[k] = k >= valid ? math::neg_inf<T>()
-                        : (Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k]) * Kc.inv_tau;
+                        : math::mul_rn(Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k],
+                                       Kc.inv_tau);
     }
     fold<K, DIV == kReverseKL>(st.a, st.w, a, b);
     fold<K, false>(st.b, st.w, b, b);
@@ -369,9 +370,10 @@ __device__ __forceinline__ void terms_elems(const LossConsts<T>& Kc, const RowCo
     const T sp = Kc.cap_on ? softcap(x[k], Kc.cap, Kc.inv_cap) : x[k];
     T q = T(0), qg = T(0);
     if (Kc.soft) {
-      const T bk = (Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k]) * Kc.inv_tau;
+      const T bk = math::mul_rn(Kc.cap_on ? softcap(t[k], Kc.cap, Kc.inv_cap) : t[k], Kc.inv_tau);
       T term;
-      Terms<DIV, T>::eval(rc.a.log_prob(sp * Kc.inv_tau), rc.b.log_prob(bk), Kc.mix, q, term, qg);
+      Terms<DIV, T>::eval(rc.a.log_prob(math::mul_rn(sp, Kc.inv_tau)), rc.b.log_prob(bk), Kc.mix,
+                          q, term, qg);
       if (MODE != Mode::kGrad) dsum += term;
       if (MODE == Mode::kLossC) csum += qg;
     }

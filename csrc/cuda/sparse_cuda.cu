@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       T x[KV], a[KV];
       load_k<KV, true>(s_row + j0, x);
 #pragma unroll
-      for (int i = 0; i < KV; ++i) a[i] = x[i] * inv_tau;
+      for (int i = 0; i < KV; ++i) a[i] = math::mul_rn(x[i], inv_tau);
       fold<KV, false>(st.a, unused, a, a);
       if (ce_own) fold<KV, false>(st.one, unused, x, x);
       if (bits != nullptr) {
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       n_valid += 1.0;
       const double lw = slot_weight(A, row * K + i);
       fold_one(ss.a, A.mode == kModeTail ? lw : lw * A.target_scale);
-      fold_one(ss.one, static_cast<double>(static_cast<T>(s_row[id]) * inv_tau));
+      fold_one(ss.one, static_cast<double>(math::mul_rn(static_cast<T>(s_row[id]), inv_tau)));
     }
     ss = block_merge(ss, shd, false);
     block_sum2(n_valid, n_bad, sh);
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     // The terms of slot i (recomputed for the gradient below rather than kept: k is unbounded).
     auto slot_terms = [&](int64_t i, int64_t id, double& q, double& term, double& qg) {
       const double lw = slot_weight(A, row * K + i);
-      const double a_i = static_cast<double>(static_cast<T>(s_row[id]) * inv_tau);
+      const double a_i = static_cast<double>(math::mul_rn(static_cast<T>(s_row[id]), inv_tau));
       const double lq = sparse::student_logprob(A.mode, a_i, lse_a, lse_k);
       Terms<DIV, double>::eval(lq, (A.mode == kModeTail ? lw : lw * A.target_scale) - tn.z, w, q,
                                term, qg);
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       load_k<KV, false>(s_row + j0, x);
 #pragma unroll
       for (int i = 0; i < KV; ++i) {
-        g[i] = dense_soft ? coef * math::exp_((x[i] * inv_tau - m_a) - off_a) : T(0);
+        g[i] = dense_soft ? coef * math::exp_((math::mul_rn(x[i], inv_tau) - m_a) - off_a) : T(0);
         if (hard) {
           g[i] += hard_c * math::exp_((x[i] * tau1 - m_1) - off_1);
           if (j0 + i == label) g[i] -= hard_c;

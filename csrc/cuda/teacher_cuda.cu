@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kTopkThreads)
       for (int64_t i = tid; i < V; i += kTopkThreads) {
         const T x = static_cast<T>(t_row[i]);
         if (pass == 0) {
-          const T a = x * inv_tau;
+          const T a = math::mul_rn(x, inv_tau);
           const T sft = st.raise(a);
           st.z += static_cast<double>(math::exp_(a - sft));
         }
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kTopkThreads)
         tile_eq += sh.warp_eq[w];
       }
       const bool take = valid && (key > kth || (eq && eq_base + before < need));
-      const T a = x * inv_tau;
+      const T a = math::mul_rn(x, inv_tau);
       if (take) {
         const unsigned int s = atomicAdd(&sh.slot, 1u);
         const int64_t o = row * k + s;

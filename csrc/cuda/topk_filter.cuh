@@ -170,7 +170,7 @@ __device__ __forceinline__ uint32_t compact(FilterShared& sh, unsigned count, un
     const uint64_t c = in ? sh.cand[i] : 0;
     const bool keep = in && (c & mask) >= prefix;
     if (in && !keep) {
-      const float a[1] = {candidate_value(c) * inv_tau};
+      const float a[1] = {math::mul_rn(candidate_value(c), inv_tau)};
       fold_with_tail<1, true>(st, tail, a, 1u);
     }
     if (keep) kept_min = c < kept_min ? c : kept_min;
@@ -222,7 +222,7 @@ __device__ __forceinline__ void filter_tile(FilterShared& sh, const Pack<scalar_
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     const float x = j < valid ? static_cast<float>(pk.v[j]) : 0.f;
-    a[j] = j < valid ? x * inv_tau : math::neg_inf<float>();
+    a[j] = j < valid ? math::mul_rn(x, inv_tau) : math::neg_inf<float>();
     const bool t = j < valid && rank_key(x) > threshold;
     take |= unsigned(t) << j;
     to_tail |= unsigned(j < valid && !t) << j;
@@ -338,7 +338,7 @@ __device__ __forceinline__ double refit_tail(FilterShared& sh, const scalar_t* t
   for (int j = threadIdx.x; j < V; j += kFilterThreads) {
     const float x = static_cast<float>(t_row[j]);
     if (candidate(rank_key(x), j) < kth) {
-      const float a = x * inv_tau;
+      const float a = math::mul_rn(x, inv_tau);
       const float shift = st.raise(a);
       st.z += static_cast<Acc>(math::exp_(a - shift));
     }
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kFilterThreads, sizeof(scalar_t) == 2 ? 4 : 3)
     const double log_z = ::log(r.z);
     for (unsigned j = tid; j < k; j += kFilterThreads) {
       const uint64_t c = sh.cand[j];
-      const float a = candidate_value(c) * inv_tau;
+      const float a = math::mul_rn(candidate_value(c), inv_tau);
       const int64_t o = row * A.k + j;
       A.ids[o] = candidate_id(c);
       // (a - m) - log z, as LogNormalizer: exact near the max

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference import log_weight, mixture_weights
+from .mul_rn import mul_rn
 
 
 @triton.jit
@@ -52,8 +53,8 @@ def _load_row(s_row, t_row, offs, mask, inv_tau, cap, ACC: tl.constexpr, CAP: tl
     t = _softcap(t, CAP, cap)
     neg_inf = float("-inf")
     s = tl.where(mask, s, neg_inf)
-    a = tl.where(mask, s * inv_tau, neg_inf)
-    b = tl.where(mask, t * inv_tau, neg_inf)
+    a = tl.where(mask, mul_rn(s, inv_tau), neg_inf)
+    b = tl.where(mask, mul_rn(t, inv_tau), neg_inf)
     return x, s, a, b
 
 

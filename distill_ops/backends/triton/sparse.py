@@ -29,6 +29,7 @@ import triton.language as tl
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
 from .dense import _mixture_args, _terms
+from .mul_rn import mul_rn
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
 
@@ -102,7 +103,7 @@ def _sparse_kd_kernel(
             offs = start + base
             mask = offs < V
             s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(ACC)
-            a = s * inv_tau
+            a = mul_rn(s, inv_tau)
             m_new = tl.maximum(m_a, tl.max(a, axis=0))
             m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
             e = tl.exp(a - m_safe)
@@ -135,8 +136,8 @@ def _sparse_kd_kernel(
         lw = tl.load(lw_ptr + row * stride_w + kk, mask=valid, other=0.0).to(ACC)
         lw = tl.where(valid, lw, neg_inf)
         s_k = tl.load(s_row + ids, mask=valid, other=0.0).to(ACC)
-        a_k = tl.where(valid, s_k * inv_tau, neg_inf)
-        lse_k = _lse(a_k, 0)
+        a_k = tl.where(valid, mul_rn(s_k, inv_tau), neg_inf)
+
         if MODE == 2:
             lk = _lse(lw, 0)
             if HAS_TAIL:
@@ -156,10 +157,13 @@ def _sparse_kd_kernel(
             z = _lse(lw, 0)
             lp = tl.where(valid, lw - z, neg_inf)
         live = (z > neg_inf) & (tl.sum(valid.to(tl.int32), axis=0) > 0)
+        # log q as (a - max) - log z: a - lse rounds at the logits' scale
         if MODE == 1:
-            lq = tl.where(valid, a_k - lse_k, neg_inf)
+            m_k = tl.max(a_k, axis=0)
+            m_k = tl.where(m_k == neg_inf, 0.0, m_k)
+            lq = tl.where(valid, (a_k - m_k) - tl.log(tl.sum(tl.exp(a_k - m_k), axis=0)), neg_inf)
         else:
-            lq = tl.where(valid, a_k - lse_a, neg_inf)
+            lq = tl.where(valid, (a_k - tl.where(m_a == neg_inf, 0.0, m_a)) - tl.log(z_a), neg_inf)
         # the dense kernel's per-element terms (mixtures in log space), over the k buckets
         term, qg, q = _terms(lq, lp, wp, wq, lwp, lwq, ratio_cap, DIV)
         soft = tl.sum(term, axis=0)
@@ -200,7 +204,7 @@ def _sparse_kd_kernel(
                 offs = start + base
                 mask = offs < V
                 s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(ACC)
-                g = tl.where(coef != 0, coef * tl.exp(s * inv_tau - lse_out), 0.0)
+                g = tl.where(coef != 0, coef * tl.exp(mul_rn(s, inv_tau) - lse_out), 0.0)
                 if HARD:
                     g += hard_coef * (tl.exp(s - lse_1) - tl.where(offs == label, 1.0, 0.0))
                 g = g * scale

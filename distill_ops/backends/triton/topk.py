@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ...targets import rng
 from ..reference_sparse import merge_sampled
+from .mul_rn import mul_rn
 
 MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
 # rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
@@ -83,7 +84,7 @@ def _topk_kernel(
         offs = start + base
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=neg_inf)
-        a = x.to(ACC) * inv_tau
+        a = mul_rn(x.to(ACC), inv_tau)
         m_new = tl.maximum(m, tl.max(a, axis=0))
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
         r = tl.exp(m - m_safe)
@@ -101,7 +102,7 @@ def _topk_kernel(
             # Rejected now: the block's elements below the new k-th key and the old members that
             # fell below it (old members below the old k-th key were counted when rejected).
             zt += tl.sum(tl.where(key < new_kth, e, 0.0), axis=0)
-            old_a = _key_value(run).to(ACC) * inv_tau
+            old_a = mul_rn(_key_value(run).to(ACC), inv_tau)
             dropped = (run > MIN_KEY) & (run < new_kth)
             zt += tl.sum(tl.where(dropped, tl.exp(old_a - m_safe), 0.0), axis=0)
             run = merged
@@ -114,7 +115,7 @@ def _topk_kernel(
     log_z = tl.log(z)  # (an all -inf row: log 0 = -inf, and its log-probabilities NaN as before)
     kmask = kk < K
     ids = _key_id(run)
-    lp = (_key_value(run).to(ACC) * inv_tau - m_safe) - log_z
+    lp = (mul_rn(_key_value(run).to(ACC), inv_tau) - m_safe) - log_z
     tl.store(ids_ptr + row * stride_i + kk, ids.to(tl.int32), mask=kmask)
     tl.store(lp_ptr + row * stride_l + kk, lp.to(tl.float32), mask=kmask)
     log_tail = tl.log(zt)  # relative to exp(m)
@@ -125,7 +126,7 @@ def _topk_kernel(
             offs = start + base
             mask = offs < V
             x = tl.load(x_row + offs, mask=mask, other=neg_inf)
-            a = x.to(ACC) * inv_tau
+            a = mul_rn(x.to(ACC), inv_tau)
             key = (_order_bits(x.to(tl.float32)).to(tl.int64) << 32) | (0xFFFFFFFF - offs.to(tl.int64))
             out = mask & (key < kth)
             mo_new = tl.maximum(m_o, tl.max(tl.where(out, a, neg_inf), axis=0))
