@@ -137,7 +137,6 @@ def _sparse_kd_kernel(
         lw = tl.where(valid, lw, neg_inf)
         s_k = tl.load(s_row + ids, mask=valid, other=0.0).to(ACC)
         a_k = tl.where(valid, mul_rn(s_k, inv_tau), neg_inf)
-
         if MODE == 2:
             lk = _lse(lw, 0)
             if HAS_TAIL:
