@@ -130,6 +130,22 @@ DOPS_INLINE double sum_exp(const T* __restrict__ x, T shift, int64_t n, T* __res
   return z;
 }
 
+// Fold the elements i of a[0, n) (already scaled) with counts(i) into the online state, relative
+// to their own max in the chunk: the tails summed again when their streamed sums underflowed
+// (tail_refit.h; not vectorised: only such rows take it). A NaN counted poisons z.
+template <typename T, typename Counts>
+DOPS_INLINE void fold_where(SoftmaxState<double>& st, const T* __restrict__ a, int64_t n,
+                            Counts counts) {
+  T cm = math::neg_inf<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (counts(i) && !(a[i] <= cm)) cm = a[i];
+  }
+  const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
+  for (int64_t i = 0; i < n; ++i) {
+    if (counts(i)) st.z += static_cast<double>(math::exp_(a[i] - shift));
+  }
+}
+
 // The shift a chunk's kept exponentials are relative to, as a later pass needs it: -inf while the
 // state is still empty (raise() returns 0 then, and the chunk's exponentials are all 0), so that
 // the factor exp(shift - lse) is 0, where exp(0 - lse) could overflow and give 0 * inf = NaN.

@@ -85,15 +85,8 @@ DOPS_INLINE SoftmaxState<double> outside_state(const scalar_t* s_row, const uint
   auto outside = [&](int64_t j) { return !((bits[j >> 5] >> (j & 31)) & 1u); };
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const T* __restrict__ a = scaled_chunk(chunk_as(s_row + c0, n, B.x), inv_tau, n, B.a);
-    T cm = math::neg_inf<T>();
-    for (int64_t i = 0; i < n; ++i) {
-      if (outside(c0 + i) && !(a[i] <= cm)) cm = a[i];  // (a NaN is kept: it poisons z below)
-    }
-    const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
-    for (int64_t i = 0; i < n; ++i) {
-      if (outside(c0 + i)) st.z += static_cast<double>(math::exp_(a[i] - shift));
-    }
+    const T* a = scaled_chunk(chunk_as(s_row + c0, n, B.x), inv_tau, n, B.a);
+    fold_where(st, a, n, [&](int64_t i) { return outside(c0 + i); });
   }
   return st;
 }

@@ -92,18 +92,9 @@ struct TopkRow {
     SoftmaxState<double> st = SoftmaxState<double>::empty();
     for (int64_t c0 = 0; c0 < A.v; c0 += kChunk) {
       const int64_t n = A.v - c0 < kChunk ? A.v - c0 : kChunk;
-      const T* __restrict__ x = chunk_as(t_row + c0, n, xbuf);
-      const T* __restrict__ a = scaled_chunk(x, inv_tau, n, e);
-      T cm = math::neg_inf<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i}) && a[i] > cm) cm = a[i];
-      }
-      const T shift = static_cast<T>(st.raise(static_cast<double>(cm)));
-      for (int64_t i = 0; i < n; ++i) {
-        if (better(kth, Cand<T>{rank_value(x[i]), c0 + i})) {
-          st.z += static_cast<double>(math::exp_(a[i] - shift));
-        }
-      }
+      const T* x = chunk_as(t_row + c0, n, xbuf);
+      fold_where(st, scaled_chunk(x, inv_tau, n, e), n,
+                 [&](int64_t i) { return better(kth, Cand<T>{rank_value(x[i]), c0 + i}); });
     }
     return st.lse();
   }

@@ -39,12 +39,6 @@ __device__ __forceinline__ double slot_weight(const SparseArgs& A, int64_t idx) 
                 : static_cast<double>(static_cast<const float*>(A.logprobs)[idx]);
 }
 
-// Fold one double value into a state (the slots: few values, no vector loads).
-__device__ __forceinline__ void fold_one(SoftmaxState<double, double>& st, double x) {
-  const double shift = st.raise(x);
-  st.z += ::exp(x - shift);
-}
-
 template <typename scalar_t, typename T, int DIV>
 __global__ void __launch_bounds__(kMaxThreads)
     sparse_row_kernel(const SparseArgs A, const MixWeights<double> w, const bool vec) {
@@ -120,8 +114,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       n_valid += 1.0;
       const double lw = slot_weight(A, row * K + i);
-      fold_one(ss.a, A.mode == kModeTail ? lw : lw * A.target_scale);
-      fold_one(ss.one, static_cast<double>(math::mul_rn(static_cast<T>(s_row[id]), inv_tau)));
+      ss.a.add(A.mode == kModeTail ? lw : lw * A.target_scale);
+      ss.one.add(static_cast<double>(math::mul_rn(static_cast<T>(s_row[id]), inv_tau)));
     }
     ss = block_merge(ss, shd, false);
     block_sum2(n_valid, n_bad, sh);

@@ -59,7 +59,6 @@ struct TopkShared {
   int warp_eq[kTopkWarps];
   typename KeyOf<T>::type prefix;
   int64_t need;  // how many of the elements whose key prefix matches are still to be taken
-  SoftmaxState<T, double> row;
   unsigned int slot;
 };
 
@@ -85,9 +84,7 @@ __global__ void __launch_bounds__(kTopkThreads)
       for (int64_t i = tid; i < V; i += kTopkThreads) {
         const T x = static_cast<T>(t_row[i]);
         if (pass == 0) {
-          const T a = math::mul_rn(x, inv_tau);
-          const T sft = st.raise(a);
-          st.z += static_cast<double>(math::exp_(a - sft));
+          st.add(math::mul_rn(x, inv_tau));
         }
         const K key = rank_key(x);
         if ((key & mask) == prefix) {
@@ -116,18 +113,8 @@ __global__ void __launch_bounds__(kTopkThreads)
     const K kth = prefix;
 
     // ---- the row's normalizer: warp then block merge ----
-    // dense_kernels.cuh's shfl_state (a xor butterfly: every lane ends with the warp's state)
-    for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
-    if (lane == 0) sh.states[warp] = st;
-    __syncthreads();
-    if (tid == 0) {
-      SoftmaxState<T, double> r = sh.states[0];
-      for (int w = 1; w < kTopkWarps; ++w) r = merge(r, sh.states[w]);
-      sh.row = r;
-      sh.slot = 0;
-    }
-    __syncthreads();
-    const SoftmaxState<T, double> rs = sh.row;
+    const SoftmaxState<T, double> rs = block_state<kTopkWarps>(st, sh.states);
+    if (tid == 0) sh.slot = 0;  // before any take: the first tile's barrier orders it
     const T m = rs.m == math::neg_inf<T>() ? T(0) : rs.m;  // the shift, as the CPU kernel takes it
     const double log_z = ::log(rs.z);
 
@@ -162,21 +149,16 @@ __global__ void __launch_bounds__(kTopkThreads)
         const double r = static_cast<double>(rank_value(x));
         rank_out[o] = r == 0.0 ? 0.0 : r;
       } else if (valid) {
-        const T sft = tail.raise(a);
-        tail.z += static_cast<double>(math::exp_(a - sft));
+        tail.add(a);
       }
       eq_base += tile_eq;
       __syncthreads();  // sh.warp_eq is rewritten by the next tile
     }
-    for (int off = 16; off > 0; off >>= 1) tail = merge(tail, shfl_state(tail, off));
-    if (lane == 0) sh.states[warp] = tail;  // (tid 0 read the normalizer's before a barrier)
-    __syncthreads();
+    tail = block_state<kTopkWarps>(tail, sh.states);
     if (tid == 0) {
-      SoftmaxState<T, double> r = sh.states[0];
-      for (int w = 1; w < kTopkWarps; ++w) r = merge(r, sh.states[w]);
       // (m_tail - m) + log z_tail - log z: -inf when there is no tail (k == V)
       A.tail[row] = static_cast<float>(
-          (static_cast<double>(r.m) - static_cast<double>(m)) + ::log(r.z) - log_z);
+          (static_cast<double>(tail.m) - static_cast<double>(m)) + ::log(tail.z) - log_z);
     }
     __syncthreads();  // sh is reused by the next row
   }

@@ -327,29 +327,32 @@ __device__ __forceinline__ void sort_winners(FilterShared& sh, unsigned k) {
   }
 }
 
+// The state of all the block's threads (kWarps warps), in every thread: butterflies within each
+// warp, then each thread merges the warps' states from `slots` (kWarps entries of shared memory;
+// the first barrier lets earlier readers of them finish).
+template <int kWarps, typename M>
+__device__ __forceinline__ SoftmaxState<M, Acc> block_state(SoftmaxState<M, Acc> st,
+                                                            SoftmaxState<M, Acc>* slots) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
+  __syncthreads();
+  if ((threadIdx.x & (kWarp - 1)) == 0) slots[threadIdx.x / kWarp] = st;
+  __syncthreads();
+  SoftmaxState<M, Acc> r = slots[0];
+  for (int w = 1; w < kWarps; ++w) r = merge(r, slots[w]);
+  return r;
+}
+
 // log sum exp(x / tau) over the row's elements whose word is below `kth` (the k-th best's: outside
 // the top-k), relative to their own max; the whole block calls it, and every thread gets the sum.
-// (sh.states is free: the row's normalizer was read from it before the caller's branch.)
 template <typename scalar_t>
 __device__ __forceinline__ double refit_tail(FilterShared& sh, const scalar_t* t_row, int V,
                                             uint64_t kth, float inv_tau) {
-  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
   SoftmaxState<float, Acc> st = SoftmaxState<float, Acc>::empty();
   for (int j = threadIdx.x; j < V; j += kFilterThreads) {
     const float x = static_cast<float>(t_row[j]);
-    if (candidate(rank_key(x), j) < kth) {
-      const float a = math::mul_rn(x, inv_tau);
-      const float shift = st.raise(a);
-      st.z += static_cast<Acc>(math::exp_(a - shift));
-    }
+    if (candidate(rank_key(x), j) < kth) st.add(math::mul_rn(x, inv_tau));
   }
-  for (int off = kWarp / 2; off > 0; off >>= 1) st = merge(st, shfl_state(st, off));
-  __syncthreads();  // every thread has read the normalizer's states
-  if (lane == 0) sh.states[warp] = st;
-  __syncthreads();
-  SoftmaxState<float, Acc> r = sh.states[0];
-  for (int w = 1; w < kFilterWarps; ++w) r = merge(r, sh.states[w]);
-  return r.lse();
+  return block_state<kFilterWarps>(st, sh.states).lse();
 }
 
 // 4 blocks an SM for 16-bit rows (64 registers, no spill on sm_90), 3 for fp32, whose kernel

@@ -38,6 +38,12 @@ struct SoftmaxState {
     return raise(block_max, factor);
   }
 
+  // Fold one value (a thread's strided stream, the few target slots).
+  DOPS_HD DOPS_INLINE void add(M x) {
+    const M shift = raise(x);
+    z += static_cast<Z>(math::exp_(x - shift));
+  }
+
   // log sum exp of the values seen (-inf for none).
   DOPS_HD DOPS_INLINE Z lse() const { return static_cast<Z>(m) + math::log_(z); }
 };

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
-from .dense import _mixture_args, _terms
+from .dense import _mixture_args, _online_update, _terms
 from .mul_rn import mul_rn
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
@@ -104,24 +104,13 @@ def _sparse_kd_kernel(
             mask = offs < V
             s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(ACC)
             a = mul_rn(s, inv_tau)
-            m_new = tl.maximum(m_a, tl.max(a, axis=0))
-            m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-            e = tl.exp(a - m_safe)
+            m_a, z_a, _r, _e = _online_update(m_a, z_a, a)
             if MODE == 2:
                 word = tl.load(bits_ptr + row * stride_b + (offs >> 5), mask=mask, other=0)
                 target = ((word >> (offs & 31)) & 1) != 0
-                o = tl.where(target, neg_inf, a)
-                mo_new = tl.maximum(m_o, tl.max(o, axis=0))
-                mo_safe = tl.where(mo_new == neg_inf, 0.0, mo_new)
-                z_o = z_o * tl.exp(m_o - mo_safe) + tl.sum(tl.exp(o - mo_safe), axis=0)
-                m_o = mo_new
-            z_a = z_a * tl.exp(m_a - m_safe) + tl.sum(e, axis=0)
-            m_a = m_new
+                m_o, z_o, _r, _e = _online_update(m_o, z_o, tl.where(target, neg_inf, a))
             if HARD and CE_SEPARATE:
-                m1_new = tl.maximum(m_1, tl.max(s, axis=0))
-                m1_safe = tl.where(m1_new == neg_inf, 0.0, m1_new)
-                z_1 = z_1 * tl.exp(m_1 - m1_safe) + tl.sum(tl.exp(s - m1_safe), axis=0)
-                m_1 = m1_new
+                m_1, z_1, _r, _e = _online_update(m_1, z_1, s)
         lse_a = m_a + tl.log(z_a)
         lse_1 = lse_a
         if HARD and CE_SEPARATE:

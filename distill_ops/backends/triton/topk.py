@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ...targets import rng
 from ..reference_sparse import merge_sampled
+from .dense import _online_update
 from .mul_rn import mul_rn
 
 MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
@@ -128,11 +129,7 @@ def _topk_kernel(
             x = tl.load(x_row + offs, mask=mask, other=neg_inf)
             a = mul_rn(x.to(ACC), inv_tau)
             key = (_order_bits(x.to(tl.float32)).to(tl.int64) << 32) | (0xFFFFFFFF - offs.to(tl.int64))
-            out = mask & (key < kth)
-            mo_new = tl.maximum(m_o, tl.max(tl.where(out, a, neg_inf), axis=0))
-            mo_safe = tl.where(mo_new == neg_inf, 0.0, mo_new)
-            z_o = z_o * tl.exp(m_o - mo_safe) + tl.sum(tl.where(out, tl.exp(a - mo_safe), 0.0), axis=0)
-            m_o = mo_new
+            m_o, z_o, _r, _e = _online_update(m_o, z_o, tl.where(mask & (key < kth), a, neg_inf))
         log_tail = (m_o - m_safe) + tl.log(z_o)
     tail = log_tail - log_z
     tl.store(tail_ptr + row, tail.to(tl.float32))
