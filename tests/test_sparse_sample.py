@@ -172,6 +172,34 @@ def test_importance_weights_with_a_tempered_proposal():
         torch.testing.assert_close(out.logprobs[r][oo][ok].double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu", "triton-host-merge"])
+@pytest.mark.parametrize("tp", [2.0, 0.6])
+def test_importance_weights_at_large_logit_offsets(monkeypatch, backend, tp):
+    """Logits near 3e4 (a shifted row: the softmax does not see the shift): the weights depend on
+    differences of drawn logits, (x_i - x_j) (1/T - 1/(T Tp)). Formed as x_i * delta, each product
+    rounds at 1e4 (ulp 1e-3) before the differences are taken, so the float32 weights were 1e-3
+    off; relative to the drawn max they are float32-accurate."""
+    name = "triton" if backend == "triton-host-merge" else backend
+    require_backend(name)
+    if backend == "triton-host-merge":  # the kernel's raw draws, merged by merge_sampled
+        monkeypatch.setattr(triton_topk, "MERGE_IN_KERNEL_MAX_S", 4)
+    t = _logits(6, 50, seed=21, spread=3.0) + 30000.0
+    out = teacher_sample(t, 16, temperature=1.2, proposal_temperature=tp, seed=5, backend=name)
+    raw = teacher_sample(t, 16, temperature=1.2 * tp, seed=5, backend=name)  # counts / S
+    assert torch.equal(out.ids.sort(-1).values, raw.ids.sort(-1).values)
+    x = t.double()
+    delta = 1 / 1.2 - 1 / (1.2 * tp)
+    for r in range(6):
+        oi, oo = out.ids[r].long().sort()
+        _, ro = raw.ids[r].long().sort()
+        ok = oi >= 0
+        counts = (raw.logprobs[r][ro][ok].double().exp() * 16).round()
+        xi = x[r][oi[ok]]
+        lw = counts.log() + (xi - xi.max()) * delta
+        want = lw - torch.logsumexp(lw, 0)
+        torch.testing.assert_close(out.logprobs[r][oo][ok].double(), want, rtol=0, atol=2e-6)
+
+
 def _grad_rows(student_row, targets, tau):
     """Per-row gradient of the sparse forward KL (reduction none, one row per estimate)."""
     n = targets.ids.shape[0]

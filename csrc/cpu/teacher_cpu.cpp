@@ -301,7 +301,13 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
       for (int64_t s = 0; s < S; ++s) A.draws[row * S + s] = best_id[s];
       continue;
     }
-    // Merge duplicates: the first draw of each id carries log(count) + x * delta.
+    // Merge duplicates: the first draw of each id carries log(count) + (x - x_max) * delta,
+    // relative to the largest drawn logit (reference_sparse.merge_draws says why).
+    T x_max = math::neg_inf<T>();
+    for (int64_t s = 0; s < S; ++s) {
+      x_at[s] = Convert<scalar_t, T>::load(t_row[best_id[s]]);
+      x_max = x_at[s] > x_max ? x_at[s] : x_max;
+    }
     T mx = math::neg_inf<T>();
     for (int64_t s = 0; s < S; ++s) {
       int64_t count = 0;
@@ -313,8 +319,8 @@ DOPS_INLINE void sample_rows(const TeacherArgs& A, int64_t begin, int64_t end) {
         }
       }
       first[s] = is_first;
-      x_at[s] = Convert<scalar_t, T>::load(t_row[best_id[s]]);
-      lw[s] = is_first ? std::log(static_cast<T>(count)) + x_at[s] * delta : math::neg_inf<T>();
+      lw[s] = is_first ? std::log(static_cast<T>(count)) + math::mul_rn(x_at[s] - x_max, delta)
+                       : math::neg_inf<T>();
       mx = lw[s] > mx ? lw[s] : mx;
     }
     T z = T(0);

@@ -264,10 +264,13 @@ def topk_forward(teacher: torch.Tensor, k: int, *, temperature: float):
 
 def merge_draws(best_id: torch.Tensor, x_at: torch.Tensor, delta: torch.Tensor):
     """Merge duplicate draws (best_id int64 (N, S); x_at, the logits at them, in the compute dtype;
-    delta, 0-dim in that dtype): unique ids with log normalised weights log(count) + x delta, ordered
-    by weight descending then id ascending, padded with (-1, -inf)."""
+    delta, 0-dim in that dtype): unique ids with log normalised weights log(count) + (x - x_max)
+    delta, ordered by weight descending then id ascending, padded with (-1, -inf). x_max, the row's
+    largest drawn logit, cancels on normalisation; without it x delta rounds at the logits' scale
+    (at |x| ~ 3e4 a float32 weight was 1e-3 off), with it at the scale of their differences."""
     sorted_ids, order = torch.sort(best_id, dim=-1, stable=True)
     xs = x_at.gather(1, order)
+    xs = xs - xs.amax(-1, keepdim=True)
     first = torch.ones_like(sorted_ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     group = first.to(torch.int64).cumsum(-1) - 1

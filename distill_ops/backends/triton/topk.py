@@ -258,7 +258,9 @@ def _sample_kernel(
     count = tl.sum(same.to(tl.int32), axis=1)
     earlier = same & (ss[None, :] < ss[:, None])
     first = valid & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
-    lw = tl.where(first, tl.log(count.to(ACC)) + x_at * delta, neg_inf)
+    # relative to the largest drawn logit (reference_sparse.merge_draws says why)
+    x_rel = x_at - tl.max(tl.where(valid, x_at, neg_inf), axis=0)
+    lw = tl.where(first, tl.log(count.to(ACC)) + mul_rn(x_rel, delta), neg_inf)
     mx = tl.max(lw, axis=0)
     lp = lw - (mx + tl.log(tl.sum(tl.exp(lw - mx), axis=0)))
     # Output slot: rank by (weight desc, id asc) among the unique ids; the duplicates fill the
