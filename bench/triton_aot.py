@@ -39,6 +39,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 POINTER = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
            torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
            torch.uint8: "u8", torch.bool: "i1"}
+# PTX float64 arithmetic (not the loads of the float64 scalar arguments, nor their conversion)
+F64_ARITHMETIC = re.compile(r"\b(?:add|sub|mul|fma|div|rcp|sqrt|neg|abs|min|max|setp|selp|ex2|lg2)"
+                            r"(?:\.\w+)*\.f64\b")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 
 
@@ -86,6 +89,8 @@ def capture(launcher: Callable[[], object]) -> list:
                 constexprs[param.name] = value
             elif isinstance(value, torch.Tensor):
                 signature[param.name] = "*" + POINTER[value.dtype]
+            elif param.annotation_type:  # as the JIT launcher: a float64-annotated float
+                signature[param.name] = param.annotation_type
             else:
                 signature[param.name] = _scalar_type(value)
         out.append((fn, signature, constexprs, options))
@@ -203,6 +208,11 @@ def main(argv=None) -> int:
             if fn.__name__ == "_sample_kernel" and fmas:
                 failures += 1
                 note = f"  FAIL: {fmas} float32 fused multiply-adds in the sampling kernel"
+            f64 = F64_ARITHMETIC.findall(kernel.asm["ptx"])
+            if constexprs.get("ACC") == triton.language.float32 and f64:
+                failures += 1
+                note += (f"  FAIL: float64 arithmetic in a float32 kernel ({len(f64)}, e.g. "
+                         f"{f64[0]}: a float64 scalar argument used before acc_scalar)")
             if use.get("local") or use.get("stack"):
                 note += f"  (stack {use['stack']} B, local {use['local']} B: spills)"
             print(f"ok   {label}: {fn.__name__} sm_{args.arch} regs {use.get('regs')} "

@@ -23,6 +23,7 @@ import triton.language as tl
 from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference import log_weight, mixture_weights
 from .mul_rn import mul_rn
+from .scalars import acc_scalar
 
 
 @triton.jit
@@ -242,7 +243,9 @@ def _dense_kd_row(
 def _dense_kd_kernel(
     s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
-    inv_tau, wp, wq, lwp, lwq, ratio_cap, cap, soft_coef, hard_coef, ignore_index,
+    inv_tau: tl.float64, wp: tl.float64, wq: tl.float64, lwp: tl.float64, lwq: tl.float64,
+    ratio_cap: tl.float64, cap: tl.float64, soft_coef: tl.float64, hard_coef: tl.float64,
+    ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, CAP: tl.constexpr,
     NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -251,7 +254,9 @@ def _dense_kd_kernel(
     # flight in L2 between passes, measured no faster on an H100: see bench/NOTES.md.)
     _dense_kd_row(
         tl.program_id(0).to(tl.int64), s_ptr, t_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr,
-        V, stride_s, stride_t, stride_g, inv_tau, wp, wq, lwp, lwq, ratio_cap, cap, soft_coef, hard_coef, ignore_index,
+        V, stride_s, stride_t, stride_g, acc_scalar(inv_tau, ACC), acc_scalar(wp, ACC),
+        acc_scalar(wq, ACC), acc_scalar(lwp, ACC), acc_scalar(lwq, ACC), acc_scalar(ratio_cap, ACC),
+        acc_scalar(cap, ACC), acc_scalar(soft_coef, ACC), acc_scalar(hard_coef, ACC), ignore_index,
         DIV, HAS_LABELS, HARD, CAP, NEED_GRAD, HAS_SCALE, CE_SEPARATE, ACC, BLOCK,
     )
 

@@ -30,6 +30,7 @@ from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
 from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
 from .dense import _mixture_args, _online_update, _terms
 from .mul_rn import mul_rn
+from .scalars import acc_scalar
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel may read only constexpr globals
 
@@ -71,12 +72,23 @@ def _log1mexp(x):
 def _sparse_kd_kernel(
     s_ptr, ids_ptr, lw_ptr, tail_ptr, labels_ptr, g_ptr, scale_ptr, loss_ptr, bits_ptr,
     V, K, stride_s, stride_i, stride_w, stride_g, stride_b,
-    inv_tau, wp, wq, lwp, lwq, ratio_cap, target_scale, soft_coef, hard_coef, ignore_index,
+    inv_tau: tl.float64, wp: tl.float64, wq: tl.float64, lwp: tl.float64, lwq: tl.float64,
+    ratio_cap: tl.float64, target_scale: tl.float64, soft_coef: tl.float64,
+    hard_coef: tl.float64, ignore_index,
     DIV: tl.constexpr, MODE: tl.constexpr, HAS_TAIL: tl.constexpr, RETEMPER: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, NEED_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr, CE_SEPARATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
+    inv_tau = acc_scalar(inv_tau, ACC)
+    wp = acc_scalar(wp, ACC)
+    wq = acc_scalar(wq, ACC)
+    lwp = acc_scalar(lwp, ACC)
+    lwq = acc_scalar(lwq, ACC)
+    ratio_cap = acc_scalar(ratio_cap, ACC)
+    target_scale = acc_scalar(target_scale, ACC)
+    soft_coef = acc_scalar(soft_coef, ACC)
+    hard_coef = acc_scalar(hard_coef, ACC)
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     g_row = g_ptr + row * stride_g

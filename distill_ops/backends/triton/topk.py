@@ -31,6 +31,7 @@ from ...targets import rng
 from ..reference_sparse import merge_sampled
 from .dense import _online_update
 from .mul_rn import mul_rn
+from .scalars import acc_scalar
 
 MIN_KEY = tl.constexpr(-(1 << 63))  # a kernel may read only constexpr globals
 # rng.noise_log's constants and rng.h kGumbelMax, as Triton compile-time constants.
@@ -68,9 +69,10 @@ def _key_id(key):
 @triton.jit
 def _topk_kernel(
     x_ptr, ids_ptr, lp_ptr, tail_ptr,
-    V, K, stride_x, stride_i, stride_l, inv_tau,
+    V, K, stride_x, stride_i, stride_l, inv_tau: tl.float64,
     ACC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
+    inv_tau = acc_scalar(inv_tau, ACC)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     base = tl.arange(0, BLOCK)
@@ -202,9 +204,11 @@ def _losing_rank(a, bound):
 @triton.jit(do_not_specialize=["seed_key"])
 def _sample_kernel(
     x_ptr, ids_ptr, lp_ptr, draws_ptr,
-    V, S, stride_x, stride_i, stride_l, stride_d, inv_prop, delta, seed_key,
+    V, S, stride_x, stride_i, stride_l, stride_d, inv_prop: tl.float64, delta: tl.float64, seed_key,
     ACC: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr, MERGE: tl.constexpr,
 ):
+    inv_prop = acc_scalar(inv_prop, ACC)
+    delta = acc_scalar(delta, ACC)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     neg_inf = float("-inf")
