@@ -96,7 +96,9 @@ def kd_loss(
         labels: optional integer (...) hard labels; rows equal to ``ignore_index`` contribute
             nothing, get a zero gradient and are not counted by ``mean``.
         reduction: ``none`` (per token, float32), ``sum``, ``mean`` (over non-ignored tokens; 0 if
-            all are ignored) or ``batchmean`` (sum over the number of tokens).
+            all are ignored) or ``batchmean`` (sum over the number of tokens, ignored ones
+            included: F.kl_div's batchmean on (tokens, V) inputs; TRL's GKD batchmean, which
+            divides by the kept tokens, is ``mean`` here).
         softcap: optional c > 0: logits -> c * tanh(logits / c) before the temperature (both sides).
         vocab: ``strict`` (vocabularies must match) or ``common_prefix`` (use the first
             min(V_student, V_teacher) entries of both; the rest of the student gets zero gradient).

@@ -92,6 +92,16 @@ def test_bad_arguments():
         DistillationTrainer(model=student, teacher_model=teacher, kd_kwargs={"reduction": "sum"})
 
 
+def test_settings_the_loss_would_ignore_are_refused(tmp_path):
+    student, teacher = llama(V, 32, 1, heads=2), llama(V, 48, 1, heads=2)
+    with pytest.raises(TypeError, match="compute_loss_func"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                            compute_loss_func=lambda outputs, labels, num_items_in_batch: 0.0)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        DistillationTrainer(model=student, teacher_model=teacher,
+                            args=args(tmp_path, label_smoothing_factor=0.1))
+
+
 def test_gradient_accumulation_normalises_over_the_accumulated_batch(tmp_path):
     """4 x 2 accumulation steps == one batch of 8 (the padded rows make token counts unequal)."""
     def run(bs, ga, sub):
@@ -108,6 +118,54 @@ def test_gradient_accumulation_normalises_over_the_accumulated_batch(tmp_path):
 
     for a, b in zip(run(8, 1, "one"), run(4, 2, "acc")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _student_of_class(kind):
+    """llama(V, 32, 1) as the class ``kind`` names: the plain LlamaForCausalLM; one that takes no
+    loss kwargs (as Gemma3's ...ForConditionalGeneration: Trainer then counts no
+    num_items_in_batch for it); one of another name (transformers maps its loss to nothing, and
+    counts each row's first label too)."""
+    base = llama(V, 32, 1, heads=2, seed=0)
+    if kind == "llama":
+        return base
+    extra = {"accepts_loss_kwargs": False} if kind == "no-loss-kwargs" else {}
+    cls = type("TinyStudent", (type(base),), extra)
+    student = cls(base.config)
+    student.load_state_dict(base.state_dict())
+    return student
+
+
+@pytest.mark.parametrize("kind", ["llama", "no-loss-kwargs", "other-name"])
+@pytest.mark.parametrize("bs,ga", [(8, 1), (4, 2)])
+def test_first_update_is_the_exact_gradient_whatever_the_student(tmp_path, kind, bs, ga):
+    """The first SGD update against the exact gradient of sum over the scored (shifted) tokens /
+    their count in the accumulated batch. Before the fix the student without loss kwargs was off
+    at 4 x 2 (each micro-batch averaged on its own), and the other-named one 9% off at both
+    (Trainer also counted each row's first label, which nothing scores)."""
+    kd = dict(temperature=2.0, hard_weight=0.5)
+    ds = ListDataset(n=8)
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask",
+                                                                   "labels")}
+    ref_student = _student_of_class("llama")
+    teacher = llama(V, 48, 1, heads=2, seed=1)
+    s = ref_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = torch.full_like(batch["labels"], -100)
+    shifted[:, :-1] = batch["labels"][:, 1:]
+    kd_loss(s, t, labels=shifted, reduction="mean", **kd).backward()
+
+    lr = 10.0
+    student = _student_of_class(kind)
+    before = [p.detach().clone() for p in student.parameters()]
+    DistillationTrainer(
+        model=student, teacher_model=teacher, kd_kwargs=kd, train_dataset=ds,
+        args=args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                  max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0,
+                  lr_scheduler_type="constant", weight_decay=0.0,
+                  train_sampling_strategy="sequential")).train()
+    for b, p, r in zip(before, student.parameters(), ref_student.parameters()):
+        torch.testing.assert_close((b - p.detach()) / lr, r.grad, rtol=1e-4, atol=1e-7)
 
 
 def _batch(n=4):
@@ -250,6 +308,30 @@ def test_cached_targets_of_ragged_sequences_accumulate_over_the_whole_batch(tmp_
 
     for a, b in zip(update(4, 1), update(2, 2)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_evaluation_on_cached_targets_reports_the_loss(tmp_path):
+    """Cache items carry no labels, and Trainer computes no eval loss for a batch without them:
+    evaluate() returned only its timings. The eval loss is the sparse loss of the whole set."""
+    from distill_ops import sparse_kd_loss
+
+    cache = _cache(tmp_path, llama(V, 48, 1, heads=2, seed=1))
+    student = llama(V, 32, 1, heads=2, seed=0)
+    kd = dict(tail="tail", hard_weight=0.5)
+    trainer = DistillationTrainer(model=student, teacher_model=None, kd_kwargs=kd,
+                                  args=args(tmp_path / "run", per_device_eval_batch_size=12),
+                                  eval_dataset=cache)
+    got = trainer.evaluate()
+    items = [cache[i] for i in range(len(cache))]
+    batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    shifted = torch.full_like(batch["input_ids"], -100)
+    shifted[:, :-1] = batch["input_ids"][:, 1:]
+    with torch.no_grad():
+        ref = sparse_kd_loss(student(input_ids=batch["input_ids"]).logits, batch["ids"],
+                             batch["logprobs"], tail_logmass=batch["tail_logmass"],
+                             labels=shifted, **kd)
+    assert "eval_loss" in got, got
+    assert got["eval_loss"] == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_cache_of_a_larger_vocabulary_is_refused_up_front(tmp_path):

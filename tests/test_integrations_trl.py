@@ -104,6 +104,18 @@ def test_all_masked_batch_is_zero():
     assert float(dtrl.generalized_jsd_loss(s, t, labels=torch.full((2, 6), -100))) == 0.0
 
 
+def test_labels_are_only_a_mask():
+    """TRL reads labels as != -100 alone: values outside the vocabulary (a -1, V, anything) keep
+    their positions, where kd_loss would refuse them as class ids."""
+    s, t = logits(5)
+    lab = labels_for()
+    odd = lab.clone()
+    odd[0, 0], odd[0, 1], odd[1, 0] = -1, 50, 12345
+    want = gkd_reference(s, t, labels=lab, beta=0.3)
+    got = dtrl.generalized_jsd_loss(s, t, labels=odd, beta=0.3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture
 def fake_trl(monkeypatch):
     """A stand-in trl with GKDTrainer where recent versions keep it (trl.experimental.gkd)."""

@@ -32,8 +32,10 @@ A cache written from padded batches holds sequences of different lengths; the de
 here is then ``distill_ops.trainer.data.collate`` (right padding, target ids padded with -1).
 
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
-accumulated batch when the Trainer provides it (``num_items_in_batch``), as transformers' own
-causal-LM loss is; otherwise it is the mean over the micro-batch's labelled tokens.
+accumulated batch (``num_items_in_batch``), as transformers' own causal-LM loss is. Trainer counts
+it for every student here, from the shifted labels each training batch is given; a transformers
+release that passes no ``num_items_in_batch`` (before 4.46) gets the mean over each micro-batch's
+labelled tokens instead.
 """
 
 from __future__ import annotations
@@ -74,6 +76,23 @@ def _with_own_labels(batch: Any) -> Any:
             "labels" in batch or "shift_labels" in batch:
         return batch
     return {**batch, "labels": _own_labels(batch)}
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM labels aligned with the logits: the label of position t is the token at t + 1."""
+    shift = torch.full_like(labels, IGNORE_INDEX)
+    shift[..., :-1] = labels[..., 1:]
+    return shift
+
+
+def _with_shift_labels(batch: Any) -> Any:
+    """The batch with ``shift_labels``, the labels the loss scores (compute_loss reads them as they
+    are). Trainer counts ``num_items_in_batch`` from them where a batch has them; from "labels" it
+    would count each row's first token too, which nothing scores, unless the student's class maps
+    to transformers' ForCausalLMLoss (a subclass of another name does not)."""
+    if not isinstance(batch, Mapping) or "labels" not in batch or "shift_labels" in batch:
+        return batch
+    return {**batch, "shift_labels": _shifted(batch["labels"])}
 
 
 def _keywords(fn) -> set:
@@ -121,6 +140,18 @@ class DistillationTrainer(Trainer):
             # Trainer's default stacks the items, which a cache of ragged sequences cannot do
             kwargs["data_collator"] = collate
         super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise TypeError("DistillationTrainer computes its own loss (kd_kwargs set it): "
+                            "compute_loss_func would not be called")
+        if getattr(self.args, "label_smoothing_factor", 0.0):
+            raise ValueError("args.label_smoothing_factor is not applied by DistillationTrainer's "
+                             "loss (the teacher's soft targets take its place): set it to 0")
+        # Trainer counts num_items_in_batch only for a model that takes loss kwargs (the student's
+        # class decides: Gemma3's ...ForConditionalGeneration, or a forward without **kwargs, does
+        # not). compute_loss normalises by the count itself and never hands it to the model, so it
+        # is wanted whatever the student: without it, accumulated micro-batches are averaged one
+        # by one, and one with fewer tokens weighs each of them more than one big batch would.
+        self.model_accepts_loss_kwargs = True
         self._check_cached_vocab()
         self.kd_kwargs = kd_kwargs
         self.fused_linear = bool(fused_linear)
@@ -222,12 +253,23 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, *args: Any, **kwargs: Any) -> tuple:
         """Trainer's hook; a batch of cached targets gets its labels here (_own_labels), because
-        Trainer counts ``num_items_in_batch`` from a batch's "labels" alone: without them,
+        Trainer counts ``num_items_in_batch`` only for batches with "labels": without them,
         gradient accumulation would average each micro-batch on its own, and micro-batches of
-        different token counts would weigh their tokens differently than one big batch."""
+        different token counts would weigh their tokens differently than one big batch. Every
+        batch gets the shifted labels it is scored on, which Trainer counts (_with_shift_labels)."""
         if self.teacher_model is None:
             epoch_iterator = map(_with_own_labels, epoch_iterator)
+        epoch_iterator = map(_with_shift_labels, epoch_iterator)
         return super().get_batch_samples(epoch_iterator, *args, **kwargs)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: Mapping[str, Any],
+                        prediction_loss_only: bool, ignore_keys: Optional[list] = None) -> tuple:
+        """Trainer's hook; evaluation batches of cached targets get their labels too: Trainer
+        computes no eval loss for a batch without them."""
+        if self.teacher_model is None:
+            inputs = _with_own_labels(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only,
+                                       ignore_keys=ignore_keys)
 
     def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
                      return_outputs: bool = False,
@@ -240,8 +282,8 @@ class DistillationTrainer(Trainer):
         labels = inputs.pop("labels", None)
         shift = inputs.pop("shift_labels", None)
         if labels is None and shift is None and self.teacher_model is None:
-            # Cache items carry no labels: the next tokens are the input's own (training batches
-            # have them from get_batch_samples already; evaluation's come here).
+            # Cache items carry no labels: the next tokens are the input's own (Trainer's batches
+            # have them already, from get_batch_samples and prediction_step; a direct call's not).
             labels = _own_labels(inputs)
         if labels is None and shift is None:
             raise ValueError("DistillationTrainer needs 'labels' (or 'shift_labels') in the batch: "
@@ -249,8 +291,7 @@ class DistillationTrainer(Trainer):
                              "mlm=False)")
         model_inputs = inputs  # everything but the labels goes to both models
         if shift is None:
-            shift = torch.full_like(labels, IGNORE_INDEX)
-            shift[..., :-1] = labels[..., 1:]
+            shift = _shifted(labels)
         reduction = "sum" if num_items_in_batch is not None else "mean"
         if self.teacher_model is None:
             outputs, result = self._cached_loss(model, model_inputs, targets, shift, reduction)

@@ -49,11 +49,16 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     """TRL ``GKDTrainer.generalized_jsd_loss`` on the fused kernels (see the module docstring).
 
     ``student_logits`` and ``teacher_logits`` are (B, T, V) (any leading shape works);
-    ``labels`` (B, T) is already aligned with the logits (no shift here), -100 masks a position.
+    ``labels`` (B, T) is already aligned with the logits (no shift here), -100 masks a position;
+    its other values are not read (as TRL's).
     ``num_items_in_batch``, when given, divides the summed loss instead of ``reduction``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(labels, torch.Tensor):
+        # TRL reads labels only as a mask (!= -100): any other value keeps its position, even one
+        # outside the vocabulary, which kd_loss would refuse as a class id
+        labels = torch.where(labels != -100, torch.zeros_like(labels), labels)
     common = dict(divergence="generalized_jsd", beta=beta, temperature=temperature,
                   scale_temperature=False, labels=labels, ignore_index=-100, backend=backend)
     if num_items_in_batch is not None:
