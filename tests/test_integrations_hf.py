@@ -80,6 +80,24 @@ def test_two_training_steps(tmp_path):
     assert logged and all(x > 0 for x in logged)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_teacher_loaded_with_a_device_map_stays_where_it_is(tmp_path, fused):
+    """A teacher spread over devices (hf_device_map, as from_pretrained(device_map=...) leaves
+    it) is not moved whole to the student's device; a plain one is."""
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    teacher.hf_device_map = {"": "cpu"}
+    moved = []
+    teacher.to = lambda *a, **k: moved.append(a)  # noqa: E731  (a spy: nothing moves on the CPU)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                  train_dataset=ListDataset(), fused_linear=fused)
+    assert torch.isfinite(trainer.compute_loss(student, _batch()))
+    trainer._place_teacher(torch.device("meta"))
+    assert moved == []
+    del teacher.hf_device_map
+    trainer._place_teacher(torch.device("meta"))
+    assert moved == [(torch.device("meta"),)]
+
+
 def test_bad_arguments():
     student, teacher = llama(V, 32, 1, heads=2), llama(V, 48, 1, heads=2)
     with pytest.raises(TypeError, match="teacher_model"):

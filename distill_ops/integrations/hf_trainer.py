@@ -111,8 +111,10 @@ class DistillationTrainer(Trainer):
     """transformers.Trainer + ``kd_loss`` against ``teacher_model`` (kept in eval mode, no grad).
 
     Args:
-        teacher_model: the teacher (nn.Module); moved to the student's device on first use. None:
-            the batches carry cached targets (module docstring).
+        teacher_model: the teacher (nn.Module); moved to the student's device on first use,
+            unless it was loaded with a ``device_map`` (then it stays where it is and its
+            outputs come to the student). None: the batches carry cached targets (module
+            docstring).
         kd_kwargs: keywords of :func:`distill_ops.kd_loss` (divergence, temperature, beta, alpha,
             hard_weight, soft_weight, scale_temperature, softcap, vocab, backend, ...); not
             ``labels``, ``reduction`` or ``ignore_index``, which the trainer sets. With ``fused_linear``, those of
@@ -179,13 +181,20 @@ class DistillationTrainer(Trainer):
                     f"but the student's logits have {width} columns: its target ids would fall "
                     "outside them (another teacher or tokenizer?)")
 
-    def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
+    def _place_teacher(self, device: torch.device) -> None:
+        """The teacher on the student's device, unless it was loaded spread over devices
+        (``device_map``: accelerate's hooks move its inputs and activations; moving it whole
+        could not fit). Its outputs are then brought to the student's device."""
         teacher = self.teacher_model
-        if next(teacher.parameters()).device != device:
+        if getattr(teacher, "hf_device_map", None) is None and \
+                next(teacher.parameters()).device != device:
             teacher.to(device)
         teacher.eval()
+
+    def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
+        self._place_teacher(device)
         with torch.no_grad():
-            return teacher(**inputs).logits
+            return self.teacher_model(**inputs).logits.to(device)
 
     def _fused_hidden(self, model, inputs: dict, grad: bool):
         """(last hidden states, lm_head) of ``model`` run through its own forward (wrapper
@@ -213,15 +222,15 @@ class DistillationTrainer(Trainer):
 
     def _fused_loss(self, model, inputs: dict, labels: torch.Tensor, reduction: str):
         out, h_s, s_head = self._fused_hidden(model, inputs, grad=True)
-        teacher = self.teacher_model
-        if next(teacher.parameters()).device != h_s.device:
-            teacher.to(h_s.device)
-        teacher.eval()
+        dev = h_s.device
+        self._place_teacher(dev)
         # (not kept: the teacher's output holds every layer's hidden states)
-        h_t, t_head = self._fused_hidden(teacher, inputs, grad=False)[1:]
+        h_t, t_head = self._fused_hidden(self.teacher_model, inputs, grad=False)[1:]
         self._heads_checked = True
-        loss = fused_linear_kd_loss(h_s, s_head.weight, h_t, t_head.weight,
-                                    student_bias=s_head.bias, teacher_bias=t_head.bias,
+        # a teacher spread over devices: its lm_head is copied to the student's each step
+        t_bias = None if t_head.bias is None else t_head.bias.to(dev)
+        loss = fused_linear_kd_loss(h_s, s_head.weight, h_t.to(dev), t_head.weight.to(dev),
+                                    student_bias=s_head.bias, teacher_bias=t_bias,
                                     labels=labels, reduction=reduction, ignore_index=IGNORE_INDEX,
                                     **self.kd_kwargs)
         return out, loss
