@@ -24,7 +24,7 @@ from . import _validate as check
 from . import backends
 from .functional import loss_constants
 from .ops.dense import dense_kd
-from .ops.fused_grad import REDUCTIONS, SUM, grad_scale_for, scale_saved_grad
+from .ops.fused_grad import REDUCTIONS, SUM, grad_scale_for, scale_by, scale_saved_grad
 from .ops.sparse import _impl as sparse_impl
 from .ops.sparse import sparse_kd
 from .sparse import SparseTargets, prepare_sparse_call
@@ -87,7 +87,7 @@ def _chunk_loss(kind: str, s: torch.Tensor, lo: int, hi: int, targets: tuple, la
                           grad=s if need else None, grad_scale=scale)
             part, g = rows.sum(), s
     if kernel is None and need and scale is not None:
-        g = g * scale.to(g.dtype)
+        g = scale_by(g, scale, inplace=False)
     return part, g
 
 
@@ -186,6 +186,9 @@ def _hidden_and_head(side: str, hidden, weight) -> tuple:
     if w.dim() != 2 or w.shape[1] != h.shape[-1]:
         raise ValueError(f"{w_name} must have shape (V, {h.shape[-1]}) to project the hidden "
                          f"states, got {tuple(w.shape)}")
+    if w.shape[0] < 1:
+        raise ValueError(f"{w_name} has an empty vocabulary (shape {tuple(w.shape)}): V must be "
+                         ">= 1")
     return h, w
 
 

@@ -478,6 +478,33 @@ def test_a_scaled_backward_makes_no_second_gradient(backend, device, inplace_gra
     assert rel_err(leaf.grad, ref * (0.25 if reduction == "mean" else 1.0)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,factor", [(torch.float16, 65536.0), (torch.float16, 1 / 3),
+                                          (torch.bfloat16, 1 / 3)], ids=["fp16-gradscaler",
+                                                                         "fp16-third", "bf16-third"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("mode", ["saved", "saved-retained", "inplace_grad"])
+def test_a_16_bit_gradient_is_scaled_in_float32(backend, device, dtype, factor, reduction, mode):
+    """The backward's factor multiplies a 16-bit saved gradient in float32, rounded once. It was
+    rounded to the gradient's dtype first: in float16 GradScaler's first scale, 65536, is inf, so
+    every gradient was inf (and GradScaler skipped the step); 1/3 is 0.2% off in bfloat16."""
+    s, t = make_logits(6, 64, seed=43, device=device)
+    s, t = s.to(dtype), t.to(dtype)
+    leaf = s.clone().requires_grad_(True)
+    kd_loss(leaf, t, reduction="sum", backend=backend).backward()   # factor 1: the saved gradient
+    want = (leaf.grad.float() * factor).to(dtype)
+    leaf = s.clone().requires_grad_(True)
+    inplace_grad = mode == "inplace_grad"
+    student = leaf * 1 if inplace_grad else leaf
+    loss = kd_loss(student, t, reduction=reduction, inplace_grad=inplace_grad, backend=backend)
+    retain = mode == "saved-retained"   # (then scaled out of place)
+    if reduction == "sum":
+        (loss * factor).backward(retain_graph=retain)
+    else:
+        loss.backward(torch.full_like(loss, factor), retain_graph=retain)
+    assert torch.isfinite(want).all()
+    assert torch.equal(leaf.grad, want)
+
+
 def test_retain_graph_backwards_scale_the_saved_gradient_afresh(backend, device):
     """With retain_graph=True the saved gradient is read again, so it is scaled out of place:
     each backward gets its own weight (in place, the second one would carry both)."""

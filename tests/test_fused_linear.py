@@ -230,6 +230,8 @@ def test_errors():
         fused_linear_kd_loss(c["hs"], c["ws"].double(), c["ht"], c["wt"])
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_kd_loss(*args, chunk_size=0)
+    with pytest.raises(ValueError, match="student_weight has an empty vocabulary"):
+        fused_linear_kd_loss(c["hs"], c["ws"][:0], c["ht"], c["wt"][:0])
     with pytest.raises(ValueError, match=r"student_bias must have shape \(11,\)"):
         fused_linear_kd_loss(*args, student_bias=torch.zeros(10))
     with pytest.raises(ValueError, match="hard_weight > 0 needs labels"):
@@ -392,3 +394,22 @@ def test_sparse_errors():
         fused_linear_sparse_kd_loss(c["hs"], c["ws"], ids[:3], lp[:3])
     with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 8\)"):
         fused_linear_sparse_kd_loss(c["hs"], c["ws"][:, :5], ids, lp)
+
+
+def test_a_16_bit_gradient_is_scaled_in_float32(backend, device):
+    """GradScaler's first scale, 65536, on float16 hidden states and lm_heads: the saved gradients
+    are scaled in float32 and rounded once. Rounded to float16 first, the factor was inf, and so
+    was every gradient (GradScaler skipped the step)."""
+    c = make_case((6,), 16, 12, 40, seed=12, dtype=torch.float16, device=device)
+
+    def grads(factor):
+        x = {k: c[k].clone().requires_grad_(True) for k in ("hs", "ws", "bs")}
+        loss = fused_linear_kd_loss(x["hs"], x["ws"], c["ht"], c["wt"], student_bias=x["bs"],
+                                    teacher_bias=c["bt"], backend=backend)
+        (loss * factor).backward()
+        return [x[k].grad for k in ("hs", "ws", "bs")]
+
+    for unit, got in zip(grads(1.0), grads(65536.0)):
+        want = (unit.float() * 65536.0).to(torch.float16)
+        assert torch.isfinite(want).all()
+        assert torch.equal(got, want)

@@ -52,14 +52,41 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor,
     compiler. AOT autograd traces this backward with functional or fake tensors, and there
     torch.compiler.is_compiling() is False in some releases (torch 2.11: `make test-twin`)."""
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    if grad_loss.dim() == 0:
-        if eager and bool(grad_loss == 1):
-            return grad
-        factor = grad_loss.to(grad.dtype)
-    else:
-        factor = grad_loss.to(grad.dtype).unsqueeze(-1)
+    if grad_loss.dim() == 0 and eager and bool(grad_loss == 1):
+        return grad
     # in place, the saved gradient being dead after this backward: no second N x V
-    return grad.mul_(factor) if inplace and eager else grad * factor
+    return scale_by(grad, grad_loss, inplace=inplace and eager)
+
+
+# Elements of a 16-bit CPU gradient that one multiply by a per-row factor covers: the CPU kernel
+# converts them to float32 temporaries (16 MiB at this size), so a whole N x V one is never made.
+CPU_FACTOR_CHUNK = 1 << 22
+
+
+def scale_by(grad: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """grad * factor (0-dim, or one value per row of a 2-D grad), in grad's dtype, the factor
+    never rounded to a 16-bit grad's dtype first: in float16 a factor past 65504 is inf (GradScaler
+    starts at 65536), and a bfloat16 1/3 is 0.2% off. The product is computed in float32 and
+    rounded once, without a float32 N x V tensor: on the CPU a 0-dim factor is read as float32 by
+    the multiply itself and a per-row one goes in row chunks (CPU_FACTOR_CHUNK); on a GPU a factor
+    with a dimension makes the multiply's common dtype float32, which the kernel converts to in
+    registers (a 0-dim one on a GPU would be converted to grad's dtype before the multiply)."""
+    if factor.dim() == 1:
+        factor = factor.unsqueeze(-1)
+    if grad.dtype not in (torch.float16, torch.bfloat16):
+        factor = factor.to(grad.dtype)
+        return grad.mul_(factor) if inplace else grad * factor
+    if factor.dtype not in (torch.float32, torch.float64):
+        factor = factor.float()
+    out = grad if inplace else torch.empty_like(grad)
+    if grad.device.type != "cpu":
+        return torch.mul(grad, factor.reshape(1) if factor.dim() == 0 else factor, out=out)
+    if factor.dim() == 0:
+        return torch.mul(grad, factor.cpu(), out=out)
+    rows = max(1, CPU_FACTOR_CHUNK // max(grad.shape[-1], 1))
+    for lo in range(0, grad.shape[0], rows):
+        torch.mul(grad[lo:lo + rows], factor[lo:lo + rows], out=out[lo:lo + rows])
+    return out
 
 
 def grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
