@@ -24,7 +24,8 @@ from . import _validate as check
 from . import backends
 from .functional import loss_constants
 from .ops.dense import dense_kd
-from .ops.fused_grad import REDUCTIONS, SUM, grad_scale_for, scale_by, scale_saved_grad
+from .ops.fused_grad import (REDUCTIONS, SUM, grad_scale_for, once_differentiable, scale_by,
+                              scale_saved_grad)
 from .ops.sparse import _impl as sparse_impl
 from .ops.sparse import sparse_kd
 from .sparse import SparseTargets, prepare_sparse_call
@@ -169,8 +170,8 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        g_h, g_w, g_b = (None if g is None else scale_saved_grad(g, grad_loss)
-                         for g in ctx.saved_tensors)
+        g_h, g_w, g_b = (once_differentiable(None if g is None else scale_saved_grad(g, grad_loss),
+                                             "fused_linear_kd_loss") for g in ctx.saved_tensors)
         return (g_h, g_w, g_b) + (None,) * 10
 
 

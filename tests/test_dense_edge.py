@@ -547,3 +547,18 @@ def test_retain_graph_unit_backwards_do_not_share_the_saved_gradient(backend, de
     leaf.grad = None
     loss.backward()
     assert rel_err(leaf.grad, oracle(s, t)[1]) < 1e-5
+
+
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_a_second_backward_through_the_gradient_raises(backend, device, inplace_grad):
+    """The gradient is made in the forward, a constant to autograd: a gradient penalty's
+    backward through it silently lost every second-order term (the loss's Hessian). It raises;
+    create_graph=True alone still gives the first-order gradient."""
+    s, t = make_logits(3, 40, seed=44, device=device)
+    leaf = s.clone().requires_grad_(True)
+    student = leaf * 1 if inplace_grad else leaf
+    loss = kd_loss(student, t, inplace_grad=inplace_grad, backend=backend)
+    (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    assert rel_err(g.detach(), oracle(s, t)[1]) < 1e-5
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        (g ** 2).sum().backward()

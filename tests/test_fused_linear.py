@@ -413,3 +413,12 @@ def test_a_16_bit_gradient_is_scaled_in_float32(backend, device):
         want = (unit.float() * 65536.0).to(torch.float16)
         assert torch.isfinite(want).all()
         assert torch.equal(got, want)
+
+
+def test_a_second_backward_through_the_gradient_raises(backend, device):
+    c = make_case((5,), 8, 6, 21, seed=13, device=device)
+    hs = c["hs"].clone().requires_grad_(True)
+    loss = fused_linear_kd_loss(hs, c["ws"], c["ht"], c["wt"], backend=backend)
+    (g,) = torch.autograd.grad(loss, hs, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_kd_loss is not twice differentiable"):
+        (g ** 2).sum().backward()

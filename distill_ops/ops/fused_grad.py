@@ -89,6 +89,22 @@ def scale_by(grad: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.T
     return out
 
 
+def once_differentiable(g: torch.Tensor, what: str) -> torch.Tensor:
+    """``g`` as a backward returns it; under ``create_graph=True`` (grad mode on in the backward),
+    made to raise if a second backward goes through it. The gradient was made in the forward and
+    is only scaled here, so to autograd it is a constant: differentiating it again (a gradient
+    penalty, a Hessian-vector product) would silently drop every second-order term of ``what``.
+    (torch.autograd.function.once_differentiable does not catch this: it raises only when the
+    incoming gradient itself requires grad, and autograd.grad's ones do not.)"""
+    error = getattr(torch._C._functions, "DelayedError", None)
+    if g is None or error is None or not torch.is_grad_enabled() or \
+            torch.compiler.is_compiling():
+        return g
+    x = g.detach().requires_grad_(True)
+    return error(f"distill_ops: {what} is not twice differentiable (its gradient is made in the "
+                 "forward): no second backward through it (create_graph=True)", 1)(x)
+
+
 def grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
     """The op's gradient output: student-shaped, or empty when no gradient is wanted."""
     return torch.empty_like(student) if need_grad else student.new_empty(0)
@@ -133,7 +149,7 @@ def register_saved_grad_autograd(op, need_grad_at: int, what: str) -> None:
             # edit (the next backward's accumulation, clip_grad_norm_) would change what the
             # retained graph reads again.
             g = grad.clone()
-        return (g,) + (None,) * (ctx.n_inputs - 1)
+        return (once_differentiable(g, what),) + (None,) * (ctx.n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -166,4 +182,5 @@ class InplaceGradKD(torch.autograd.Function):
                 "to the first backward; use inplace_grad=False to backpropagate it twice")
         # In place: the buffer is the student logits' own memory and no second backward reads
         # it (the check above), so it ends holding d (grad_loss . loss) / d logits.
-        return (None, scale_saved_grad(grad, grad_loss, inplace=True)) + (None,) * ctx.n_args
+        g = once_differentiable(scale_saved_grad(grad, grad_loss, inplace=True), "the loss")
+        return (None, g) + (None,) * ctx.n_args
