@@ -52,7 +52,10 @@ def finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    # v - v is 0 exactly when v is finite (inf - inf and NaN are NaN). Unlike math.isfinite,
+    # dynamo traces it when the value became symbolic (torch.compile makes a float argument that
+    # changes between calls, a temperature schedule, a symbol): it guards on the comparison.
+    if not v - v == 0:
         raise ValueError(f"{name} must be finite, got {value}")
     return v
 

@@ -65,3 +65,20 @@ def test_inplace_grad_refuses_to_compile():
 
     with pytest.raises(Exception, match="inplace_grad"):
         torch.compile(f, fullgraph=True, backend="aot_eager")(s)
+
+
+def test_a_temperature_schedule_compiles():
+    """A float argument that changes between calls becomes symbolic in dynamo: the argument
+    checks' math.isfinite could not trace it, so fullgraph=True raised at the second
+    temperature. (Each value still compiles once: the ops take their constants as floats.)"""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 30, generator=g)
+    t = torch.randn(4, 30, generator=g)
+    step = torch.compile(lambda s, t, tau, beta: kd_loss(s, t, divergence="jsd", beta=beta,
+                                                         temperature=tau, backend="torch"),
+                         fullgraph=True, backend="aot_eager")
+    for tau, beta in ((1.0, 0.5), (2.0, 0.3), (3.0, 0.7)):
+        torch.testing.assert_close(step(s, t, tau, beta),
+                                   kd_loss(s, t, divergence="jsd", beta=beta, temperature=tau,
+                                           backend="torch"))
