@@ -3,7 +3,6 @@ before any kernel does."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
