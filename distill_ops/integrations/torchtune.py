@@ -20,7 +20,8 @@ Semantics (torchtune 0.6), with p = softmax(teacher), q = softmax(student), no t
 - The ``*WithChunkedOutputLoss`` forms take lists of logit chunks (as torchtune's models return
   them with ``set_num_output_chunks``) and labels (B, T) chunked the same way along T, and divide
   the sum over every chunk by the number of kept tokens. A list whose length differs from the
-  label chunks' is an error here (torchtune's zip would drop the extra chunks).
+  label chunks' is an error here (torchtune's zip would drop the extra chunks). With every token
+  ignored they return 0 (torchtune's chunked reverse and symmetric losses return NaN there).
 
 One difference: torchtune zeroes the terms at vocabulary entries whose logits are infinite. The
 kernels follow the math, so entries that are -inf in both models agree (p_i = q_i = 0 add nothing),
