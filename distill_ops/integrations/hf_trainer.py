@@ -320,8 +320,11 @@ class DistillationTrainer(Trainer):
                 count = max(int(count), 1)
             loss = total / count
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                # num_items_in_batch counts every process's tokens; DDP averages gradients.
-                loss = loss * self.accelerator.num_processes
+                # num_items_in_batch counts every data-parallel rank's tokens; DDP averages
+                # gradients. (Tensor-parallel ranks share one batch: transformers leaves them out
+                # of the count, so they are left out of the factor too, as in its compute_loss.)
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // max(int(tp), 1))
         else:
             loss = result
         # Tell Trainer.training_step whether the loss is already normalised over the accumulated
