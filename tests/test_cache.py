@@ -41,6 +41,18 @@ def _expected(batches, lengths=None):
     return out
 
 
+def assert_rounded_down(stored, exact, dtype):
+    """``stored`` (read back as float32) is ``exact`` rounded toward -inf in ``dtype``: at or
+    below it, and the next value of dtype up is above it."""
+    exact = exact.float()
+    if dtype == torch.float32:
+        assert torch.equal(stored, exact)
+        return
+    assert torch.equal(stored.to(dtype).float(), stored)   # a value of dtype
+    above = torch.nextafter(stored.to(dtype), torch.tensor(torch.inf, dtype=dtype)).float()
+    assert (stored <= exact).all() and (above > exact).all()
+
+
 def _assert_cache_equals(cache, expected, dtype=torch.float32):
     assert len(cache) == len(expected)
     for i, want in enumerate(expected):
@@ -48,7 +60,7 @@ def _assert_cache_equals(cache, expected, dtype=torch.float32):
         assert torch.equal(got["input_ids"], want["input_ids"].long())
         assert got["ids"].dtype == torch.int32 and torch.equal(got["ids"], want["ids"])
         assert got["logprobs"].dtype == torch.float32
-        assert torch.equal(got["logprobs"], want["logprobs"].to(dtype).float())
+        assert_rounded_down(got["logprobs"], want["logprobs"], dtype)
         assert torch.equal(got["tail_logmass"], want["tail_logmass"])
 
 
@@ -156,6 +168,64 @@ def test_format_and_identity_checks(tmp_path):
         TargetCache(tmp_path)
     with pytest.raises(CacheError, match="no target cache"):
         TargetCache(tmp_path / "nowhere")
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_refused(tmp_path):
+    good = _one_shard_cache(tmp_path)
+    for edit, match in [(dict(k=8), "manifest says k=8"),
+                        (dict(dtype="float16"), "manifest says k=4 and dtype float16"),
+                        (dict(num_sequences=7), "hold 6 sequences and 36 tokens, the manifest "
+                                                "says 7 and 36"),
+                        (dict(num_tokens=35), "the manifest says 6 and 35")]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(CacheError, match=match):
+            TargetCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in good.items()
+                                                        if k != "shards"}))
+    with pytest.raises(CacheError, match="lacks shards"):
+        TargetCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps([good]))
+    with pytest.raises(CacheError, match="not a manifest"):
+        TargetCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**good, "shards": [{"file": "x"}]}))
+    with pytest.raises(CacheError, match="lists a shard without"):
+        TargetCache(tmp_path)
+
+
+def test_indexing_and_pickling(tmp_path):
+    """Indices are ints (a float is refused, not truncated); the reader pickles, as DataLoader
+    workers started by spawn or forkserver need (safetensors' handles do not)."""
+    import pickle
+
+    _one_shard_cache(tmp_path)
+    cache = TargetCache(tmp_path)
+    with pytest.raises(TypeError):
+        cache[1.5]
+    with pytest.raises(IndexError, match="sequence -7 out of range for a cache of 6"):
+        cache[-7]
+    assert torch.equal(cache[-1]["ids"], cache[5]["ids"])
+    again = pickle.loads(pickle.dumps(cache))
+    for i in range(len(cache)):
+        for key, value in cache[i].items():
+            assert torch.equal(again[i][key], value)
+
+
+def test_16_bit_storage_never_adds_mass(tmp_path):
+    """Log-probabilities are stored rounded toward -inf: 50 tied -4.0155 rounded to nearest were
+    -4.0 in bfloat16, a row mass of 1.014 with the tail, which sparse_kd_loss(tail="tail")
+    refuses; rounded down the row is accepted."""
+    from distill_ops import sparse_kd_loss
+
+    lp = torch.full((1, 2, 50), -4.0155)
+    tail = torch.log1p(-lp.double().exp().sum(-1)).float()
+    ids = torch.arange(50, dtype=torch.int32).expand(1, 2, 50)
+    with _writer(tmp_path, vocab_size=60, k=50, dtype="bfloat16") as w:
+        w.add(torch.zeros(1, 2, dtype=torch.long), SparseTargets(ids, lp, tail))
+    got = TargetCache(tmp_path).targets(0)
+    assert_rounded_down(got.logprobs, lp[0], torch.bfloat16)
+    loss = sparse_kd_loss(torch.randn(2, 60), got.ids, got.logprobs, tail="tail",
+                          tail_logmass=got.tail_logmass, backend="torch")
+    assert torch.isfinite(loss)
 
 
 def test_add_checks_shapes(tmp_path):
@@ -282,8 +352,84 @@ def test_write_teacher_cache_attention_mask(tmp_path, tiny_llama):
     assert [cache[i]["input_ids"].numel() for i in range(3)] == [8, 5, 8]
 
 
+def test_left_padding_is_refused(tmp_path, tiny_llama):
+    """A row keeps its first attention_mask.sum() tokens: left-padded, that was its pad
+    positions, stored without a word."""
+    model, _ = tiny_llama
+    ids = _token_batches(1, b=2, length=8)[0]
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask must be right padding"):
+        write_teacher_cache(model, [{"input_ids": ids, "attention_mask": mask}], tmp_path, k=3,
+                            progress=False, backend="torch")
+
+
+class _NoConfig(torch.nn.Module):
+    """A teacher without .config: the vocabulary size is only known from its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, **kw):
+        return self.model(input_ids, **kw).logits
+
+
+def test_a_finished_cache_rerun_with_other_settings_is_refused(tmp_path, tiny_llama):
+    """Without a model config a finished cache was marked complete again, whatever was asked."""
+    teacher = _NoConfig(tiny_llama[0])
+    batches = _token_batches(2)
+    opts = dict(k=4, dtype="float16", progress=False, backend="torch")
+    write_teacher_cache(teacher, batches, tmp_path, **opts)
+    for other, field in [(dict(k=8), "k"), (dict(dtype="float32"), "dtype"),
+                         (dict(mode="sample"), "mode"), (dict(temperature=3.0), "temperature")]:
+        with pytest.raises(CacheError, match=f"written with {field}="):
+            write_teacher_cache(teacher, batches, tmp_path, **{**opts, **other})
+    assert write_teacher_cache(teacher, batches, tmp_path, **opts)["complete"]
+
+
+def test_sampled_draws_do_not_depend_on_the_batching(tmp_path, tiny_llama):
+    """Each sequence has its own seed: the same data cached in batches of 2 and of 3 (as a run
+    resumed with another batch size would) holds the same draws."""
+    model, _ = tiny_llama
+    seqs = torch.cat(_token_batches(3))
+    opts = dict(k=6, mode="sample", seed=3, dtype="float32", progress=False, backend="torch")
+    for b in (2, 3):
+        write_teacher_cache(model, [seqs[i:i + b] for i in range(0, 6, b)], tmp_path / str(b),
+                            **opts)
+    a, b = TargetCache(tmp_path / "2"), TargetCache(tmp_path / "3")
+    _assert_cache_equals(b, [a[i] for i in range(len(a))])
+
+
+def test_model_fingerprint_tells_same_named_teachers_apart(tmp_path, tiny_llama):
+    from distill_ops.targets.cache import model_fingerprint
+
+    model, model_dir = tiny_llama
+    other = type(model)(model.config)
+    for name, m in (("a", model), ("b", other)):
+        m.save_pretrained(tmp_path / name / "final")
+    fa, fb = model_fingerprint(tmp_path / "a" / "final"), model_fingerprint(tmp_path / "b" / "final")
+    assert fa != fb and len(fa) == 16
+    assert model_fingerprint(tmp_path / "a" / "final") == fa
+    assert model_fingerprint(tmp_path / "a" / "final", "bfloat16") != fa
+
+
+def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys):
+    from distill_ops.targets.cache_cli import main
+
+    base = ["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "none.pt"),
+            "--out", str(tmp_path / "c")]
+    for extra, match in [(["--k", "4", "--seq-len", "0"], "--seq-len must be >= 1"),
+                         (["--k", "4", "--batch-size", "0"], "--batch-size must be >= 1"),
+                         (["--k", "2000", "--mode", "sample"], "--k must be <= 1024"),
+                         (["--k", "4", "--temperature", "-1"], "--temperature must be > 0")]:
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
 def test_cli(tmp_path, tiny_llama):
-    from distill_ops.targets.cache import tokenizer_hash
+    from distill_ops.targets.cache import model_fingerprint, tokenizer_hash
     from distill_ops.targets.cache_cli import main
 
     _, model_dir = tiny_llama
@@ -297,7 +443,8 @@ def test_cli(tmp_path, tiny_llama):
     cache = TargetCache(out, expect_vocab_size=97, expect_tokenizer_hash=tokenizer_hash(model_dir))
     assert len(cache) == 6 and cache.manifest["dtype"] == "bfloat16"
     assert torch.equal(cache[2]["input_ids"], stream[32:48])
-    assert cache.manifest["teacher"] == model_dir.name and cache.manifest["tokenizer_hash"]
+    assert cache.manifest["teacher"] == f"{model_dir.name}@{model_fingerprint(model_dir)}"
+    assert cache.manifest["tokenizer_hash"]
     # text data, tokenized with the model's tokenizer; sampled targets
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 6)
     assert main(["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--out",

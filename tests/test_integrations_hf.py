@@ -352,6 +352,27 @@ def test_evaluation_on_cached_targets_reports_the_loss(tmp_path):
     assert got["eval_loss"] == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_a_sampled_cache_needs_renorm(tmp_path):
+    """Sampled targets need tail='renorm' (refused up front); a temperature other than the
+    cache's warns, as the thin trainer does."""
+    from distill_ops.targets.cache import CacheError, TargetCache, write_teacher_cache
+
+    ids = ListDataset().ids[4:]
+    write_teacher_cache(llama(V, 48, 1, heads=2, seed=1), [ids[i:i + 4] for i in range(0, 12, 4)],
+                        tmp_path / "cache", k=8, mode="sample", progress=False)
+    cache = TargetCache(tmp_path / "cache")
+    student = llama(V, 32, 1, heads=2, seed=0)
+    with pytest.raises(CacheError, match="holds sampled targets: they need tail='renorm'"):
+        DistillationTrainer(model=student, teacher_model=None, args=args(tmp_path / "run"),
+                            train_dataset=cache, kd_kwargs=dict(tail="tail"))
+    DistillationTrainer(model=student, teacher_model=None, args=args(tmp_path / "run"),
+                        train_dataset=cache)
+    with pytest.warns(UserWarning, match="made at temperature 1.0, but kd_kwargs has "
+                                         "temperature=2.0"):
+        DistillationTrainer(model=student, teacher_model=None, args=args(tmp_path / "run"),
+                            train_dataset=cache, kd_kwargs=dict(temperature=2.0))
+
+
 def test_cache_of_a_larger_vocabulary_is_refused_up_front(tmp_path):
     """A cache whose ids reach past the student's logits is an error when the trainer is built,
     not at the first batch that holds such an id; a cache of the student's size is fine."""

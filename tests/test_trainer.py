@@ -615,6 +615,21 @@ def test_cache_fixes_the_data(tmp_path):
 
 
 @needs_sparse
+def test_a_sampled_cache_needs_renorm(tmp_path):
+    """Sampled targets stand for the whole distribution (no tail mass): with tail='tail' a
+    reverse-KL run logged an infinite loss, then NaN weights, and exited 0. It is refused."""
+    from distill_ops.targets.cache import CacheError, write_teacher_cache
+
+    data = blocks()
+    write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, len(data), 8)],
+                        tmp_path / "cache", k=8, mode="sample", progress=False)
+    kw = dict(targets="cache", cache=str(tmp_path / "cache"), max_steps=1)
+    with pytest.raises(CacheError, match="holds sampled targets: they need tail='renorm'"):
+        train(cfg(tmp_path, tail="tail", divergence="reverse_kl", **kw), student=tiny())
+    assert train(cfg(tmp_path, **kw), student=tiny()).step == 1
+
+
+@needs_sparse
 def test_cache_of_ragged_sequences_trains_and_accumulates_exactly(tmp_path):
     """A cache written from right-padded batches keeps each sequence's own length, so a
     micro-batch mixes lengths: collate pads the target ids with -1 (a 0 repeated id 0, which

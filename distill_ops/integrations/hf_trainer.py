@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -154,8 +155,8 @@ class DistillationTrainer(Trainer):
         # is wanted whatever the student: without it, accumulated micro-batches are averaged one
         # by one, and one with fewer tokens weighs each of them more than one big batch would.
         self.model_accepts_loss_kwargs = True
-        self._check_cached_vocab()
         self.kd_kwargs = kd_kwargs
+        self._check_caches()
         self.fused_linear = bool(fused_linear)
         self._heads_checked = False
         self.teacher_model = teacher_model
@@ -163,23 +164,29 @@ class DistillationTrainer(Trainer):
             teacher_model.eval()
             teacher_model.requires_grad_(False)
 
-    def _check_cached_vocab(self) -> None:
-        """A TargetCache given as a dataset must fit the student's vocabulary: its ids reach up
-        to the cache's vocab_size, which the student's logits must cover. Checked here, not at the
-        first batch that holds such an id."""
-        from ..targets.cache import TargetCache
+    def _check_caches(self) -> None:
+        """A TargetCache given as a dataset must suit the loss: sampled targets need
+        tail="renorm" (targets/cache.py check_tail_mode), and its ids, which reach up to the
+        cache's vocab_size, must fall inside the student's logits. Checked here, not at the first
+        batch (an inf loss, or an id out of range)."""
+        from ..targets.cache import TargetCache, check_tail_mode
 
         head = self.model.get_output_embeddings() if self.model is not None else None
-        if head is None:
-            return
-        width = int(head.weight.shape[0])
         for name in ("train_dataset", "eval_dataset"):
             ds = getattr(self, name, None)
-            if isinstance(ds, TargetCache) and ds.vocab_size > width:
+            if not isinstance(ds, TargetCache):
+                continue
+            check_tail_mode(ds.manifest, self.kd_kwargs.get("tail", "renorm"), ds.path)
+            made_at = float(ds.manifest["temperature"])
+            if abs(made_at - float(self.kd_kwargs.get("temperature", 1.0))) > 1e-9:
+                warnings.warn(f"{name}'s targets were made at temperature {made_at}, but "
+                              f"kd_kwargs has temperature={self.kd_kwargs.get('temperature', 1.0)}"
+                              " (the student side's; the targets stay at theirs)", stacklevel=3)
+            if head is not None and ds.vocab_size > int(head.weight.shape[0]):
                 raise ValueError(
                     f"{name} is a target cache made with a vocabulary of {ds.vocab_size} tokens, "
-                    f"but the student's logits have {width} columns: its target ids would fall "
-                    "outside them (another teacher or tokenizer?)")
+                    f"but the student's logits have {int(head.weight.shape[0])} columns: its "
+                    "target ids would fall outside them (another teacher or tokenizer?)")
 
     def _place_teacher(self, device: torch.device) -> None:
         """The teacher on the student's device, unless it was loaded spread over devices

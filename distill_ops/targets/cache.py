@@ -8,9 +8,12 @@ Layout of a cache directory::
     ...                        s of the shard is tokens offsets[s]:offsets[s+1]
 
 Targets are aligned with the input tokens: row t holds the teacher's distribution at position t
-(its prediction of token t + 1), exactly as the teacher's logits are laid out.
+(its prediction of token t + 1), exactly as the teacher's logits are laid out. Log-probabilities
+are stored rounded toward -inf in the storage dtype, so a row never holds more mass than the
+teacher gave it (rounded to nearest, bfloat16 could exceed 1 by more than sparse_kd_loss allows).
 
-Manifest fields: format_version, teacher, vocab_size, tokenizer_hash, mode ("topk" | "sample"),
+Manifest fields: format_version, teacher (the CLI records the model directory's name and its
+model_fingerprint: "final@3fa2..."), vocab_size, tokenizer_hash, mode ("topk" | "sample"),
 k (slots per token: k of top-k, or the sample count), temperature, dtype (of logprobs),
 shard_tokens, extra (e.g. proposal_temperature and seed of sampled targets), num_sequences,
 num_tokens, complete, and shards: a list of {file, sequences, tokens, bytes, sha256}.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -42,6 +46,13 @@ MANIFEST = "manifest.json"
 MODES = ("topk", "sample")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 1 << 18
+# The fields every manifest has.
+MANIFEST_KEYS = ("format_version", "teacher", "vocab_size", "tokenizer_hash", "mode", "k",
+                 "temperature", "dtype", "shard_tokens", "extra", "num_sequences", "num_tokens",
+                 "complete", "shards")
+SHARD_KEYS = ("file", "sequences", "tokens", "bytes", "sha256")
+# safetensors' names of the storage dtypes.
+SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 # The fields a re-opened cache must agree on.
 IDENTITY = ("vocab_size", "mode", "k", "temperature", "dtype", "teacher", "tokenizer_hash", "extra")
 # The names the writer gives its files: shards, and the temporary files _atomic_write renames
@@ -102,10 +113,15 @@ def read_manifest(path: Union[str, os.PathLike]) -> Optional[dict]:
         manifest = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise CacheError(f"{f} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{f} is not a manifest (a JSON object), got a {type(manifest).__name__}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheError(f"{f} has format_version {version!r}; this distill-ops reads version "
                          f"{FORMAT_VERSION}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise CacheError(f"{f} lacks {', '.join(missing)}")
     return manifest
 
 
@@ -121,6 +137,44 @@ def tokenizer_hash(model_dir: Union[str, os.PathLike]) -> str:
             found = True
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest() if found else ""
+
+
+def _check_identity(path: Path, existing: dict, wanted: dict) -> None:
+    """Raise unless the cache's manifest ``existing`` was written with the settings ``wanted``
+    (its IDENTITY fields): appending other targets would mix them silently."""
+    for key in IDENTITY:
+        if existing.get(key) != wanted[key]:
+            raise CacheError(f"the cache at {path} was written with {key}={existing.get(key)!r}, "
+                             f"not {wanted[key]!r}; write to another directory or remove it")
+
+
+def check_tail_mode(manifest: dict, tail: str, path: Union[str, os.PathLike]) -> None:
+    """Raise unless sparse_kd_loss's ``tail`` suits the cache's targets: sampled ones (importance
+    weights that stand for the whole distribution, tail_logmass -inf) need tail="renorm". With
+    "tail" the loss holds the student to no mass outside the drawn ids: an infinite reverse KL,
+    then NaN weights, with no error."""
+    if manifest.get("mode") == "sample" and tail != "renorm":
+        raise CacheError(f"the cache at {path} holds sampled targets: they need tail='renorm', "
+                         f"not tail={tail!r} (their weights stand for the whole distribution, "
+                         "with no tail mass)")
+
+
+def model_fingerprint(model_dir: Union[str, os.PathLike], dtype: str = "auto") -> str:
+    """16 hex digits of sha256 over a transformers model directory's config.json, each weight
+    file's name, size and first MiB (a safetensors file's header, then the start of its data), and
+    ``dtype``, the dtype it is loaded in. It tells apart two teachers whose directories share a
+    name (runs/a/final, runs/b/final), which would otherwise go into one cache unnoticed, without
+    reading the whole model."""
+    h = hashlib.sha256()
+    d = Path(model_dir)
+    for f in sorted(d.iterdir()) if d.is_dir() else ():
+        weights = f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+        if f.is_file() and (f.name == "config.json" or weights or f.name.endswith(".index.json")):
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20) if weights else fh.read()
+            h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0" + head)
+    h.update(b"dtype\0" + str(dtype).encode())
+    return h.hexdigest()[:16]
 
 
 class TargetCacheWriter:
@@ -156,12 +210,7 @@ class TargetCacheWriter:
                       extra=dict(extra or {}))
         existing = read_manifest(self.path)
         if existing is not None:
-            for key in IDENTITY:
-                if existing.get(key) != wanted[key]:
-                    raise CacheError(
-                        f"the cache at {self.path} was written with {key}={existing.get(key)!r}, "
-                        f"not {wanted[key]!r}; write to another directory or remove it"
-                    )
+            _check_identity(self.path, existing, wanted)
             self.manifest = existing
             self.manifest["shard_tokens"] = shard_tokens
             self.manifest["complete"] = False
@@ -245,7 +294,7 @@ class TargetCacheWriter:
         targets = SparseTargets(*(x.detach().cpu() for x in targets))
         _check_targets(targets, lens, v)
         t_ids = targets.ids
-        lp = targets.logprobs.to(self.dtype)
+        lp = _rounded_down(targets.logprobs, self.dtype)
         tail = targets.tail_logmass.to(torch.float32)
         ids_cpu = ids_in.detach().cpu().to(torch.int32)
         for r in range(b):
@@ -306,6 +355,17 @@ class TargetCacheWriter:
             self.close()
         else:  # keep what was committed; leave the cache resumable (complete stays False)
             self._closed = True
+
+
+def _rounded_down(logprobs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``logprobs`` in the storage dtype, each rounded toward -inf: a row's stored mass never
+    exceeds the teacher's. Rounded to nearest, 50 tied log-probabilities of -4.0155 became -4.0 in
+    bfloat16, 1.4% more mass than there is, which sparse_kd_loss(tail="tail") refuses."""
+    out = logprobs.to(dtype)
+    if dtype == logprobs.dtype:
+        return out
+    up = out.to(logprobs.dtype) > logprobs
+    return torch.where(up, torch.nextafter(out, torch.full_like(out, -torch.inf)), out)
 
 
 def _check_targets(targets: SparseTargets, lens: list[int], vocab_size: int) -> None:
@@ -378,7 +438,11 @@ class TargetCache:
                              f"{manifest['tokenizer_hash']!r}, not {expect_tokenizer_hash!r}")
         self._files = []
         starts = [0]
+        tokens = 0
         for shard in manifest["shards"]:
+            if not isinstance(shard, dict) or any(key not in shard for key in SHARD_KEYS):
+                raise CacheError(f"{self.path / MANIFEST} lists a shard without "
+                                 f"{', '.join(SHARD_KEYS)}: {shard!r}")
             f = self.path / shard["file"]
             if not f.is_file():
                 raise CacheError(f"shard {shard['file']} of {self.path} is missing")
@@ -392,14 +456,38 @@ class TargetCache:
             try:
                 handle = safe_open(str(f), framework="pt")
                 offsets = handle.get_tensor("offsets")
+                ids_shape = handle.get_slice("ids").get_shape()
+                lp_dtype = handle.get_slice("logprobs").get_dtype()
             except Exception as exc:
                 raise CacheError(f"shard {shard['file']} of {self.path} cannot be read ({exc})") \
                     from exc
             if offsets.numel() != shard["sequences"] + 1 or int(offsets[-1]) != shard["tokens"]:
                 raise CacheError(f"shard {shard['file']} of {self.path} disagrees with the manifest")
+            if list(ids_shape) != [shard["tokens"], manifest["k"]] or \
+                    lp_dtype != SAFETENSORS_DTYPES.get(manifest["dtype"]):
+                raise CacheError(f"shard {shard['file']} of {self.path} holds ids {list(ids_shape)} "
+                                 f"and {lp_dtype} log-probabilities, but the manifest says "
+                                 f"k={manifest['k']} and dtype {manifest['dtype']}")
             self._files.append((handle, offsets))
             starts.append(starts[-1] + shard["sequences"])
+            tokens += shard["tokens"]
+        if starts[-1] != manifest["num_sequences"] or tokens != manifest["num_tokens"]:
+            raise CacheError(f"the shards of {self.path} hold {starts[-1]} sequences and {tokens} "
+                             f"tokens, the manifest says {manifest['num_sequences']} and "
+                             f"{manifest['num_tokens']}")
         self._starts = torch.tensor(starts, dtype=torch.int64)
+
+    def __getstate__(self) -> dict:
+        # safetensors' file handles do not pickle: a DataLoader worker started by spawn or
+        # forkserver (macOS, Windows, Python 3.14's Linux default) opens the shards again
+        return {**self.__dict__, "_files": [(None, offsets) for _, offsets in self._files]}
+
+    def __setstate__(self, state: dict) -> None:
+        from safetensors import safe_open
+
+        self.__dict__.update(state)
+        self._files = [(safe_open(str(self.path / shard["file"]), framework="pt"), offsets)
+                       for shard, (_, offsets) in zip(self.manifest["shards"], self._files)]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -414,17 +502,18 @@ class TargetCache:
         """The teacher's vocabulary size (every id is below it); expect_vocab_size checks it."""
         return int(self.manifest["vocab_size"])
 
-    def _locate(self, i: int) -> tuple[int, int]:
+    def _locate(self, index: int) -> tuple[int, int]:
         n = len(self)
+        i = operator.index(index)   # an int (a float or a slice is a TypeError)
         if i < 0:
             i += n
         if not 0 <= i < n:
-            raise IndexError(f"sequence {i} out of range for a cache of {n}")
+            raise IndexError(f"sequence {index} out of range for a cache of {n} sequences")
         shard = int(torch.searchsorted(self._starts, torch.tensor(i), right=True)) - 1
         return shard, i - int(self._starts[shard])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        shard, j = self._locate(int(i))
+        shard, j = self._locate(i)
         handle, offsets = self._files[shard]
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         return {
@@ -462,11 +551,29 @@ def _batch_parts(batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return torch.as_tensor(batch), None
 
 
+def _kept_lengths(input_ids: torch.Tensor, mask: Any) -> Optional[torch.Tensor]:
+    """Tokens kept per row of (B, L) ``input_ids``: the attention mask's count (None without a
+    mask: all of them). Only right padding (each row's 1s, then 0s) is taken: a row keeps its
+    first count tokens, so a left-padded one would be stored as its pad positions."""
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask)
+    if tuple(m.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}, got {tuple(m.shape)}")
+    m = m.bool()
+    if bool((m[:, 1:] & ~m[:, :-1]).any()):
+        raise ValueError("attention_mask must be right padding (each row's 1s, then its 0s): "
+                         "with left padding the cache would hold the pad positions as tokens "
+                         "(pad on the right: tokenizer.padding_side = 'right')")
+    return m.sum(-1)
+
+
 def _check_same_sequences(cache: "TargetCache", first: int, input_ids: torch.Tensor,
-                          mask: Any, path: Any) -> None:
-    """Raise unless sequences first, first + 1, ... of ``cache`` are these rows (right-padded)."""
-    lengths = [input_ids.shape[1]] * input_ids.shape[0] if mask is None else \
-        torch.as_tensor(mask)[: input_ids.shape[0]].sum(-1).tolist()
+                          lengths: Optional[torch.Tensor], path: Any) -> None:
+    """Raise unless sequences first, first + 1, ... of ``cache`` are these rows (their first
+    lengths[r] tokens; all of them when ``lengths`` is None)."""
+    lengths = [input_ids.shape[1]] * input_ids.shape[0] if lengths is None else lengths.tolist()
     for r, length in enumerate(lengths):
         held = cache[first + r]["input_ids"]
         if not torch.equal(held, input_ids[r, : int(length)].to(held)):
@@ -502,8 +609,8 @@ def write_teacher_cache(
     those keys (right padding: a row keeps attention_mask.sum() tokens); its order must be the same
     on every run. What a previous, interrupted run committed is skipped without running the model
     (after checking that those sequences are this data's: other data is refused).
-    Sampled targets (mode="sample", k draws) use seed (seed, index of the batch's first sequence),
-    so a resumed run draws what an uninterrupted one would. Returns the manifest.
+    Sampled targets (mode="sample", k draws) use seed (seed, index of the sequence), so a resumed
+    run draws what an uninterrupted one would, whatever the batching. Returns the manifest.
     """
     from tqdm.auto import tqdm
 
@@ -523,6 +630,9 @@ def write_teacher_cache(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if vocab_size is None:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab_size is None and existing is not None:
+        # (so that the writer compares this run's settings with the cache's before anything runs)
+        vocab_size = existing["vocab_size"]
     writer: Optional[TargetCacheWriter] = None
     if vocab_size is not None:
         writer = TargetCacheWriter(path, vocab_size=int(vocab_size), mode=mode, k=k,
@@ -540,10 +650,12 @@ def write_teacher_cache(
             if input_ids.dim() == 1:
                 input_ids = input_ids.unsqueeze(0)
                 mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+            lengths = _kept_lengths(input_ids, mask)
             b = input_ids.shape[0]
             skip = min(max(done - seen, 0), b)
             if skip:
-                _check_same_sequences(committed, seen, input_ids[:skip], mask, path)
+                _check_same_sequences(committed, seen, input_ids[:skip],
+                                      None if lengths is None else lengths[:skip], path)
             first_seq = seen
             seen += b
             if skip == b:
@@ -556,28 +668,25 @@ def write_teacher_cache(
                 logits = out.logits if hasattr(out, "logits") else out
                 if mode == "topk":
                     targets = teacher_topk(logits, k, temperature=temperature, backend=backend)
-                else:
-                    targets = teacher_sample(logits, k, temperature=temperature,
-                                             proposal_temperature=proposal_temperature,
-                                             seed=seed * 1_000_003 + first_seq, backend=backend)
+                else:  # a seed per sequence: the draws do not depend on the batching
+                    rows = [teacher_sample(logits[r], k, temperature=temperature,
+                                           proposal_temperature=proposal_temperature,
+                                           seed=seed * 1_000_003 + first_seq + r, backend=backend)
+                            for r in range(b)]
+                    targets = SparseTargets(*(torch.stack(x) for x in zip(*rows)))
             if writer is None:
                 writer = TargetCacheWriter(path, vocab_size=int(logits.shape[-1]), mode=mode, k=k,
                                            temperature=temperature, dtype=dtype, teacher=teacher,
                                            tokenizer_hash=tokenizer_hash,
                                            shard_tokens=shard_tokens, extra=extra)
-            lengths = None if mask is None else torch.as_tensor(mask).sum(-1)
             targets = SparseTargets(*(x.cpu() for x in targets))
             sl = slice(skip, b)
             writer.add(input_ids[sl].cpu(), SparseTargets(targets.ids[sl], targets.logprobs[sl],
                                                           targets.tail_logmass[sl]),
                        lengths=None if lengths is None else lengths[sl])
             bar.update(1)
-        if writer is None:  # nothing to do (all skipped, or no batches) but still finish the cache
-            if existing is None:
-                raise ValueError("no batches and no vocab_size: nothing to write")
-            existing["complete"] = True
-            _atomic_write(Path(path) / MANIFEST, (json.dumps(existing, indent=1) + "\n").encode())
-            return existing
+        if writer is None:  # no batches, no cache yet, and nothing gave the vocabulary size
+            raise ValueError("no batches and no vocab_size: nothing to write")
         return writer.close()
     finally:
         bar.close()

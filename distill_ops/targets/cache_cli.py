@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cache import DEFAULT_SHARD_TOKENS, DTYPES, MODES, tokenizer_hash, write_teacher_cache
+from .cache import (DEFAULT_SHARD_TOKENS, DTYPES, MODES, model_fingerprint, tokenizer_hash,
+                    write_teacher_cache)
+from .sample import MAX_SAMPLES
 
 MODEL_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16}
@@ -47,8 +49,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--backend", default="auto", help="kernel backend for top-k/sampling")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-    p.add_argument("--teacher-name", default=None, help="recorded in the manifest (default: the "
-                   "model directory's name)")
+    p.add_argument("--teacher-name", default=None, help="recorded in the manifest, with a "
+                   "fingerprint of the model's files and --model-dtype (default: the model "
+                   "directory's name)")
     p.add_argument("--max-sequences", type=int, default=None, help="stop after this many")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -87,7 +90,21 @@ def load_token_data(data: str, model_dir: str, seq_len: int) -> torch.Tensor:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``distill-ops cache-teacher``: load the teacher, tokenize --data and write (or resume) the
     cache at --out; returns the exit status. ``argv`` defaults to sys.argv[1:]."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # before the model loads: a bad value would otherwise fail minutes later, or obscurely
+    for flag, value in (("--k", args.k), ("--seq-len", args.seq_len),
+                        ("--batch-size", args.batch_size), ("--shard-tokens", args.shard_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.mode == "sample" and args.k > MAX_SAMPLES:
+        parser.error(f"--k must be <= {MAX_SAMPLES} in sample mode (draws per token), got {args.k}")
+    for flag, value in (("--temperature", args.temperature),
+                        ("--proposal-temperature", args.proposal_temperature)):
+        if not 0 < value < float("inf"):
+            parser.error(f"{flag} must be > 0 and finite, got {value}")
+    if args.max_sequences is not None and args.max_sequences < 0:
+        parser.error(f"--max-sequences must be >= 0, got {args.max_sequences}")
     from transformers import AutoModelForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = write_teacher_cache(
         model, batches, args.out, k=args.k, mode=args.mode, temperature=args.temperature,
         dtype=args.dtype, proposal_temperature=args.proposal_temperature, seed=args.seed,
-        teacher=args.teacher_name or Path(args.model).resolve().name,
+        teacher=f"{args.teacher_name or Path(args.model).resolve().name}@"
+                f"{model_fingerprint(args.model, args.model_dtype)}",
         tokenizer_hash=tokenizer_hash(args.model), shard_tokens=args.shard_tokens, device=device,
         backend=args.backend, progress=not args.no_progress,
     )

@@ -189,8 +189,11 @@ def _dense(teacher_logits, student_logits):
 
 
 def _stored(x: SparseTargets, dtype: str) -> SparseTargets:
-    """What the cache would hand back: logprobs rounded to the storage dtype."""
-    return SparseTargets(x.ids, x.logprobs.to(getattr(torch, dtype)).float(), x.tail_logmass)
+    """What the cache would hand back: logprobs rounded (down) to the storage dtype."""
+    from .cache import _rounded_down
+
+    return SparseTargets(x.ids, _rounded_down(x.logprobs, getattr(torch, dtype)).float(),
+                         x.tail_logmass)
 
 
 def _evaluate_topk(teacher_logits, student_logits, ks, dtype):
@@ -200,7 +203,7 @@ def _evaluate_topk(teacher_logits, student_logits, ks, dtype):
     gnorm = dense_grad.norm()
     rows = []
     for k in ks:
-        nbytes = k * (4 + BYTES[dtype]) + 4
+        nbytes = k * (4 + BYTES[dtype]) + 8
         top = _stored(teacher_topk(teacher_logits.float(), k, backend="torch"), dtype)
         mass = torch.where(top.ids >= 0, top.logprobs.double().exp(), 0).sum(-1)
         for kind, tail in (("topk-renorm", "renorm"), ("topk-tail", "tail")):
@@ -229,7 +232,7 @@ def _evaluate_samples(teacher_logits, student_logits, ks, dtype, seeds, proposal
         return ((g - dense_grad).norm() / gnorm).item()
 
     for k in ks:
-        nbytes = k * (4 + BYTES[dtype]) + 4
+        nbytes = k * (4 + BYTES[dtype]) + 8
         for tp in proposal_temperatures:
             log(f"  sampled targets, k={k}, proposal temperature {tp:g}")
             grads, losses, kls, masses, uniq = [], [], [], [], []
@@ -341,8 +344,9 @@ def render(rows: list[dict], info: dict, cfg: dict) -> str:
         f"- Student: the same run's checkpoint at step {cfg['student_step']}; dense forward "
         f"KL(teacher || student) = {info['dense_loss']:.3f} nats/token (tau = 1).",
         f"- Storage per token: k x (4-byte id + {BYTES[cfg['dtype']]}-byte {cfg['dtype']} "
-        "log-prob) + 4-byte tail log-mass, the cache's layout (targets/cache.py); the log-probs "
-        f"below are rounded to {cfg['dtype']}, as the cache would return them. Sampled targets get "
+        "log-prob) + 4-byte tail log-mass + the 4-byte input token, the cache's layout "
+        "(targets/cache.py); the log-probs below are rounded down to "
+        f"{cfg['dtype']}, as the cache would return them. Sampled targets get "
         "the same k slots (k draws; merged duplicates leave padding).",
         f"- Sampled rows: {cfg['seeds']} seeds, on the first {info['sample_positions']} "
         "positions (the reference sampler costs k x V per position and seed on the CPU); their "

@@ -137,9 +137,10 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
             raise RuntimeError(f"targets='cache' needs distill_ops.targets.cache ({exc})") from None
         if not os.path.exists(cfg.cache):
             raise FileNotFoundError(f"target cache {cfg.cache!r} does not exist")
-        from ..targets.cache import read_manifest, tokenizer_hash
+        from ..targets.cache import check_tail_mode, read_manifest, tokenizer_hash
 
         manifest = read_manifest(cfg.cache) or {}
+        check_tail_mode(manifest, cfg.tail, cfg.cache)
         expect = student_vocab if cfg.vocab == "strict" else None
         # the cache must come from the student's tokenizer when both record one
         tok_dir = cfg.tokenizer or (cfg.student if isinstance(cfg.student, str) else None)
