@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         usage = ("usage: distill-ops {train,demo,cache-teacher} [options]\n"
                  "  train          distil a student (flags or --config YAML)\n"
                  "  demo           the self-contained CPU/GPU demo (no downloads)\n"
-                 "  cache-teacher  write a teacher's top-k targets to an offline cache")
+                 "  cache-teacher  write a teacher's top-k or sampled targets to an offline cache")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"distill-ops: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2

@@ -30,7 +30,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     """The cache-teacher flags, added to ``parser`` if given (e.g. a subcommand's parser), else to
     a new one."""
     p = parser or argparse.ArgumentParser(prog="distill-ops cache-teacher",
-                                          description=__doc__.split("\n\n")[0])
+                                          description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", required=True, help="local transformers model directory (teacher)")
     p.add_argument("--data", required=True, help="text file, or .pt/.npy of token ids")
     p.add_argument("--out", required=True, help="cache directory (created; resumed if present)")
