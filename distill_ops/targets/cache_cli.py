@@ -5,8 +5,8 @@ sparse targets (targets/cache.py). Interrupted runs resume where they stopped.
     python -m distill_ops.targets.cache_cli --model ... (the same)
 
 --data: a text file (tokenized with the model's tokenizer), or a .pt / .npy file of token ids: a
-1-D stream (cut into --seq-len sequences, the remainder dropped) or a 2-D array (one sequence per
-row, cut to --seq-len).
+1-D stream (cut into --seq-len sequences, the remainder dropped; a stream shorter than --seq-len
+is one shorter sequence) or a 2-D array (one sequence per row, cut to --seq-len).
 """
 
 from __future__ import annotations
