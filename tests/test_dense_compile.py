@@ -82,3 +82,23 @@ def test_a_temperature_schedule_compiles():
         torch.testing.assert_close(step(s, t, tau, beta),
                                    kd_loss(s, t, divergence="jsd", beta=beta, temperature=tau,
                                            backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_new_token_count_does_not_recompile(dtype):
+    """Real steps change N (batch x sequence length) every call: after the first change dynamo
+    makes it symbolic, and one graph serves every later N. The 16-bit backward's per-row factor
+    went through a Python loop over row chunks, which pinned N: a graph per length, and
+    fullgraph=True failed at the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda s, t, w: (kd_loss(s, t, reduction="none", backend="torch")
+                                          * w).sum(), fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    for length in (8, 12, 16, 20, 24, 28):
+        s = torch.randn(2, length, 32, generator=g).to(dtype).requires_grad_(True)
+        t = torch.randn(2, length, 32, generator=g).to(dtype)
+        step(s, t, torch.rand(2, length, generator=g)).backward()
+    assert counters["stats"]["unique_graphs"] <= 2

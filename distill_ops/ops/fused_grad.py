@@ -78,6 +78,10 @@ def scale_by(grad: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.T
         return grad.mul_(factor) if inplace else grad * factor
     if factor.dtype not in (torch.float32, torch.float64):
         factor = factor.float()
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        # traced (AOT autograd's backward): no Python loop over a symbolic row count, which
+        # would specialise it (one graph per N); the compiler fuses the product and the cast
+        return (grad.to(factor.dtype) * factor).to(grad.dtype)
     out = grad if inplace else torch.empty_like(grad)
     if grad.device.type != "cpu":
         return torch.mul(grad, factor.reshape(1) if factor.dim() == 0 else factor, out=out)
