@@ -123,12 +123,16 @@ class _FusedLinear(torch.autograd.Function):
         red = REDUCTIONS.index(reduction)
         ignore_index = consts[-1]
         scale = grad_scale_for(red, labels, ignore_index, n, h_s.device, wide=wide)
+        # float16: the mean's 1/N waits for the backward, as in the logits ops (fused_grad.
+        # kernel_grad_scale); the gradients are then sums over the tokens, so the weight's and
+        # the bias's are kept in float32 (in float16 they could pass 65504)
+        defer = h_s.dtype == torch.float16 and scale is not None
         grad_h = torch.empty_like(h_s) if need_h else None
         w_acc = None
         if need_w:
             # Accumulated in place in the weight's dtype when the GEMMs produce it; else in
             # float32 (or better), so a bf16 chunk product is not rounded again per chunk.
-            acc = (w_s.dtype if w_s.dtype == h_s.dtype
+            acc = (w_s.dtype if w_s.dtype == h_s.dtype and not defer
                    else torch.promote_types(w_s.dtype, torch.float32))
             w_acc = torch.zeros(w_s.shape, dtype=acc, device=w_s.device)
         b_acc = (torch.zeros(b_s.shape, dtype=torch.promote_types(b_s.dtype, torch.float32),
@@ -145,8 +149,8 @@ class _FusedLinear(torch.autograd.Function):
             s = _project(h_s[lo:hi], ws, bs)
             if entropy is not None:   # a list: the student's entropy, before s is overwritten
                 entropy.append(_entropy_sum(s, consts[2], consts[3]))
-            part, s = _chunk_loss(kind, s, lo, hi, targets, labels, consts, need, scale, backend,
-                                  kernel)
+            part, s = _chunk_loss(kind, s, lo, hi, targets, labels, consts, need,
+                                  None if defer else scale, backend, kernel)
             parts.append(part)
             if need:   # s now holds d loss / d student logits for these rows
                 if need_h:
@@ -164,15 +168,25 @@ class _FusedLinear(torch.autograd.Function):
         # Saved, not kept as attributes: autograd frees them after the backward (the loss tensor
         # may outlive it, and these are N x H and V x H), or keeps them for another backward
         # with retain_graph=True.
-        ctx.save_for_backward(grad_h, None if w_acc is None else w_acc.to(w_s.dtype),
-                              None if b_acc is None else b_acc.to(b_s.dtype))
+        ctx.dtypes = (w_s.dtype, None if b_s is None else b_s.dtype)
+        ctx.save_for_backward(grad_h,
+                              None if w_acc is None else w_acc if defer else w_acc.to(w_s.dtype),
+                              None if b_acc is None else b_acc if defer else b_acc.to(b_s.dtype),
+                              scale if defer else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        g_h, g_w, g_b = (once_differentiable(None if g is None else scale_saved_grad(g, grad_loss),
-                                             "fused_linear_kd_loss") for g in ctx.saved_tensors)
-        return (g_h, g_w, g_b) + (None,) * 10
+        *saved, left_out = ctx.saved_tensors
+        if left_out is not None:   # the float16 forward's deferred 1/N
+            grad_loss = grad_loss * left_out
+        out = []
+        for g, dtype in zip(saved, (None,) + ctx.dtypes):
+            if g is not None:
+                g = scale_saved_grad(g, grad_loss)
+                g = g if dtype is None else g.to(dtype)
+            out.append(once_differentiable(g, "fused_linear_kd_loss"))
+        return tuple(out) + (None,) * 10
 
 
 def _hidden_and_head(side: str, hidden, weight) -> tuple:

@@ -491,3 +491,19 @@ def test_triton_kernels_read_no_label_or_id_outside_the_row():
                                     grad=None, grad_scale=None)
         assert torch.isnan(out[0]) and torch.isfinite(out[2])
         assert torch.isnan(out[1]) == (lab is not None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_float16_gradient_survives_a_mean_over_many_tokens(backend):
+    """As the dense loss (test_dense_edge.py): the mean's 1/N waits for the backward, so
+    GradScaler's factor reaches a float16 gradient before its small entries would flush."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(46)
+    s = (torch.randn(2048, 256, generator=g) * 1.5).half()
+    targets = teacher_topk(torch.randn(2048, 256, generator=g) * 1.5, 16, backend="torch")
+    leaf = s.clone().requires_grad_(True)
+    (sparse_kd_loss(leaf, targets, backend=backend) * 65536.0).backward()
+    exact = s.double().requires_grad_(True)
+    sparse_kd_loss(exact, targets, backend="torch").backward()
+    assert (leaf.grad == 0).float().mean() < 0.1
+    assert rel_err(leaf.grad.double(), exact.grad * 65536.0) < 1e-3

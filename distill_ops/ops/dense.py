@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .fused_grad import (InplaceGradKD, fake_loss_and_grad, grad_buffer, grad_scale_for,
-                         reduce_rows, register_saved_grad_autograd)
+from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
+                         grad_scale_for, kernel_grad_scale, reduce_rows,
+                         register_saved_grad_autograd)
 
 
 def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef, hard_coef,
@@ -24,9 +25,17 @@ def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_c
     rows = backends.get(backend, "dense_forward")(
         student, teacher, labels, divergence=divergence, mix=mix, temperature=temperature,
         softcap=softcap, soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
-        grad=grad, grad_scale=scale,
+        grad=grad, grad_scale=kernel_grad_scale(scale, grad),
     )
     return reduce_rows(rows, reduction, scale)
+
+
+def _deferred(inputs: tuple) -> Optional[torch.Tensor]:
+    """fused_grad.deferred_scale of dense_kd's inputs (student, teacher, labels, ...,
+    ignore_index, reduction, ...), or of InplaceGradKD's, which follow the same order."""
+    student, teacher, labels = inputs[:3]
+    return deferred_scale(student, inputs[10], labels, inputs[9],
+                          wide=torch.float64 in (student.dtype, teacher.dtype))
 
 
 @torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
@@ -59,10 +68,10 @@ def _(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef
                               need_grad)
 
 
-register_saved_grad_autograd(dense_kd, need_grad_at=11, what="a loss")
+register_saved_grad_autograd(dense_kd, need_grad_at=11, what="a loss", deferred=_deferred)
 
 
 def inplace_dense_kd(student: torch.Tensor, *args) -> torch.Tensor:
     """dense_kd's loss, eager only, with the gradient written over ``student`` (InplaceGradKD);
     ``args`` are dense_kd's from ``teacher`` to ``reduction``, then the backend."""
-    return InplaceGradKD.apply(_run, student, *args)
+    return InplaceGradKD.apply(_run, _deferred, student, *args)

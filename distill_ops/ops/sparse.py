@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .fused_grad import (InplaceGradKD, fake_loss_and_grad, grad_buffer, grad_scale_for,
-                         reduce_rows, register_saved_grad_autograd)
+from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
+                         grad_scale_for, kernel_grad_scale, reduce_rows,
+                         register_saved_grad_autograd)
 
 _SPARSE_MODULES = {
     "torch": "distill_ops.backends.reference_sparse",
@@ -89,9 +90,18 @@ def _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, te
     rows = _impl(backend, "loss").sparse_forward(
         student, ids, logprobs, tail_logmass, labels, divergence=divergence, mix=mix, mode=mode,
         temperature=temperature, target_scale=target_scale, soft_coef=soft_coef,
-        hard_coef=hard_coef, ignore_index=ignore_index, grad=grad, grad_scale=scale,
+        hard_coef=hard_coef, ignore_index=ignore_index, grad=grad,
+        grad_scale=kernel_grad_scale(scale, grad),
     )
     return reduce_rows(rows, reduction, scale)
+
+
+def _deferred(inputs: tuple) -> Optional[torch.Tensor]:
+    """fused_grad.deferred_scale of sparse_kd's inputs (student, ids, logprobs, tail_logmass,
+    labels, ..., ignore_index, reduction, ...), or of InplaceGradKD's (the same order)."""
+    student, logprobs, labels = inputs[0], inputs[2], inputs[4]
+    return deferred_scale(student, inputs[13], labels, inputs[12],
+                          wide=torch.float64 in (student.dtype, logprobs.dtype))
 
 
 @sparse_kd.register_fake
@@ -101,13 +111,14 @@ def _(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, tempe
                               need_grad)
 
 
-register_saved_grad_autograd(sparse_kd, need_grad_at=14, what="a sparse loss")
+register_saved_grad_autograd(sparse_kd, need_grad_at=14, what="a sparse loss",
+                             deferred=_deferred)
 
 
 def inplace_sparse_kd(student: torch.Tensor, *args) -> torch.Tensor:
     """sparse_kd's loss, eager only, with the gradient written over ``student`` (InplaceGradKD);
     ``args`` are sparse_kd's from ``ids`` to ``reduction``, then the backend."""
-    return InplaceGradKD.apply(_run, student, *args)
+    return InplaceGradKD.apply(_run, _deferred, student, *args)
 
 
 # ----------------------------------------------------------------------------- the teacher side
