@@ -8,6 +8,8 @@ generator of realistic logits and the relative-error measure.
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional
 
 import pytest
@@ -25,6 +27,12 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 # Warnings the Triton interpreter emits from numpy while evaluating masked-out lanes.
 INTERPRETER_NOISE = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+# Tests of what the ops layer does around the kernels, at sizes (thousands of rows) that the
+# compiled kernels run in a second: the emulated CUDA kernels under AddressSanitizer
+# (DISTILL_OPS_CUDA_EMU=1, `make test`'s second run) take a minute there, for nothing the ops
+# layer's first run did not check.
+OPS_LAYER_AT_SCALE = pytest.mark.skipif(os.environ.get("DISTILL_OPS_CUDA_EMU") == "1",
+                                        reason="ops-layer logic at scale: the first run checks it")
 
 
 def backend_status(name: str, device: str = "cpu") -> tuple[bool, str]:

@@ -11,8 +11,9 @@ import torch
 
 import distill_ops
 from distill_ops import KDLoss, backends, kd_loss
-from oracle import (DIVERGENCES, INTERPRETER_NOISE, backend, backend_and_device,  # noqa: F401
-                    check_against_oracle, device, make_labels, make_logits, oracle, rel_err, run_kd)
+from oracle import (DIVERGENCES, INTERPRETER_NOISE, OPS_LAYER_AT_SCALE, backend,  # noqa: F401
+                    backend_and_device, check_against_oracle, device, make_labels, make_logits,
+                    oracle, rel_err, run_kd)
 
 pytestmark = INTERPRETER_NOISE
 
@@ -564,6 +565,7 @@ def test_a_second_backward_through_the_gradient_raises(backend, device, inplace_
         (g ** 2).sum().backward()
 
 
+@OPS_LAYER_AT_SCALE
 @pytest.mark.parametrize("reduction", ["mean", "batchmean"])
 @pytest.mark.parametrize("inplace_grad", [False, True])
 def test_float16_gradient_survives_a_mean_over_many_tokens(backend, device, reduction,

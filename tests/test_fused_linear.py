@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from distill_ops import kd_loss
 from distill_ops.fused_linear import CHUNK_BYTES, default_chunk_size, fused_linear_kd_loss
-from oracle import (INTERPRETER_NOISE, ZERO, backend, backend_and_device,  # noqa: F401
-                    backend_status, device, make_labels, oracle, rel_err, tolerance)
+from oracle import (INTERPRETER_NOISE, OPS_LAYER_AT_SCALE, ZERO, backend,  # noqa: F401
+                    backend_and_device, backend_status, device, make_labels, oracle, rel_err,
+                    tolerance)
 
 pytestmark = INTERPRETER_NOISE
 
@@ -427,6 +428,7 @@ def test_a_second_backward_through_the_gradient_raises(backend, device):
         (g ** 2).sum().backward()
 
 
+@OPS_LAYER_AT_SCALE
 def test_float16_gradients_survive_a_mean_over_many_tokens(backend, device):
     """GradScaler's float16 recipe, as the logits losses (test_dense_edge.py): each chunk's
     logits gradient was stored already divided by N = 2048, its entries near 1/(V N) below

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill_ops.sparse import sparse_kd_loss, teacher_topk
-from oracle import INTERPRETER_NOISE, require_backend
+from oracle import INTERPRETER_NOISE, OPS_LAYER_AT_SCALE, require_backend
 from sparse_oracle import (check_sparse, make_student, make_targets, rel_err, run_sparse,
                            sparse_oracle)
 
@@ -493,6 +493,7 @@ def test_triton_kernels_read_no_label_or_id_outside_the_row():
         assert torch.isnan(out[1]) == (lab is not None)
 
 
+@OPS_LAYER_AT_SCALE
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_float16_gradient_survives_a_mean_over_many_tokens(backend):
     """As the dense loss (test_dense_edge.py): the mean's 1/N waits for the backward, so
