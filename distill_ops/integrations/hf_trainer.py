@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..functional import kd_loss
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import sparse_kd_loss
-from ..trainer.data import collate
+from ..trainer.data import collate, shift_labels
 
 IGNORE_INDEX = -100
 # The batch keys of cached targets (TargetCache's item keys).
@@ -79,13 +79,6 @@ def _with_own_labels(batch: Any) -> Any:
     return {**batch, "labels": _own_labels(batch)}
 
 
-def _shifted(labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM labels aligned with the logits: the label of position t is the token at t + 1."""
-    shift = torch.full_like(labels, IGNORE_INDEX)
-    shift[..., :-1] = labels[..., 1:]
-    return shift
-
-
 def _with_shift_labels(batch: Any) -> Any:
     """The batch with ``shift_labels``, the labels the loss scores (compute_loss reads them as they
     are). Trainer counts ``num_items_in_batch`` from them where a batch has them; from "labels" it
@@ -93,7 +86,7 @@ def _with_shift_labels(batch: Any) -> Any:
     to transformers' ForCausalLMLoss (a subclass of another name does not)."""
     if not isinstance(batch, Mapping) or "labels" not in batch or "shift_labels" in batch:
         return batch
-    return {**batch, "shift_labels": _shifted(batch["labels"])}
+    return {**batch, "shift_labels": shift_labels(batch["labels"], ignore_index=IGNORE_INDEX)}
 
 
 def _keywords(fn) -> set:
@@ -307,7 +300,7 @@ class DistillationTrainer(Trainer):
                              "mlm=False)")
         model_inputs = inputs  # everything but the labels goes to both models
         if shift is None:
-            shift = _shifted(labels)
+            shift = shift_labels(labels, ignore_index=IGNORE_INDEX)
         reduction = "sum" if num_items_in_batch is not None else "mean"
         if self.teacher_model is None:
             outputs, result = self._cached_loss(model, model_inputs, targets, shift, reduction)
