@@ -24,8 +24,8 @@ from . import _validate as check
 from . import backends
 from .functional import loss_constants
 from .ops.dense import dense_kd
-from .ops.fused_grad import (REDUCTIONS, SUM, grad_scale_for, once_differentiable, scale_by,
-                              scale_saved_grad)
+from .ops.fused_grad import (REDUCTIONS, SUM, defers_mean, grad_scale_for, once_differentiable,
+                              scale_by, scale_saved_grad)
 from .ops.sparse import _impl as sparse_impl
 from .ops.sparse import sparse_kd
 from .sparse import SparseTargets, prepare_sparse_call
@@ -124,9 +124,9 @@ class _FusedLinear(torch.autograd.Function):
         ignore_index = consts[-1]
         scale = grad_scale_for(red, labels, ignore_index, n, h_s.device, wide=wide)
         # float16: the mean's 1/N waits for the backward, as in the logits ops (fused_grad.
-        # kernel_grad_scale); the gradients are then sums over the tokens, so the weight's and
-        # the bias's are kept in float32 (in float16 they could pass 65504)
-        defer = h_s.dtype == torch.float16 and scale is not None
+        # defers_mean); the gradients are then sums over the tokens, so the weight's and the
+        # bias's are kept in float32 (in float16 they could pass 65504)
+        defer = defers_mean(h_s.dtype) and scale is not None
         grad_h = torch.empty_like(h_s) if need_h else None
         w_acc = None
         if need_w:

@@ -33,21 +33,27 @@ def grad_scale_for(reduction: int, labels: Optional[torch.Tensor], ignore_index:
     return None
 
 
+def defers_mean(dtype: torch.dtype) -> bool:
+    """Whether a gradient of ``dtype`` is written without the mean's 1/count, which the backward
+    applies instead, with the incoming gradient (in float32): float16's. Folded in in the forward,
+    its small entries fall below float16's range (6e-8) before GradScaler's factor reaches them
+    (N = 4096, V = 8192: 69% of them flushed to 0, the gradient 12% off against eager's 2e-4).
+    bfloat16 has float32's range: nothing to defer."""
+    return dtype == torch.float16
+
+
 def kernel_grad_scale(scale: Optional[torch.Tensor],
                       grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The factor the kernel folds into the gradient it writes: grad_scale_for's 1/count, except
-    into a float16 gradient. Folded in there, its small entries fall below float16's range (6e-8)
-    before GradScaler's factor reaches them in the backward (N = 4096, V = 8192: 69% of them
-    flushed to 0, the gradient 12% off against eager's 2e-4); the backward applies it instead
-    (deferred_scale). bfloat16 has float32's range: nothing to defer."""
-    return None if grad is not None and grad.dtype == torch.float16 else scale
+    """The factor the kernel folds into the gradient it writes: grad_scale_for's 1/count, or
+    None where it waits for the backward (defers_mean; deferred_scale gives it there)."""
+    return None if grad is not None and defers_mean(grad.dtype) else scale
 
 
 def deferred_scale(student: torch.Tensor, reduction: int, labels: Optional[torch.Tensor],
                    ignore_index: int, wide: bool) -> Optional[torch.Tensor]:
-    """The factor kernel_grad_scale left out of a float16 student's gradient, for the backward
-    to apply with the incoming gradient (in float32); None when nothing was left out."""
-    if student.dtype != torch.float16:
+    """The factor kernel_grad_scale left out of the student's gradient, for the backward to apply
+    with the incoming gradient (in float32); None when nothing was left out."""
+    if not defers_mean(student.dtype):
         return None
     return grad_scale_for(reduction, labels, ignore_index, student.shape[0], student.device,
                           wide=wide)
