@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -162,7 +161,7 @@ class DistillationTrainer(Trainer):
         tail="renorm" (targets/cache.py check_tail_mode), and its ids, which reach up to the
         cache's vocab_size, must fall inside the student's logits. Checked here, not at the first
         batch (an inf loss, or an id out of range)."""
-        from ..targets.cache import TargetCache, check_tail_mode
+        from ..targets.cache import TargetCache, check_tail_mode, warn_other_temperature
 
         head = self.model.get_output_embeddings() if self.model is not None else None
         for name in ("train_dataset", "eval_dataset"):
@@ -170,11 +169,8 @@ class DistillationTrainer(Trainer):
             if not isinstance(ds, TargetCache):
                 continue
             check_tail_mode(ds.manifest, self.kd_kwargs.get("tail", "renorm"), ds.path)
-            made_at = float(ds.manifest["temperature"])
-            if abs(made_at - float(self.kd_kwargs.get("temperature", 1.0))) > 1e-9:
-                warnings.warn(f"{name}'s targets were made at temperature {made_at}, but "
-                              f"kd_kwargs has temperature={self.kd_kwargs.get('temperature', 1.0)}"
-                              " (the student side's; the targets stay at theirs)", stacklevel=3)
+            warn_other_temperature(ds.manifest, self.kd_kwargs.get("temperature", 1.0), name,
+                                   "kd_kwargs has temperature")
             if head is not None and ds.vocab_size > int(head.weight.shape[0]):
                 raise ValueError(
                     f"{name} is a target cache made with a vocabulary of {ds.vocab_size} tokens, "

@@ -33,6 +33,7 @@ import json
 import operator
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -157,6 +158,17 @@ def check_tail_mode(manifest: dict, tail: str, path: Union[str, os.PathLike]) ->
         raise CacheError(f"the cache at {path} holds sampled targets: they need tail='renorm', "
                          f"not tail={tail!r} (their weights stand for the whole distribution, "
                          "with no tail mass)")
+
+
+def warn_other_temperature(manifest: dict, temperature: float, what: str, setting: str) -> None:
+    """Warn when a loss's ``temperature`` is not the one the cache's targets were made at: the
+    targets stay at theirs, only the student side takes the other (rarely what was meant). The
+    message reads "<what>'s targets were made at temperature T, but <setting>=<temperature>"."""
+    made_at = manifest.get("temperature")
+    if made_at is not None and abs(float(made_at) - float(temperature)) > 1e-9:
+        warnings.warn(f"{what}'s targets were made at temperature {float(made_at)}, but "
+                      f"{setting}={temperature} (the student side's; the targets stay at theirs)",
+                      stacklevel=3)
 
 
 def model_fingerprint(model_dir: Union[str, os.PathLike], dtype: str = "auto") -> str:

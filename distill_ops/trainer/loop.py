@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -137,7 +136,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
             raise RuntimeError(f"targets='cache' needs distill_ops.targets.cache ({exc})") from None
         if not os.path.exists(cfg.cache):
             raise FileNotFoundError(f"target cache {cfg.cache!r} does not exist")
-        from ..targets.cache import check_tail_mode, read_manifest, tokenizer_hash
+        from ..targets.cache import (check_tail_mode, read_manifest, tokenizer_hash,
+                                     warn_other_temperature)
 
         manifest = read_manifest(cfg.cache) or {}
         check_tail_mode(manifest, cfg.tail, cfg.cache)
@@ -148,11 +148,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
         expect_hash = tok_hash if tok_hash and manifest.get("tokenizer_hash") else None
         cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash)
         _check_cache_seq_len(cfg, cache)
-        made_at = manifest.get("temperature")
-        if made_at is not None and abs(float(made_at) - cfg.temperature) > 1e-9:
-            warnings.warn(f"the cache's targets were made at temperature {made_at} but the loss "
-                          f"uses temperature={cfg.temperature} on the student side (targets are "
-                          "used at the temperature they were made with)", stacklevel=2)
+        warn_other_temperature(manifest, cfg.temperature, "the cache", "the loss uses temperature")
         if cfg.eval_data:
             return cache, BlockDataset(pack_documents(load_documents(cfg.eval_data), tokenizer,
                                                       cfg.seq_len))
