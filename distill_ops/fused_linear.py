@@ -23,23 +23,12 @@ import torch
 from . import _validate as check
 from . import backends
 from .functional import loss_constants
-from .ops.dense import dense_kd
-from .ops.fused_grad import (REDUCTIONS, SUM, defers_mean, grad_scale_for, once_differentiable,
-                              scale_by, scale_saved_grad)
-from .ops.sparse import _impl as sparse_impl
-from .ops.sparse import sparse_kd
+from .ops.fused_grad import (REDUCTIONS, defers_mean, grad_scale_for, once_differentiable,
+                              scale_saved_grad)
+from .ops.fused_linear_chunks import run_chunks, run_chunks_traced
 from .sparse import SparseTargets, prepare_sparse_call
 
 FUSED_REDUCTIONS = ("sum", "mean", "batchmean")
-# A chunk's logits, per side, at most this many bytes when chunk_size is not given.
-CHUNK_BYTES = 256 * 1024 * 1024
-
-
-def default_chunk_size(n: int, v: int, itemsize: int) -> int:
-    """The largest power of two of rows whose logits fit in CHUNK_BYTES (at least 1, at most n)."""
-    rows = max(1, CHUNK_BYTES // max(v * itemsize, 1))
-    rows = 1 << (rows.bit_length() - 1)
-    return max(1, min(n, rows))
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor, h_name: str, w_name: str) -> torch.dtype:
@@ -52,127 +41,29 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor, h_name: str, w_name: str) -
     return h.dtype
 
 
-def _project(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
-
-
-def _chunk_loss(kind: str, s: torch.Tensor, lo: int, hi: int, targets: tuple, labels, consts: tuple,
-                need: bool, scale, backend: str, kernel):
-    """One chunk's summed loss, and d loss / d s (times ``scale``). Eager (``kernel`` given): the
-    backend writes the gradient over ``s`` itself. Compiled (``kernel`` None): the functional
-    custom op, which torch.compile traces as one node, and a second buffer."""
-    lab = None if labels is None else labels[lo:hi]
-    if kind == "dense":   # targets: the teacher's hidden states, weight, bias
-        h_t, w_t, b_t = targets
-        # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
-        t = _project(h_t[lo:hi], w_t, b_t).to(s.dtype)
-        code, mix, tau, cap, soft_coef, hard_coef, ignore_index = consts
-        if kernel is None:
-            part, g = dense_kd(s, t, lab, code, mix, tau, cap, soft_coef, hard_coef, ignore_index,
-                               SUM, need, backend)
-        else:
-            rows = kernel(s, t, lab, divergence=code, mix=mix, temperature=tau, softcap=cap,
-                          soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
-                          grad=s if need else None, grad_scale=scale)
-            part, g = rows.sum(), s
-    else:                 # sparse: targets are the ids, log-weights and tail log-mass
-        ids, lp, tail = targets
-        tl = None if tail is None else tail[lo:hi]
-        if kernel is None:
-            part, g = sparse_kd(s, ids[lo:hi], lp[lo:hi], tl, lab, *consts, SUM, need, backend)
-        else:
-            code, mix, mode, tau, target_scale, soft_coef, hard_coef, ignore_index = consts
-            rows = kernel(s, ids[lo:hi], lp[lo:hi], tl, lab, divergence=code, mix=mix, mode=mode,
-                          temperature=tau, target_scale=target_scale, soft_coef=soft_coef,
-                          hard_coef=hard_coef, ignore_index=ignore_index,
-                          grad=s if need else None, grad_scale=scale)
-            part, g = rows.sum(), s
-    if kernel is None and need and scale is not None:
-        g = scale_by(g, scale, inplace=False)
-    return part, g
-
-
-# Rows per slice of the entropy metric: its float32 temporaries stay near 16 MiB.
-ENTROPY_ELEMENTS = 1 << 22
-
-
-def _entropy_sum(logits: torch.Tensor, tau: float, cap: float) -> torch.Tensor:
-    """Sum over the rows of the entropy (nats) of softmax(cap tanh(logits / cap) / tau), in float32:
-    a metric (TRL's DistillationTrainer logs it), never differentiated."""
-    rows = max(1, ENTROPY_ELEMENTS // max(logits.shape[1], 1))
-    total = logits.new_zeros((), dtype=torch.float32)
-    for lo in range(0, logits.shape[0], rows):
-        z = logits[lo:lo + rows].float()
-        if cap:
-            z = torch.tanh(z / cap) * cap
-        total += torch.special.entr(torch.softmax(z / tau, -1)).sum()
-    return total
-
-
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, kind, targets, labels, consts, reduction, chunk, backend,
                 needs, wide, entropy=None):
-        need_h, need_w, need_b = needs
-        need = need_h or need_w or need_b
         n = h_s.shape[0]
-        kernel = None
-        if not torch.compiler.is_compiling():
-            kernel = (backends.get(backend, "dense_forward") if kind == "dense"
-                      else sparse_impl(backend, "loss").sparse_forward)
         red = REDUCTIONS.index(reduction)
-        ignore_index = consts[-1]
-        scale = grad_scale_for(red, labels, ignore_index, n, h_s.device, wide=wide)
+        scale = grad_scale_for(red, labels, consts[-1], n, h_s.device, wide=wide)
         # float16: the mean's 1/N waits for the backward, as in the logits ops (fused_grad.
-        # defers_mean); the gradients are then sums over the tokens, so the weight's and the
-        # bias's are kept in float32 (in float16 they could pass 65504)
+        # defers_mean); the gradients are then sums over the tokens (weight and bias in float32)
         defer = defers_mean(h_s.dtype) and scale is not None
-        grad_h = torch.empty_like(h_s) if need_h else None
-        w_acc = None
-        if need_w:
-            # Accumulated in place in the weight's dtype when the GEMMs produce it; else in
-            # float32 (or better), so a bf16 chunk product is not rounded again per chunk.
-            acc = (w_s.dtype if w_s.dtype == h_s.dtype and not defer
-                   else torch.promote_types(w_s.dtype, torch.float32))
-            w_acc = torch.zeros(w_s.shape, dtype=acc, device=w_s.device)
-        b_acc = (torch.zeros(b_s.shape, dtype=torch.promote_types(b_s.dtype, torch.float32),
-                             device=b_s.device) if need_b else None)
-        # A cast weight (autocast) is made once, not per chunk.
-        ws = w_s.to(h_s.dtype)
-        bs = None if b_s is None else b_s.to(h_s.dtype)
-        if kind == "dense":
-            h_t, w_t, b_t = targets
-            targets = (h_t, w_t.to(h_t.dtype), None if b_t is None else b_t.to(h_t.dtype))
-        parts = []
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            s = _project(h_s[lo:hi], ws, bs)
-            if entropy is not None:   # a list: the student's entropy, before s is overwritten
-                entropy.append(_entropy_sum(s, consts[2], consts[3]))
-            part, s = _chunk_loss(kind, s, lo, hi, targets, labels, consts, need,
-                                  None if defer else scale, backend, kernel)
-            parts.append(part)
-            if need:   # s now holds d loss / d student logits for these rows
-                if need_h:
-                    torch.mm(s, ws, out=grad_h[lo:hi])
-                if need_w:
-                    if w_acc.dtype == s.dtype:
-                        w_acc.addmm_(s.t(), h_s[lo:hi])
-                    else:
-                        w_acc.add_(torch.mm(s.t(), h_s[lo:hi]))
-                if need_b:
-                    b_acc.add_(s.sum(0, dtype=b_acc.dtype))
-        total = (torch.stack(parts).sum() if parts
-                 else h_s.new_zeros((), dtype=torch.float64 if wide else torch.float32))
+        # Compiled, the loop is one custom op: traced, it would pin N (a graph per token count)
+        loop = run_chunks_traced if torch.compiler.is_compiling() else run_chunks
+        total, grad_h, grad_w, grad_b, ent = loop(
+            kind, h_s, w_s, b_s, targets, labels, consts, scale, chunk, backend, needs, defer,
+            wide, entropy is not None)
+        if entropy is not None:   # a list: the student's entropy sum
+            entropy.append(ent)
         loss = total if scale is None else total * scale.to(total.dtype)
         # Saved, not kept as attributes: autograd frees them after the backward (the loss tensor
         # may outlive it, and these are N x H and V x H), or keeps them for another backward
         # with retain_graph=True.
         ctx.dtypes = (w_s.dtype, None if b_s is None else b_s.dtype)
-        ctx.save_for_backward(grad_h,
-                              None if w_acc is None else w_acc if defer else w_acc.to(w_s.dtype),
-                              None if b_acc is None else b_acc if defer else b_acc.to(b_s.dtype),
-                              scale if defer else None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, scale if defer else None)
         return loss
 
     @staticmethod
@@ -231,16 +122,12 @@ def _check_bias(name, b, hs, vocab_size):
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
-           wide, entropy=None, teacher_dtype: Optional[torch.dtype] = None):
-    """Flatten, pick the chunk size and the compute dtype, and run the autograd Function
-    (``entropy``: a list that collects the student's entropy sum per chunk; dense only;
-    ``teacher_dtype``: the dense teacher's projection dtype, which may be the wider side)."""
+           wide, entropy=None):
+    """Flatten, pick the compute dtype, and run the autograd Function (``entropy``: a list that
+    gets the student's entropy sum; dense only). The loop picks the default chunk size itself
+    (chunk 0): computed here from N, it would pin N under torch.compile."""
     dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
     h_s2 = hs.reshape(-1, hs.shape[-1])
-    n = h_s2.shape[0]
-    # The budget holds for each side's chunk of logits: size it by the wider dtype.
-    item = max(torch.finfo(dt).bits for dt in (dt_s, teacher_dtype or dt_s)) // 8
-    chunk = chunk_size or default_chunk_size(n, ws.shape[0], item)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hs.requires_grad, grad_on and ws.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
@@ -248,7 +135,7 @@ def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk
     with torch.autocast(hs.device.type, enabled=False) if torch.is_autocast_enabled(
             hs.device.type) else contextlib.nullcontext():
         return _FusedLinear.apply(h_s2.to(dt_s), ws, student_bias, kind, targets, labels, consts,
-                                  reduction, chunk, name, needs, wide, entropy)
+                                  reduction, chunk_size or 0, name, needs, wide, entropy)
 
 
 def fused_linear_kd_loss(
@@ -329,8 +216,7 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
                None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
     return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
-                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy,
-                  teacher_dtype=dt_t)
+                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy)
 
 
 def fused_linear_sparse_kd_loss(

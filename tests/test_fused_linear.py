@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from distill_ops import kd_loss
-from distill_ops.fused_linear import CHUNK_BYTES, default_chunk_size, fused_linear_kd_loss
+from distill_ops.fused_linear import fused_linear_kd_loss
+from distill_ops.ops.fused_linear_chunks import CHUNK_BYTES, default_chunk_size
 from oracle import (INTERPRETER_NOISE, OPS_LAYER_AT_SCALE, ZERO, backend,  # noqa: F401
                     backend_and_device, backend_status, device, make_labels, oracle, rel_err,
                     tolerance)
@@ -200,10 +201,11 @@ def test_default_chunk_counts_the_wider_side(monkeypatch):
     default chunk is sized by 4 bytes an element (sized by the student's 2, the teacher's chunk
     was twice the budget)."""
     import distill_ops.fused_linear as fl
+    import distill_ops.ops.fused_linear_chunks as loop
 
-    monkeypatch.setattr(fl, "CHUNK_BYTES", 64 * 4 * 8)     # 8 rows of fp32 logits (V = 64)
+    monkeypatch.setattr(loop, "CHUNK_BYTES", 64 * 4 * 8)     # 8 rows of fp32 logits (V = 64)
     seen = []
-    monkeypatch.setattr(fl, "default_chunk_size",
+    monkeypatch.setattr(loop, "default_chunk_size",
                         lambda n, v, item: seen.append(item) or default_chunk_size(n, v, item))
     g = torch.Generator().manual_seed(3)
     hs = torch.randn(40, 16, generator=g).bfloat16()
@@ -250,8 +252,8 @@ def test_errors():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    """torch.compile traces the chunk loop and the custom ops without a graph break, compiled
-    before any eager call (then the functional dense_kd op replaces the in-place backend call)."""
+    """torch.compile traces the loss without a graph break (the chunk loop is one custom op,
+    ops/fused_linear_chunks.py), compiled before any eager call."""
     c = make_case((10,), 8, 12, 40, seed=12)
     labels = make_labels(10, 40, seed=6)
     backend = "cpu" if backend_status("cpu")[0] else "torch"
@@ -269,6 +271,55 @@ def test_torch_compile_fullgraph_matches_eager():
         results.append([loss.detach()] + [t.grad for t in x])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_new_token_count_does_not_recompile(kind, dtype):
+    """Real steps change N every call: after the first change dynamo makes it symbolic, and one
+    graph serves every later N. The chunk loop was Python traced into the graph, which pinned N:
+    a graph per token count, and fullgraph=True failed at the recompile limit (8). It is now one
+    custom op. float16 also covers the deferred mean (float32 weight and bias sums); the sparse
+    case has no bias and a frozen weight (the op's unused outputs, which may not alias)."""
+    from torch._dynamo.utils import counters
+
+    from distill_ops import teacher_topk
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    v, h = 40, 8
+    backend = "cpu" if backend_status("cpu")[0] else "torch"
+    c = make_case((1,), h, h, v, seed=31)
+    params = [c[k].to(dtype).requires_grad_(kind == "dense") for k in ("ws", "bs")]
+
+    def loss_fn(hs, ht, labels):
+        if kind == "dense":
+            return fused_linear_kd_loss(hs, params[0], ht, c["wt"].to(dtype), student_bias=params[1],
+                                        labels=labels, hard_weight=0.2, temperature=2.0,
+                                        backend=backend)
+        t = teacher_topk(ht @ c["wt"].t(), 5, backend="torch")
+        return fused_linear_sparse_kd_loss(hs, params[0], t, labels=labels, chunk_size=3,
+                                           backend=backend)
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    for length in (5, 8, 11, 14, 17, 20):
+        hs = torch.randn(2, length, h, generator=g).to(dtype)
+        ht = torch.randn(2, length, h, generator=g)
+        labels = torch.randint(0, v, (2, length), generator=g)
+        labels[0, :2] = -100
+        results = []
+        for fn in (step, loss_fn):
+            x = hs.clone().requires_grad_(True)
+            for p in params:
+                p.grad = None
+            loss = fn(x, ht.to(dtype) if kind == "dense" else ht, labels)
+            loss.backward()
+            results.append([loss.detach(), x.grad] + [p.grad for p in params])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)   # None == None: frozen
+    assert counters["stats"]["unique_graphs"] <= 2
 
 
 def test_mixed_dtypes_and_no_tokens():

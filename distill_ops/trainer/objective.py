@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import kd_loss
-from ..fused_linear import default_chunk_size, fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..ops.fused_linear_chunks import default_chunk_size
 from ..targets.types import SparseTargets
 from .config import ConfigError, TrainConfig
 from .data import IGNORE_INDEX
