@@ -6,9 +6,10 @@ PIP     := $(PYTHON) -m pip
 # The CUDA build of torch: it runs on the CPU too, and it is what compiles the CUDA extension.
 TORCH   ?= torch==2.14.1
 DEPS    := numpy pytest pytest-xdist ninja setuptools wheel safetensors transformers tokenizers tqdm pyyaml matplotlib accelerate
-# The peers the tests and benchmarks compare against (their real code, not transcriptions).
+# The peers the tests and benchmarks compare against (their real code, not transcriptions), pinned
+# to the versions the README says the tests check.
 # torchtune 0.6.1 imports torchao's nf4tensor, which later torchao releases dropped.
-PEERS   := trl liger-kernel torchtune torchao==0.11.0
+PEERS   := trl==1.16.0 liger-kernel==0.8.5 torchtune==0.6.1 torchao==0.11.0
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 # The kernel tests that `make test` reruns on csrc/cuda's kernels compiled for the CPU emulator
