@@ -102,7 +102,7 @@ def _student_side(student_hidden, student_weight, student_bias, chunk_size):
     """Checks of the student's hidden states, lm_head and chunk size shared by both fused-linear
     losses: (hidden, weight, vocabulary size)."""
     hs, ws = _hidden_and_head("student", student_hidden, student_weight)
-    _check_bias("student_bias", student_bias, hs, ws.shape[0])
+    _check_bias("student_bias", student_bias, hs, ws, "student_weight")
     check_chunk_size(chunk_size)
     return hs, ws, ws.shape[0]
 
@@ -113,12 +113,17 @@ def check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _check_bias(name, b, hs, vocab_size):
+def _check_bias(name, b, hs, w, w_name):
+    """A (V,) bias on hs's device; outside autocast in its weight's dtype, as F.linear requires
+    (the projection would otherwise round a float64 bias to float32 without a word)."""
     if b is not None:
         check.float_tensor(name, b)
         check.same_device(name, b, "student_hidden", hs)
-        if tuple(b.shape) != (vocab_size,):
-            raise ValueError(f"{name} must have shape ({vocab_size},), got {tuple(b.shape)}")
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{name} must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+        if b.dtype != w.dtype and not torch.is_autocast_enabled(hs.device.type):
+            raise ValueError(f"{name} is {b.dtype} but {w_name} is {w.dtype}: outside autocast "
+                             "they must have one dtype (as for F.linear)")
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
@@ -201,7 +206,7 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
     if vocab_size != wt.shape[0]:
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
                          f"{vocab_size}; slice both weights to the common vocabulary")
-    _check_bias("teacher_bias", teacher_bias, hs, vocab_size)
+    _check_bias("teacher_bias", teacher_bias, hs, wt, "teacher_weight")
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
         divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
         hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,

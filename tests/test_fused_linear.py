@@ -237,6 +237,13 @@ def test_errors():
         fused_linear_kd_loss(c["hs"], c["ws"][:0], c["ht"], c["wt"][:0])
     with pytest.raises(ValueError, match=r"student_bias must have shape \(11,\)"):
         fused_linear_kd_loss(*args, student_bias=torch.zeros(10))
+    # as F.linear: a float64 bias was rounded to the float32 projection without a word
+    with pytest.raises(ValueError, match="student_bias is torch.float64 but student_weight"):
+        fused_linear_kd_loss(*args, student_bias=torch.zeros(11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="teacher_bias is torch.float64 but teacher_weight"):
+        fused_linear_kd_loss(*args, teacher_bias=torch.zeros(11, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast casts it, as F.linear's does
+        fused_linear_kd_loss(*args, student_bias=torch.zeros(11, dtype=torch.float64))
     with pytest.raises(ValueError, match="hard_weight > 0 needs labels"):
         fused_linear_kd_loss(*args, hard_weight=1.0)
     with pytest.raises(ValueError, match="labels must have shape"):
