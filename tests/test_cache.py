@@ -262,6 +262,40 @@ def tiny_llama(tmp_path_factory):
     return model, path
 
 
+def test_the_tokenizer_check_compares_vocabularies(tmp_path, tiny_llama):
+    """A cache stores token ids, so what must match is the vocabulary. The check compared the
+    tokenizer files' sha256: the same tokenizer re-saved with a chat template was refused. Now the
+    cache records the vocabulary's fingerprint; a cache that recorded the files' hash (before)
+    still opens with the same files; another vocabulary is refused."""
+    from transformers import AutoTokenizer
+
+    from distill_ops.targets.cache import tokenizer_hash, tokenizer_hashes
+
+    _, model_dir = tiny_llama
+    resaved = tmp_path / "resaved"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(resaved)
+    assert tokenizer_hash(resaved) != tokenizer_hash(model_dir)       # other files
+    assert tokenizer_hashes(resaved)[0] == tokenizer_hashes(model_dir)[0]
+    for recorded in (tokenizer_hashes(model_dir)[0], tokenizer_hash(model_dir)):
+        out = tmp_path / f"cache-{recorded[:5]}"
+        with _writer(out, tokenizer_hash=recorded) as w:
+            w.add(*_batch(2, 6, seed=1))
+        if recorded.startswith("vocab:"):
+            TargetCache(out, expect_tokenizer_hash=tokenizer_hashes(resaved))
+        TargetCache(out, expect_tokenizer_hash=tokenizer_hashes(model_dir))
+    other = tmp_path / "other"
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    a, b = list(vocab["model"]["vocab"])[5:7]       # two tokens swap ids
+    vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = (vocab["model"]["vocab"][b],
+                                                              vocab["model"]["vocab"][a])
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(CacheError, match="another vocabulary"):
+        TargetCache(out, expect_tokenizer_hash=tokenizer_hashes(other))
+
+
 class _Counting(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -429,7 +463,7 @@ def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys):
 
 
 def test_cli(tmp_path, tiny_llama):
-    from distill_ops.targets.cache import model_fingerprint, tokenizer_hash
+    from distill_ops.targets.cache import model_fingerprint, tokenizer_hash, tokenizer_hashes
     from distill_ops.targets.cache_cli import main
 
     _, model_dir = tiny_llama
@@ -440,11 +474,17 @@ def test_cli(tmp_path, tiny_llama):
             "--k", "5", "--seq-len", "16", "--batch-size", "2", "--dtype", "bfloat16",
             "--device", "cpu", "--backend", "torch", "--no-progress"]
     assert main(args) == 0
-    cache = TargetCache(out, expect_vocab_size=97, expect_tokenizer_hash=tokenizer_hash(model_dir))
+    cache = TargetCache(out, expect_vocab_size=97, expect_tokenizer_hash=tokenizer_hashes(model_dir))
     assert len(cache) == 6 and cache.manifest["dtype"] == "bfloat16"
     assert torch.equal(cache[2]["input_ids"], stream[32:48])
     assert cache.manifest["teacher"] == f"{model_dir.name}@{model_fingerprint(model_dir)}"
-    assert cache.manifest["tokenizer_hash"]
+    assert cache.manifest["tokenizer_hash"].startswith("vocab:")
+    # a cache that recorded the tokenizer files' hash (older releases) is re-run without a
+    # complaint: the CLI keeps the fingerprint it finds when it is this tokenizer's
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer_hash"] = tokenizer_hash(model_dir)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(args) == 0
     # text data, tokenized with the model's tokenizer; sampled targets
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 6)
     assert main(["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--out",

@@ -13,8 +13,9 @@ are stored rounded toward -inf in the storage dtype, so a row never holds more m
 teacher gave it (rounded to nearest, bfloat16 could exceed 1 by more than sparse_kd_loss allows).
 
 Manifest fields: format_version, teacher (the CLI records the model directory's name and its
-model_fingerprint: "final@3fa2..."), vocab_size, tokenizer_hash, mode ("topk" | "sample"),
-k (slots per token: k of top-k, or the sample count), temperature, dtype (of logprobs),
+model_fingerprint: "final@3fa2..."), vocab_size, tokenizer_hash (the CLI records
+vocab_fingerprint: "vocab:9c1e..."; older caches the files' tokenizer_hash), mode ("topk" |
+"sample"), k (slots per token: k of top-k, or the sample count), temperature, dtype (of logprobs),
 shard_tokens, extra (e.g. proposal_temperature and seed of sampled targets), num_sequences,
 num_tokens, complete, and shards: a list of {file, sequences, tokens, bytes, sha256}.
 
@@ -127,7 +128,8 @@ def read_manifest(path: Union[str, os.PathLike]) -> Optional[dict]:
 
 
 def tokenizer_hash(model_dir: Union[str, os.PathLike]) -> str:
-    """sha256 over the tokenizer files of a transformers model directory ("" if it has none)."""
+    """sha256 over the tokenizer files of a transformers model directory ("" if it has none): the
+    fingerprint caches recorded before vocab_fingerprint, still accepted (tokenizer_hashes)."""
     names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
              "tokenizer_config.json", "special_tokens_map.json")
     h = hashlib.sha256()
@@ -138,6 +140,32 @@ def tokenizer_hash(model_dir: Union[str, os.PathLike]) -> str:
             found = True
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest() if found else ""
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """What a cache's token ids mean: "vocab:" + sha256 over the tokenizer's (token, id) pairs.
+    A cache stores the token ids themselves, so one vocabulary is all that must match: a tokenizer
+    re-saved (other files, another transformers version) or given a chat template keeps it."""
+    items = sorted(tokenizer.get_vocab().items())
+    return "vocab:" + hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def tokenizer_hashes(model_dir: Union[str, os.PathLike]) -> tuple:
+    """The tokenizer fingerprints a cache made with ``model_dir``'s tokenizer may carry, the one to
+    record first: its vocabulary's (vocab_fingerprint; when transformers loads it) and its files'
+    (tokenizer_hash, what older caches recorded). Empty when the directory has no tokenizer."""
+    files = tokenizer_hash(model_dir)
+    if not files:
+        return ()
+    try:
+        from transformers import AutoTokenizer
+
+        vocab = vocab_fingerprint(AutoTokenizer.from_pretrained(str(model_dir)))
+    except Exception as exc:   # unloadable: the files are all there is to compare
+        warnings.warn(f"the tokenizer in {model_dir} could not be loaded ({type(exc).__name__}: "
+                      f"{exc}); the target cache compares its files instead", stacklevel=2)
+        return (files,)
+    return (vocab, files)
 
 
 def _check_identity(path: Path, existing: dict, wanted: dict) -> None:
@@ -420,14 +448,14 @@ class TargetCache:
 
     ``cache[i]`` is sequence i: dict(input_ids int64 (L,), ids int32 (L, k), logprobs float32
     (L, k), tail_logmass float32 (L,)); ``cache.targets(i)`` the same as SparseTargets.
-    Opening checks the format version, the expected vocabulary size and tokenizer hash, and (unless
-    ``verify=False``) the size and sha256 of every shard. A cache whose writer has not finished
+    Opening checks the format version, the expected vocabulary size and tokenizer hash (one, or a
+    tuple of those accepted: tokenizer_hashes), and (unless ``verify=False``) the size and sha256 of every shard. A cache whose writer has not finished
     (interrupted, or still running) is refused unless ``allow_incomplete=True``: training on it
     would use a prefix of the data without saying so.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, expect_vocab_size: Optional[int] = None,
-                 expect_tokenizer_hash: Optional[str] = None, verify: bool = True,
+                 expect_tokenizer_hash: Union[str, tuple, None] = None, verify: bool = True,
                  allow_incomplete: bool = False) -> None:
         from safetensors import safe_open
 
@@ -445,9 +473,12 @@ class TargetCache:
         if expect_vocab_size is not None and manifest["vocab_size"] != expect_vocab_size:
             raise CacheError(f"the cache at {self.path} has vocab_size {manifest['vocab_size']}, "
                              f"but {expect_vocab_size} was expected (another tokenizer/teacher?)")
-        if expect_tokenizer_hash is not None and manifest["tokenizer_hash"] != expect_tokenizer_hash:
+        accepted = ((expect_tokenizer_hash,) if isinstance(expect_tokenizer_hash, str)
+                    else expect_tokenizer_hash)
+        if accepted is not None and manifest["tokenizer_hash"] not in accepted:
             raise CacheError(f"the cache at {self.path} was made with tokenizer hash "
-                             f"{manifest['tokenizer_hash']!r}, not {expect_tokenizer_hash!r}")
+                             f"{manifest['tokenizer_hash']!r}, not "
+                             f"{' or '.join(repr(h) for h in accepted)} (another vocabulary)")
         self._files = []
         starts = [0]
         tokens = 0
