@@ -107,6 +107,79 @@ def test_config_bad_values(bad, match):
         TrainConfig.from_dict(bad)
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"weight_decay": -0.5}, r"weight_decay must be >= 0"),
+    ({"grad_clip": -1.0}, r"grad_clip must be >= 0"), ({"grad_clip": float("inf")}, "grad_clip"),
+    ({"grad_clip": float("nan")}, r"grad_clip must be finite"),
+    ({"warmup_steps": 11, "max_steps": 10}, r"warmup_steps \(11\) must be <= max_steps \(10\)"),
+    ({"max_steps": 10.5}, r"max_steps must be an integer"), ({"max_steps": True}, "max_steps"),
+    ({"micro_batch_size": 2.5}, r"micro_batch_size must be an integer"),
+    ({"lr": "1e-3"}, r"lr must be a number"), ({"lr": float("nan")}, r"lr must be finite"),
+    ({"adam_beta1": 1.0}, r"adam_beta1 must be in \[0, 1\)"),
+    ({"adam_beta2": -0.1}, r"adam_beta2 must be in \[0, 1\)"),
+    ({"adam_eps": 0.0}, r"adam_eps must be > 0"), ({"beta": 2.0}, r"beta must be in \[0, 1\]"),
+    ({"alpha": -1.0}, r"alpha must be in \[0, 1\]"), ({"softcap": 0.0}, r"softcap must be > 0"),
+    ({"temperature": float("inf")}, r"temperature must be finite"),
+    ({"hard_weight": float("nan")}, "hard_weight"), ({"device": "gpu"}, r"device must be"),
+    ({"overwrite_output_dir": 1}, "overwrite_output_dir"),
+])
+def test_config_rejects_values_the_run_would_fail_on(bad, match):
+    """Through the Python API (no coercion): each value is a ConfigError naming the field before
+    any model is loaded (they used to pass, and train silently, e.g. a negative weight decay, or
+    fail deep in torch naming no field)."""
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)
+
+
+def test_config_edge_values_still_accepted(tmp_path):
+    """0 and None disable clipping (None used to crash the first step), warmup_steps ==
+    max_steps is a run that is all warmup, adam_beta1 = 0 is Adam without momentum."""
+    for ok in ({"grad_clip": 0.0}, {"grad_clip": None}, {"warmup_steps": 4, "max_steps": 4},
+               {"adam_beta1": 0.0}, {"softcap": None}, {"device": "cuda:1"}):
+        TrainConfig(**ok)
+    res = train(cfg(tmp_path, max_steps=1, grad_clip=None), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=blocks())
+    assert res.step == 1
+
+
+def test_topk_larger_than_the_vocabulary_is_refused_before_the_first_step(tmp_path, monkeypatch):
+    import distill_ops.trainer.loop as loop
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("the check must come before the first step")
+
+    monkeypatch.setattr(loop, "_micro_step", no_step)
+    with pytest.raises(ConfigError, match=rf"topk={V + 1} exceeds .*\({V} tokens\)"):
+        train(cfg(tmp_path, targets="topk", topk=V + 1), student=tiny(),
+              teacher=tiny(48, seed=1), train_dataset=blocks())
+    with pytest.raises(ConfigError, match=rf"topk={V + 1} exceeds .*\({V} tokens\)"):
+        train(cfg(tmp_path, targets="topk", topk=V + 1, vocab="common_prefix"), student=tiny(),
+              teacher=tiny(48, vocab=V + 8, seed=1), train_dataset=blocks())
+
+
+def test_unavailable_device_is_a_config_error(tmp_path, monkeypatch, capsys):
+    """A device that is not there: ConfigError naming device (a RuntimeError gave the CLI a
+    traceback and status 1)."""
+    from distill_ops.cli import main
+    from distill_ops.trainer import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda' but no CUDA GPU is visible"):
+        dist.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"device='cuda:2' asks for CUDA GPU 2 but 2 are"):
+        dist.pick_device("cuda:2")
+    assert dist.pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--targets", "none", "--output-dir", str(tmp_path / "o"), "--progress", "false"]
+    for device, what in (("cuda", "no CUDA GPU is visible"), ("gpu", "device must be")):
+        assert main(["train", "--device", device, *out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distill-ops train: error: ") and what in err, err
+        assert "Traceback" not in err
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 4, 20, 0.1) for s in range(21)]
     assert f[0] == pytest.approx(0.2) and f[3] == pytest.approx(0.8) and f[4] == pytest.approx(1.0)
@@ -300,6 +373,137 @@ def test_resume_refuses_a_different_data_order(tmp_path):
     res = train(cfg(tmp_path, max_steps=5, save_every=2, lr=1e-3, resume_from="latest"),
                 student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
     assert res.step == 5
+
+
+def _optimizer_spy(monkeypatch):
+    """Record (lr, weight decays, betas, eps) of the param groups at every optimizer step."""
+    import distill_ops.trainer.loop as loop
+
+    seen, real = [], loop.build_optimizer
+
+    def build(model, config):
+        opt = real(model, config)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+            ([g["lr"] for g in o.param_groups], [g["weight_decay"] for g in o.param_groups],
+             [tuple(g["betas"]) for g in o.param_groups], [g["eps"] for g in o.param_groups])))
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", build)
+    return seen
+
+
+def test_resume_uses_the_new_optimizer_settings(tmp_path, monkeypatch):
+    """A resume may change lr, the schedule (max_steps, warmup_steps, min_lr_ratio), weight_decay
+    and adam_*: from its first step the optimizer follows the new values (the checkpoint's
+    optimizer and scheduler state used to bring the old ones back, and a new max_steps came one
+    step late); the Adam moments stay."""
+    data = blocks()
+    first = dict(max_steps=4, save_every=2, lr=3e-3, warmup_steps=1)
+    _train_until(cfg(tmp_path, **first), 2, data)
+    seen = _optimizer_spy(monkeypatch)
+    new = dict(max_steps=6, save_every=2, lr=1e-3, warmup_steps=3, min_lr_ratio=0.5,
+               weight_decay=0.0, adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6)
+    res = train(cfg(tmp_path, **new, resume_from="latest"), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=data)
+    want = [1e-3 * lr_factor(s, 3, 6, 0.5) for s in range(2, 6)]
+    assert [lrs for lrs, _, _, _ in seen] == [[x, x] for x in want]
+    assert all(wd == [0.0, 0.0] and betas == [(0.8, 0.9)] * 2 and eps == [1e-6] * 2
+               for _, wd, betas, eps in seen)
+    assert [r["lr"] for r in res.history if "loss" in r and r["step"] > 2] == want
+    # the builder's split stays: weight decay on matrices only
+    seen.clear()
+    train(cfg(tmp_path, **dict(new, max_steps=7, weight_decay=0.3), resume_from="latest"),
+          student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    assert seen and all(wd == [0.3, 0.0] for _, wd, _, _ in seen)
+
+
+def test_a_new_run_refuses_an_output_dir_with_checkpoints(tmp_path):
+    """An earlier run's checkpoints in output_dir: a new run (no resume_from) is refused before
+    anything is written (its checkpoints were pruned in favour of the old ones' higher steps, and
+    resume_from='latest' continued the old run); overwrite_output_dir=true deletes them."""
+    data, out = blocks(), tmp_path / "out"
+    train(cfg(tmp_path, max_steps=2, save_every=1, keep_checkpoints=3), student=tiny(),
+          teacher=tiny(48, seed=1), train_dataset=data)
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"output_dir '.*out' already holds checkpoints "
+                                          r"\(checkpoint-1, checkpoint-2\).*resume_from='latest'"
+                                          r".*another output_dir.*overwrite_output_dir"):
+        train(cfg(tmp_path, max_steps=1), student=tiny(), teacher=tiny(48, seed=1),
+              train_dataset=data)
+    assert (out / "metrics.jsonl").read_text() == metrics
+    res = train(cfg(tmp_path, max_steps=1, save_final=True, overwrite_output_dir=True),
+                student=tiny(), teacher=tiny(48, seed=1), train_dataset=data)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(str(out))] == [1]
+    assert res.checkpoint == str(out / "checkpoint-1")
+
+
+def test_a_resume_refuses_later_checkpoints(tmp_path):
+    """Resuming from step s while checkpoints past s are in output_dir is refused (they would
+    outrank the resumed run's own in pruning and resume_from='latest'); overwrite_output_dir
+    deletes them."""
+    data, out = blocks(), tmp_path / "out"
+    train(cfg(tmp_path, max_steps=3, save_every=1, keep_checkpoints=3), student=tiny(),
+          teacher=tiny(48, seed=1), train_dataset=data)
+    first = str(out / "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"cannot resume from .*checkpoint-1 \(step 1\): "
+                                          r"output_dir .* holds later checkpoints "
+                                          r"\(checkpoint-2, checkpoint-3\)"):
+        train(cfg(tmp_path, max_steps=3, resume_from=first), student=tiny(),
+              teacher=tiny(48, seed=1), train_dataset=data)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(str(out))] == [1, 2, 3]
+    res = train(cfg(tmp_path, max_steps=2, save_every=1, resume_from=first,
+                    overwrite_output_dir=True), student=tiny(), teacher=tiny(48, seed=1),
+                train_dataset=data)
+    assert res.step == 2
+    assert [s for s, _ in ckpt_lib.list_checkpoints(str(out))] == [1, 2]
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from distill_ops.trainer.optim import build_optimizer, build_scheduler
+
+    model, c = tiny(), cfg(tmp_path)
+    opt = build_optimizer(model, c)
+    sched = build_scheduler(opt, c)
+    out = str(tmp_path / "out")
+    for step in (10, 2):   # a higher step (another run's) already there
+        path = ckpt_lib.save_checkpoint(out, step, model, opt, sched, config=c.to_dict(), keep=1)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(out)] == [2] and path.endswith("checkpoint-2")
+    for step in (3, 4):
+        ckpt_lib.save_checkpoint(out, step, model, opt, sched, config=c.to_dict(), keep=2)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(out)] == [3, 4]
+
+
+def test_resume_logs_the_rows_of_a_straight_run(tmp_path):
+    """metrics.jsonl after a resume: the loss averaged since the last logged step and the
+    cumulative tokens continue from the checkpoint (they restarted from zero), so the rows are the
+    uninterrupted run's; elapsed_s keeps counting."""
+    data = blocks()
+    common = dict(max_steps=8, log_every=4, save_every=2)
+    straight = train(cfg(tmp_path / "a", **common), student=tiny(), teacher=tiny(48, seed=1),
+                     train_dataset=data)
+    _train_until(cfg(tmp_path / "b", **common), 2, data)
+    resumed = train(cfg(tmp_path / "b", **common, resume_from="latest"), student=tiny(),
+                    teacher=tiny(48, seed=1), train_dataset=data)
+
+    def rows(res):
+        return [(r["step"], r["loss"], r["tokens"], r["lr"]) for r in res.history if "loss" in r]
+
+    assert rows(resumed) == rows(straight) and [r[0] for r in rows(straight)] == [4, 8]
+    state = torch.load(os.path.join(resumed.checkpoint, ckpt_lib.STATE_FILE), weights_only=False)
+    saved = state["extra"]["metrics"]
+    assert saved["seen_tokens"] == 8 * 4 * 24 and saved["train_seconds"] > 0
+    assert resumed.tokens_per_s == pytest.approx(saved["seen_tokens"] / saved["train_seconds"])
+
+
+def test_extra_is_saved_with_the_config(tmp_path):
+    """TrainConfig.extra (free-form notes) goes where the config goes: config.yaml and each
+    checkpoint's trainer state."""
+    notes = {"experiment": "kd-7b", "ticket": 42}
+    res = train(cfg(tmp_path, max_steps=1, save_final=True, extra=notes), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=blocks())
+    assert TrainConfig.from_yaml(str(tmp_path / "out" / "config.yaml")).extra == notes
+    state = torch.load(os.path.join(res.checkpoint, ckpt_lib.STATE_FILE), weights_only=False)
+    assert state["config"]["extra"] == notes
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -594,6 +798,36 @@ def test_cache_targets_with_held_out_split(tmp_path):
     with pytest.raises(Exception, match="vocab"):
         train(cfg(tmp_path, targets="cache", cache=str(tmp_path / "cache")),
               student=tiny(vocab=V + 4))
+
+
+@needs_sparse
+def test_a_cache_matches_the_students_vocabulary_not_its_files(tmp_path):
+    """The cache stores token ids: the student's tokenizer must have the cache's vocabulary. The
+    check compared the tokenizer files' sha256, so the same tokenizer re-saved with a chat
+    template was refused; another vocabulary still is."""
+    import shutil
+
+    from distill_ops.targets.cache import CacheError, tokenizer_hashes, write_teacher_cache
+
+    docs = ["import os\nprint(os.getcwd())\n" * 30, "Lists are mutable sequences. " * 40] * 3
+    tok = train_bpe_tokenizer(docs, V, str(tmp_path / "tok"))
+    data = blocks()
+    write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, len(data), 8)],
+                        tmp_path / "cache", k=8, progress=False,
+                        tokenizer_hash=tokenizer_hashes(tmp_path / "tok")[0])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmp_path / "resaved")
+    kw = dict(targets="cache", cache=str(tmp_path / "cache"), max_steps=1)
+    assert train(cfg(tmp_path / "a", tokenizer=str(tmp_path / "resaved"), **kw),
+                 student=tiny()).step == 1
+    shutil.copytree(tmp_path / "resaved", tmp_path / "other")
+    spec = json.loads((tmp_path / "other" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]       # two tokens swap ids
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(CacheError, match="another vocabulary"):
+        train(cfg(tmp_path / "b", tokenizer=str(tmp_path / "other"), **kw), student=tiny())
 
 
 @needs_sparse

@@ -150,3 +150,24 @@ def test_cli_returns_the_signal_status(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(loop, "train", interrupted)
     assert main(["train", "--targets", "none", "--output-dir", str(tmp_path)]) == 130
+
+
+def test_signal_in_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """A signal during the last step: the run is complete (final evaluation and save done), so
+    train() returns its TrainResult, with a warning, instead of reporting it interrupted."""
+    import distill_ops.trainer.loop as loop
+
+    calls, real = [], loop._micro_step
+
+    def signal_in_last_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:   # step 3 of 3's first micro-batch (2 per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_micro_step", signal_in_last_step)
+    with pytest.warns(RuntimeWarning, match=r"SIGTERM received during the last step \(3 of 3\)"):
+        res = train(cfg(tmp_path, **{**COMMON, "max_steps": 3}, save_final=True), student=tiny(),
+                    teacher=tiny(48, seed=1), train_dataset=blocks(), eval_dataset=blocks(8))
+    assert res.step == 3 and res.final_eval["eval_ppl"] > 1
+    assert res.checkpoint == str(tmp_path / "out" / "checkpoint-3")

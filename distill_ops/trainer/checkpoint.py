@@ -1,7 +1,8 @@
 """Checkpoints: the student in transformers format (``save_pretrained``: config + safetensors, the
-tokenizer beside it) plus ``trainer_state.pt`` (optimizer, scheduler, step, config) and one
-``rng_state_<rank>.pt`` per process, so a resumed run continues exactly where it stopped: the data
-position is the step (see data.StepBatches).
+tokenizer beside it) plus ``trainer_state.pt`` (optimizer, scheduler, step, config, and in
+``extra`` the loop's running metric sums) and one ``rng_state_<rank>.pt`` per process, so a
+resumed run continues exactly where it stopped: the data position is the step (see
+data.StepBatches).
 
 Layout::
 
@@ -107,10 +108,52 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         if keep:
-            for _, path in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(path, ignore_errors=True)
+            prune(output_dir, keep, final)
     dist.barrier()
     return final
+
+
+def prune(output_dir: str, keep: int, newest: str) -> None:
+    """Leave ``keep`` checkpoints: ``newest`` (the one just written, whatever its step: a
+    checkpoint with a higher step must never make it the one deleted) and the keep - 1 others
+    with the highest steps."""
+    others = [path for _, path in list_checkpoints(output_dir)
+              if os.path.abspath(path) != os.path.abspath(newest)]
+    for path in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stale_checkpoints(output_dir: str, resume_step: Optional[int]) -> list[tuple[int, str]]:
+    """The checkpoints in output_dir that are not this run's past: all of them for a new run
+    (``resume_step`` None), those past ``resume_step`` for a resume. Left there, they would be
+    taken for this run's: pruning keeps the highest steps (it deleted the new run's checkpoints)
+    and resume_from='latest' picks the highest (it continued the earlier run)."""
+    return [(s, path) for s, path in list_checkpoints(output_dir)
+            if resume_step is None or s > resume_step]
+
+
+def check_output_dir(output_dir: str, resume: Optional[str], resume_step: Optional[int],
+                     overwrite: bool) -> list[str]:
+    """Refuse (ConfigError naming output_dir) to start where stale_checkpoints finds any, unless
+    ``overwrite`` (overwrite_output_dir): then return their paths, for the caller to delete once
+    the run starts writing."""
+    stale = stale_checkpoints(output_dir, resume_step)
+    if not stale or overwrite:
+        return [path for _, path in stale]
+    from .config import ConfigError
+
+    names = ", ".join(os.path.basename(path) for _, path in stale)
+    if resume is None:
+        raise ConfigError(
+            f"output_dir {output_dir!r} already holds checkpoints ({names}) of an earlier run; a "
+            "new run there would mix its checkpoints with them (keep_checkpoints prunes the "
+            "lowest steps, resume_from='latest' takes the highest). Pass resume_from='latest' to "
+            "continue that run, choose another output_dir or empty this one, or set "
+            "overwrite_output_dir=true to delete them")
+    raise ConfigError(
+        f"cannot resume from {resume} (step {resume_step}): output_dir {output_dir!r} holds later "
+        f"checkpoints ({names}), which pruning and resume_from='latest' would take for this run's. "
+        "Move or delete them, or set overwrite_output_dir=true to delete them")
 
 
 def load_weights(model: torch.nn.Module, ckpt: str) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
@@ -64,13 +66,21 @@ class TrainConfig:
         eval_data is given: it then packs the evaluation text).
     Optimisation
         micro_batch_size (per process), grad_accum_steps, max_steps, lr, min_lr_ratio (cosine
-        decays to lr * min_lr_ratio), warmup_steps, weight_decay, adam_beta1/2, adam_eps, grad_clip
-        (0 disables), bf16 (``auto``: on a GPU that supports it), gradient_checkpointing, seed.
+        decays to lr * min_lr_ratio), warmup_steps (at most max_steps), weight_decay, adam_beta1/2
+        (in [0, 1)), adam_eps, grad_clip (0 or None disables), bf16 (``auto``: on a GPU that
+        supports it), gradient_checkpointing, seed, device (``auto``, ``cpu``, ``cuda``,
+        ``cuda:<n>``, ...).
+        On a resume the optimizer settings (lr, min_lr_ratio, warmup_steps, max_steps,
+        weight_decay, adam_*) are the resuming config's, from its first step.
     Output
         output_dir, log_every, eval_every (0: only at the end), eval_batches (batches per
         periodic evaluation, 0: all; the final one always uses the whole eval set), save_every
         (0: only at the end), keep_checkpoints, resume_from (``latest``, a checkpoint directory,
-        or empty), progress (tqdm bar), plot (loss-curve PNG).
+        or empty), overwrite_output_dir (a new run deletes the checkpoints of an earlier run in
+        output_dir, and a resume those past its step, instead of refusing to start), progress
+        (tqdm bar), plot (loss-curve PNG).
+        extra: free-form notes, recorded with the rest of the config (output_dir/config.yaml and
+        each checkpoint's trainer state).
     """
 
     # models
@@ -128,9 +138,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     save_final: bool = True
     resume_from: Optional[str] = None
+    overwrite_output_dir: bool = False
     progress: bool = True
     plot: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes copied into the metrics header
+    extra: dict = field(default_factory=dict)  # free-form notes, saved with the config
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,31 +167,43 @@ class TrainConfig:
             raise ConfigError(f"bf16 must be 'auto', true or false, got {self.bf16!r}")
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "seq_len", "topk",
                      "num_samples"):
-            if int(getattr(self, name)) < 1:
+            if self._integer(name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("log_every", "eval_every", "eval_batches", "save_every", "warmup_steps",
                      "keep_checkpoints"):
-            if int(getattr(self, name)) < 0:
+            if self._integer(name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
+        self._integer("seed")
+        if self.warmup_steps > self.max_steps:   # == is a run that is all warmup: allowed
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps "
+                              f"({self.max_steps}): the warmup would outlast the run")
+        for name in ("temperature", "lr", "adam_eps", "proposal_temperature"):
+            if self._number(name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("hard_weight", "soft_weight", "weight_decay"):
+            if self._number(name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("min_lr_ratio", "beta", "alpha"):   # the loss's own ranges (kd_loss)
+            if not 0.0 <= self._number(name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= self._number(name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self._number("eval_fraction") < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        if self.hard_weight < 0 or self.soft_weight < 0:
-            raise ConfigError("hard_weight and soft_weight must be >= 0")
-        for name in ("fused_linear", "inplace_grad"):
+        # None and 0 both disable clipping (None: a YAML null)
+        if self.grad_clip is not None and self._number("grad_clip") < 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 or None: no clipping), got "
+                              f"{self.grad_clip!r}")
+        if self.softcap is not None and self._number("softcap") <= 0:
+            raise ConfigError(f"softcap must be > 0 (or None: no softcap), got {self.softcap!r}")
+        _check_device(self.device)
+        for name in ("fused_linear", "inplace_grad", "overwrite_output_dir"):
             if not isinstance(getattr(self, name), bool):   # 1 == True, but 1 is no flag
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fused_linear and self.targets == "none":
             raise ConfigError("fused_linear needs teacher targets (dense, topk, sample or "
                               "cache), not targets='none'")
-        if self.proposal_temperature <= 0:
-            raise ConfigError(f"proposal_temperature must be > 0, got "
-                              f"{self.proposal_temperature!r}")
         if self.targets == "sample" and self.tail != "renorm":
             raise ConfigError("targets='sample' needs tail='renorm' (importance weights stand for "
                               "the whole distribution: there is no tail mass)")
@@ -192,6 +215,24 @@ class TrainConfig:
                               f"({self.cache}), so train_data={self.train_data!r} would not be "
                               "used: remove train_data (the cache fixes the data)")
         return self
+
+    def _integer(self, name: str) -> int:
+        """The int field ``name``, or ConfigError: 2.5 or True (the Python API does not coerce)
+        must not pass as a step count."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+
+    def _number(self, name: str) -> float:
+        """The float field ``name`` if it is a finite number, else ConfigError (NaN compares
+        False with every bound, so range checks alone let it through)."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+        return float(value)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain data: what save_yaml writes and checkpoints record; from_dict
@@ -242,6 +283,22 @@ class TrainConfig:
 
         with open(path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def _check_device(device: Any) -> None:
+    """``auto`` or a string torch.device parses (ConfigError naming ``device`` otherwise). Whether
+    that device exists here is dist.pick_device's check, when the run starts."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        if not isinstance(device, str):
+            raise TypeError
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or another "
+                          f"torch device string, got {device!r}") from None
 
 
 def _field_type(f: dataclasses.Field) -> str:

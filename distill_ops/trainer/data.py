@@ -156,14 +156,6 @@ def train_bpe_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: Optional[
     return fast
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """A short fingerprint of a tokenizer's vocabulary (to match caches with tokenizers)."""
-    import hashlib
-
-    items = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -125,17 +125,20 @@ def run(out_dir: str = "demo_out", scale_name: str = "auto", seed: int = 0,
          f"(BPE vocabulary {vocab}, trained locally)")
 
     common = dict(seq_len=scale.seq_len, micro_batch_size=scale.batch_size, seed=seed,
-                  device=dev, warmup_steps=10, weight_decay=0.1, log_every=5,
+                  device=dev, weight_decay=0.1, log_every=5,
                   eval_batches=scale.eval_batches, progress=progress, plot=False,
-                  keep_checkpoints=1, adam_beta2=0.99)
+                  keep_checkpoints=1, adam_beta2=0.99,
+                  overwrite_output_dir=True)   # a rerun into the same --out-dir starts over
 
     # 3. teacher ------------------------------------------------------------------------------
     teacher = llama(vocab, scale.teacher_hidden, scale.teacher_layers, heads=scale.heads,
                     max_positions=scale.seq_len, seed=seed + 1)
     _log(f"teacher: Llama {scale.teacher_layers} layers x {scale.teacher_hidden}, "
          f"{count_parameters(teacher) / 1e6:.2f}M parameters, {scale.teacher_steps} steps (CE)")
+    # 10 warmup steps (fewer at the tiny scale: a warmup may not outlast its run)
     t_cfg = TrainConfig(targets="none", max_steps=scale.teacher_steps, lr=scale.teacher_lr,
-                        eval_every=0, output_dir=os.path.join(out_dir, "teacher"), **common)
+                        warmup_steps=min(10, scale.teacher_steps), eval_every=0,
+                        output_dir=os.path.join(out_dir, "teacher"), **common)
     t_res = train(t_cfg, student=teacher, tokenizer=tokenizer, train_dataset=train_blocks,
                   eval_dataset=eval_blocks)
     teacher = t_res.model.eval().requires_grad_(False)
@@ -164,7 +167,7 @@ def run(out_dir: str = "demo_out", scale_name: str = "auto", seed: int = 0,
 
     n_student = count_parameters(student())
     s_common = dict(common, max_steps=scale.student_steps, lr=scale.student_lr,
-                    eval_every=scale.eval_every)
+                    warmup_steps=min(10, scale.student_steps), eval_every=scale.eval_every)
     kd_cfg = TrainConfig(targets=mode, cache=os.path.join(out_dir, "cache") if mode == "cache"
                          else None, topk=scale.topk, num_samples=scale.topk,
                          tail="renorm" if mode == "sample" else scale.tail,
@@ -268,7 +271,7 @@ def format_table(results: dict) -> str:
 def _write_cache(teacher, tok_dir: str, blocks: torch.Tensor, scale: Scale, out_dir: str,
                  progress: bool):
     """Top-k teacher targets for every training block, written to the offline cache."""
-    from ..targets.cache import TargetCache, tokenizer_hash, write_teacher_cache
+    from ..targets.cache import TargetCache, tokenizer_hashes, write_teacher_cache
 
     path = os.path.join(out_dir, "cache")
     if os.path.isdir(path):   # a previous demo's cache: start afresh
@@ -279,11 +282,12 @@ def _write_cache(teacher, tok_dir: str, blocks: torch.Tensor, scale: Scale, out_
                                                                   scale.batch_size)]
     write_teacher_cache(teacher, batches, path, k=scale.topk, mode="topk",
                         temperature=scale.temperature, dtype="float16",
-                        teacher="distill-ops demo teacher", tokenizer_hash=tokenizer_hash(tok_dir),
+                        teacher="distill-ops demo teacher",
+                        tokenizer_hash=(tokenizer_hashes(tok_dir) or ("",))[0],
                         vocab_size=int(teacher.config.vocab_size),
                         device=next(teacher.parameters()).device, progress=progress)
     return TargetCache(path, expect_vocab_size=int(teacher.config.vocab_size),
-                       expect_tokenizer_hash=tokenizer_hash(tok_dir))
+                       expect_tokenizer_hash=tokenizer_hashes(tok_dir))
 
 
 def main(argv=None) -> int:

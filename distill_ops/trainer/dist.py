@@ -51,10 +51,26 @@ def init_from_env(device_pref: str = "auto") -> bool:
 
 
 def pick_device(pref: str = "auto") -> torch.device:
+    """The run's device: ``auto`` is the GPU of this process (LOCAL_RANK) when CUDA is there, else
+    the CPU. A device that is not there is ConfigError naming ``device`` (bad input: the CLI
+    prints one line and exits 2, where a RuntimeError would give a traceback)."""
+    from .config import ConfigError
+
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' but no CUDA GPU is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(pref)
+    try:
+        device = torch.device(pref)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={pref!r} is not a torch device (auto, cpu, cuda, cuda:<index>, "
+                          "...)") from None
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device={pref!r} but no CUDA GPU is visible (use device='cpu' or "
+                          "'auto')")
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= count:
+        raise ConfigError(f"device={pref!r} asks for CUDA GPU {index} but {count} "
+                          f"{'is' if count == 1 else 'are'} visible")
+    return torch.device("cuda", index)

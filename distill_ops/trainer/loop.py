@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -27,11 +29,11 @@ from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_t
 from .eval import autocast, evaluate
 from .interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
-from .objective import (LastHidden, check_tokenizers, check_vocab, count_tokens,
+from .objective import (LastHidden, check_tokenizers, check_topk, check_vocab, count_tokens,
                         cross_entropy_sum, dense_loss_sum, fused_dense_loss_sum,
                         fused_sparse_loss_sum, model_dir, model_vocab, online_targets,
                         online_targets_from_hidden, sample_seed, sparse_loss_sum)
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_config, build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -136,7 +138,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
             raise RuntimeError(f"targets='cache' needs distill_ops.targets.cache ({exc})") from None
         if not os.path.exists(cfg.cache):
             raise FileNotFoundError(f"target cache {cfg.cache!r} does not exist")
-        from ..targets.cache import (check_tail_mode, read_manifest, tokenizer_hash,
+        from ..targets.cache import (check_tail_mode, read_manifest, tokenizer_hashes,
                                      warn_other_temperature)
 
         manifest = read_manifest(cfg.cache) or {}
@@ -144,8 +146,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
         expect = student_vocab if cfg.vocab == "strict" else None
         # the cache must come from the student's tokenizer when both record one
         tok_dir = cfg.tokenizer or (cfg.student if isinstance(cfg.student, str) else None)
-        tok_hash = tokenizer_hash(tok_dir) if tok_dir and os.path.isdir(tok_dir) else ""
-        expect_hash = tok_hash if tok_hash and manifest.get("tokenizer_hash") else None
+        # (its vocabulary: a re-saved tokenizer, another chat template, still matches)
+        tok_hashes = tokenizer_hashes(tok_dir) if tok_dir and os.path.isdir(tok_dir) else ()
+        expect_hash = tok_hashes if tok_hashes and manifest.get("tokenizer_hash") else None
         cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash)
         _check_cache_seq_len(cfg, cache)
         warn_other_temperature(manifest, cfg.temperature, "the cache", "the loss uses temperature")
@@ -214,6 +217,9 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     dist.init_from_env(cfg.device)
     device = dist.pick_device(cfg.device)
     rank, world = dist.rank(), dist.world_size()
+    stale: list[str] = []   # an earlier run's checkpoints, deleted under overwrite_output_dir
+    if not cfg.resume_from:   # checked before anything is loaded
+        stale = ckpt_lib.check_output_dir(cfg.output_dir, None, None, cfg.overwrite_output_dir)
     main = rank == 0
     torch.manual_seed(cfg.seed)
     amp_dtype = _amp_dtype(cfg, device)
@@ -228,6 +234,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
         teacher.eval().requires_grad_(False).to(device)
         check_vocab(cfg, model_vocab(student), model_vocab(teacher))
+        check_topk(cfg, model_vocab(student), model_vocab(teacher))
         check_tokenizers(cfg, cfg.tokenizer or model_dir(student_spec, student),
                          model_dir(teacher_spec, teacher))
     else:
@@ -260,11 +267,15 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
+    counters = _Counters()
     resume = ckpt_lib.resolve_resume(cfg.resume_from, cfg.output_dir)
     if resume:
         state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler,
                                          config=cfg.to_dict())
         step = int(state["step"])
+        stale = ckpt_lib.check_output_dir(cfg.output_dir, resume, step, cfg.overwrite_output_dir)
+        apply_config(optimizer, scheduler, cfg, step)   # the new lr, weight decay, ... from now on
+        counters = _Counters.resumed(state, main)
     # With fused_linear the loop runs the models without their lm_heads (the loss applies them).
     model = LastHidden(student) if cfg.fused_linear else student
     teacher_fwd = LastHidden(teacher) if cfg.fused_linear and teacher is not None else teacher
@@ -274,6 +285,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if main:
+        for path in stale:   # overwrite_output_dir: the run starts writing, their time is up
+            shutil.rmtree(path)
         os.makedirs(cfg.output_dir, exist_ok=True)
         cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
     writer = JsonlWriter(os.path.join(cfg.output_dir, "metrics.jsonl"),
@@ -292,7 +305,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     def save(at_step: int) -> str:
         return ckpt_lib.save_checkpoint(cfg.output_dir, at_step, student, optimizer, scheduler,
                                         config=cfg.to_dict(), tokenizer=tokenizer,
-                                        keep=cfg.keep_checkpoints)
+                                        keep=cfg.keep_checkpoints,
+                                        extra={"metrics": counters.saved(device)})
 
     progress = None
     if main and cfg.progress:
@@ -301,9 +315,6 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         progress = tqdm(total=cfg.max_steps, initial=step, desc="distill" if teacher is not None
                         or cfg.targets == "cache" else "train", dynamic_ncols=True)
 
-    log_loss = log_tokens = 0.0
-    seen_tokens = 0
-    train_seconds = 0.0
     final_eval: dict = {}
     last_ckpt = None
     saved_step = step if resume else -1   # the step of the newest checkpoint on disk
@@ -329,8 +340,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                                            device, amp_dtype, student_vocab, seed)
                     (loss_sum * scale).backward()
                 step_loss += loss_sum.detach().double()
-                seen_tokens += int(batch["input_ids"].numel()) * world
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                counters.seen_tokens += int(batch["input_ids"].numel()) * world
+            max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")   # 0 or None: no clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
             optimizer.step()
             scheduler.step()
@@ -338,23 +349,23 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - t0
-            log_loss += float(step_loss)
-            log_tokens += local_tokens
+            counters.train_seconds += time.perf_counter() - t0
+            counters.log_loss += float(step_loss)
+            counters.log_tokens += local_tokens
 
             last = step == cfg.max_steps
             if cfg.log_every and (step % cfg.log_every == 0 or last):
-                total_loss, total_tokens = dist.all_reduce_sum([log_loss, log_tokens], device)
+                total_loss, total_tokens = dist.all_reduce_sum(
+                    [counters.log_loss, counters.log_tokens], device)
                 row = {"step": step, "loss": total_loss / max(total_tokens, 1.0), "lr": lr,
                        "grad_norm": float(grad_norm), "epoch": round(batches.epoch_of(step), 4),
-                       "tokens": seen_tokens,
-                       "tokens_per_s": seen_tokens / max(train_seconds, 1e-9),
-                       "elapsed_s": round(train_seconds, 3)}
+                       "tokens": counters.seen_tokens, "tokens_per_s": counters.tokens_per_s(),
+                       "elapsed_s": round(counters.train_seconds, 3)}
                 if writer:
                     writer.write(row)
                 if progress:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                log_loss = log_tokens = 0.0
+                counters.log_loss = counters.log_tokens = 0.0
             if progress:
                 progress.update(1)
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
@@ -366,6 +377,13 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                 last_ckpt = save(step)
                 saved_step = step
             stop_signum = _agreed_stop(stopper.signum, device)
+            if stop_signum and last:
+                # the run is complete (final evaluation and save done): it ends as a finished run
+                if main:
+                    warnings.warn(f"{signal_name(stop_signum)} received during the last step "
+                                  f"({step} of {cfg.max_steps}): the run is complete and ends "
+                                  "normally", RuntimeWarning, stacklevel=2)
+                stop_signum = 0
             if stop_signum:
                 if saved_step != step:
                     last_ckpt = save(step)
@@ -388,9 +406,40 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
 
             plot_metrics({"student": history}, os.path.join(cfg.output_dir, "loss.png"))
     return TrainResult(model=student, step=step, output_dir=cfg.output_dir, history=history,
-                       final_eval=final_eval, tokens_per_s=seen_tokens / max(train_seconds, 1e-9),
-                       train_seconds=train_seconds, peak_memory_bytes=peak.peak_bytes,
+                       final_eval=final_eval, tokens_per_s=counters.tokens_per_s(),
+                       train_seconds=counters.train_seconds, peak_memory_bytes=peak.peak_bytes,
                        peak_memory_kind=peak.kind, checkpoint=last_ckpt)
+
+
+@dataclass
+class _Counters:
+    """The running sums behind metrics.jsonl's rows, saved in each checkpoint so that a resumed
+    run logs what the uninterrupted one would (the loss averaged since the last logged step,
+    cumulative tokens, tokens/s and elapsed_s) instead of starting them over."""
+    seen_tokens: int = 0          # input tokens of all ranks
+    train_seconds: float = 0.0    # this rank's time in training steps
+    log_loss: float = 0.0         # this rank's loss sum since the last logged row
+    log_tokens: float = 0.0       # and its labelled tokens
+
+    def tokens_per_s(self) -> float:
+        return self.seen_tokens / max(self.train_seconds, 1e-9)
+
+    def saved(self, device: torch.device) -> dict:
+        """What a checkpoint keeps (every rank calls it: the unlogged sums are summed over the
+        ranks, since rank 0 alone writes the trainer state)."""
+        log_loss, log_tokens = dist.all_reduce_sum([self.log_loss, self.log_tokens], device)
+        return {"seen_tokens": self.seen_tokens, "train_seconds": self.train_seconds,
+                "log_loss": log_loss, "log_tokens": log_tokens}
+
+    @classmethod
+    def resumed(cls, state: dict, main: bool) -> "_Counters":
+        """From a checkpoint's trainer state (zeros for one written before they were saved); the
+        global unlogged sums go to rank 0 only, as the next row's all-reduce adds the ranks."""
+        saved = (state.get("extra") or {}).get("metrics") or {}
+        return cls(seen_tokens=int(saved.get("seen_tokens", 0)),
+                   train_seconds=float(saved.get("train_seconds", 0.0)),
+                   log_loss=float(saved.get("log_loss", 0.0)) if main else 0.0,
+                   log_tokens=float(saved.get("log_tokens", 0.0)) if main else 0.0)
 
 
 def _agreed_stop(signum: Optional[int], device: torch.device) -> int:

@@ -170,10 +170,20 @@ def check_vocab(cfg: TrainConfig, student_vocab: int, teacher_vocab: int) -> Non
             "both tokenizers agree on those ids)")
 
 
+def check_topk(cfg: TrainConfig, student_vocab: int, teacher_vocab: int) -> None:
+    """targets='topk' needs topk <= the vocabulary the targets are drawn from: the teacher's, cut
+    to the student's with vocab='common_prefix' (checked once the models are loaded, before the
+    first step, where the kernel would say "k" instead of the config key)."""
+    v = min(student_vocab, teacher_vocab)
+    if cfg.targets == "topk" and cfg.topk > v:
+        raise ConfigError(f"topk={cfg.topk} exceeds the vocabulary the teacher's targets are taken "
+                          f"from ({v} tokens): set topk <= {v}")
+
+
 def _vocab_difference(student_tok, teacher_tok) -> Optional[str]:
     """None when both tokenizers map the same strings to the same ids (over the shorter
     vocabulary), else a phrase saying where they first differ."""
-    from .data import tokenizer_hash as vocab_fingerprint
+    from ..targets.cache import vocab_fingerprint
 
     if vocab_fingerprint(student_tok) == vocab_fingerprint(teacher_tok):
         return None
