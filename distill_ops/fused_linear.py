@@ -127,11 +127,15 @@ def _check_bias(name, b, hs, w, w_name):
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
-           wide, entropy=None):
+           entropy=None):
     """Flatten, pick the compute dtype, and run the autograd Function (``entropy``: a list that
     gets the student's entropy sum; dense only). The loop picks the default chunk size itself
     (chunk 0): computed here from N, it would pin N under torch.compile."""
     dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
+    # The loss is float64 when the kernels see float64: the student's chunk of logits (the dense
+    # teacher's is cast to it) or the sparse log-weights. The fake kernel declares this dtype, so
+    # it must be the one the kernels return (a float64 teacher is not).
+    wide = dt_s == torch.float64 or (kind == "sparse" and targets[1].dtype == torch.float64)
     h_s2 = hs.reshape(-1, hs.shape[-1])
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hs.requires_grad, grad_on and ws.requires_grad,
@@ -221,7 +225,7 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
                None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
     return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
-                  chunk_size, name, wide=torch.float64 in (hs.dtype, ht.dtype), entropy=entropy)
+                  chunk_size, name, entropy=entropy)
 
 
 def fused_linear_sparse_kd_loss(
@@ -269,6 +273,5 @@ def fused_linear_sparse_kd_loss(
         soft_weight=soft_weight, scale_temperature=scale_temperature, ignore_index=ignore_index,
         reduction=reduction, target_temperature=target_temperature, beta=beta, alpha=alpha,
         backend=backend, reductions=FUSED_REDUCTIONS)
-    wide = torch.float64 in (hs.dtype, call.logprobs.dtype)
     return _apply(hs, ws, student_bias, "sparse", (call.ids, call.logprobs, call.tail),
-                  call.labels, call.consts, reduction, chunk_size, call.backend, wide)
+                  call.labels, call.consts, reduction, chunk_size, call.backend)

@@ -102,3 +102,34 @@ def test_a_new_token_count_does_not_recompile(dtype):
         t = torch.randn(2, length, 32, generator=g).to(dtype)
         step(s, t, torch.rand(2, length, generator=g)).backward()
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("which", ["dense", "sparse"])
+def test_compiled_autograd_traces_the_backward(which):
+    """The loss eager (or outside a compiled model), its backward under compiled autograd, as
+    torchtitan sets it up: the ops' backward asked autograd whether the graph is retained, a
+    query dynamo cannot trace, so fullgraph=True raised (and without it, 3 graph breaks)."""
+    from distill_ops import sparse_kd_loss, teacher_topk
+
+    compiled_autograd = getattr(torch._dynamo, "compiled_autograd", None)
+    if compiled_autograd is None or not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled autograd")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    head = nn.Linear(16, 64)
+    h = torch.randn(2, 7, 16, generator=g)
+    t = torch.randn(2, 7, 64, generator=g)
+    targets = teacher_topk(t, 6, backend="torch")
+
+    def grads(compiled: bool) -> list:
+        head.zero_grad(set_to_none=True)
+        s = head(h)
+        loss = (kd_loss(s, t, divergence="jsd", backend="torch") if which == "dense"
+                else sparse_kd_loss(s, targets, backend="torch"))
+        with (compiled_autograd._enable(torch.compile(fullgraph=True, backend="aot_eager"))
+              if compiled else torch.enable_grad()):
+            (loss * 0.5).backward()
+        return [p.grad.clone() for p in head.parameters()]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -329,6 +329,32 @@ def test_a_new_token_count_does_not_recompile(kind, dtype):
     assert counters["stats"]["unique_graphs"] <= 2
 
 
+@pytest.mark.parametrize("student,teacher,sparse_lp", [
+    (torch.float32, torch.float64, None), (torch.bfloat16, torch.float64, None),
+    (torch.float64, torch.float32, None), (torch.float32, None, torch.float64)])
+def test_compiled_loss_dtype_is_eager_s(student, teacher, sparse_lp):
+    """The fake kernel of the chunk-loop op declares the loss's dtype: it said float64 for a
+    float64 teacher, whose logits the loop casts to the student's dtype, so the compiled loss was
+    float64 where eager's is float32 (inductor raised). float64 log-weights do make it float64."""
+    from distill_ops.fused_linear import fused_linear_sparse_kd_loss
+
+    g = torch.Generator().manual_seed(8)
+    hs = torch.randn(6, 8, generator=g).to(student)
+    ws = torch.randn(40, 8, generator=g).to(student).requires_grad_(True)
+    if teacher is not None:
+        ht, wt = torch.randn(6, 12, generator=g).to(teacher), torch.randn(40, 12, generator=g)
+        f = lambda h, w: fused_linear_kd_loss(h, w, ht, wt.to(teacher), backend="torch")
+    else:
+        ids = torch.stack([torch.randperm(40, generator=g)[:3] for _ in range(6)])
+        lp = torch.log_softmax(torch.randn(6, 3, generator=g), -1).to(sparse_lp)
+        f = lambda h, w: fused_linear_sparse_kd_loss(h, w, ids, lp, backend="torch")
+    want = f(hs, ws)
+    assert want.dtype == (torch.float64 if torch.float64 in (student, sparse_lp) else torch.float32)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(hs, ws)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_mixed_dtypes_and_no_tokens():
     """A float64 teacher with a float32 student (the teacher's logits are cast, as in kd_loss);
     zero tokens give a zero loss and empty gradients."""

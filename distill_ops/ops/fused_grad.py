@@ -175,9 +175,11 @@ def register_saved_grad_autograd(op, need_grad_at: int, what: str,
             grad_loss = grad_loss * left_out
         # Scale in place unless the graph is kept for another backward (retain_graph=True), which
         # reads the saved gradient again. (A private query: a release without it gets the out of
-        # place product, as before.)
+        # place product, as before. Compiled autograd traces this backward, and dynamo cannot
+        # trace the query (fullgraph raised, else 3 graph breaks): traced, the product is out of
+        # place anyway.)
         query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-        keep = query() if query is not None else None
+        keep = query() if query is not None and not torch.compiler.is_compiling() else None
         g = scale_saved_grad(grad, grad_loss, inplace=keep is False)
         if keep and g is grad:
             # The unit shortcut handed out the saved buffer itself: as .grad, a later in-place
