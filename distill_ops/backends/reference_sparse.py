@@ -302,9 +302,11 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     s_count = num_samples
     dtype = compute_dtype(teacher)
     dev = teacher.device
-    inv_prop = torch.tensor(1.0 / (temperature * proposal_temperature), dtype=dtype, device=dev)
+    # (torch.full: a fill kernel, where torch.tensor copies from host memory, which a CUDA graph
+    # capture does not allow)
+    inv_prop = torch.full((), 1.0 / (temperature * proposal_temperature), dtype=dtype, device=dev)
     # log p_i - log q_i = x_i (1/T - 1/(T Tp)) + const; the constant cancels on normalisation.
-    delta = torch.tensor(1.0 / temperature, dtype=dtype, device=dev) - inv_prop
+    delta = torch.full((), 1.0 / temperature, dtype=dtype, device=dev) - inv_prop
     key = rng.seed_key(seed)
     ids = torch.empty(n, s_count, dtype=torch.int32, device=dev)
     lps = torch.empty(n, s_count, dtype=torch.float32, device=dev)

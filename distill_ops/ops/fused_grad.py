@@ -20,16 +20,18 @@ NONE, SUM, MEAN, BATCHMEAN = range(4)
 def grad_scale_for(reduction: int, labels: Optional[torch.Tensor], ignore_index: int, n: int,
                    device: torch.device, wide: bool = False) -> Optional[torch.Tensor]:
     """The factor each row's gradient carries: 1/count for mean, 1/N for batchmean (no host sync).
-    float32, or float64 when ``wide`` (a float64 call: 1/3 rounded to float32 is 3e-8 off)."""
+    float32, or float64 when ``wide`` (a float64 call: 1/3 rounded to float32 is 3e-8 off).
+    Made with torch.full, a fill kernel, not torch.tensor, a copy from host memory, which a CUDA
+    graph capture (torch.compile's reduce-overhead) does not allow."""
     dtype = torch.float64 if wide else torch.float32
     if reduction == MEAN:
         if labels is None:
-            count = torch.tensor(float(max(n, 1)), dtype=torch.float64, device=device)
+            count = torch.full((), float(max(n, 1)), dtype=torch.float64, device=device)
         else:
             count = (labels != ignore_index).sum().clamp_min(1).to(torch.float64)
         return count.reciprocal().to(dtype)
     if reduction == BATCHMEAN:
-        return torch.tensor(1.0 / max(n, 1), dtype=dtype, device=device)
+        return torch.full((), 1.0 / max(n, 1), dtype=dtype, device=device)
     return None
 
 

@@ -345,5 +345,6 @@ def sample_forward(teacher: torch.Tensor, num_samples: int, *, temperature: floa
     )
     if not merge:
         dtype = torch.float64 if fp64 else torch.float32
-        return merge_sampled(teacher, draws, torch.tensor(delta, dtype=dtype, device=dev))
+        # torch.full, not a copy from host memory (which a CUDA graph capture refuses)
+        return merge_sampled(teacher, draws, torch.full((), delta, dtype=dtype, device=dev))
     return ids, lps, tail
