@@ -22,6 +22,7 @@ import torch
 
 from . import _validate as check
 from . import backends
+from ._dtensor import gathered, is_dtensor
 from .functional import loss_constants
 from .ops.fused_grad import (REDUCTIONS, defers_mean, grad_scale_for, once_differentiable,
                               scale_saved_grad)
@@ -85,9 +86,12 @@ def _hidden_and_head(side: str, hidden, weight) -> tuple:
     ``<side>_hidden`` / ``<side>_weight``)."""
     h_name, w_name = f"{side}_hidden", f"{side}_weight"
     h = check.float_tensor(h_name, hidden)
+    if is_dtensor(h):
+        raise ValueError(f"{h_name} is a DTensor: pass this rank's hidden states as a plain tensor "
+                         "(an FSDP2 lm_head weight and bias may be DTensors, gathered here)")
     if h.dim() < 1 or h.shape[-1] < 1:
         raise ValueError(f"{h_name} must have shape (..., H) with H >= 1, got {tuple(h.shape)}")
-    w = check.float_tensor(w_name, weight)
+    w = gathered(check.float_tensor(w_name, weight), w_name)   # FSDP2: _dtensor.py
     check.same_device(w_name, w, h_name, h)
     if w.dim() != 2 or w.shape[1] != h.shape[-1]:
         raise ValueError(f"{w_name} must have shape (V, {h.shape[-1]}) to project the hidden "
@@ -100,11 +104,11 @@ def _hidden_and_head(side: str, hidden, weight) -> tuple:
 
 def _student_side(student_hidden, student_weight, student_bias, chunk_size):
     """Checks of the student's hidden states, lm_head and chunk size shared by both fused-linear
-    losses: (hidden, weight, vocabulary size)."""
+    losses: (hidden, weight, bias, vocabulary size)."""
     hs, ws = _hidden_and_head("student", student_hidden, student_weight)
-    _check_bias("student_bias", student_bias, hs, ws, "student_weight")
+    bs = _check_bias("student_bias", student_bias, hs, ws, "student_weight")
     check_chunk_size(chunk_size)
-    return hs, ws, ws.shape[0]
+    return hs, ws, bs, ws.shape[0]
 
 
 def check_chunk_size(chunk_size: object) -> None:
@@ -114,16 +118,18 @@ def check_chunk_size(chunk_size: object) -> None:
 
 
 def _check_bias(name, b, hs, w, w_name):
-    """A (V,) bias on hs's device; outside autocast in its weight's dtype, as F.linear requires
-    (the projection would otherwise round a float64 bias to float32 without a word)."""
+    """A (V,) bias on hs's device (gathered if an FSDP2 DTensor; returned); outside autocast in
+    its weight's dtype, as F.linear requires (the projection would otherwise round a float64 bias
+    to float32 without a word)."""
     if b is not None:
-        check.float_tensor(name, b)
+        b = gathered(check.float_tensor(name, b), name)
         check.same_device(name, b, "student_hidden", hs)
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{name} must have shape ({w.shape[0]},), got {tuple(b.shape)}")
         if b.dtype != w.dtype and not torch.is_autocast_enabled(hs.device.type):
             raise ValueError(f"{name} is {b.dtype} but {w_name} is {w.dtype}: outside autocast "
                              "they must have one dtype (as for F.linear)")
+    return b
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
@@ -203,14 +209,15 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
                 soft_weight, scale_temperature, ignore_index, reduction, softcap, chunk_size,
                 backend, entropy: Optional[list] = None) -> torch.Tensor:
     """fused_linear_kd_loss; ``entropy``, a list, also collects the student's entropy sums."""
-    hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
+    hs, ws, student_bias, vocab_size = _student_side(student_hidden, student_weight, student_bias,
+                                                     chunk_size)
     ht, wt = _hidden_and_head("teacher", teacher_hidden, teacher_weight)
     check.leading_shape("teacher_hidden", ht, "student_hidden", hs)
     check.same_device("teacher_hidden", ht, "student_hidden", hs)
     if vocab_size != wt.shape[0]:
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
                          f"{vocab_size}; slice both weights to the common vocabulary")
-    _check_bias("teacher_bias", teacher_bias, hs, wt, "teacher_weight")
+    teacher_bias = _check_bias("teacher_bias", teacher_bias, hs, wt, "teacher_weight")
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
         divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
         hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
@@ -264,7 +271,8 @@ def fused_linear_sparse_kd_loss(
         chunk_size: tokens per chunk (default: the most whose logits take at most 256 MiB).
         The other keywords are ``sparse_kd_loss``'s.
     """
-    hs, ws, vocab_size = _student_side(student_hidden, student_weight, student_bias, chunk_size)
+    hs, ws, student_bias, vocab_size = _student_side(student_hidden, student_weight, student_bias,
+                                                     chunk_size)
     # The sparse checks need only the logits' shape, dtype and device: a zero-stride stand-in.
     shape_ref = hs.new_empty(()).expand(*hs.shape[:-1], vocab_size)
     call = prepare_sparse_call(

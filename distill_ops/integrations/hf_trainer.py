@@ -49,6 +49,7 @@ from transformers import Trainer
 
 import torch.nn.functional as F
 
+from .._dtensor import gathered
 from ..functional import kd_loss
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import sparse_kd_loss
@@ -207,7 +208,9 @@ class DistillationTrainer(Trainer):
         hidden = out.hidden_states[-1]
         if not self._heads_checked:
             with torch.no_grad():
-                mine = F.linear(hidden[..., -1, :], head.weight, head.bias).float()
+                # (an FSDP2 head's DTensors gathered, as the loss gathers them)
+                mine = F.linear(hidden[..., -1, :], gathered(head.weight, "lm_head.weight"),
+                                gathered(head.bias, "lm_head.bias")).float()
                 theirs = out.logits[..., -1, :].float()
                 tol = 2e-2 * float(theirs.abs().max().clamp_min(1.0))
                 if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:
