@@ -28,16 +28,20 @@ def is_dtensor(t: object) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def gathered(t: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
-    """``t`` as a plain tensor: a DTensor on a 1-D device mesh (FSDP2, or DDP-style replication)
-    all-gathered, its gradient reduce-scattered back averaged over the ranks; anything else as is.
-    Other meshes (tensor parallelism) raise, naming ``name``: their gradient is not an average."""
+def gathered(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None
+             ) -> Optional[torch.Tensor]:
+    """``t`` as a plain tensor: a DTensor (FSDP2's sharding, HSDP's 2-D mesh) all-gathered in
+    ``dtype`` when given (FSDP2's mixed precision gathers its parameters in param_dtype: a float32
+    shard reaches the loss beside bfloat16 hidden states), its gradient reduce-scattered back
+    averaged over every mesh dimension, as FSDP2 averages (a replicated dimension's ranks hold
+    other tokens; a tensor-parallel one's hold the same gradient, whose average is itself).
+    Anything else is returned as is."""
     if not is_dtensor(t):
         return t
     from torch.distributed.tensor import Partial, Replicate
 
-    if t.device_mesh.ndim != 1:
-        raise ValueError(f"{name} is a DTensor on a {t.device_mesh.ndim}-D device mesh; only a "
-                         "1-D mesh (FSDP2's data-parallel sharding) is gathered here: pass the "
-                         "full tensor")
-    return t.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial("avg")])
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)   # differentiable: the gradient returns to the shards in their dtype
+    dims = t.device_mesh.ndim
+    return t.redistribute(placements=[Replicate()] * dims).to_local(
+        grad_placements=[Partial("avg")] * dims)

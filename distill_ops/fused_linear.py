@@ -91,7 +91,8 @@ def _hidden_and_head(side: str, hidden, weight) -> tuple:
                          "(an FSDP2 lm_head weight and bias may be DTensors, gathered here)")
     if h.dim() < 1 or h.shape[-1] < 1:
         raise ValueError(f"{h_name} must have shape (..., H) with H >= 1, got {tuple(h.shape)}")
-    w = gathered(check.float_tensor(w_name, weight), w_name)   # FSDP2: _dtensor.py
+    # FSDP2 (_dtensor.py): gathered in the hidden states' dtype, as under its mixed precision
+    w = gathered(check.float_tensor(w_name, weight), _gather_dtype(h))
     check.same_device(w_name, w, h_name, h)
     if w.dim() != 2 or w.shape[1] != h.shape[-1]:
         raise ValueError(f"{w_name} must have shape (V, {h.shape[-1]}) to project the hidden "
@@ -100,6 +101,12 @@ def _hidden_and_head(side: str, hidden, weight) -> tuple:
         raise ValueError(f"{w_name} has an empty vocabulary (shape {tuple(w.shape)}): V must be "
                          ">= 1")
     return h, w
+
+
+def _gather_dtype(h: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a DTensor lm_head is gathered in: the hidden states' (FSDP2's param_dtype),
+    except under autocast, which picks the compute dtype itself."""
+    return None if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
 def _student_side(student_hidden, student_weight, student_bias, chunk_size):
@@ -122,7 +129,7 @@ def _check_bias(name, b, hs, w, w_name):
     its weight's dtype, as F.linear requires (the projection would otherwise round a float64 bias
     to float32 without a word)."""
     if b is not None:
-        b = gathered(check.float_tensor(name, b), name)
+        b = gathered(check.float_tensor(name, b), _gather_dtype(hs))
         check.same_device(name, b, "student_hidden", hs)
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{name} must have shape ({w.shape[0]},), got {tuple(b.shape)}")

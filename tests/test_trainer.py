@@ -137,6 +137,9 @@ def test_config_edge_values_still_accepted(tmp_path):
     for ok in ({"grad_clip": 0.0}, {"grad_clip": None}, {"warmup_steps": 4, "max_steps": 4},
                {"adam_beta1": 0.0}, {"softcap": None}, {"device": "cuda:1"}):
         TrainConfig(**ok)
+    # as a flag or YAML string too ("null" was parsed as a float and refused)
+    for text in ("null", "none"):
+        assert TrainConfig.from_dict({"grad_clip": text}).grad_clip is None
     res = train(cfg(tmp_path, max_steps=1, grad_clip=None), student=tiny(),
                 teacher=tiny(48, seed=1), train_dataset=blocks())
     assert res.step == 1

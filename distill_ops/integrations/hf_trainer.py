@@ -209,8 +209,8 @@ class DistillationTrainer(Trainer):
         if not self._heads_checked:
             with torch.no_grad():
                 # (an FSDP2 head's DTensors gathered, as the loss gathers them)
-                mine = F.linear(hidden[..., -1, :], gathered(head.weight, "lm_head.weight"),
-                                gathered(head.bias, "lm_head.bias")).float()
+                mine = F.linear(hidden[..., -1, :], gathered(head.weight, hidden.dtype),
+                                gathered(head.bias, hidden.dtype)).float()
                 theirs = out.logits[..., -1, :].float()
                 tol = 2e-2 * float(theirs.abs().max().clamp_min(1.0))
                 if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:

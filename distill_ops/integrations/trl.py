@@ -31,7 +31,6 @@ from typing import Optional, Union
 
 import torch
 
-from .._dtensor import gathered
 from ..functional import kd_loss
 from ..fused_linear import _dense_call
 
@@ -190,12 +189,11 @@ def chunked_divergence_loss(
     n_valid = valid.sum()
     h_s = student_hidden_states.reshape(-1, student_hidden_states.shape[-1])[valid]
     h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1])[valid]
-    # An FSDP2 lm_head (DTensor) is gathered with its gradient averaged back onto the shards
-    # (_dtensor.gathered; TRL's full_tensor() left each shard one rank's gradient)
-    w_s = gathered(student_lm_head_weight, "student_lm_head_weight")
-    b_s = gathered(student_lm_head_bias, "student_lm_head_bias")
-    w_t = gathered(teacher_lm_head_weight, "teacher_lm_head_weight")
-    b_t = gathered(teacher_lm_head_bias, "teacher_lm_head_bias")
+    # An FSDP2 lm_head (DTensor) goes to the loss as it is: it gathers it with its gradient
+    # averaged back onto the shards (_dtensor.gathered; TRL's full_tensor() left each shard one
+    # rank's gradient)
+    w_s, b_s = student_lm_head_weight, student_lm_head_bias
+    w_t, b_t = teacher_lm_head_weight, teacher_lm_head_bias
     if student_logit_scale != 1.0:   # scale * (h W^T + b) = (scale h) W^T + scale b
         h_s = h_s * student_logit_scale
         b_s = None if b_s is None else b_s * student_logit_scale

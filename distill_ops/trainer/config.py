@@ -124,7 +124,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = 1.0   # 0 or None: no clipping
     bf16: Union[str, bool] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
