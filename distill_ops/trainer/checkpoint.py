@@ -83,9 +83,18 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, config: dict,
-                    tokenizer=None, extra: Optional[dict] = None, keep: int = 0) -> str:
+                    tokenizer=None, extra: Optional[dict] = None, keep: int = 0,
+                    sharded: bool = False) -> str:
     """Write checkpoint-<step> atomically (a temporary directory renamed at the end). Call on every
-    rank: rank 0 writes the model and trainer state, each rank its RNG state."""
+    rank: rank 0 writes the model and trainer state, each rank its RNG state. ``sharded``: an
+    FSDP2 model (trainer/fsdp.py), whose full weights and optimizer state the ranks gather first;
+    the files are the same as a single process writes, but the optimizer state is keyed by
+    parameter name."""
+    weights = optim_state = None
+    if sharded:
+        from . import fsdp
+
+        weights, optim_state = fsdp.model_state(model), fsdp.optimizer_state(model, optimizer)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if dist.is_main():
@@ -94,12 +103,13 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, 
         os.makedirs(tmp)
     dist.barrier()
     if dist.is_main():
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+        torch.save({"step": step,
+                    "optimizer": optim_state if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "config": config,
-                    "world_size": dist.world_size(), "extra": extra or {}},
+                    "world_size": dist.world_size(), "sharded": sharded, "extra": extra or {}},
                    os.path.join(tmp, STATE_FILE))
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pt"))
     dist.barrier()
@@ -156,9 +166,10 @@ def check_output_dir(output_dir: str, resume: Optional[str], resume_step: Option
         "Move or delete them, or set overwrite_output_dir=true to delete them")
 
 
-def load_weights(model: torch.nn.Module, ckpt: str) -> None:
+def load_weights(model: torch.nn.Module, ckpt: str, sharded: bool = False) -> None:
     """Load safetensors weights written by save_pretrained into ``model`` in place. Keys missing
-    from the files are accepted only when they are tied to a loaded parameter (lm_head = embed)."""
+    from the files are accepted only when they are tied to a loaded parameter (lm_head = embed).
+    ``sharded``: an FSDP2 model, into which every rank shards the full weights."""
     from safetensors.torch import load_file
 
     index = os.path.join(ckpt, "model.safetensors.index.json")
@@ -173,6 +184,16 @@ def load_weights(model: torch.nn.Module, ckpt: str) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {ckpt!r} lacks {shard}")
         state.update(load_file(path))
+    if sharded:
+        from . import fsdp
+
+        names = set(model.state_dict())
+        unexpected = sorted(set(state) - names)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {ckpt!r} has weights the model lacks: "
+                               f"{unexpected[:5]}")
+        fsdp.load_model_state(model, state)   # (tied weights: one of the pair is enough)
+        return
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"checkpoint {ckpt!r} has weights the model lacks: "
@@ -230,16 +251,28 @@ def check_resume(ckpt: str, state: dict, config: dict, world_size: int) -> None:
             "(use the same values, or start a new run in another output_dir)")
 
 
-def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[dict] = None
-                    ) -> dict:
+def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[dict] = None,
+                    sharded: bool = False) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state. With
     ``config`` (the resuming run's TrainConfig.to_dict()), check_resume runs first, before
-    anything is changed."""
+    anything is changed. ``sharded``: an FSDP2 model (save_checkpoint's)."""
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
     if config is not None:
         check_resume(ckpt, state, config, dist.world_size())
-    load_weights(model, ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    if bool(state.get("sharded", False)) != sharded:
+        from .config import ConfigError
+
+        raise ConfigError(f"cannot resume from {ckpt}: it was written "
+                          f"{'with' if state.get('sharded') else 'without'} fsdp, and this run "
+                          f"{'shards' if sharded else 'does not shard'} the student (the "
+                          "optimizer state's layout differs): use the same fsdp setting")
+    load_weights(model, ckpt, sharded=sharded)
+    if sharded:
+        from . import fsdp
+
+        fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(ckpt, f"rng_state_{dist.rank()}.pt")
     if os.path.isfile(rng_file):

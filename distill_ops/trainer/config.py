@@ -69,7 +69,9 @@ class TrainConfig:
         decays to lr * min_lr_ratio), warmup_steps (at most max_steps), weight_decay, adam_beta1/2
         (in [0, 1)), adam_eps, grad_clip (0 or None disables), bf16 (``auto``: on a GPU that
         supports it), gradient_checkpointing, seed, device (``auto``, ``cpu``, ``cuda``,
-        ``cuda:<n>``, ...).
+        ``cuda:<n>``, ...), fsdp (with several processes: FSDP2 shards both models' parameters,
+        the student's gradients and optimizer state over the ranks instead of DDP's replicas;
+        trainer/fsdp.py).
         On a resume the optimizer settings (lr, min_lr_ratio, warmup_steps, max_steps,
         weight_decay, adam_*) are the resuming config's, from its first step.
     Output
@@ -127,6 +129,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0   # 0 or None: no clipping
     bf16: Union[str, bool] = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     seed: int = 0
     device: str = "auto"
     # output
@@ -198,7 +201,7 @@ class TrainConfig:
         if self.softcap is not None and self._number("softcap") <= 0:
             raise ConfigError(f"softcap must be > 0 (or None: no softcap), got {self.softcap!r}")
         _check_device(self.device)
-        for name in ("fused_linear", "inplace_grad", "overwrite_output_dir"):
+        for name in ("fused_linear", "inplace_grad", "overwrite_output_dir", "fsdp"):
             if not isinstance(getattr(self, name), bool):   # 1 == True, but 1 is no flag
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fused_linear and self.targets == "none":

@@ -31,10 +31,19 @@ def barrier() -> None:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few floats across ranks (float64 on the wire; identity with one process)."""
+    return _all_reduce(values, device, "SUM")
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of each float across ranks (identity with one process)."""
+    return _all_reduce(values, device, "MAX")
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:
     if not active() or world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
+    tdist.all_reduce(t, op=getattr(tdist.ReduceOp, op))
     return t.tolist()
 
 

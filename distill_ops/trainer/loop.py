@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint as ckpt_lib
-from . import dist
+from . import dist, fsdp
 from .config import ConfigError, ModelLoadError, TrainConfig
 from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_tokenizer,
                    pack_documents, shift_labels, split_documents)
@@ -221,6 +221,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     if not cfg.resume_from:   # checked before anything is loaded
         stale = ckpt_lib.check_output_dir(cfg.output_dir, None, None, cfg.overwrite_output_dir)
     main = rank == 0
+    # FSDP2 with several processes (trainer/fsdp.py); with one it would shard over one rank
+    sharded = cfg.fsdp and world > 1
     torch.manual_seed(cfg.seed)
     amp_dtype = _amp_dtype(cfg, device)
 
@@ -232,7 +234,9 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
         teacher_spec = teacher if teacher is not None else cfg.teacher
         teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
-        teacher.eval().requires_grad_(False).to(device)
+        teacher.eval().requires_grad_(False)
+        # sharded: the shards move to the device (fsdp.shard), never the whole model
+        teacher = fsdp.shard(teacher, device) if sharded else teacher.to(device)
         check_vocab(cfg, model_vocab(student), model_vocab(teacher))
         check_topk(cfg, model_vocab(student), model_vocab(teacher))
         check_tokenizers(cfg, cfg.tokenizer or model_dir(student_spec, student),
@@ -255,7 +259,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                           world_size=world, seed=cfg.seed)
 
     # model, optimizer, resume -------------------------------------------------------------
-    student.to(device).train()
+    student.train()
     if hasattr(student, "config"):
         student.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -264,6 +268,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         else:
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    # (sharded before the optimizer is built: it must hold the shards)
+    student = fsdp.shard(student, device) if sharded else student.to(device)
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
@@ -271,15 +277,16 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     resume = ckpt_lib.resolve_resume(cfg.resume_from, cfg.output_dir)
     if resume:
         state = ckpt_lib.load_checkpoint(resume, student, optimizer, scheduler,
-                                         config=cfg.to_dict())
+                                         config=cfg.to_dict(), sharded=sharded)
         step = int(state["step"])
         stale = ckpt_lib.check_output_dir(cfg.output_dir, resume, step, cfg.overwrite_output_dir)
         apply_config(optimizer, scheduler, cfg, step)   # the new lr, weight decay, ... from now on
         counters = _Counters.resumed(state, main)
     # With fused_linear the loop runs the models without their lm_heads (the loss applies them).
-    model = LastHidden(student) if cfg.fused_linear else student
-    teacher_fwd = LastHidden(teacher) if cfg.fused_linear and teacher is not None else teacher
-    ddp = world > 1
+    model = LastHidden(student, through_root=sharded) if cfg.fused_linear else student
+    teacher_fwd = (LastHidden(teacher, through_root=sharded)
+                   if cfg.fused_linear and teacher is not None else teacher)
+    ddp = world > 1 and not sharded
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -306,7 +313,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         return ckpt_lib.save_checkpoint(cfg.output_dir, at_step, student, optimizer, scheduler,
                                         config=cfg.to_dict(), tokenizer=tokenizer,
                                         keep=cfg.keep_checkpoints,
-                                        extra={"metrics": counters.saved(device)})
+                                        extra={"metrics": counters.saved(device)},
+                                        sharded=sharded)
 
     progress = None
     if main and cfg.progress:
@@ -333,7 +341,10 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             lr = scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for a, (batch, labels) in enumerate(zip(micro, labels_list)):
-                sync = model.no_sync() if ddp and a < len(micro) - 1 else contextlib.nullcontext()
+                last_micro = a == len(micro) - 1
+                if sharded:   # FSDP2: reduce-scatter the gradients after the last micro-batch
+                    fsdp.set_gradient_sync(student, last_micro)
+                sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with sync:
                     seed = functools.partial(sample_seed, cfg, step, a, rank)
                     loss_sum = _micro_step(cfg, model, teacher_fwd, batch, labels.to(device),
@@ -342,7 +353,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                 step_loss += loss_sum.detach().double()
                 counters.seen_tokens += int(batch["input_ids"].numel()) * world
             max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")   # 0 or None: no clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+            grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                                      max_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

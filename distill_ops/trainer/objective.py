@@ -256,9 +256,12 @@ class LastHidden(torch.nn.Module):
     norm). With ``fused_linear`` this is the module the loop runs (and DDP wraps): the lm_head is
     applied inside the fused loss, in the same backward, so DDP still sees every gradient."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: torch.nn.Module, through_root: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        # FSDP2 (trainer/fsdp.py): the whole model is the root unit, whose forward gathers the
+        # embeddings, final norm and lm_head: run it (one logit row) and keep the decoder's output
+        self.through_root = through_root
         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
             value = getattr(getattr(lm, "config", None), key, None)
             if value not in (None, 1, 1.0):
@@ -272,8 +275,17 @@ class LastHidden(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-        return body(input_ids=input_ids, attention_mask=attention_mask,
-                    use_cache=False).last_hidden_state
+        if not self.through_root:
+            return body(input_ids=input_ids, attention_mask=attention_mask,
+                        use_cache=False).last_hidden_state
+        kept = []
+        hook = body.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
+        try:
+            self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    logits_to_keep=1)
+        finally:
+            hook.remove()
+        return kept[-1]
 
 
 def fused_dense_loss_sum(cfg: TrainConfig, student_hidden: torch.Tensor, student: LastHidden,

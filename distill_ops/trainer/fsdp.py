@@ -1,0 +1,101 @@
+"""FSDP2 (``fsdp: true`` with several processes): the student's and the teacher's parameters
+sharded over the ranks (torch.distributed.fsdp.fully_shard), so models that do not fit one
+device's memory with their optimizer state can be distilled.
+
+Each decoder layer is a unit of its own and the whole model the root, which holds the embeddings,
+the final norm and the lm_head (one unit, as tied weights require). The root's parameters are
+gathered when the root's forward runs and stay gathered until the backward, so the loop always
+calls the root (fused_linear included: ``LastHidden`` runs the whole model for one logit row and
+hands on the decoder's output, LastHidden.root_forward), and the fused loss then reads a plain
+lm_head. Checkpoints hold full tensors, as a single process writes them
+(torch.distributed.checkpoint.state_dict), so they load anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import dist
+
+
+def _layers(model: torch.nn.Module) -> list:
+    """The decoder layers of a transformers causal LM (``model.model.layers`` and the like)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"fsdp: cannot find the decoder layers of {type(model).__name__} (no "
+                         ".layers or .h on its decoder); use fsdp=false (DDP)")
+    return list(layers)
+
+
+def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
+    """Raise unless every rank holds the same weights. fully_shard keeps each rank's own slice of
+    its own tensors (DDP would broadcast rank 0's): ranks that loaded or initialised different
+    weights would train a model stitched from them. A float64 sum per tensor, compared."""
+    sums = [float(t.detach().double().sum()) for t in model.state_dict().values()]
+    low = dist.all_reduce_max([-s for s in sums], device)
+    high = dist.all_reduce_max(sums, device)
+    if any(a != -b for a, b in zip(high, low)):
+        raise RuntimeError("fsdp: the ranks hold different weights (other files, or a random "
+                           "initialisation with other seeds); FSDP2 would stitch the model from "
+                           "their shards")
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """fully_shard every decoder layer, then the model (the root), over all ranks on ``device``.
+    The parameters move to ``device`` as shards: the whole model never sits on one device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _check_same_weights(model, device)
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    for layer in _layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """FSDP2's no_sync: reduce-scatter the gradients only on the last micro-batch of a step."""
+    model.set_requires_gradient_sync(sync)
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s total norm over DTensor gradients is itself a DTensor: the full value."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The full state dict (CPU tensors on rank 0, empty elsewhere). Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state dict, keyed by parameter names (rank 0; every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Shard a full state dict (every rank read it) into the model's parameters."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(strict=False))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
