@@ -5,14 +5,14 @@ gradient must be every rank's averaged onto the shards, as FSDP2 averages the bo
 
 from __future__ import annotations
 
-import faulthandler
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+
+from gloo_worker import gloo_process
 
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
@@ -82,11 +82,7 @@ def _rel(a, b):
 
 
 def _worker(rank, tmp):
-    faulthandler.enable(all_threads=True)
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                             world_size=WORLD)
-    try:
+    with gloo_process(rank, WORLD, tmp):
         wt = torch.randn(V, H, generator=torch.Generator().manual_seed(7))
         # one process: each rank's gradient, averaged (FSDP2's reduction)
         ref = Student()
@@ -121,14 +117,6 @@ def _worker(rank, tmp):
             fused_linear_kd_loss(sharded, model.head.weight, torch.randn(N, H), wt)
         if rank == 0:
             torch.save(errors, os.path.join(tmp, "result.pt"))
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
-    # Leave without interpreter finalisation, as test_trainer_ddp.py's workers: gloo's C++
-    # threads racing Python's teardown can abort (SIGABRT) after the work is on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def test_an_fsdp2_lm_head_gets_the_averaged_gradient(tmp_path):

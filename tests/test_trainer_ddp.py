@@ -4,9 +4,7 @@ equal to one process training on the same global batches with gradient accumulat
 
 from __future__ import annotations
 
-import faulthandler
 import os
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.multiprocessing as mp
 
 from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
+from gloo_worker import gloo_process
 
 
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
@@ -38,12 +37,7 @@ def _config(out, **kw):
 
 
 def _worker(rank, world, tmp, data, fused):
-    # A crash in C++ (gloo) dumps every thread's Python stack to stderr, which pytest shows.
-    faulthandler.enable(all_threads=True)
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                             world_size=world)
-    try:
+    with gloo_process(rank, world, tmp):
         # different initial weights per rank: DDP must broadcast rank 0's
         student = llama(V, 32, 1, heads=2, max_positions=32, seed=rank)
         teacher = llama(V, 48, 1, heads=2, max_positions=32, seed=7)
@@ -55,15 +49,6 @@ def _worker(rank, world, tmp, data, fused):
         if rank == 0:
             torch.save({"gathered": gathered, "history": res.history, "step": res.step},
                        os.path.join(tmp, "result.pt"))
-        tdist.barrier()   # neither rank tears down while the other still talks
-    finally:
-        tdist.destroy_process_group()
-    # Leave without interpreter finalisation: gloo's C++ threads and statics racing Python's
-    # teardown once aborted a CI run (SIGABRT, "terminate called without an active exception")
-    # after all the work was done. Everything this test checks is on disk by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
@@ -91,10 +76,6 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, fused):
 
 
 def _signal_worker(rank, world, tmp, data):
-    faulthandler.enable(all_threads=True)
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                             world_size=world)
     import signal
 
     import distill_ops.trainer.loop as loop
@@ -110,18 +91,14 @@ def _signal_worker(rank, world, tmp, data):
 
     loop._micro_step = step
     outcome = {"rank": rank}
-    try:
-        train(_config(os.path.join(tmp, "ddp"), max_steps=6), student=llama(
-            V, 32, 1, heads=2, max_positions=32, seed=0), teacher=llama(
-            V, 48, 1, heads=2, max_positions=32, seed=7), train_dataset=data)
-    except TrainingInterrupted as exc:
-        outcome.update(code=exc.code, step=exc.step, checkpoint=exc.checkpoint)
-    torch.save(outcome, os.path.join(tmp, f"outcome_{rank}.pt"))
-    tdist.barrier()
-    tdist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    with gloo_process(rank, world, tmp):
+        try:
+            train(_config(os.path.join(tmp, "ddp"), max_steps=6), student=llama(
+                V, 32, 1, heads=2, max_positions=32, seed=0), teacher=llama(
+                V, 48, 1, heads=2, max_positions=32, seed=7), train_dataset=data)
+        except TrainingInterrupted as exc:
+            outcome.update(code=exc.code, step=exc.step, checkpoint=exc.checkpoint)
+        torch.save(outcome, os.path.join(tmp, f"outcome_{rank}.pt"))
 
 
 def test_ddp_signal_on_one_rank_stops_all_at_the_same_step(tmp_path):

@@ -5,9 +5,7 @@ forward); a checkpoint written sharded resumes to the same weights as a straight
 
 from __future__ import annotations
 
-import faulthandler
 import os
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch.multiprocessing as mp
 
 from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
+from gloo_worker import gloo_process
 
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
@@ -50,11 +49,7 @@ def _flat(model) -> torch.Tensor:
 
 
 def _worker(rank, world, tmp, data, fused):
-    faulthandler.enable(all_threads=True)
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                             world_size=world)
-    try:
+    with gloo_process(rank, world, tmp):
         kw = dict(fsdp=True, fused_linear=fused, eval_batches=1)
         # ranks holding different weights are refused (FSDP2 would stitch them together)
         with pytest.raises(RuntimeError, match="the ranks hold different weights"):
@@ -72,13 +67,6 @@ def _worker(rank, world, tmp, data, fused):
         if rank == 0:
             torch.save({"flats": flats, "history": straight.history,
                         "eval": straight.final_eval}, os.path.join(tmp, "result.pt"))
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
-    # as test_trainer_ddp.py's workers: no interpreter finalisation racing gloo's threads
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])

@@ -1,0 +1,34 @@
+"""The life of a test's torch.distributed worker process (torch.multiprocessing.spawn): gloo on
+the CPU, one intra-op thread, and an exit without interpreter finalisation."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import sys
+from typing import Iterator
+
+import torch
+import torch.distributed as tdist
+
+
+@contextlib.contextmanager
+def gloo_process(rank: int, world: int, tmp: str) -> Iterator[None]:
+    """Join the group (rendezvous in ``tmp``), run the body, leave. The body's exception reaches
+    spawn as usual; a body that returns ends the process with os._exit(0): gloo's C++ threads and
+    statics racing Python's teardown once aborted a CI run (SIGABRT, "terminate called without an
+    active exception") after all the work was done. Write what the test checks to disk before."""
+    # A crash in C++ (gloo) dumps every thread's Python stack to stderr, which pytest shows.
+    faulthandler.enable(all_threads=True)
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                             world_size=world)
+    try:
+        yield
+        tdist.barrier()   # neither rank tears down while the other still talks
+    finally:
+        tdist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
