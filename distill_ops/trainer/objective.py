@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 import struct
 import warnings
@@ -262,6 +263,9 @@ class LastHidden(torch.nn.Module):
         # FSDP2 (trainer/fsdp.py): the whole model is the root unit, whose forward gathers the
         # embeddings, final norm and lm_head: run it (one logit row) and keep the decoder's output
         self.through_root = through_root
+        if through_root and "logits_to_keep" not in inspect.signature(lm.forward).parameters:
+            raise ValueError(f"fsdp with fused_linear runs {type(lm).__name__}'s forward for one "
+                             "logit row, but it takes no logits_to_keep; use fused_linear=false")
         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
             value = getattr(getattr(lm, "config", None), key, None)
             if value not in (None, 1, 1.0):
