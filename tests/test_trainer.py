@@ -834,6 +834,30 @@ def test_a_cache_matches_the_students_vocabulary_not_its_files(tmp_path):
 
 
 @needs_sparse
+def test_cache_shards_are_verified_once_per_node(tmp_path, monkeypatch):
+    """Every rank hashed every shard of the cache at start-up; now local rank 0 does."""
+    import distill_ops.targets.cache as cache_mod
+    from distill_ops.trainer import dist
+
+    data = blocks()
+    cache_mod.write_teacher_cache(tiny(48, seed=1), [data[i:i + 8] for i in range(0, 48, 8)],
+                                  tmp_path / "cache", k=8, progress=False)
+    seen = []
+    real = cache_mod.TargetCache.__init__
+
+    def spy(self, *args, verify=True, **kwargs):
+        seen.append(verify)
+        real(self, *args, verify=verify, **kwargs)
+
+    monkeypatch.setattr(cache_mod.TargetCache, "__init__", spy)
+    kw = dict(targets="cache", cache=str(tmp_path / "cache"), max_steps=1)
+    for local in (0, 1):
+        monkeypatch.setattr(dist, "local_rank", lambda local=local: local)
+        train(cfg(tmp_path / str(local), **kw), student=tiny())
+    assert seen == [True, False]
+
+
+@needs_sparse
 def test_cache_fixes_the_data(tmp_path):
     """With targets='cache' the sequences come from the cache: train_data is an error (it would
     be ignored), and an explicit seq_len must be the cache's sequence length."""

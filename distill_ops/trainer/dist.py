@@ -24,6 +24,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
+
+
 def barrier() -> None:
     if active() and world_size() > 1:
         tdist.barrier()

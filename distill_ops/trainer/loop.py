@@ -149,7 +149,12 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
         # (its vocabulary: a re-saved tokenizer, another chat template, still matches)
         tok_hashes = tokenizer_hashes(tok_dir) if tok_dir and os.path.isdir(tok_dir) else ()
         expect_hash = tok_hashes if tok_hashes and manifest.get("tokenizer_hash") else None
-        cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash)
+        # the shards' sha256 once per node (each rank hashing every shard multiplied the
+        # start-up read by the ranks): local rank 0 verifies, the others wait for it
+        verify = dist.local_rank() == 0
+        cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash,
+                            verify=verify)
+        dist.barrier()
         _check_cache_seq_len(cfg, cache)
         warn_other_temperature(manifest, cfg.temperature, "the cache", "the loss uses temperature")
         if cfg.eval_data:
