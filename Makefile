@@ -41,7 +41,7 @@ demo: $(VENV)/.built
 XDIST = $$($(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 test: $(VENV)/.built
-	$(PYTHON) -m pytest -q -ra $(XDIST)
+	$(PYTHON) -m pytest -q -ra --durations=15 $(XDIST)
 	$(PYTHON) tests/cuda_emu/run.py -q -ra $(XDIST) -k "cpu or cuda_emu" $(EMU_TESTS)
 
 test-emu: $(VENV)/.built
@@ -100,7 +100,7 @@ device-prebuilt: .prebuilt/stamp.json
 # 2.11's headers too) and the carried peers (.peers)
 test-twin: .prebuilt/stamp.json peers-dir
 	$(DEVICE_VENV)/bin/python -m bench.prebuilt install
-	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra -n auto -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra --durations=15 -n auto -p no:cacheprovider
 
 bench-cpu: $(VENV)/.built
 	$(PYTHON) -m bench dense --device cpu
