@@ -98,9 +98,12 @@ device-prebuilt: .prebuilt/stamp.json
 
 # the whole pytest suite under the twin, on the prebuilt extension (CUDA compiled against torch
 # 2.11's headers too) and the carried peers (.peers)
+# (Not test_cuda_emu.py: the emulator runs csrc/cuda's kernels compiled as C++ for the CPU, which
+# no torch release changes, and it is the suite's slowest file: `make test` runs it.)
 test-twin: .prebuilt/stamp.json peers-dir
 	$(DEVICE_VENV)/bin/python -m bench.prebuilt install
-	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra --durations=15 -n auto -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra --durations=15 -n auto \
+	  -p no:cacheprovider --ignore=tests/test_cuda_emu.py
 
 bench-cpu: $(VENV)/.built
 	$(PYTHON) -m bench dense --device cpu
