@@ -6,7 +6,7 @@ Each decoder layer is a unit of its own and the whole model the root, which hold
 the final norm and the lm_head (one unit, as tied weights require). The root's parameters are
 gathered when the root's forward runs and stay gathered until the backward, so the loop always
 calls the root (fused_linear included: ``LastHidden`` runs the whole model for one logit row and
-hands on the decoder's output, LastHidden.root_forward), and the fused loss then reads a plain
+hands on the decoder's output: LastHidden(through_root=True)), and the fused loss then reads a plain
 lm_head. Checkpoints hold full tensors, as a single process writes them
 (torch.distributed.checkpoint.state_dict), so they load anywhere.
 """
