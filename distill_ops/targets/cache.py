@@ -168,6 +168,15 @@ def tokenizer_hashes(model_dir: Union[str, os.PathLike]) -> tuple:
     return (vocab, files)
 
 
+def tokenizer_hash_to_record(hashes: tuple, existing: Optional[dict] = None) -> str:
+    """The fingerprint a writer records of a tokenizer whose tokenizer_hashes are ``hashes``: the
+    one an ``existing`` manifest (a cache being resumed) already holds when it is among them (the
+    writer refuses a cache whose identity changes: an older cache holds the files' hash), else
+    the first ("" without a tokenizer)."""
+    held = (existing or {}).get("tokenizer_hash")
+    return held if held in hashes else (hashes or ("",))[0]
+
+
 def _check_identity(path: Path, existing: dict, wanted: dict) -> None:
     """Raise unless the cache's manifest ``existing`` was written with the settings ``wanted``
     (its IDENTITY fields): appending other targets would mix them silently."""
@@ -449,8 +458,9 @@ class TargetCache:
     ``cache[i]`` is sequence i: dict(input_ids int64 (L,), ids int32 (L, k), logprobs float32
     (L, k), tail_logmass float32 (L,)); ``cache.targets(i)`` the same as SparseTargets.
     Opening checks the format version, the expected vocabulary size and tokenizer hash (one, or a
-    tuple of those accepted: tokenizer_hashes), and (unless ``verify=False``) the size and sha256 of every shard. A cache whose writer has not finished
-    (interrupted, or still running) is refused unless ``allow_incomplete=True``: training on it
+    tuple of those accepted: tokenizer_hashes), and (unless ``verify=False``) the size and sha256
+    of every shard. A cache whose writer has not finished (interrupted, or still running) is
+    refused unless ``allow_incomplete=True``: training on it
     would use a prefix of the data without saying so.
     """
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cache import (DEFAULT_SHARD_TOKENS, DTYPES, MODES, model_fingerprint, read_manifest,
-                    tokenizer_hashes, write_teacher_cache)
+                    tokenizer_hash_to_record, tokenizer_hashes, write_teacher_cache)
 from .sample import MAX_SAMPLES
 
 MODEL_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -119,12 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if seqs.numel() and int(seqs.max()) >= vocab:
         raise ValueError(f"--data holds token id {int(seqs.max())} >= the model's vocab_size {vocab}")
     batches = [seqs[i:i + args.batch_size] for i in range(0, seqs.shape[0], args.batch_size)]
-    hashes = tokenizer_hashes(args.model) or ("",)
-    existing = read_manifest(args.out) or {}
-    # resuming a cache that recorded another of this tokenizer's fingerprints (its files', before
-    # vocab_fingerprint) keeps that one: the writer refuses a cache whose identity changes
-    tok_hash = existing.get("tokenizer_hash") if existing.get("tokenizer_hash") in hashes \
-        else hashes[0]
+    tok_hash = tokenizer_hash_to_record(tokenizer_hashes(args.model), read_manifest(args.out))
     manifest = write_teacher_cache(
         model, batches, args.out, k=args.k, mode=args.mode, temperature=args.temperature,
         dtype=args.dtype, proposal_temperature=args.proposal_temperature, seed=args.seed,

@@ -271,23 +271,25 @@ def format_table(results: dict) -> str:
 def _write_cache(teacher, tok_dir: str, blocks: torch.Tensor, scale: Scale, out_dir: str,
                  progress: bool):
     """Top-k teacher targets for every training block, written to the offline cache."""
-    from ..targets.cache import TargetCache, tokenizer_hashes, write_teacher_cache
+    from ..targets.cache import (TargetCache, tokenizer_hash_to_record, tokenizer_hashes,
+                                 write_teacher_cache)
 
     path = os.path.join(out_dir, "cache")
     if os.path.isdir(path):   # a previous demo's cache: start afresh
         import shutil
 
         shutil.rmtree(path)
+    hashes = tokenizer_hashes(tok_dir)
     batches = [blocks[lo: lo + scale.batch_size] for lo in range(0, blocks.shape[0],
                                                                   scale.batch_size)]
     write_teacher_cache(teacher, batches, path, k=scale.topk, mode="topk",
                         temperature=scale.temperature, dtype="float16",
                         teacher="distill-ops demo teacher",
-                        tokenizer_hash=(tokenizer_hashes(tok_dir) or ("",))[0],
+                        tokenizer_hash=tokenizer_hash_to_record(hashes),
                         vocab_size=int(teacher.config.vocab_size),
                         device=next(teacher.parameters()).device, progress=progress)
     return TargetCache(path, expect_vocab_size=int(teacher.config.vocab_size),
-                       expect_tokenizer_hash=tokenizer_hashes(tok_dir))
+                       expect_tokenizer_hash=hashes or None)
 
 
 def main(argv=None) -> int:

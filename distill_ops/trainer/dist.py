@@ -25,8 +25,12 @@ def is_main() -> bool:
 
 
 def local_rank() -> int:
-    """This process's index on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 without a process group)."""
+    return _env_local_rank() if active() else 0
+
+
+def _env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def barrier() -> None:
@@ -59,7 +63,7 @@ def init_from_env(device_pref: str = "auto") -> bool:
         return False
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_env_local_rank())
     tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return True
 
@@ -83,7 +87,7 @@ def pick_device(pref: str = "auto") -> torch.device:
     if count == 0:
         raise ConfigError(f"device={pref!r} but no CUDA GPU is visible (use device='cpu' or "
                           "'auto')")
-    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    index = device.index if device.index is not None else _env_local_rank()
     if index >= count:
         raise ConfigError(f"device={pref!r} asks for CUDA GPU {index} but {count} "
                           f"{'is' if count == 1 else 'are'} visible")

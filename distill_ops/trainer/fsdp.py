@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._dtensor import is_dtensor
 from . import dist
 
 
@@ -35,8 +36,9 @@ def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
     its own tensors (DDP would broadcast rank 0's): ranks that loaded or initialised different
     weights would train a model stitched from them. A float64 sum per tensor, compared."""
     sums = [float(t.detach().double().sum()) for t in model.state_dict().values()]
-    low = dist.all_reduce_max([-s for s in sums], device)
-    high = dist.all_reduce_max(sums, device)
+    # one collective: the largest of each sum and of its negation (minus the smallest)
+    both = dist.all_reduce_max(sums + [-s for s in sums], device)
+    high, low = both[:len(sums)], both[len(sums):]
     if any(a != -b for a, b in zip(high, low)):
         raise RuntimeError("fsdp: the ranks hold different weights (other files, or a random "
                            "initialisation with other seeds); FSDP2 would stitch the model from "
@@ -64,7 +66,7 @@ def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
     """clip_grad_norm_'s total norm over DTensor gradients is itself a DTensor: the full value."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def _options(**kw: Any):
