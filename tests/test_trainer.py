@@ -121,7 +121,7 @@ def test_config_bad_values(bad, match):
     ({"alpha": -1.0}, r"alpha must be in \[0, 1\]"), ({"softcap": 0.0}, r"softcap must be > 0"),
     ({"temperature": float("inf")}, r"temperature must be finite"),
     ({"hard_weight": float("nan")}, "hard_weight"), ({"device": "gpu"}, r"device must be"),
-    ({"overwrite_output_dir": 1}, "overwrite_output_dir"),
+    ({"overwrite_output_dir": 1}, "overwrite_output_dir"), ({"fsdp": "yes"}, "fsdp must be"),
 ])
 def test_config_rejects_values_the_run_would_fail_on(bad, match):
     """Through the Python API (no coercion): each value is a ConfigError naming the field before
@@ -143,6 +143,23 @@ def test_config_edge_values_still_accepted(tmp_path):
     res = train(cfg(tmp_path, max_steps=1, grad_clip=None), student=tiny(),
                 teacher=tiny(48, seed=1), train_dataset=blocks())
     assert res.step == 1
+
+
+def test_a_resume_needs_the_same_fsdp_setting(tmp_path):
+    """A checkpoint's optimizer state is keyed by parameter name when written sharded (FSDP2), by
+    index otherwise: loading one layout as the other is refused before anything is loaded."""
+    from distill_ops.trainer.optim import build_optimizer, build_scheduler
+
+    res = train(cfg(tmp_path, max_steps=1, save_final=True), student=tiny(),
+                teacher=tiny(48, seed=1), train_dataset=blocks())
+    model = tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    c = cfg(tmp_path / "x", max_steps=1)
+    optimizer = build_optimizer(model, c)
+    with pytest.raises(ConfigError, match="written without fsdp.*use the same fsdp setting"):
+        ckpt_lib.load_checkpoint(res.checkpoint, model, optimizer, build_scheduler(optimizer, c),
+                                 sharded=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_topk_larger_than_the_vocabulary_is_refused_before_the_first_step(tmp_path, monkeypatch):
