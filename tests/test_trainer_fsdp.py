@@ -98,3 +98,49 @@ def test_fsdp_two_gloo_processes_match_single_process(tmp_path, fused):
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-4")
     torch.testing.assert_close(saved.model.embed_tokens.weight,
                                single.model.model.embed_tokens.weight, rtol=1e-4, atol=1e-6)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a rank other than 0 read weight files")
+
+
+def _worker_dirs(rank, world, tmp, data, dirs):
+    with gloo_process(rank, world, tmp):
+        if rank != 0:   # rank 0 alone reads: the model files at the start, the checkpoint's
+            import safetensors.torch
+            from transformers import AutoModelForCausalLM
+
+            AutoModelForCausalLM.from_pretrained = _refuse
+            safetensors.torch.load_file = _refuse
+        kw = dict(fsdp=True, eval_batches=1, student=dirs[0], teacher=dirs[1])
+        straight = train(_config(os.path.join(tmp, "a"), **kw), train_dataset=data)
+        head, embed = straight.model.lm_head.weight, straight.model.model.embed_tokens.weight
+        assert head is embed   # still tied on the ranks that built the model on the meta device
+        resumed = train(_config(os.path.join(tmp, "b"), **kw,
+                                resume_from=os.path.join(tmp, "a", "checkpoint-2")),
+                        train_dataset=data)
+        flats = [_flat(m.model) for m in (straight, resumed)]
+        if rank == 0:
+            torch.save(flats, os.path.join(tmp, "result.pt"))
+
+
+def test_fsdp_models_from_directories_are_read_by_rank_0_alone(tmp_path):
+    """Given as directories, the models are read by rank 0; the other ranks build them on the meta
+    device and receive the weights (the rotary frequencies, not in any state dict, included): the
+    run equals one process's, and a resume reads the checkpoint on rank 0 alone too."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    dirs = [str(tmp_path / "student"), str(tmp_path / "teacher")]
+    for model, path in zip(_models(), dirs):
+        model.save_pretrained(path)
+    data = _data()
+    mp.spawn(_worker_dirs, args=(2, str(tmp_path), data, dirs), nprocs=2, join=True)
+    straight, resumed = torch.load(tmp_path / "result.pt")
+    single = train(_config(str(tmp_path / "single"), grad_accum_steps=2, eval_batches=1,
+                           student=dirs[0], teacher=dirs[1]), train_dataset=data)
+    state = single.model.state_dict()
+    ref = torch.cat([state[k].flatten() for k in sorted(state)])
+    torch.testing.assert_close(straight, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(resumed, straight, rtol=1e-5, atol=1e-7)

@@ -169,7 +169,8 @@ def check_output_dir(output_dir: str, resume: Optional[str], resume_step: Option
 def load_weights(model: torch.nn.Module, ckpt: str, sharded: bool = False) -> None:
     """Load safetensors weights written by save_pretrained into ``model`` in place. Keys missing
     from the files are accepted only when they are tied to a loaded parameter (lm_head = embed).
-    ``sharded``: an FSDP2 model, into which every rank shards the full weights."""
+    ``sharded``: an FSDP2 model (every rank calls): rank 0 reads the files and broadcasts them
+    into the shards."""
     from safetensors.torch import load_file
 
     index = os.path.join(ckpt, "model.safetensors.index.json")
@@ -178,22 +179,34 @@ def load_weights(model: torch.nn.Module, ckpt: str, sharded: bool = False) -> No
             shards = sorted(set(json.load(fh)["weight_map"].values()))
     else:
         shards = ["model.safetensors"]
-    state = {}
-    for shard in shards:
-        path = os.path.join(ckpt, shard)
+    paths = [os.path.join(ckpt, shard) for shard in shards]
+    for shard, path in zip(shards, paths):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {ckpt!r} lacks {shard}")
-        state.update(load_file(path))
     if sharded:
+        from safetensors import safe_open
+
         from . import fsdp
 
-        names = set(model.state_dict())
-        unexpected = sorted(set(state) - names)
+        # every rank checks the names (the files' headers), so that all raise together
+        names = set()
+        for path in paths:
+            with safe_open(path, "pt") as fh:
+                names.update(fh.keys())
+        unexpected = sorted(names - set(model.state_dict()))
         if unexpected:
             raise RuntimeError(f"checkpoint {ckpt!r} has weights the model lacks: "
                                f"{unexpected[:5]}")
-        fsdp.load_model_state(model, state)   # (tied weights: one of the pair is enough)
+        state = {}
+        if dist.rank() == 0:
+            for path in paths:
+                state.update(load_file(path))
+        # (tied weights: one of the pair is enough)
+        fsdp.load_model_state(model, state, from_rank0=True)
         return
+    state = {}
+    for path in paths:
+        state.update(load_file(path))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"checkpoint {ckpt!r} has weights the model lacks: "

@@ -9,6 +9,11 @@ calls the root (fused_linear included: ``LastHidden`` runs the whole model for o
 hands on the decoder's output: LastHidden(through_root=True)), and the fused loss then reads a plain
 lm_head. Checkpoints hold full tensors, as a single process writes them
 (torch.distributed.checkpoint.state_dict), so they load anywhere.
+
+A model read from a directory is read by rank 0 alone: the other ranks build it on the meta device
+from its config (trainer.loop.load_model), allocate only their shards, and receive rank 0's
+weights (``shard(..., from_rank0=True)``). So one process reads the files, one copy of the whole
+model sits in host memory per machine instead of one per rank, and the ranks cannot differ.
 """
 
 from __future__ import annotations
@@ -45,17 +50,36 @@ def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
                            "their shards")
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, *,
+          from_rank0: bool = False) -> torch.nn.Module:
     """fully_shard every decoder layer, then the model (the root), over all ranks on ``device``.
-    The parameters move to ``device`` as shards: the whole model never sits on one device."""
+    The parameters move to ``device`` as shards: the whole model never sits on one device.
+
+    ``from_rank0``: rank 0's model holds the weights and every other rank's is the same
+    architecture on the meta device; those ranks allocate their shards and rank 0 broadcasts its
+    tensors into them. Otherwise every rank holds the weights, checked equal first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _check_same_weights(model, device)
+    if from_rank0:
+        # rank 0's full tensors, held past fully_shard (which replaces them by shards); the
+        # non-persistent buffers (rotary frequencies and the like) are in no state dict
+        full = model.state_dict() if dist.rank() == 0 else {}
+        kept = set(model.state_dict())
+        buffers = [name for name, _ in model.named_buffers() if name not in kept]
+    else:
+        _check_same_weights(model, device)
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     for layer in _layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if from_rank0:
+        if dist.rank() != 0:
+            model.to_empty(device=device)   # the shards and buffers, uninitialised
+        load_model_state(model, full, from_rank0=True)
+        del full
+        for name in buffers:
+            torch.distributed.broadcast(model.get_buffer(name), src=0)
     return model
 
 
@@ -89,11 +113,13 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
-def load_model_state(model: torch.nn.Module, state: dict) -> None:
-    """Shard a full state dict (every rank read it) into the model's parameters."""
+def load_model_state(model: torch.nn.Module, state: dict, *, from_rank0: bool = False) -> None:
+    """Shard a full state dict into the model's parameters: every rank's (each read it), or, with
+    ``from_rank0``, rank 0's, broadcast one tensor at a time (the others pass an empty dict)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=_options(strict=False))
+    set_model_state_dict(model, state,
+                         options=_options(strict=False, broadcast_from_rank0=from_rank0))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

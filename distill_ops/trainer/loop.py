@@ -70,9 +70,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_model(spec: ModelLike, role: str, *, from_scratch: bool = False,
-               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+               dtype: torch.dtype = torch.float32, meta: bool = False) -> torch.nn.Module:
     """A model object as is, or a local directory loaded with AutoModelForCausalLM (never a
-    download). ``from_scratch`` builds the architecture from the directory's config.json.
+    download). ``from_scratch`` builds the architecture from the directory's config.json;
+    ``meta`` builds it on the meta device, without weights (an FSDP2 rank that receives rank 0's:
+    trainer.fsdp.shard).
 
     A path that does not exist is FileNotFoundError; a file, a directory without config.json or
     without weights, or one transformers cannot read is ModelLoadError naming ``role`` and the
@@ -99,9 +101,10 @@ def load_model(spec: ModelLike, role: str, *, from_scratch: bool = False,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        if from_scratch:
+        if from_scratch or meta:
             config = AutoConfig.from_pretrained(spec, local_files_only=True)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                return AutoModelForCausalLM.from_config(config, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the {role} model from {spec!r}: {_one_line(exc)}") \
@@ -232,16 +235,22 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     amp_dtype = _amp_dtype(cfg, device)
 
     # models ------------------------------------------------------------------------------
+    # Sharded, rank 0 alone reads (or initialises) a model given as a directory; the other ranks
+    # build it on the meta device and receive rank 0's weights as it is sharded (fsdp.shard).
+    on_meta = sharded and rank != 0
     student_spec = student if student is not None else cfg.student
-    student = load_model(student_spec, "student", from_scratch=cfg.student_from_scratch)
+    student = load_model(student_spec, "student", from_scratch=cfg.student_from_scratch,
+                         meta=on_meta)
     need_teacher = cfg.targets in ("dense", "topk", "sample")
     if need_teacher or teacher is not None or cfg.teacher:
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
         teacher_spec = teacher if teacher is not None else cfg.teacher
-        teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
+        teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32,
+                             meta=on_meta)
         teacher.eval().requires_grad_(False)
         # sharded: the shards move to the device (fsdp.shard), never the whole model
-        teacher = fsdp.shard(teacher, device) if sharded else teacher.to(device)
+        teacher = (fsdp.shard(teacher, device, from_rank0=isinstance(teacher_spec, str))
+                   if sharded else teacher.to(device))
         check_vocab(cfg, model_vocab(student), model_vocab(teacher))
         check_topk(cfg, model_vocab(student), model_vocab(teacher))
         check_tokenizers(cfg, cfg.tokenizer or model_dir(student_spec, student),
@@ -274,7 +283,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     # (sharded before the optimizer is built: it must hold the shards)
-    student = fsdp.shard(student, device) if sharded else student.to(device)
+    student = (fsdp.shard(student, device, from_rank0=isinstance(student_spec, str))
+               if sharded else student.to(device))
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
