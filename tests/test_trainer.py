@@ -162,6 +162,25 @@ def test_a_resume_needs_the_same_fsdp_setting(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_resume_keeps_no_copy_of_the_optimizer_state(tmp_path):
+    """load_checkpoint hands the optimizer and scheduler their states and returns the rest: the
+    trainer keeps that dict for the whole run, and on a GPU a host copy of AdamW's state (twice
+    the student in float32) would stay alive with it."""
+    from distill_ops.trainer.optim import build_optimizer, build_scheduler
+
+    c = cfg(tmp_path, max_steps=1, save_final=True)
+    res = train(c, student=tiny(), teacher=tiny(48, seed=1), train_dataset=blocks())
+    model = tiny()
+    optimizer = build_optimizer(model, c)
+    scheduler = build_scheduler(optimizer, c)
+    state = ckpt_lib.load_checkpoint(res.checkpoint, model, optimizer, scheduler)
+    assert "optimizer" not in state and "scheduler" not in state and state["step"] == 1
+    assert scheduler.last_epoch == 1
+    saved = torch.load(os.path.join(res.checkpoint, ckpt_lib.STATE_FILE), weights_only=False)
+    torch.testing.assert_close(optimizer.state_dict()["state"], saved["optimizer"]["state"],
+                               rtol=0, atol=0)
+
+
 def test_topk_larger_than_the_vocabulary_is_refused_before_the_first_step(tmp_path, monkeypatch):
     import distill_ops.trainer.loop as loop
 

@@ -268,8 +268,13 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[
                     sharded: bool = False) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state. With
     ``config`` (the resuming run's TrainConfig.to_dict()), check_resume runs first, before
-    anything is changed. ``sharded``: an FSDP2 model (save_checkpoint's)."""
-    state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+    anything is changed. ``sharded``: an FSDP2 model (save_checkpoint's).
+
+    The optimizer's and scheduler's states are taken out of the returned dict: the caller keeps it
+    for the run, and the optimizer state's host copy (twice the student in float32 for AdamW) must
+    not live that long. The file is memory-mapped, so the ranks of one machine share its pages."""
+    state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False,
+                       mmap=True)
     if config is not None:
         check_resume(ckpt, state, config, dist.world_size())
     if bool(state.get("sharded", False)) != sharded:
@@ -283,10 +288,10 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[
     if sharded:
         from . import fsdp
 
-        fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+        fsdp.load_optimizer_state(model, optimizer, state.pop("optimizer"))
     else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
     rng_file = os.path.join(ckpt, f"rng_state_{dist.rank()}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
