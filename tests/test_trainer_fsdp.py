@@ -59,6 +59,9 @@ def _worker(rank, world, tmp, data, fused):
         straight = train(_config(os.path.join(tmp, "a"), **kw), student=student,
                          teacher=teacher, train_dataset=data, eval_dataset=data[:8])
         assert type(straight.model.lm_head.weight).__name__ == "DTensor"
+        # the teacher's root unit (embeddings, lm_head) is sharded again after its forwards:
+        # FSDP2 keeps a root gathered for a backward, which a teacher never has
+        assert type(teacher.lm_head.weight).__name__ == "DTensor"
         # from the straight run's checkpoint-2, written sharded, to step 4 again
         resumed = train(_config(os.path.join(tmp, "b"), **kw,
                                 resume_from=os.path.join(tmp, "a", "checkpoint-2")),

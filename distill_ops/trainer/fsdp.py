@@ -83,6 +83,15 @@ def shard(model: torch.nn.Module, device: torch.device, *,
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters of a sharded model that no backward will follow (the teacher).
+    FSDP2 leaves the root unit's parameters gathered after a forward, for the backward it expects
+    next: without one they would stay whole on every rank for the run (a teacher's embeddings and
+    lm_head, 2 V H values). Call once the forward's outputs (the loss's teacher side included)
+    are computed."""
+    model.reshard()
+
+
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """FSDP2's no_sync: reduce-scatter the gradients only on the last micro-batch of a step."""
     model.set_requires_gradient_sync(sync)

@@ -320,6 +320,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         out = evaluate(student, eval_ds, batch_size=cfg.micro_batch_size, device=device,
                        teacher=teacher, amp_dtype=amp_dtype, limit=0 if full else cfg.eval_batches,
                        backend=cfg.backend)
+        if sharded and teacher is not None:
+            fsdp.reshard(teacher)
         if writer:
             writer.write({"step": at_step, **out})
         return out
@@ -364,6 +366,8 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                     seed = functools.partial(sample_seed, cfg, step, a, rank)
                     loss_sum = _micro_step(cfg, model, teacher_fwd, batch, labels.to(device),
                                            device, amp_dtype, student_vocab, seed)
+                    if sharded and teacher is not None:
+                        fsdp.reshard(teacher)
                     (loss_sum * scale).backward()
                 step_loss += loss_sum.detach().double()
                 counters.seen_tokens += int(batch["input_ids"].numel()) * world
