@@ -4,6 +4,7 @@ the CPU, one intra-op thread, and an exit without interpreter finalisation."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import faulthandler
 import os
 import sys
@@ -22,8 +23,9 @@ def gloo_process(rank: int, world: int, tmp: str) -> Iterator[None]:
     # A crash in C++ (gloo) dumps every thread's Python stack to stderr, which pytest shows.
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
+    # a collective that one rank never joins fails after two minutes instead of hanging CI
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                             world_size=world)
+                             world_size=world, timeout=datetime.timedelta(minutes=2))
     try:
         yield
         tdist.barrier()   # neither rank tears down while the other still talks

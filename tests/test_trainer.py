@@ -231,9 +231,41 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_shift_labels_masks_last_and_padding():
-    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    assert shift_labels(ids, mask).tolist() == [[6, 7, 8, -100], [2, -100, -100, -100]]
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0], [0, 0, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]])
+    # left padding too: the pad before the first token predicts nothing (it was scored on it)
+    assert shift_labels(ids, mask).tolist() == [[6, 7, 8, -100], [2, -100, -100, -100],
+                                                [-100, -100, 4, -100]]
+
+
+def test_dataset_labels_are_honoured(tmp_path):
+    """Items that carry ``labels`` (transformers' layout: aligned with input_ids, -100 on the
+    prompt) are scored on those: the logged loss is the float64 CE over the labelled completion
+    tokens alone, ragged items' labels pad with -100, and ``tokens`` counts inputs, not padding.
+    Until 2026-12-07 the loop rebuilt the labels from input_ids and trained on the prompts."""
+    from distill_ops.trainer.data import collate
+
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for length in (12, 12, 9, 12):
+        ids = torch.randint(0, V, (length,), generator=g)
+        labels = ids.clone()
+        labels[:6] = -100   # the prompt
+        items.append({"input_ids": ids, "labels": labels})
+    assert collate(items)["labels"][2, 9:].tolist() == [-100] * 3
+    model = tiny()
+    batch = collate(items)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.double()
+    target = torch.full_like(batch["labels"], -100)
+    target[:, :-1] = batch["labels"][:, 1:]
+    expected = float(torch.nn.functional.cross_entropy(logits.reshape(-1, V), target.reshape(-1)))
+    res = train(cfg(tmp_path, max_steps=1, micro_batch_size=4, targets="none", eval_fraction=0.0),
+                student=model, train_dataset=items)
+    row = next(r for r in res.history if "loss" in r)
+    assert row["loss"] == pytest.approx(expected, rel=1e-5)
+    assert row["tokens"] == 12 * 3 + 9
 
 
 def test_collate_pads_ragged_sequences():

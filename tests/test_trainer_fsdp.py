@@ -56,8 +56,10 @@ def _worker(rank, world, tmp, data, fused):
             train(_config(os.path.join(tmp, "x"), **kw), student=_models(seed=rank)[0],
                   teacher=_models()[1], train_dataset=data)
         student, teacher = _models()
+        # 12 held-out sequences: 3 batches, 2 on rank 0 and 1 on rank 1, whose FSDP2 forwards
+        # (collectives) must still pair up (rank 1 joins with a one-token forward)
         straight = train(_config(os.path.join(tmp, "a"), **kw), student=student,
-                         teacher=teacher, train_dataset=data, eval_dataset=data[:8])
+                         teacher=teacher, train_dataset=data, eval_dataset=data[:12])
         assert type(straight.model.lm_head.weight).__name__ == "DTensor"
         # the teacher's root unit (embeddings, lm_head) is sharded again after its forwards:
         # FSDP2 keeps a root gathered for a backward, which a teacher never has
@@ -86,7 +88,7 @@ def test_fsdp_two_gloo_processes_match_single_process(tmp_path, fused):
     student, teacher = _models()
     single = train(_config(str(tmp_path / "single"), grad_accum_steps=2, fused_linear=fused,
                            eval_batches=1),
-                   student=student, teacher=teacher, train_dataset=data, eval_dataset=data[:8])
+                   student=student, teacher=teacher, train_dataset=data, eval_dataset=data[:12])
     state = single.model.state_dict()
     ref = torch.cat([state[k].flatten() for k in sorted(state)])
     torch.testing.assert_close(straight, ref, rtol=1e-4, atol=1e-6)

@@ -24,14 +24,25 @@ def shift_labels(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token labels aligned with the logits: labels[..., t] = input_ids[..., t + 1].
 
-    The last position has no next token and padding positions (attention_mask == 0 at t + 1)
-    predict nothing: both get ``ignore_index``.
+    The last position has no next token, and a padding position (attention_mask 0 at t or at
+    t + 1, right or left padding) predicts nothing: all get ``ignore_index``. ``input_ids`` may
+    itself be a labels tensor (transformers' convention: aligned with the inputs, -100 where
+    nothing is scored), whose -100 entries stay ignored.
     """
     labels = torch.full_like(input_ids, ignore_index)
     labels[..., :-1] = input_ids[..., 1:]
     if attention_mask is not None:
         labels[..., :-1].masked_fill_(attention_mask[..., 1:] == 0, ignore_index)
+        labels.masked_fill_(attention_mask == 0, ignore_index)
     return labels
+
+
+def next_token_labels(batch: dict) -> torch.Tensor:
+    """The labels a batch is scored against: its ``labels`` where it has them (aligned with
+    ``input_ids`` as in transformers, -100 on prompt or padding tokens), else its ``input_ids``,
+    shifted by one (shift_labels)."""
+    source = batch["labels"] if "labels" in batch else batch["input_ids"]
+    return shift_labels(source, batch.get("attention_mask"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,13 +230,14 @@ def as_dataset(data):
 
 # The right-padding value of a key, 0 for any other. Cached target ids pad with -1, the padding
 # id sparse_kd_loss skips: a 0 would repeat id 0 in a padded position's row, which it refuses.
-PAD_VALUES = {"ids": -1}
+# Labels pad with -100 (a 0 would be a token to predict).
+PAD_VALUES = {"ids": -1, "labels": IGNORE_INDEX}
 
 
 def collate(items: Sequence[dict]) -> dict:
     """Stack per-sequence dicts into a batch; a sequence shorter than the longest is right-padded
-    (input_ids with 0 and attention_mask 0, target ids with -1, other targets with zeros) so its
-    padding predicts nothing."""
+    (input_ids with 0 and attention_mask 0, labels with -100, target ids with -1, other targets
+    with zeros) so its padding predicts nothing."""
     longest = max(int(item["input_ids"].shape[0]) for item in items)
     out: dict = {}
     padded = any(int(item["input_ids"].shape[0]) != longest for item in items)
@@ -303,13 +315,20 @@ class StepBatches:
 
 
 def eval_batches(dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 limit: int = 0) -> Iterable[dict]:
+                 limit: int = 0, lockstep: bool = False) -> Iterable[Optional[dict]]:
     """Sequential evaluation batches; rank r takes every world_size-th batch. ``limit`` > 0 caps
-    the number of global batches."""
+    the number of batches over all ranks (so an evaluation reads the same sequences whatever the
+    world size). ``lockstep``: every rank yields as many items as the busiest one, None once it
+    is out of batches (FSDP2's forwards are collectives that every rank must join)."""
     n = len(dataset)
     starts = list(range(0, n, batch_size))
     if limit:
-        starts = starts[: limit * world_size]
-    for j, lo in enumerate(starts):
-        if j % world_size == rank:
+        starts = starts[:limit]
+    mine = starts[rank::world_size]
+    rounds = -(-len(starts) // world_size) if lockstep else len(mine)
+    for j in range(rounds):
+        if j < len(mine):
+            lo = mine[j]
             yield collate([dataset[i] for i in range(lo, min(lo + batch_size, n))])
+        else:
+            yield None

@@ -18,9 +18,10 @@ from typing import Optional, Union
 
 import torch
 
+from .._dtensor import is_dtensor
 from ..functional import kd_loss
 from . import dist
-from .data import IGNORE_INDEX, as_dataset, eval_batches, shift_labels
+from .data import IGNORE_INDEX, as_dataset, eval_batches, next_token_labels
 from .objective import cross_entropy_sum
 
 
@@ -36,19 +37,29 @@ def evaluate(model: torch.nn.Module, dataset: Union[torch.Tensor, torch.utils.da
              amp_dtype: Optional[torch.dtype] = None, limit: int = 0,
              backend: str = "auto") -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (items with ``input_ids``, optionally cached targets
-    ``ids``/``logprobs``). Works under DDP (each rank takes a shard; sums are all-reduced)."""
+    ``ids``/``logprobs``) and its labels (data.next_token_labels). Works under DDP and FSDP2
+    (each rank takes a shard; sums are all-reduced)."""
     dataset = as_dataset(dataset)
     was_training = model.training
     model.eval()
     ce = kl = agree = correct = 0.0
     tokens = 0
     have_kl = have_top1 = False
+    # FSDP2 (sharded parameters): each forward all-gathers, so every rank runs as many
+    lockstep = any(map(is_dtensor, model.parameters()))
     for batch in eval_batches(dataset, batch_size, rank=dist.rank(),
-                              world_size=dist.world_size(), limit=limit):
+                              world_size=dist.world_size(), limit=limit, lockstep=lockstep):
+        if batch is None:   # this rank is out of batches: a one-token forward joins the others'
+            one = torch.zeros((1, 1), dtype=torch.long, device=device)
+            with autocast(device, amp_dtype):
+                model(input_ids=one)
+                if teacher is not None:
+                    teacher(input_ids=one)
+            continue
         input_ids = batch["input_ids"].to(device)
         mask = batch.get("attention_mask")
         mask = mask.to(device) if mask is not None else None
-        labels = shift_labels(input_ids, mask)
+        labels = next_token_labels(batch).to(device)
         keep = labels != IGNORE_INDEX
         with autocast(device, amp_dtype):
             logits = model(input_ids=input_ids, attention_mask=mask).logits

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_lib
 from . import dist, fsdp
 from .config import ConfigError, ModelLoadError, TrainConfig
 from .data import (BlockDataset, StepBatches, as_dataset, load_documents, load_tokenizer,
-                   pack_documents, shift_labels, split_documents)
+                   next_token_labels, pack_documents, split_documents)
 from .eval import autocast, evaluate
 from .interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from .metrics import JsonlWriter, PeakMemory, read_jsonl
@@ -350,9 +350,13 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             micro = batches.micro_batches(step)
-            labels_list = [shift_labels(b["input_ids"], b.get("attention_mask")) for b in micro]
+            labels_list = [next_token_labels(b) for b in micro]
             local_tokens = sum(count_tokens(lab) for lab in labels_list)
-            (global_tokens,) = dist.all_reduce_sum([local_tokens], device)
+            # the input tokens (padding left out) of every rank, for tokens and tokens_per_s
+            local_inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                               else b["input_ids"].numel() for b in micro)
+            global_tokens, global_inputs = dist.all_reduce_sum([local_tokens, local_inputs],
+                                                               device)
             # mean over the global batch's labelled tokens; DDP averages over ranks, hence * world.
             scale = world / max(global_tokens, 1.0)
             lr = scheduler.get_last_lr()[0]
@@ -370,7 +374,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                         fsdp.reshard(teacher)
                     (loss_sum * scale).backward()
                 step_loss += loss_sum.detach().double()
-                counters.seen_tokens += int(batch["input_ids"].numel()) * world
+            counters.seen_tokens += int(global_inputs)
             max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")   # 0 or None: no clipping
             grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(student.parameters(),
                                                                       max_norm))
@@ -447,7 +451,7 @@ class _Counters:
     """The running sums behind metrics.jsonl's rows, saved in each checkpoint so that a resumed
     run logs what the uninterrupted one would (the loss averaged since the last logged step,
     cumulative tokens, tokens/s and elapsed_s) instead of starting them over."""
-    seen_tokens: int = 0          # input tokens of all ranks
+    seen_tokens: int = 0          # input tokens (not padding) of all ranks
     train_seconds: float = 0.0    # this rank's time in training steps
     log_loss: float = 0.0         # this rank's loss sum since the last logged row
     log_tokens: float = 0.0       # and its labelled tokens
