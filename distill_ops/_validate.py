@@ -15,6 +15,8 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     return x
 
 
@@ -47,6 +49,20 @@ def positive(name: str, value: object) -> float:
     return v
 
 
+# The kernels take 1/temperature and temperature**2 as float32: beyond these bounds one of them
+# would be 0 or inf (and the loss NaN).
+TEMPERATURE_RANGE = (1e-18, 1e18)
+
+
+def temperature(name: str, value: object) -> float:
+    v = positive(name, value)
+    low, high = TEMPERATURE_RANGE
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}] (the kernels take 1/{name} and "
+                         f"{name}**2 in float32), got {value}")
+    return v
+
+
 def finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -60,8 +76,11 @@ def finite(name: str, value: object) -> float:
 
 
 def integer(name: str, value: object) -> int:
+    """An int that fits int64 (the ops' integer arguments are int64)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return value
 
 
@@ -97,6 +116,32 @@ def distinct_rows(name: str, x2d: torch.Tensor) -> None:
                          "copy or inplace_grad=False")
 
 
+def _byte_span(x: torch.Tensor) -> tuple[int, int]:
+    """The [start, end) bytes of x's storage that its elements can touch."""
+    if x.numel() == 0:
+        return (0, 0)
+    last = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
+    low = x.storage_offset() - sum((size - 1) * abs(stride)
+                                   for size, stride in zip(x.shape, x.stride()) if stride < 0)
+    return (low * x.element_size(), (low + last + 1) * x.element_size())
+
+
+def no_overlap(name: str, x: Optional[torch.Tensor], target_name: str,
+               target: torch.Tensor) -> None:
+    """For inplace_grad: the gradient is written over ``target`` while ``x`` is still read, so x
+    must not share its memory (a teacher sliced from the student's buffer would be overwritten
+    row by row). Conservative: any overlap of the two byte ranges in one storage is refused."""
+    if x is None or x.numel() == 0 or target.numel() == 0:
+        return
+    if x.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+        return
+    (a0, a1), (b0, b1) = _byte_span(x), _byte_span(target)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"inplace_grad=True writes the gradient over {target_name}, and {name} "
+                         f"shares its memory (a view of the same buffer); pass a copy of {name} "
+                         "or inplace_grad=False")
+
+
 def choice(name: str, value: object, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
@@ -120,12 +165,15 @@ def labels(
         )
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but the logits are on {ref.device}")
+    # In int64, as the kernels read them: compared in a narrower dtype, an ignore_index outside
+    # its range would wrap (int8: 200 == -56) and pass what the kernels then index with.
+    flat = x.reshape(-1).to(torch.int64).contiguous()
     # A value check reads the data: under torch.compile it would break the graph on every call, so
     # it runs in eager mode only (compiled code is expected to have been run eagerly once).
-    bad = ((x < 0) | (x >= vocab)) & (x != ignore_index)
-    if not torch.compiler.is_compiling() and x.numel() and bool(bad.any()):
-        first = x[bad].flatten()[0].item()
+    bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
+    if not torch.compiler.is_compiling() and flat.numel() and bool(bad.any()):
+        first = flat[bad][0].item()
         raise ValueError(
             f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
         )
-    return x.reshape(-1).to(torch.int64).contiguous()
+    return flat

@@ -46,7 +46,7 @@ def loss_constants(*, divergence: str, temperature: float, beta: float, alpha: f
     kernels' constants: (divergence code, mix, tau, softcap or 0, soft coefficient with the tau^2
     factor, hard coefficient)."""
     check.choice("divergence", divergence, DIVERGENCES)
-    tau = check.positive("temperature", temperature)
+    tau = check.temperature("temperature", temperature)
     beta = check.unit_interval("beta", beta)
     alpha = check.unit_interval("alpha", alpha)
     hard_weight = check.non_negative("hard_weight", hard_weight)
@@ -160,6 +160,7 @@ def kd_loss(
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
         check.distinct_rows("student_logits", student2d)
+        check.no_overlap("teacher_logits", teacher2d, "student_logits", student2d)
         loss = inplace_dense_kd(student2d, teacher2d, label_rows, *args, name)
     else:
         loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)

@@ -49,11 +49,12 @@ def _check_ids(ids: object, student: torch.Tensor) -> torch.Tensor:
     check.same_device(name, ids, "student_logits", student)
     if _eager() and ids.numel():
         v = student.shape[-1]
-        bad = (ids < -1) | (ids >= v)
+        wide = ids.to(torch.int64)   # (in uint8, -1 would wrap to 255)
+        bad = (wide < -1) | (wide >= v)
         if bool(bad.any()):
             raise ValueError(f"{name} must be in [0, {v}) or -1 (padding); found "
-                             f"{ids[bad].flatten()[0].item()}")
-        srt = ids.reshape(-1, ids.shape[-1]).sort(-1).values
+                             f"{wide[bad][0].item()}")
+        srt = wide.reshape(-1, ids.shape[-1]).sort(-1).values
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
         if bool(dup.any()):
             row, col = dup.nonzero()[0].tolist()
@@ -180,9 +181,11 @@ def sparse_kd_loss(
     Args:
         student_logits: (..., V) float32/bfloat16/float16/float64; the gradient flows into it.
         target_ids: integer (..., k), each in [0, V) and unique in its row, or -1 (padding); rows
-            with no valid id contribute only their CE term. Or a SparseTargets (then
+            with no valid id contribute only their CE term, as do rows whose valid slots all
+            have logprob -inf (no teacher mass: no divergence term). Or a SparseTargets (then
             target_logprobs and tail_logmass come from it).
         target_logprobs: float (..., k): log-weights of the ids (no NaN or +inf at valid slots).
+            The targets are constants: no gradient flows into them (nor into tail_logmass).
         tail_logmass: optional float (...): log of the teacher mass outside the ids (tail mode).
         labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction,
             inplace_grad, backend: as in :func:`distill_ops.kd_loss` (``inplace_grad=True``
@@ -211,6 +214,8 @@ def sparse_kd_loss(
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad=True is an eager-mode option; it cannot be compiled")
         check.distinct_rows("student_logits", student2d)
+        for arg, t in (("target_logprobs", call.logprobs), ("tail_logmass", call.tail)):
+            check.no_overlap(arg, t, "student_logits", student2d)
         loss = inplace_sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
                                      *call.consts, red, call.backend)
     else:
@@ -237,7 +242,7 @@ def sparse_keywords(*, divergence: str, temperature: float, tail: str, hard_weig
     check.choice("tail", tail, TAILS)
     target_scale = 1.0
     if target_temperature is not None:
-        target_scale = 1.0 / check.positive("target_temperature", target_temperature)
+        target_scale = 1.0 / check.temperature("target_temperature", target_temperature)
         if tail == "tail":
             raise ValueError("target_temperature re-tempers the targets over their ids and needs "
                              "tail='renorm' (the tail bucket cannot be re-tempered)")
@@ -286,7 +291,8 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
     ids = _check_ids(target_ids, student)
     v = student.shape[-1]
     label_rows = check.labels(labels, student, v, ignore_index)
-    counted = None if label_rows is None else (labels != ignore_index)
+    # (from the int64 labels: in a narrower dtype ignore_index could wrap)
+    counted = None if label_rows is None else (label_rows != ignore_index).reshape(labels.shape)
     logprobs = _check_logprobs(target_logprobs, ids, counted)
     tails = _check_tail(tail_logmass, student, counted)
     if hard_weight > 0 and label_rows is None:

@@ -37,6 +37,7 @@ CASES = [
     ("student_bool", dict(student_logits=S > 0), TypeError, "student_logits"),
     ("student_complex", dict(student_logits=S.to(torch.complex64)), TypeError, "student_logits"),
     ("student_not_tensor", dict(student_logits=S.tolist()), TypeError, "student_logits"),
+    ("student_sparse_coo", dict(student_logits=S.to_sparse()), TypeError, "student_logits"),
     ("teacher_none", dict(teacher_logits=None), TypeError, "teacher_logits"),
     ("empty_vocab", dict(student_logits=S[:, :0], teacher_logits=T[:, :0]), ValueError,
      "student_logits"),
@@ -47,6 +48,9 @@ CASES = [
     ("temperature_negative", dict(temperature=-1.0), ValueError, "temperature"),
     ("temperature_nan", dict(temperature=math.nan), ValueError, "temperature"),
     ("temperature_inf", dict(temperature=math.inf), ValueError, "temperature"),
+    # beyond float32's range for 1/temperature or temperature**2: NaN until 2026-12-07
+    ("temperature_tiny", dict(temperature=1e-40), ValueError, "temperature must be in"),
+    ("temperature_huge", dict(temperature=1e20), ValueError, "temperature must be in"),
     ("temperature_str", dict(temperature="2"), TypeError, "temperature"),
     ("temperature_tensor", dict(temperature=torch.tensor(2.0)), TypeError, "temperature"),
     ("beta_negative", dict(beta=-0.1), ValueError, "beta"),
@@ -62,6 +66,12 @@ CASES = [
     ("labels_too_big", dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
     ("labels_negative", dict(labels=torch.tensor([0, -1, 2, 3])), ValueError, "labels"),
     ("labels_other_ignore", dict(labels=LABELS, ignore_index=-1), ValueError, "labels"),
+    # compared in the labels' own dtype, 200 wrapped to -56 in int8 and the label passed
+    ("labels_int8_ignore_out_of_range", dict(labels=torch.tensor([1, -56, 3, 4], dtype=torch.int8),
+                                             ignore_index=200), ValueError, "labels .* found -56"),
+    ("labels_uint8_ignore_minus_one", dict(labels=torch.tensor([1, 255, 3, 4], dtype=torch.uint8),
+                                           ignore_index=-1), ValueError, "labels .* found 255"),
+    ("ignore_index_beyond_int64", dict(ignore_index=2 ** 63), ValueError, "ignore_index"),
     ("ignore_index_float", dict(ignore_index=-100.0), TypeError, "ignore_index"),
     ("ignore_index_bool", dict(ignore_index=True), TypeError, "ignore_index"),
     ("hard_weight_without_labels", dict(hard_weight=0.5), ValueError, "hard_weight"),
@@ -136,3 +146,16 @@ def test_module_validates_like_the_function(no_kernel):
         KDLoss(temperature=0.0)(S, T)
     with pytest.raises(ValueError, match="labels"):
         KDLoss()(S, T, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_inplace_grad_refuses_a_teacher_in_the_students_memory(no_kernel, backend):
+    """The gradient is written over the student rows while the teacher is read: a teacher sliced
+    from the same buffer (row r of the teacher = row r - 1 of the student) was overwritten
+    before it was read (cpu, triton: 30% off the loss, no error)."""
+    work = torch.randn(5, 10, requires_grad=True) * 1
+    with pytest.raises(ValueError, match="teacher_logits shares its memory"):
+        kd_loss(work[1:], work[:4].detach(), inplace_grad=True, backend=backend)
+    # rows of the same buffer that do not overlap are fine
+    with pytest.raises(AssertionError, match="reached"):
+        kd_loss(work[2:4], work[:2].detach(), inplace_grad=True, backend=backend)

@@ -46,6 +46,9 @@ CASES = [
      "hard_weight > 0 needs labels"),
     ("labels out of range", lambda s, i, l, kw: kw.update(labels=torch.tensor([0, 1, 99, 2])),
      ValueError, r"labels must be in \[0, 12\)"),
+    ("int8 labels, ignore_index outside int8", lambda s, i, l, kw: kw.update(
+        labels=torch.tensor([0, -56, 1, 2], dtype=torch.int8), ignore_index=200), ValueError,
+     r"labels must be in \[0, 12\) or equal ignore_index=200; found -56"),
     ("bad backend", lambda s, i, l, kw: kw.update(backend="gpu"), ValueError,
      "backend must be one of"),
     ("beta out of range", lambda s, i, l, kw: kw.update(divergence="jsd", beta=1.5), ValueError,
@@ -150,3 +153,19 @@ def test_env_override_to_the_cpu_backend(monkeypatch):
         sparse_kd_loss(s, ids, lp)
     monkeypatch.setenv("DISTILL_OPS_BACKEND", "torch")
     assert torch.isfinite(sparse_kd_loss(s, ids, lp))
+
+
+def test_narrow_integer_ids_are_read_as_ids():
+    """uint8 target ids (no padding possible) give the int64 ids' loss: the range check compared
+    them in uint8, where -1 is 255, and refused every id ("found 0")."""
+    s, ids, lp = _inputs()
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [11, 9, 10]])
+    want = sparse_kd_loss(s, ids, lp)
+    assert torch.equal(sparse_kd_loss(s, ids.to(torch.uint8), lp), want)
+
+
+def test_inplace_grad_refuses_target_logprobs_in_the_students_memory():
+    s, ids, lp = _inputs()
+    work = torch.cat([s, lp.expand(4, K)], dim=1) * 1   # one buffer: student, then the targets
+    with pytest.raises(ValueError, match="target_logprobs shares its memory"):
+        sparse_kd_loss(work[:, :V], ids, work[:, :K].detach(), inplace_grad=True)

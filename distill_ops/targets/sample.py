@@ -33,13 +33,14 @@ def teacher_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatur
     of merged duplicates), ordered by weight descending then id ascending; logprobs = log of the
     normalised importance weights (float32; -inf in padding); tail_logmass = -inf (the weights stand
     for the whole distribution; use these targets with tail="renorm"). A row's draws depend only on
-    (seed, its row index in the flattened leading dims, the logits). NaN logits are refused;
+    (seed, its row index in the flattened leading dims, the logits); any int is a seed, taken
+    modulo 2**63 (so -1 and 2**63 - 1 draw alike). NaN logits are refused;
     -inf ones are never drawn (a row of -inf only draws id 0).
     """
     x = check.logits("teacher_logits", teacher_logits)
     n = count_arg("num_samples", num_samples, high=MAX_SAMPLES)
-    tau = check.positive("temperature", temperature)
-    tp = check.positive("proposal_temperature", proposal_temperature)
+    tau = check.temperature("temperature", temperature)
+    tp = check.temperature("proposal_temperature", proposal_temperature)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     check.choice("backend", backend, backends.BACKENDS)

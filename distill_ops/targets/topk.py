@@ -47,7 +47,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     x = check.logits("teacher_logits", teacher_logits)
     v = x.shape[-1]
     k = count_arg("k", k, high=v, high_name=f"the vocabulary size V = {v}")
-    tau = check.positive("temperature", temperature)
+    tau = check.temperature("temperature", temperature)
     check.choice("backend", backend, backends.BACKENDS)
     name = sparse_ops.resolve(backend, x.device)
     if name == "triton" and k > TRITON_MAX_K:
