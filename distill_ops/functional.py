@@ -11,6 +11,7 @@ from . import backends
 from .backends.base import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
 from .ops.dense import dense_kd, inplace_dense_kd
 from .ops.fused_grad import REDUCTIONS
+from .ops.teacher_dtype import teacher_as
 
 DIVERGENCES = tuple(DIVERGENCE_CODES) + ("generalized_jsd",)
 VOCAB_MODES = ("strict", "common_prefix")
@@ -92,7 +93,9 @@ def kd_loss(
 
     Args:
         student_logits: (..., V) float32/bfloat16/float16/float64; the gradient flows into it.
-        teacher_logits: (..., V) same leading shape, same device; never differentiated.
+        teacher_logits: (..., V) same leading shape, same device; never differentiated. Any
+            float dtype: cast to the student's, a narrowing cast after subtracting each row's
+            max (the softmax is unchanged; not with a softcap, which is not shift-invariant).
         labels: optional integer (...) hard labels; rows equal to ``ignore_index`` contribute
             nothing, get a zero gradient and are not counted by ``mean``.
         reduction: ``none`` (per token, float32), ``sum``, ``mean`` (over non-ignored tokens; 0 if
@@ -146,9 +149,9 @@ def kd_loss(
     teacher2d = teacher.detach().reshape(-1, vocab_size)
     if student2d.stride(-1) != 1:
         student2d = student2d.contiguous()
-    if teacher2d.dtype != student2d.dtype:
-        # Kernels take one dtype for both sides; a mixed pair costs one cast of the teacher.
-        teacher2d = teacher2d.to(student2d.dtype)
+    # Kernels take one dtype for both sides; a mixed pair costs one cast of the teacher (rows
+    # shifted by their max first when it narrows: ops.teacher_dtype).
+    teacher2d = teacher_as(teacher2d, student2d.dtype, softcapped=cap > 0)
     if teacher2d.stride(-1) != 1:
         # (Not .to(memory_format=...): for a transposed 2-D view that aliases instead of copying.)
         teacher2d = teacher2d.contiguous()

@@ -184,6 +184,22 @@ def test_mixed_teacher_dtype(backend, device):
     check_against_oracle(s, t, divergence="reverse_kl", temperature=2.0, backend=backend)
 
 
+@pytest.mark.parametrize("dtype,offset", [(torch.bfloat16, 30.0), (torch.float16, 1e4)],
+                         ids=["bf16", "fp16"])
+def test_wider_teacher_keeps_its_precision(backend, device, dtype, offset):
+    """A float32 teacher with a 16-bit student: the teacher's rows are shifted by their max before
+    the cast, so the logits that carry the mass are rounded where the 16-bit dtype is finest.
+    Cast as they were (until 2026-12-07), logits near 30 rounded to multiples of 0.125 in bf16
+    (gradient 3e-2 off) and logits near 1e4 to multiples of 8 in fp16 (loss 17-80% off). Held to
+    a loss of 1e-3 and the gradient's own 16-bit rounding (5e-3), against the float64 oracle on
+    the float32 teacher itself."""
+    s, t = make_logits(N, V, seed=seed_of("wider", offset), device=device)
+    check_against_oracle(s.to(dtype), t + offset, temperature=1.5, hard_weight=0.0,
+                         loss_tol=1e-3, grad_tol=5e-3, backend=backend)
+    check_against_oracle(s.to(dtype), t + offset, divergence="jsd", loss_tol=1e-3, grad_tol=5e-3,
+                         backend=backend)
+
+
 def test_no_grad_and_detached_student(backend, device):
     s, t = make_logits(N, V, seed=seed_of("nograd"), device=device)
     ref = kd_loss(s.clone().requires_grad_(True), t, backend=backend).detach()

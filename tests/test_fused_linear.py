@@ -374,6 +374,21 @@ def test_mixed_dtypes_and_no_tokens():
     assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 8)
 
 
+def test_wider_teacher_is_shifted_before_its_cast():
+    """A float32 teacher head with float16 student states: each chunk's teacher logits are shifted
+    by their row max before the cast (ops.teacher_dtype), as kd_loss does. Logits near 1e4 (a
+    teacher bias) rounded to multiples of 8 in float16 before 2026-12-07."""
+    c = make_case((6,), 8, 8, 19, seed=15)
+    bias = torch.full((19,), 1e4)
+    got = fused_linear_kd_loss(c["hs"].half(), c["ws"].half(), c["ht"], c["wt"],
+                               teacher_bias=bias, chunk_size=4)
+    s64 = c["hs"].half().double() @ c["ws"].half().double().t()
+    t64 = c["ht"].double() @ c["wt"].double().t() + 1e4
+    lp, lq = t64.log_softmax(-1), s64.log_softmax(-1)
+    want = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert rel_err(got, want) < 2e-3
+
+
 def test_module_form():
     from distill_ops import FusedLinearKDLoss
 

@@ -24,7 +24,7 @@ it is the oracle).
 
 Shapes: ``student`` and ``teacher`` are 2-D (N, V) with unit stride on the last axis (row strides
 may be larger than V: common-prefix views are passed without a copy); same N and V; the same dtype,
-one of fp32/bf16/fp16/fp64 (the public API casts the teacher to the student's dtype if they differ). ``labels`` is int64 (N,) or None; every label is either
+one of fp32/bf16/fp16/fp64 (the public API casts the teacher to the student's dtype if they differ: ops.teacher_dtype). ``labels`` is int64 (N,) or None; every label is either
 ignore_index or in [0, V) (checked by the caller). ``grad_scale`` is a 0-dim float32 tensor (float64 for
 float64 inputs) on the same device, or None for 1.0 (it carries 1/count for the "mean" reduction without a host sync).
 ``grad`` is None or (N, V) with unit last stride; it may be ``student`` itself (in-place gradient):

@@ -18,6 +18,7 @@ import torch
 
 from .. import backends
 from .sparse import _impl as sparse_impl
+from .teacher_dtype import teacher_as
 
 # A chunk's logits, per side, at most this many bytes when no chunk size is given.
 CHUNK_BYTES = 256 * 1024 * 1024
@@ -69,9 +70,9 @@ def _chunk_loss(kind: str, kernel, s: torch.Tensor, lo: int, hi: int, targets: t
     grad = s if need else None
     if kind == "dense":   # targets: the teacher's hidden states, weight, bias
         h_t, w_t, b_t = targets
-        # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
-        t = project(h_t[lo:hi], w_t, b_t).to(s.dtype)
         code, mix, tau, cap, soft_coef, hard_coef, ignore_index = consts
+        # The kernels take one dtype for both sides (as kd_loss, the teacher is cast).
+        t = teacher_as(project(h_t[lo:hi], w_t, b_t), s.dtype, softcapped=cap > 0)
         rows = kernel(s, t, lab, divergence=code, mix=mix, temperature=tau, softcap=cap,
                       soft_coef=soft_coef, hard_coef=hard_coef, ignore_index=ignore_index,
                       grad=grad, grad_scale=scale)
