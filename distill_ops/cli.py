@@ -52,6 +52,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     cfg = (TrainConfig.from_yaml(args.config, overrides) if args.config
            else TrainConfig.from_dict(overrides))
     started = dist.init_from_env(cfg.device)
+    main = dist.is_main()   # (asked now: after the group is destroyed every process is "rank 0")
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:   # SIGINT/SIGTERM: checkpointed and said so; 130 / 143
@@ -61,7 +62,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             import torch.distributed as tdist
 
             tdist.destroy_process_group()
-    if dist.is_main():
+    if main:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in result.final_eval.items()
                             if isinstance(v, float))
         print(f"done: {result.step} steps, {result.tokens_per_s:.0f} tokens/s"
