@@ -76,11 +76,11 @@ class TrainConfig:
         weight_decay, adam_*) are the resuming config's, from its first step.
     Output
         output_dir, log_every, eval_every (0: only at the end), eval_batches (micro-batches
-        per periodic evaluation, over all ranks, 0: all; the final one always uses the whole eval set), save_every
-        (0: only at the end), keep_checkpoints, resume_from (``latest``, a checkpoint directory,
-        or empty), overwrite_output_dir (a new run deletes the checkpoints of an earlier run in
-        output_dir, and a resume those past its step, instead of refusing to start), progress
-        (tqdm bar), plot (loss-curve PNG).
+        per periodic evaluation, over all ranks, 0: all; the final one always uses the whole
+        eval set), save_every (0: only at the end), keep_checkpoints, resume_from (``latest``,
+        a checkpoint directory, or empty), overwrite_output_dir (a new run deletes the
+        checkpoints of an earlier run in output_dir, and a resume those past its step, instead
+        of refusing to start), progress (tqdm bar), plot (loss-curve PNG).
         extra: free-form notes, recorded with the rest of the config (output_dir/config.yaml and
         each checkpoint's trainer state).
     """

@@ -45,7 +45,8 @@ def evaluate(model: torch.nn.Module, dataset: Union[torch.Tensor, torch.utils.da
     ce = kl = agree = correct = 0.0
     tokens = 0
     have_kl = have_top1 = False
-    # FSDP2 (sharded parameters): each forward all-gathers, so every rank runs as many
+    # FSDP2 (sharded parameters): each forward all-gathers, so every rank runs as many forwards
+    # as the busiest one
     lockstep = any(map(is_dtensor, model.parameters()))
     for batch in eval_batches(dataset, batch_size, rank=dist.rank(),
                               world_size=dist.world_size(), limit=limit, lockstep=lockstep):
