@@ -268,6 +268,24 @@ def test_dataset_labels_are_honoured(tmp_path):
     assert row["tokens"] == 12 * 3 + 9
 
 
+def test_eval_batches_cap_over_all_ranks_and_lockstep():
+    """``limit`` counts batches over all ranks (a periodic evaluation reads the same sequences
+    whatever the world size; it read limit x world before); ``lockstep`` pads a rank that runs
+    out with None, for FSDP2, whose forwards every rank must join."""
+    from distill_ops.trainer.data import eval_batches
+
+    data = torch.arange(50).reshape(10, 5)   # 10 sequences, batches of 2: 5 batches
+
+    def firsts(rank, world, **kw):
+        return [None if b is None else int(b["input_ids"][0, 0])
+                for b in eval_batches(data, 2, rank=rank, world_size=world, **kw)]
+
+    assert firsts(0, 1, limit=3) == [0, 10, 20]
+    assert firsts(0, 2, limit=3) == [0, 20] and firsts(1, 2, limit=3) == [10]
+    assert firsts(1, 2, limit=3, lockstep=True) == [10, None]
+    assert firsts(0, 2) == [0, 20, 40] and firsts(1, 2, lockstep=True) == [10, 30, None]
+
+
 def test_collate_pads_ragged_sequences():
     out = collate([{"input_ids": torch.tensor([1, 2, 3])}, {"input_ids": torch.tensor([4])}])
     assert out["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
