@@ -272,9 +272,9 @@ def test_eval_batches_cap_over_all_ranks_and_lockstep():
     """``limit`` counts batches over all ranks (a periodic evaluation reads the same sequences
     whatever the world size; it read limit x world before); ``lockstep`` pads a rank that runs
     out with None, for FSDP2, whose forwards every rank must join."""
-    from distill_ops.trainer.data import eval_batches
+    from distill_ops.trainer.data import as_dataset, eval_batches
 
-    data = torch.arange(50).reshape(10, 5)   # 10 sequences, batches of 2: 5 batches
+    data = as_dataset(torch.arange(50).reshape(10, 5))   # 10 sequences, batches of 2: 5 batches
 
     def firsts(rank, world, **kw):
         return [None if b is None else int(b["input_ids"][0, 0])
