@@ -111,3 +111,38 @@ def test_ddp_signal_on_one_rank_stops_all_at_the_same_step(tmp_path):
     ckpt = tmp_path / "ddp" / "checkpoint-2"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "rng_state_1.pt").is_file()
     assert not (tmp_path / "ddp" / "checkpoint-3").exists()
+
+
+def _failing_save_worker(rank, world, tmp, data):
+    import time
+
+    from transformers import PreTrainedModel
+
+    if rank == 0:   # the disk fills up under rank 0's checkpoint
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        PreTrainedModel.save_pretrained = full
+    outcome = {"rank": rank}
+    with gloo_process(rank, world, tmp):
+        t0 = time.perf_counter()
+        try:
+            train(_config(os.path.join(tmp, "ddp"), max_steps=2, save_every=1), student=llama(
+                V, 32, 1, heads=2, max_positions=32, seed=0), teacher=llama(
+                V, 48, 1, heads=2, max_positions=32, seed=7), train_dataset=data)
+        except (OSError, RuntimeError) as exc:
+            outcome.update(error=type(exc).__name__, message=str(exc))
+        outcome["seconds"] = time.perf_counter() - t0
+        torch.save(outcome, os.path.join(tmp, f"outcome_{rank}.pt"))
+
+
+def test_ddp_a_checkpoint_write_failing_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0's save_pretrained raises (a full disk) in a process that lives on (a notebook):
+    rank 1 hears of it at once and raises too, instead of waiting in the checkpoint's next
+    barrier until the process group's timeout (2 min here, 30 by default)."""
+    mp.spawn(_failing_save_worker, args=(2, str(tmp_path), _data()), nprocs=2, join=True)
+    first, second = [torch.load(tmp_path / f"outcome_{r}.pt") for r in range(2)]
+    assert first.get("error") == "OSError" and "No space" in first["message"], first
+    assert second.get("error") == "RuntimeError" and "another rank failed" in second["message"], \
+        second
+    assert second["seconds"] < 60, second

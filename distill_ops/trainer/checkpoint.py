@@ -84,12 +84,14 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, config: dict,
                     tokenizer=None, extra: Optional[dict] = None, keep: int = 0,
-                    sharded: bool = False) -> str:
+                    sharded: bool = False, device: Optional[torch.device] = None) -> str:
     """Write checkpoint-<step> atomically (a temporary directory renamed at the end). Call on every
-    rank: rank 0 writes the model and trainer state, each rank its RNG state. ``sharded``: an
-    FSDP2 model (trainer/fsdp.py), whose full weights and optimizer state the ranks gather first;
-    the files are the same as a single process writes, but the optimizer state is keyed by
-    parameter name."""
+    rank: rank 0 writes the model and trainer state, each rank its RNG state; a write that fails
+    on one rank raises on all (dist.agreed; ``device`` carries that vote, the CPU by default).
+    ``sharded``: an FSDP2 model (trainer/fsdp.py), whose full weights and optimizer state the
+    ranks gather first; the files are the same as a single process writes, but the optimizer
+    state is keyed by parameter name."""
+    device = device if device is not None else torch.device("cpu")
     weights = optim_state = None
     if sharded:
         from . import fsdp
@@ -97,29 +99,37 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, 
         weights, optim_state = fsdp.model_state(model), fsdp.optimizer_state(model, optimizer)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    if dist.is_main():
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    dist.barrier()
-    if dist.is_main():
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save({"step": step,
-                    "optimizer": optim_state if sharded else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "config": config,
-                    "world_size": dist.world_size(), "sharded": sharded, "extra": extra or {}},
-                   os.path.join(tmp, STATE_FILE))
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pt"))
-    dist.barrier()
-    if dist.is_main():
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep:
-            prune(output_dir, keep, final)
-    dist.barrier()
+    main = dist.is_main()
+
+    def make_tmp() -> None:
+        if main:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+
+    def write() -> None:
+        if main:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save({"step": step,
+                        "optimizer": optim_state if sharded else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "config": config,
+                        "world_size": dist.world_size(), "sharded": sharded,
+                        "extra": extra or {}},
+                       os.path.join(tmp, STATE_FILE))
+        torch.save(rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pt"))
+
+    def publish() -> None:
+        if main:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if keep:
+                prune(output_dir, keep, final)
+
+    for part in (make_tmp, write, publish):   # each ends when every rank has done its share
+        dist.agreed(part, device)
     return final
 
 

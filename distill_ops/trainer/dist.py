@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -46,6 +47,24 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """The largest of each float across ranks (identity with one process)."""
     return _all_reduce(values, device, "MAX")
+
+
+def agreed(step: Callable[[], None], device: torch.device) -> None:
+    """Run ``step`` (this rank's part of something every rank must finish: rank 0's checkpoint
+    writes, each rank's own files), then agree on the outcome: where it raised on any rank,
+    every rank raises (that rank its own error). A rank that raised alone would leave the others
+    in the next collective until the process group's timeout (30 min on gloo) if its process
+    lived on (a notebook, a sweep driver)."""
+    error = None
+    try:
+        step()
+    except Exception as exc:   # (re-raised below, after the others have heard of it)
+        error = exc
+    (failed,) = all_reduce_max([1.0 if error is not None else 0.0], device)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("another rank failed (its own error says why); this one stops with it")
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:

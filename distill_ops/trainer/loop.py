@@ -241,6 +241,18 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     student_spec = student if student is not None else cfg.student
     student = load_model(student_spec, "student", from_scratch=cfg.student_from_scratch,
                          meta=on_meta)
+    student.train()
+    if hasattr(student, "config"):
+        student.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        if hasattr(student, "activation_checkpointing_enable"):   # the transformers 5 name
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # On its device (sharded) before the teacher loads: one whole model at a time in host memory.
+    student = (fsdp.shard(student, device, from_rank0=isinstance(student_spec, str))
+               if sharded else student.to(device))
     need_teacher = cfg.targets in ("dense", "topk", "sample")
     if need_teacher or teacher is not None or cfg.teacher:
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
@@ -273,18 +285,6 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                           world_size=world, seed=cfg.seed)
 
     # model, optimizer, resume -------------------------------------------------------------
-    student.train()
-    if hasattr(student, "config"):
-        student.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        if hasattr(student, "activation_checkpointing_enable"):   # the transformers 5 name
-            student.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-    # (sharded before the optimizer is built: it must hold the shards)
-    student = (fsdp.shard(student, device, from_rank0=isinstance(student_spec, str))
-               if sharded else student.to(device))
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
@@ -331,7 +331,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
                                         config=cfg.to_dict(), tokenizer=tokenizer,
                                         keep=cfg.keep_checkpoints,
                                         extra={"metrics": counters.saved(device)},
-                                        sharded=sharded)
+                                        sharded=sharded, device=device)
 
     progress = None
     if main and cfg.progress:
