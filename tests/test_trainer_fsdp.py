@@ -149,3 +149,43 @@ def test_fsdp_models_from_directories_are_read_by_rank_0_alone(tmp_path):
     ref = torch.cat([state[k].flatten() for k in sorted(state)])
     torch.testing.assert_close(straight, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(resumed, straight, rtol=1e-5, atol=1e-7)
+
+
+def _worker_bad_file(rank, world, tmp, data, dirs):
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    if rank == 0:   # rank 0 alone reads the files: a corrupt one fails there only
+        def corrupt(*args, **kwargs):
+            raise OSError("unable to read the weights (a truncated file)")
+
+        AutoModelForCausalLM.from_pretrained = corrupt
+    outcome = {}
+    with gloo_process(rank, world, tmp):
+        t0 = time.perf_counter()
+        try:
+            train(_config(os.path.join(tmp, "a"), fsdp=True, student=dirs[0], teacher=dirs[1]),
+                  train_dataset=data)
+        except Exception as exc:   # noqa: BLE001 - the test records which
+            outcome.update(error=type(exc).__name__, message=str(exc))
+        outcome["seconds"] = time.perf_counter() - t0
+        torch.save(outcome, os.path.join(tmp, f"outcome_{rank}.pt"))
+
+
+def test_fsdp_a_model_file_rank_0_cannot_read_stops_every_rank(tmp_path):
+    """Rank 0 reads the weights while the others build on the meta device: when its read fails,
+    the others raise at once rather than wait for its broadcast until the group's timeout."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    dirs = [str(tmp_path / "student"), str(tmp_path / "teacher")]
+    for model, path in zip(_models(), dirs):
+        model.save_pretrained(path)
+    mp.spawn(_worker_bad_file, args=(2, str(tmp_path), _data(), dirs), nprocs=2, join=True)
+    first, second = [torch.load(tmp_path / f"outcome_{r}.pt") for r in range(2)]
+    assert first.get("error") == "ModelLoadError" and "truncated" in first["message"], first
+    assert second.get("error") == "RuntimeError" and "another rank failed" in second["message"], \
+        second
+    assert second["seconds"] < 60, second

@@ -132,8 +132,10 @@ def _split_dataset(dataset, fraction: float, seed: int):
     return _Subset(dataset, sorted(perm[n_eval:])), _Subset(dataset, sorted(perm[:n_eval]))
 
 
-def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
-    """(train, eval) datasets from the config: packed text blocks, or the offline target cache."""
+def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int,
+                   device: Optional[torch.device] = None):
+    """(train, eval) datasets from the config: packed text blocks, or the offline target cache
+    (``device`` carries the ranks' vote on its verification: dist.agreed)."""
     if cfg.targets == "cache":
         try:
             from ..targets.cache import TargetCache
@@ -154,10 +156,13 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int):
         expect_hash = tok_hashes if tok_hashes and manifest.get("tokenizer_hash") else None
         # the shards' sha256 once per node (each rank hashing every shard multiplied the
         # start-up read by the ranks): local rank 0 verifies, the others wait for it
+        # (a shard that fails it raises on every rank: agreed)
         verify = dist.local_rank() == 0
-        cache = TargetCache(cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash,
-                            verify=verify)
-        dist.barrier()
+        opened: list = []
+        dist.agreed(lambda: opened.append(TargetCache(
+            cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash,
+            verify=verify)), device if device is not None else torch.device("cpu"))
+        cache = opened[0]
         _check_cache_seq_len(cfg, cache)
         warn_other_temperature(manifest, cfg.temperature, "the cache", "the loss uses temperature")
         if cfg.eval_data:
@@ -238,9 +243,17 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     # Sharded, rank 0 alone reads (or initialises) a model given as a directory; the other ranks
     # build it on the meta device and receive rank 0's weights as it is sharded (fsdp.shard).
     on_meta = sharded and rank != 0
+
+    def load(spec: ModelLike, role: str, **kw: Any) -> torch.nn.Module:
+        if not sharded:
+            return load_model(spec, role, **kw)
+        # (rank 0 may fail alone, on a file the others never read: all raise together)
+        loaded: list = []
+        dist.agreed(lambda: loaded.append(load_model(spec, role, meta=on_meta, **kw)), device)
+        return loaded[0]
+
     student_spec = student if student is not None else cfg.student
-    student = load_model(student_spec, "student", from_scratch=cfg.student_from_scratch,
-                         meta=on_meta)
+    student = load(student_spec, "student", from_scratch=cfg.student_from_scratch)
     student.train()
     if hasattr(student, "config"):
         student.config.use_cache = False
@@ -257,8 +270,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     if need_teacher or teacher is not None or cfg.teacher:
         teacher_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
         teacher_spec = teacher if teacher is not None else cfg.teacher
-        teacher = load_model(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32,
-                             meta=on_meta)
+        teacher = load(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
         teacher.eval().requires_grad_(False)
         # sharded: the shards move to the device (fsdp.shard), never the whole model
         teacher = (fsdp.shard(teacher, device, from_rank0=isinstance(teacher_spec, str))
@@ -279,7 +291,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     # data --------------------------------------------------------------------------------
     train_ds, eval_ds = as_dataset(train_dataset), as_dataset(eval_dataset)
     if train_ds is None:
-        train_ds, built_eval = build_datasets(cfg, tokenizer, student_vocab)
+        train_ds, built_eval = build_datasets(cfg, tokenizer, student_vocab, device)
         eval_ds = eval_ds if eval_ds is not None else built_eval
     batches = StepBatches(train_ds, cfg.micro_batch_size, cfg.grad_accum_steps, rank=rank,
                           world_size=world, seed=cfg.seed)
