@@ -485,6 +485,11 @@ def test_cli(tmp_path, tiny_llama):
     manifest["tokenizer_hash"] = tokenizer_hash(model_dir)
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert main(args) == 0
+    # a teacher spread by a device_map (all on the CPU here): the same targets
+    assert main([a for a in args if a not in ("--device", "cpu")] + [
+        "--device-map", "auto", "--out", str(tmp_path / "mapped")]) == 0
+    mapped = TargetCache(tmp_path / "mapped")
+    assert all(torch.equal(mapped[i]["ids"], cache[i]["ids"]) for i in range(len(cache)))
     # text data, tokenized with the model's tokenizer; sampled targets
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 6)
     assert main(["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--out",

@@ -47,6 +47,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--model-dtype", choices=tuple(MODEL_DTYPES), default="auto",
                    help="dtype to load the teacher in")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device-map", default=None,
+                   help="spread a teacher larger than one GPU over the visible ones "
+                   "(transformers' device_map, e.g. auto; --device is then ignored)")
     p.add_argument("--backend", default="auto", help="kernel backend for top-k/sampling")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--teacher-name", default=None, help="recorded in the manifest, with a "
@@ -107,14 +110,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--max-sequences must be >= 0, got {args.max_sequences}")
     from transformers import AutoModelForCausalLM
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seqs = load_token_data(args.data, args.model, args.seq_len)
     if args.max_sequences is not None:
         seqs = seqs[: args.max_sequences]
     kwargs = {}
     if MODEL_DTYPES[args.model_dtype] is not None:
         kwargs["dtype"] = MODEL_DTYPES[args.model_dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device)
+    if args.device_map:
+        # accelerate's hooks move the activations between the devices; the inputs start where
+        # the embeddings are, the logits end on the last device
+        model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device_map,
+                                                     **kwargs)
+        device = model.get_input_embeddings().weight.device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device)
     vocab = model.config.vocab_size
     if seqs.numel() and int(seqs.max()) >= vocab:
         raise ValueError(f"--data holds token id {int(seqs.max())} >= the model's vocab_size {vocab}")
