@@ -16,8 +16,17 @@ from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
 from gloo_worker import gloo_process
 
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
+              pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (fully_shard)"),
               pytest.mark.usefixtures("one_intraop_thread")]
 
 V = 64
@@ -76,10 +85,6 @@ def _worker(rank, world, tmp, data, fused):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
 def test_fsdp_two_gloo_processes_match_single_process(tmp_path, fused):
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
     data = _data()
     mp.spawn(_worker, args=(2, str(tmp_path), data, fused), nprocs=2, join=True)
     out = torch.load(tmp_path / "result.pt", weights_only=False)
@@ -103,6 +108,14 @@ def test_fsdp_two_gloo_processes_match_single_process(tmp_path, fused):
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-4")
     torch.testing.assert_close(saved.model.embed_tokens.weight,
                                single.model.model.embed_tokens.weight, rtol=1e-4, atol=1e-6)
+
+
+def _saved_models(tmp_path) -> list[str]:
+    """_models() written to tmp_path/student and tmp_path/teacher; their paths."""
+    dirs = [str(tmp_path / "student"), str(tmp_path / "teacher")]
+    for model, path in zip(_models(), dirs):
+        model.save_pretrained(path)
+    return dirs
 
 
 def _refuse(*args, **kwargs):
@@ -133,13 +146,7 @@ def test_fsdp_models_from_directories_are_read_by_rank_0_alone(tmp_path):
     """Given as directories, the models are read by rank 0; the other ranks build them on the meta
     device and receive the weights (the rotary frequencies, not in any state dict, included): the
     run equals one process's, and a resume reads the checkpoint on rank 0 alone too."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
-    dirs = [str(tmp_path / "student"), str(tmp_path / "teacher")]
-    for model, path in zip(_models(), dirs):
-        model.save_pretrained(path)
+    dirs = _saved_models(tmp_path)
     data = _data()
     mp.spawn(_worker_dirs, args=(2, str(tmp_path), data, dirs), nprocs=2, join=True)
     straight, resumed = torch.load(tmp_path / "result.pt")
@@ -176,13 +183,7 @@ def _worker_bad_file(rank, world, tmp, data, dirs):
 def test_fsdp_a_model_file_rank_0_cannot_read_stops_every_rank(tmp_path):
     """Rank 0 reads the weights while the others build on the meta device: when its read fails,
     the others raise at once rather than wait for its broadcast until the group's timeout."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
-    dirs = [str(tmp_path / "student"), str(tmp_path / "teacher")]
-    for model, path in zip(_models(), dirs):
-        model.save_pretrained(path)
+    dirs = _saved_models(tmp_path)
     mp.spawn(_worker_bad_file, args=(2, str(tmp_path), _data(), dirs), nprocs=2, join=True)
     first, second = [torch.load(tmp_path / f"outcome_{r}.pt") for r in range(2)]
     assert first.get("error") == "ModelLoadError" and "truncated" in first["message"], first
