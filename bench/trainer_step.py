@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from . import measure, report
+from .config import split_list
 from .providers import TEMPERATURE, Unavailable, eager_forward_kl, fresh_compiler, import_or
 
 SCHEMA = "distill-ops-bench-trainer/1"
@@ -279,12 +280,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps before the timed ones (at least 1: the first step)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                   help=f"of {', '.join(PROVIDERS)} (spaces or commas)")
     p.add_argument("--find-max", action="store_true", help="search the largest batch (CUDA only)")
     p.add_argument("--budget-s", type=float, default=600.0,
                    help="the max-batch search stops (keeping what it found) after this long")
     p.add_argument("--out", default=None, help="JSON path, or a directory for the automatic name")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.providers = split_list(args.providers)
+    unknown = [name for name in args.providers if name not in PROVIDERS]
+    if unknown:
+        p.error(f"--providers: unknown {unknown} (choose from {', '.join(PROVIDERS)})")
+    return args
 
 
 def main(argv=None) -> dict:

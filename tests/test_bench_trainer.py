@@ -82,3 +82,12 @@ def test_max_batch_search_lets_other_errors_through():
 def test_find_max_needs_cuda():
     with pytest.raises(SystemExit, match="CUDA"):
         trainer_step.main(["--device", "cpu", "--find-max"])
+
+
+def test_providers_take_spaces_or_commas(capsys):
+    """As `python -m bench` does (bench/README.md: "Lists take spaces or commas")."""
+    args = trainer_step.parse_args(["--providers", "eager,distill_ops", "liger"])
+    assert args.providers == ["eager", "distill_ops", "liger"]
+    with pytest.raises(SystemExit):
+        trainer_step.parse_args(["--providers", "eager,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err

@@ -101,6 +101,9 @@ def test_config_yaml_types_and_overrides(tmp_path):
     ({"targets": "cache"}, "cache"), ({"max_steps": 0}, "max_steps"), ({"vocab": "x"}, "vocab"),
     ({"max_steps": "many"}, "max_steps"), ({"fused_linear": "maybe"}, "fused_linear"),
     ({"inplace_grad": "sometimes"}, "inplace_grad"),
+    # YAML's `true` (a bool) for a count: int() took it for 1 and the run went on
+    ({"max_steps": True}, "max_steps expects int"),
+    ({"micro_batch_size": True}, "micro_batch_size expects int"),
 ])
 def test_config_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -711,6 +714,11 @@ def test_unloadable_model_directories_name_the_model_path_and_cause(tmp_path):
                                              r"weights.*student_from_scratch"):
         load_model(str(no_weights), "student")
     assert load_model(str(no_weights), "student", from_scratch=True).config.vocab_size == V
+    # a valid config beside a damaged weight file (safetensors' own error was a traceback)
+    (no_weights / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match=r"cannot load the teacher model from .*"
+                                             r"no_weights': SafetensorError"):
+        load_model(str(no_weights), "teacher")
     with pytest.raises(ModelLoadError, match="teacher model path"):
         train(cfg(tmp_path, teacher=str(a_file)), student=tiny(), train_dataset=blocks())
 

@@ -321,7 +321,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if kind == "bool":
             return _to_bool(f.name, value)
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
+            # (YAML's `true` is a bool, which int() would take for 1)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if kind == "float":

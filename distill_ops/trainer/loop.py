@@ -98,15 +98,22 @@ def load_model(spec: ModelLike, role: str, *, from_scratch: bool = False,
                 if role == "student" else "")
         raise ModelLoadError(f"{role} model directory {spec!r} holds no weights (none of "
                              f"{', '.join(WEIGHT_FILES)}){hint}")
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # what transformers raises on a file it cannot read, with a damaged weight file's own errors
+    # (a truncated model.safetensors, a pytorch_model.bin that is not a pickle)
+    unreadable = (OSError, ValueError, KeyError, TypeError, SafetensorError,
+                  pickle.UnpicklingError)
     try:
         if from_scratch or meta:
             config = AutoConfig.from_pretrained(spec, local_files_only=True)
             with torch.device("meta") if meta else contextlib.nullcontext():
                 return AutoModelForCausalLM.from_config(config, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except unreadable as exc:
         raise ModelLoadError(f"cannot load the {role} model from {spec!r}: {_one_line(exc)}") \
             from exc
 
