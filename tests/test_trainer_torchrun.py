@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed as tdist
@@ -36,8 +37,11 @@ def test_torchrun_two_processes_fsdp_from_the_cli(tmp_path):
         "eval_fraction: 0.2\ndevice: cpu\nfsdp: true\nfused_linear: true\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "distill_ops.cli", "train", "--config", "run.yaml"]
+    # (the repository on the path: `make test-twin` runs the package from the source tree)
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done: 3 steps") == 1, run.stdout
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
