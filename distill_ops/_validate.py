@@ -116,27 +116,36 @@ def distinct_rows(name: str, x2d: torch.Tensor) -> None:
                          "copy or inplace_grad=False")
 
 
-def _byte_span(x: torch.Tensor) -> tuple[int, int]:
-    """The [start, end) bytes of x's storage that its elements can touch."""
-    if x.numel() == 0:
-        return (0, 0)
-    last = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
-    low = x.storage_offset() - sum((size - 1) * abs(stride)
-                                   for size, stride in zip(x.shape, x.stride()) if stride < 0)
-    return (low * x.element_size(), (low + last + 1) * x.element_size())
+def _byte_intervals(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [start, end) byte ranges of x's storage that hold its elements: one per row along a
+    unit-stride last axis (else one per element)."""
+    shape, stride = (list(x.shape), list(x.stride())) if x.dim() else ([1], [1])
+    length = shape[-1] if stride[-1] == 1 else 1
+    lead = zip(shape[:-1], stride[:-1]) if stride[-1] == 1 else zip(shape, stride)
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, step in lead:
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * step
+    starts = (offsets.reshape(-1) + x.storage_offset()) * x.element_size()
+    return starts, starts + length * x.element_size()
 
 
 def no_overlap(name: str, x: Optional[torch.Tensor], target_name: str,
                target: torch.Tensor) -> None:
     """For inplace_grad: the gradient is written over ``target`` while ``x`` is still read, so x
-    must not share its memory (a teacher sliced from the student's buffer would be overwritten
-    row by row). Conservative: any overlap of the two byte ranges in one storage is refused."""
+    must not share memory with it (a teacher sliced from the student's buffer, row r of one on row
+    r - 1 of the other, was overwritten before it was read). Exact: views of one buffer that
+    touch different elements (column halves, interleaved rows) are fine."""
     if x is None or x.numel() == 0 or target.numel() == 0:
         return
     if x.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
         return
-    (a0, a1), (b0, b1) = _byte_span(x), _byte_span(target)
-    if a0 < b1 and b0 < a1:
+    a0, a1 = _byte_intervals(x)
+    b0, b1 = _byte_intervals(target)
+    b0, order = b0.sort()
+    reach = b1[order].cummax(0).values   # the furthest end among target ranges starting earlier
+    last = torch.searchsorted(b0, a1) - 1   # the last target range starting before each x range
+    hit = (last >= 0) & (reach[last.clamp_min(0)] > a0)
+    if bool(hit.any()):
         raise ValueError(f"inplace_grad=True writes the gradient over {target_name}, and {name} "
                          f"shares its memory (a view of the same buffer); pass a copy of {name} "
                          "or inplace_grad=False")

@@ -200,6 +200,14 @@ def test_wider_teacher_keeps_its_precision(backend, device, dtype, offset):
                          backend=backend)
 
 
+def test_bf16_teacher_with_fp16_student_is_cast_exactly(backend, device):
+    """A 16-bit pair is cast as it is (bf16 -> fp16 is exact below 65504): the row-max shift,
+    done in bf16, rounded the shifted logits to bf16's mantissa (loss 1.7e-5 off, 100x worse)."""
+    s, t = make_logits(N, V, seed=seed_of("bf16-fp16"), spread=12.0, device=device)
+    check_against_oracle(s.half(), t.bfloat16(), temperature=4.0, loss_tol=1e-6, grad_tol=5e-3,
+                         backend=backend)
+
+
 def test_no_grad_and_detached_student(backend, device):
     s, t = make_logits(N, V, seed=seed_of("nograd"), device=device)
     ref = kd_loss(s.clone().requires_grad_(True), t, backend=backend).detach()

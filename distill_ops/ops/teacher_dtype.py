@@ -17,10 +17,12 @@ def teacher_as(teacher: torch.Tensor, dtype: torch.dtype, softcapped: bool) -> t
     the narrow dtype is finest. Cast as they are, logits near 30 round to multiples of 0.125 in
     bfloat16 (a loss 1e-3 off, its gradient 2e-2; with the shift 3e-5 and 2e-3, the gradient's
     own bfloat16 rounding) and logits near 1e4 to multiples of 8 in float16 (the loss 40% off).
-    A softcap is not shift-invariant: softcapped logits are cast as they are."""
+    A softcap is not shift-invariant: softcapped logits are cast as they are. So are 16-bit
+    teachers: the subtraction would run in their own dtype (bf16 -> fp16, exact as a cast, would
+    round to bf16's mantissa, and fp16 could overflow)."""
     if teacher.dtype == dtype:
         return teacher
-    if softcapped or (teacher.dtype, dtype) in _EXACT:
+    if softcapped or (teacher.dtype, dtype) in _EXACT or teacher.element_size() <= 2:
         return teacher.to(dtype)
     peak = teacher.amax(-1, keepdim=True)
     # (a row of -inf keeps its -inf, a row with +inf or NaN its NaN loss: no shift there)

@@ -282,9 +282,12 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, *, config: Optional[
 
     The optimizer's and scheduler's states are taken out of the returned dict: the caller keeps it
     for the run, and the optimizer state's host copy (twice the student in float32 for AdamW) must
-    not live that long. The file is memory-mapped, so the ranks of one machine share its pages."""
+    not live that long. For a model on an accelerator the file is memory-mapped, so the ranks of
+    one machine share its pages (the state is copied to the device); on the CPU the optimizer
+    would keep using the mapped pages, and a pruned checkpoint's file its disk space."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False,
-                       mmap=True)
+                       mmap=not on_cpu)
     if config is not None:
         check_resume(ckpt, state, config, dist.world_size())
     if bool(state.get("sharded", False)) != sharded:

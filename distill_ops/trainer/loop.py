@@ -249,14 +249,16 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
     # models ------------------------------------------------------------------------------
     # Sharded, rank 0 alone reads (or initialises) a model given as a directory; the other ranks
     # build it on the meta device and receive rank 0's weights as it is sharded (fsdp.shard).
-    on_meta = sharded and rank != 0
+    def from_files(spec: ModelLike) -> bool:
+        return isinstance(spec, (str, os.PathLike))
 
     def load(spec: ModelLike, role: str, **kw: Any) -> torch.nn.Module:
         if not sharded:
             return load_model(spec, role, **kw)
         # (rank 0 may fail alone, on a file the others never read: all raise together)
+        meta = rank != 0 and from_files(spec)
         loaded: list = []
-        dist.agreed(lambda: loaded.append(load_model(spec, role, meta=on_meta, **kw)), device)
+        dist.agreed(lambda: loaded.append(load_model(spec, role, meta=meta, **kw)), device)
         return loaded[0]
 
     student_spec = student if student is not None else cfg.student
@@ -271,7 +273,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     # On its device (sharded) before the teacher loads: one whole model at a time in host memory.
-    student = (fsdp.shard(student, device, from_rank0=isinstance(student_spec, str))
+    student = (fsdp.shard(student, device, from_rank0=from_files(student_spec))
                if sharded else student.to(device))
     need_teacher = cfg.targets in ("dense", "topk", "sample")
     if need_teacher or teacher is not None or cfg.teacher:
@@ -280,7 +282,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
         teacher = load(teacher_spec, "teacher", dtype=teacher_dtype or torch.float32)
         teacher.eval().requires_grad_(False)
         # sharded: the shards move to the device (fsdp.shard), never the whole model
-        teacher = (fsdp.shard(teacher, device, from_rank0=isinstance(teacher_spec, str))
+        teacher = (fsdp.shard(teacher, device, from_rank0=from_files(teacher_spec))
                    if sharded else teacher.to(device))
         check_vocab(cfg, model_vocab(student), model_vocab(teacher))
         check_topk(cfg, model_vocab(student), model_vocab(teacher))
