@@ -456,7 +456,10 @@ def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys):
     for extra, match in [(["--k", "4", "--seq-len", "0"], "--seq-len must be >= 1"),
                          (["--k", "4", "--batch-size", "0"], "--batch-size must be >= 1"),
                          (["--k", "2000", "--mode", "sample"], "--k must be <= 1024"),
-                         (["--k", "4", "--temperature", "-1"], "--temperature must be > 0")]:
+                         (["--k", "4", "--temperature", "-1"], "--temperature must be > 0"),
+                         (["--k", "4", "--device-map", "bogus"], "--device-map: invalid choice"),
+                         (["--k", "4", "--device-map", "auto", "--device", "cpu"],
+                          "--device-map places the teacher itself: drop --device")]:
         with pytest.raises(SystemExit) as exc:
             main(base + extra)
         assert exc.value.code == 2 and match in capsys.readouterr().err

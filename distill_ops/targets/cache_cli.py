@@ -22,6 +22,8 @@ from .cache import (DEFAULT_SHARD_TOKENS, DTYPES, MODES, model_fingerprint, read
                     tokenizer_hash_to_record, tokenizer_hashes, write_teacher_cache)
 from .sample import MAX_SAMPLES
 
+# transformers' device_map strategies (a device name is --device's job)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 MODEL_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16}
 
@@ -47,9 +49,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--model-dtype", choices=tuple(MODEL_DTYPES), default="auto",
                    help="dtype to load the teacher in")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--device-map", default=None,
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
                    help="spread a teacher larger than one GPU over the visible ones "
-                   "(transformers' device_map, e.g. auto; --device is then ignored)")
+                   "(transformers' device_map; not with --device)")
     p.add_argument("--backend", default="auto", help="kernel backend for top-k/sampling")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--teacher-name", default=None, help="recorded in the manifest, with a "
@@ -106,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         ("--proposal-temperature", args.proposal_temperature)):
         if not 0 < value < float("inf"):
             parser.error(f"{flag} must be > 0 and finite, got {value}")
+    if args.device_map and args.device:
+        parser.error("--device-map places the teacher itself: drop --device")
     if args.max_sequences is not None and args.max_sequences < 0:
         parser.error(f"--max-sequences must be >= 0, got {args.max_sequences}")
     from transformers import AutoModelForCausalLM

@@ -87,11 +87,10 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, *, 
                     sharded: bool = False, device: Optional[torch.device] = None) -> str:
     """Write checkpoint-<step> atomically (a temporary directory renamed at the end). Call on every
     rank: rank 0 writes the model and trainer state, each rank its RNG state; a write that fails
-    on one rank raises on all (dist.agreed; ``device`` carries that vote, the CPU by default).
+    on one rank raises on all (dist.agreed, whose vote ``device`` carries).
     ``sharded``: an FSDP2 model (trainer/fsdp.py), whose full weights and optimizer state the
     ranks gather first; the files are the same as a single process writes, but the optimizer
     state is keyed by parameter name."""
-    device = device if device is not None else torch.device("cpu")
     weights = optim_state = None
     if sharded:
         from . import fsdp

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+T = TypeVar("T")
 
 
 def active() -> bool:
@@ -49,22 +51,25 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return _all_reduce(values, device, "MAX")
 
 
-def agreed(step: Callable[[], None], device: torch.device) -> None:
+def agreed(step: Callable[[], T], device: Optional[torch.device] = None) -> T:
     """Run ``step`` (this rank's part of something every rank must finish: rank 0's checkpoint
-    writes, each rank's own files), then agree on the outcome: where it raised on any rank,
-    every rank raises (that rank its own error). A rank that raised alone would leave the others
-    in the next collective until the process group's timeout (30 min on gloo) if its process
-    lived on (a notebook, a sweep driver)."""
-    error = None
+    writes, each rank's own files) and return what it returns, once the ranks agree on the
+    outcome: where it raised on any rank, every rank raises (that rank its own error). A rank
+    that raised alone would leave the others in the next collective until the process group's
+    timeout (30 min on gloo) if its process lived on (a notebook, a sweep driver). ``device``
+    carries the vote (the CPU by default: gloo; NCCL needs the rank's GPU)."""
+    error, result = None, None
     try:
-        step()
+        result = step()
     except Exception as exc:   # (re-raised below, after the others have heard of it)
         error = exc
-    (failed,) = all_reduce_max([1.0 if error is not None else 0.0], device)
+    (failed,) = all_reduce_max([1.0 if error is not None else 0.0],
+                               device if device is not None else torch.device("cpu"))
     if error is not None:
         raise error
     if failed:
         raise RuntimeError("another rank failed (its own error says why); this one stops with it")
+    return result
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:

@@ -64,9 +64,9 @@ def shard(model: torch.nn.Module, device: torch.device, *,
     if from_rank0:
         # rank 0's full tensors, held past fully_shard (which replaces them by shards); the
         # non-persistent buffers (rotary frequencies and the like) are in no state dict
-        full = model.state_dict() if dist.rank() == 0 else {}
-        kept = set(model.state_dict())
-        buffers = [name for name, _ in model.named_buffers() if name not in kept]
+        state = model.state_dict()
+        full = state if dist.rank() == 0 else {}
+        buffers = [name for name, _ in model.named_buffers() if name not in state]
     else:
         _check_same_weights(model, device)
     mesh = init_device_mesh(device.type, (dist.world_size(),))

@@ -165,11 +165,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, student_vocab: int,
         # start-up read by the ranks): local rank 0 verifies, the others wait for it
         # (a shard that fails it raises on every rank: agreed)
         verify = dist.local_rank() == 0
-        opened: list = []
-        dist.agreed(lambda: opened.append(TargetCache(
+        cache = dist.agreed(lambda: TargetCache(
             cfg.cache, expect_vocab_size=expect, expect_tokenizer_hash=expect_hash,
-            verify=verify)), device if device is not None else torch.device("cpu"))
-        cache = opened[0]
+            verify=verify), device)
         _check_cache_seq_len(cfg, cache)
         warn_other_temperature(manifest, cfg.temperature, "the cache", "the loss uses temperature")
         if cfg.eval_data:
@@ -257,9 +255,7 @@ def train(config: Union[TrainConfig, dict[str, Any]], *, student: ModelLike = No
             return load_model(spec, role, **kw)
         # (rank 0 may fail alone, on a file the others never read: all raise together)
         meta = rank != 0 and from_files(spec)
-        loaded: list = []
-        dist.agreed(lambda: loaded.append(load_model(spec, role, meta=meta, **kw)), device)
-        return loaded[0]
+        return dist.agreed(lambda: load_model(spec, role, meta=meta, **kw), device)
 
     student_spec = student if student is not None else cfg.student
     student = load(student_spec, "student", from_scratch=cfg.student_from_scratch)
