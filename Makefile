@@ -19,7 +19,7 @@ EMU_TESTS := tests/test_native.py $(wildcard tests/test_dense_*.py tests/test_sp
              tests/test_topk.py tests/test_fused_linear.py tests/test_cuda_emu.py
 
 .PHONY: setup build demo test test-emu test-gpu check-spills bench bench-cpu peers-dir \
-        device-twin device-py device-prebuilt test-twin clean
+        device-twin device-py device-prebuilt test-twin floor-venv floor-py test-floor clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -105,8 +105,36 @@ test-twin: .prebuilt/stamp.json peers-dir
 	PYTHONPATH=$(CURDIR)/.peers $(DEVICE_VENV)/bin/python -m pytest -q -ra --durations=15 -n auto \
 	  -p no:cacheprovider --ignore=tests/test_cuda_emu.py
 
+# The oldest torch pyproject.toml accepts (2.8.0, with its Triton 3.4), on the oldest Python it
+# accepts (3.10): `make test-floor` runs the loss API, compile, the integrations and the trainer
+# there, on the torch and Triton (interpreter) backends. Not the C++ extension (no build: the
+# .so files of the other environments are for other Pythons, so this one imports none);
+# 2026-12-07 it built and passed the whole suite at 2.8.0 once by hand (bench/NOTES.md).
+FLOOR_PY    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
+FLOOR_VENV  ?= .venv-floor
+FLOOR_DEPS  := torch==2.8.0 transformers==5.17.0 tokenizers==0.23.2 accelerate==1.15.0 "numpy<2.4" \
+               pytest pytest-xdist safetensors tqdm pyyaml matplotlib setuptools wheel
+FLOOR_TESTS := tests/test_public_api.py tests/test_dense_api.py tests/test_sparse_loss.py \
+               tests/test_topk.py tests/test_fused_linear.py tests/test_dense_compile.py \
+               tests/test_sparse_compile.py tests/test_integrations_hf.py tests/test_trainer.py \
+               tests/test_packaging.py
+
+$(FLOOR_VENV)/.deps:
+	$(FLOOR_PY) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_DEPS)
+	touch $@
+
+floor-venv: $(FLOOR_VENV)/.deps
+
+floor-py:
+	@echo $(FLOOR_PY)
+
+test-floor: $(FLOOR_VENV)/.deps
+	$(FLOOR_VENV)/bin/python -m pytest -q -ra -n auto -p no:cacheprovider $(FLOOR_TESTS)
+
 bench-cpu: $(VENV)/.built
 	$(PYTHON) -m bench dense --device cpu
 
 clean:
-	rm -rf build *.egg-info distill_ops/_C*.so $(VENV) $(DEVICE_VENV) .prebuilt
+	rm -rf build *.egg-info distill_ops/_C*.so $(VENV) $(DEVICE_VENV) $(FLOOR_VENV) .prebuilt

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from gloo_worker import gloo_process
+from gloo_worker import FSDP2_ON_GLOO, gloo_process
 
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
-              pytest.mark.usefixtures("one_intraop_thread")]
+              FSDP2_ON_GLOO, pytest.mark.usefixtures("one_intraop_thread")]
 
 V, H, N, WORLD = 40, 8, 6, 2
 

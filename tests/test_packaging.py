@@ -53,7 +53,8 @@ def test_sdist_holds_every_source_and_included_header(tmp_path):
                        env={**{k: v for k, v in os.environ.items() if k != "DISTILL_OPS_FORCE_CUDA"},
                             "DISTILL_OPS_NO_CUDA": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    (archive,) = (tmp_path / "dist").glob("distill_ops-*.tar.gz")
+    # (setuptools < 69 names it distill-ops-*, later ones distill_ops-*)
+    (archive,) = (tmp_path / "dist").glob("distill[-_]ops-*.tar.gz")
     with tarfile.open(archive) as tar:
         members = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name}
     sources = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "csrc")) for f in fs

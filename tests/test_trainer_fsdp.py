@@ -14,19 +14,11 @@ import torch.multiprocessing as mp
 
 from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
-from gloo_worker import gloo_process
-
-def _has_fsdp2() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
+from gloo_worker import FSDP2_ON_GLOO, gloo_process
 
 pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
-              pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (fully_shard)"),
+              FSDP2_ON_GLOO,
               pytest.mark.usefixtures("one_intraop_thread")]
 
 V = 64

@@ -16,9 +16,11 @@ import torch.distributed as tdist
 
 from distill_ops.trainer.data import train_bpe_tokenizer
 from distill_ops.trainer.models import llama
+from gloo_worker import FSDP2_ON_GLOO
 
-pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              FSDP2_ON_GLOO]
 
 
 def test_torchrun_two_processes_fsdp_from_the_cli(tmp_path):

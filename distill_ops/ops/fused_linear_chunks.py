@@ -10,9 +10,10 @@ opaque node with a fake kernel, the loop runs eagerly inside the compiled step, 
 and the kernels write the gradient in place there too (no second chunk-sized buffer).
 """
 
-from __future__ import annotations
+# (No `from __future__ import annotations`, and typing.List: torch 2.4's custom_op reads the
+# annotations as objects and knows typing.List[int], not list[int].)
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -156,11 +157,11 @@ def fused_linear_chunks(
     labels: Optional[torch.Tensor],
     scale: Optional[torch.Tensor],
     kind: str,
-    int_consts: list[int],
-    float_consts: list[float],
+    int_consts: List[int],
+    float_consts: List[float],
     chunk: int,
     backend: str,
-    needs: list[bool],
+    needs: List[bool],
     defer: bool,
     wide: bool,
     entropy: bool,
