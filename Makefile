@@ -48,8 +48,9 @@ test-emu: $(VENV)/.built
 	$(PYTHON) tests/cuda_emu/run.py -q -ra $(XDIST) -k "cpu or cuda_emu" $(EMU_TESTS)
 
 # ptxas's register report of every CUDA kernel (sm_90); fails when one other than fp64 spills.
+# SPILLS_LOG=.prebuilt/build.log: the report the twin's build made (device-prebuilt), not compiled.
 check-spills: $(VENV)/.deps
-	$(PYTHON) -m bench.ptxas_spills
+	$(PYTHON) -m bench.ptxas_spills $(if $(SPILLS_LOG),--log $(SPILLS_LOG))
 
 test-gpu: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra -m cuda

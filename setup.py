@@ -7,6 +7,8 @@ build (torch.version.cuda); no GPU is needed to compile it. Environment:
     DISTILL_OPS_FORCE_CUDA=1   build the CUDA part or fail, saying why
     DISTILL_OPS_NO_CUDA=1      CPU only
     DISTILL_OPS_CUDA_ARCHS     gencode list, default "80;90" (+ PTX of the highest)
+    DISTILL_OPS_PTXAS_REPORT=1 ptxas -v: each kernel's registers and spills in the build's output
+                               (bench/ptxas_spills.py --log reads it)
     MAX_JOBS                   parallel compile jobs (ninja)
 """
 
@@ -116,6 +118,8 @@ def extensions():
     if ok:
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = NVCC_FLAGS + _gencode()
+        if os.environ.get("DISTILL_OPS_PTXAS_REPORT") == "1":
+            nvcc += ["-Xptxas", "-v"]
         print(f"distill_ops: building the CPU and CUDA kernels (CUDA {torch.version.cuda}, "
               f"nvcc in {cpp_extension.CUDA_HOME})", file=sys.stderr)
         return [cpp_extension.CUDAExtension(

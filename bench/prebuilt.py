@@ -30,6 +30,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREBUILT = os.path.join(ROOT, ".prebuilt")
 STAMP = "stamp.json"
+# The build's output, with ptxas's report of every kernel (make check-spills reads it in CI)
+BUILD_LOG = "build.log"
 # what setup.py reads: itself and csrc/ (pyproject.toml only names the build backend)
 SOURCES = ("setup.py", "csrc")
 
@@ -71,9 +73,13 @@ def build(archs: str, jobs: int) -> int:
             (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, top))
         os.makedirs(os.path.join(tmp, "distill_ops"))
         env = dict(os.environ, DISTILL_OPS_FORCE_CUDA="1", DISTILL_OPS_CUDA_ARCHS=archs,
-                   MAX_JOBS=str(jobs))
-        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp,
-                       env=env, check=True)
+                   MAX_JOBS=str(jobs), DISTILL_OPS_PTXAS_REPORT="1")
+        run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        if run.returncode != 0:
+            sys.stdout.write(run.stdout[-30000:])
+            raise SystemExit(f"prebuilt: the build failed (exit {run.returncode})")
         if source_digest(tmp) != digest:
             raise SystemExit("prebuilt: the sources changed during the build; run it again")
         name = "_C" + ident["ext_suffix"]
@@ -86,6 +92,8 @@ def build(archs: str, jobs: int) -> int:
         os.makedirs(PREBUILT)
         for f in (name, "_build_info.py"):
             shutil.copy2(os.path.join(tmp, "distill_ops", f), os.path.join(PREBUILT, f))
+        with open(os.path.join(PREBUILT, BUILD_LOG), "w") as f:
+            f.write(run.stdout)
     with open(os.path.join(PREBUILT, STAMP), "w") as f:
         json.dump(dict(ident, digest=digest, archs=archs, so=name), f, indent=1)
     size = os.path.getsize(os.path.join(PREBUILT, name)) / 2**20

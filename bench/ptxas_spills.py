@@ -1,6 +1,6 @@
 """Register use and spills of every CUDA kernel, from ptxas itself, on a machine without a GPU.
 
-    python -m bench.ptxas_spills [--arch 90] [--jobs 2] [csrc/cuda/x.cu ...]
+    python -m bench.ptxas_spills [--arch 90] [--jobs 2] [--log BUILD_LOG] [csrc/cuda/x.cu ...]
 
 Each translation unit of csrc/cuda is compiled for one architecture with `ptxas -v` and the
 per-kernel report parsed. A spill on the hot path costs local-memory traffic that no CPU test can
@@ -8,7 +8,9 @@ see, and it can appear from a refactor that changes no result (af720c9 fixed one
 undefined on one branch made every 16-bit row_kernel spill 72-96 bytes on sm_90). So this exits 1
 when a kernel spills, except the float64 instantiations (two registers a value under the
 64-register cap of the 1024-thread kernels: they spilled before, and nobody's hot path is fp64).
-CI runs it after the tests (`make check-spills`).
+CI runs it after the tests (`make check-spills`), on the report of the twin's build where there is
+one (`--log .prebuilt/build.log`: bench/prebuilt.py builds with DISTILL_OPS_PTXAS_REPORT=1, which
+adds `-Xptxas -v`, and keeps the output), so the device code is not compiled a third time.
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def parse(log: str) -> list[Kernel]:
     return kernels
 
 
+# A ninja build's output (torch's builds run `ninja -v`): each step's "[i/n] command" line, then
+# what the command printed; an nvcc step compiles the .cu after "-c".
+_STEP = re.compile(r"^\[\d+/\d+\] (.*)$", re.M)
+_NVCC_INPUT = re.compile(r"\bnvcc\b.*\s-c\s+(\S+\.cu)\s")
+
+
+def split_build_log(text: str) -> dict[str, str]:
+    """What each nvcc step of a build's output printed (ptxas's report), by the .cu's file name."""
+    steps = list(_STEP.finditer(text))
+    parts = {}
+    for i, m in enumerate(steps):
+        cu = _NVCC_INPUT.search(m[1] + " ")
+        if cu:
+            end = steps[i + 1].start() if i + 1 < len(steps) else len(text)
+            parts[os.path.basename(cu[1])] = text[m.end():end]
+    return parts
+
+
 def _setup_module():
     """setup.py, imported for its toolkit lookup and nvcc flags (its main() runs only as a script)."""
     spec = importlib.util.spec_from_file_location("_distill_ops_setup", os.path.join(ROOT, "setup.py"))
@@ -102,13 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", help="default: every csrc/cuda/*.cu")
     ap.add_argument("--arch", default="90", help="one compute capability, e.g. 90 (default) or 80")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--log", help="a build's output made with DISTILL_OPS_PTXAS_REPORT=1 (the "
+                    "twin's: .prebuilt/build.log): its report, instead of compiling")
     args = ap.parse_args(argv)
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        logs = list(pool.map(lambda f: compile_log(f, args.arch), files))
+    if args.log:
+        with open(args.log) as f:
+            parts = split_build_log(f.read())
+        missing = [os.path.basename(p) for p in files if os.path.basename(p) not in parts]
+        if missing:
+            raise SystemExit(f"ptxas_spills: {args.log} has no nvcc step for {missing}")
+        logs = [parts[os.path.basename(p)] for p in files]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            logs = list(pool.map(lambda f: compile_log(f, args.arch), files))
     bad = 0
     for path, log in zip(files, logs):
-        kernels = parse(log)
+        # (a build for several architectures reports each kernel once per architecture)
+        kernels = [k for k in parse(log) if k.arch == f"sm_{args.arch}"]
+        if not kernels:
+            raise SystemExit(f"ptxas_spills: no ptxas report for sm_{args.arch} of {path} (a "
+                             "build log needs DISTILL_OPS_PTXAS_REPORT=1 and that architecture)")
         spilling = [k for k in kernels if k.spill_stores or k.spill_loads]
         print(f"{os.path.relpath(path, ROOT)}: {len(kernels)} kernels on sm_{args.arch}, "
               f"{len(spilling)} spilling, at most {max((k.registers for k in kernels), default=0)} registers")

@@ -307,6 +307,31 @@ def test_ptxas_spills_fails_on_a_spill_except_fp64(monkeypatch, capsys, bf16_spi
     assert ("SPILLS: 72 B" in out) == bool(rc)
 
 
+def test_ptxas_spills_reads_a_build_log(tmp_path, capsys):
+    """--log: the report comes from a ninja build's output (the twin's build in CI), each nvcc
+    step's own; a .cu the log never compiled, or compiled for another architecture, is an error,
+    not a pass."""
+    from bench import ptxas_spills
+    nvcc = ("/usr/local/cuda/bin/nvcc --generate-dependencies-with-compile --dependency-output "
+            "/tmp/b/{0}.o.d -O3 -c /tmp/src/csrc/cuda/{0}.cu -o /tmp/b/{0}.o -Xptxas -v")
+    log = "\n".join([
+        "[1/4] c++ -MMD -c /tmp/src/csrc/ops.cpp -o /tmp/b/ops.o",
+        "[2/4] " + nvcc.format("a"), _PTXAS_LOG.format(bf16=0).replace("52 bytes spill loads",
+                                                                       "0 bytes spill loads"),
+        "[3/4] " + nvcc.format("b"), _PTXAS_LOG.format(bf16=72),
+        "[4/4] c++ /tmp/b/ops.o /tmp/b/a.o /tmp/b/b.o -shared -o _C.so", ""])
+    (tmp_path / "build.log").write_text(log)
+    parts = ptxas_spills.split_build_log(log)
+    assert sorted(parts) == ["a.cu", "b.cu"] and "-shared" not in parts["b.cu"]
+    assert ptxas_spills.main(["--log", str(tmp_path / "build.log"), "x/a.cu"]) == 0
+    assert ptxas_spills.main(["--log", str(tmp_path / "build.log"), "a.cu", "b.cu"]) == 1
+    assert "SPILLS: 72 B" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no nvcc step for"):
+        ptxas_spills.main(["--log", str(tmp_path / "build.log"), "a.cu", "c.cu"])
+    with pytest.raises(SystemExit, match="no ptxas report for sm_80"):
+        ptxas_spills.main(["--log", str(tmp_path / "build.log"), "--arch", "80", "a.cu"])
+
+
 # ----------------------------------------------------------------------------- every divergence
 
 DIV_PROVIDERS = ["torch-eager", "distill_ops:cpu", "distill_ops:torch", "liger"]
