@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from distill_ops import KDLoss, backends, kd_loss
-from oracle import require_backend
 
 
 @pytest.fixture
@@ -154,7 +153,10 @@ def test_inplace_grad_refuses_a_teacher_in_the_students_memory(no_kernel, backen
     """The gradient is written over the student rows while the teacher is read: a teacher sliced
     from the same buffer (row r of the teacher = row r - 1 of the student) was overwritten
     before it was read (cpu, triton: 30% off the loss, no error)."""
-    require_backend(backend)
+    # (not oracle.require_backend: its probe looks the kernel up, which no_kernel forbids)
+    ok, why = backends.native_status("cpu") if backend == "cpu" else (True, "")
+    if not ok:
+        pytest.skip(why)
     work = torch.randn(5, 10, requires_grad=True) * 1
     with pytest.raises(ValueError, match="teacher_logits shares its memory"):
         kd_loss(work[1:], work[:4].detach(), inplace_grad=True, backend=backend)
