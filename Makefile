@@ -108,9 +108,9 @@ test-twin: .prebuilt/stamp.json peers-dir
 
 # The oldest torch pyproject.toml accepts (2.8.0, with its Triton 3.4), on the oldest Python it
 # accepts (3.10): `make test-floor` runs the loss API, compile, the HF Trainer integration and
-# the trainer there, on the torch and Triton (interpreter) backends. Not the C++ extension (no build: the
-# .so files of the other environments are for other Pythons, so this one imports none);
-# 2026-12-07 it built and passed the whole suite at 2.8.0 once by hand (bench/NOTES.md).
+# the trainer there, on the torch and Triton (interpreter) backends. Not the C++ extension (no
+# build: the .so files of the other environments are for other Pythons, so this one imports
+# none); 2026-12-07 it built and passed the whole suite at 2.8.0 once by hand (bench/NOTES.md).
 FLOOR_PY    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 FLOOR_VENV  ?= .venv-floor
 FLOOR_DEPS  := torch==2.8.0 transformers==5.17.0 tokenizers==0.23.2 accelerate==1.15.0 "numpy<2.4" \

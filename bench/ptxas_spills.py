@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     if args.log:
+        if not os.path.exists(args.log):
+            raise SystemExit(f"ptxas_spills: no build log at {args.log} (`make device-prebuilt` "
+                             "writes .prebuilt/build.log)")
         with open(args.log) as f:
             parts = split_build_log(f.read())
         missing = [os.path.basename(p) for p in files if os.path.basename(p) not in parts]

@@ -330,6 +330,8 @@ def test_ptxas_spills_reads_a_build_log(tmp_path, capsys):
         ptxas_spills.main(["--log", str(tmp_path / "build.log"), "a.cu", "c.cu"])
     with pytest.raises(SystemExit, match="no ptxas report for sm_80"):
         ptxas_spills.main(["--log", str(tmp_path / "build.log"), "--arch", "80", "a.cu"])
+    with pytest.raises(SystemExit, match="no build log at"):
+        ptxas_spills.main(["--log", str(tmp_path / "other.log"), "a.cu"])
 
 
 # ----------------------------------------------------------------------------- every divergence
