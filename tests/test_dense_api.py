@@ -200,6 +200,15 @@ def test_wider_teacher_keeps_its_precision(backend, device, dtype, offset):
                          backend=backend)
 
 
+def test_wider_teacher_with_a_softcap_is_cast_unshifted(backend, device):
+    """With a softcap the teacher is cast as it is: softcap(x - max) is not softcap(x) shifted, so
+    the row-max shift would change the distribution (a mutation audit: the loss doubled, 5.6 for
+    2.9, and no test noticed)."""
+    s, t = make_logits(N, V, seed=seed_of("wider-cap"), spread=3.0, device=device)
+    check_against_oracle(s.bfloat16(), t + 20.0, softcap=10.0, temperature=2.0, loss_tol=2e-2,
+                         grad_tol=3e-2, backend=backend)
+
+
 def test_bf16_teacher_with_fp16_student_is_cast_exactly(backend, device):
     """A 16-bit pair is cast as it is (bf16 -> fp16 is exact below 65504): the row-max shift,
     done in bf16, rounded the shifted logits to bf16's mantissa (loss 1.7e-5 off, 100x worse)."""

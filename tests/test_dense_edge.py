@@ -309,10 +309,34 @@ def test_inplace_grad_reduction_none_and_views(backend, device):
     assert rel_err(leaf.grad[:, 5:55], ref_grad) < 1e-5
     assert torch.count_nonzero(leaf.grad[:, :5]) == 0
     assert rel_err(x.detach()[:, 5:55], ref_grad) < 1e-5
-    # without a gradient to compute, the student is left alone
+    # without a gradient to compute, the student is left alone: one that needs none, and one
+    # that would under torch.no_grad() (evaluation)
     x = s.clone()
     kd_loss(x, t, inplace_grad=True, backend=backend)
     assert torch.equal(x, s)
+    x = s.clone().requires_grad_(True) * 1
+    with torch.no_grad():
+        kd_loss(x, t, inplace_grad=True, backend=backend)
+    assert torch.equal(x.detach(), s)
+
+
+def test_no_soft_term_reads_nothing_of_the_teacher(backend, device):
+    """soft_weight = 0 leaves the hard-label CE alone: a teacher row with NaN, or all -inf, is
+    not read into it (Triton's kernels multiplied the divergence by 0, giving NaN, where the
+    reference and C++ kernels skip it)."""
+    s, t = make_logits(3, 8, seed=35, device=device)
+    t[1, 2] = float("nan")
+    t[2] = -float("inf")
+    labels = torch.tensor([1, 2, 3], device=device)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, soft_weight=0.0, hard_weight=1.0, labels=labels, reduction="none",
+                   backend=backend)
+    loss.sum().backward()
+    y = s.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(y, labels, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_inplace_grad_second_backward_is_refused(backend, device):
@@ -503,6 +527,25 @@ def test_a_16_bit_gradient_is_scaled_in_float32(backend, device, dtype, factor, 
     else:
         loss.backward(torch.full_like(loss, factor), retain_graph=retain)
     assert torch.isfinite(want).all()
+    assert torch.equal(leaf.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_per_row_factors_scale_a_16_bit_cpu_gradient_in_row_chunks(monkeypatch, backend, dtype):
+    """A per-row backward factor (reduction='none') on a 16-bit CPU gradient goes in row chunks
+    (fused_grad.CPU_FACTOR_CHUNK elements, 4M: no float32 N x V copy); shrunk here so that 12
+    rows take 4 chunks, each row must still get its own factor (a mutation audit scaled every
+    chunk by the first chunk's factors unnoticed: no test reached the loop)."""
+    from distill_ops.ops import fused_grad
+    monkeypatch.setattr(fused_grad, "CPU_FACTOR_CHUNK", 3 * 40)
+    s, t = make_logits(12, 40, seed=44)
+    s, t = s.to(dtype), t.to(dtype)
+    leaf = s.clone().requires_grad_(True)
+    kd_loss(leaf, t, reduction="sum", backend=backend).backward()   # factor 1: the saved gradient
+    go = torch.linspace(0.25, 3.0, 12)
+    want = (leaf.grad.float() * go[:, None]).to(dtype)
+    leaf = s.clone().requires_grad_(True)
+    kd_loss(leaf, t, reduction="none", backend=backend).backward(go)
     assert torch.equal(leaf.grad, want)
 
 

@@ -126,9 +126,10 @@ def test_valid_edge_values_are_accepted(monkeypatch):
 def test_device_mismatch(no_kernel):
     """The meta device stands in for a second device: the check compares devices before any
     data is touched."""
-    with pytest.raises(ValueError, match="teacher_logits"):
+    # (anchored: the message must name the argument that is on the other device first)
+    with pytest.raises(ValueError, match="^teacher_logits is on meta"):
         kd_loss(S, T.to("meta"))
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="^labels is on meta"):
         kd_loss(S, T, labels=LABELS.to("meta"))
 
 
@@ -160,6 +161,15 @@ def test_inplace_grad_refuses_a_teacher_in_the_students_memory(no_kernel, backen
     work = torch.randn(5, 10, requires_grad=True) * 1
     with pytest.raises(ValueError, match="teacher_logits shares its memory"):
         kd_loss(work[1:], work[:4].detach(), inplace_grad=True, backend=backend)
+    # rows that overlap by half a row (the check compares whole byte ranges, not starts)
+    flat = torch.randn(50, requires_grad=True) * 1
+    with pytest.raises(ValueError, match="teacher_logits shares its memory"):
+        kd_loss(flat[10:50].view(4, 10), flat[5:45].view(4, 10).detach(), inplace_grad=True,
+                backend=backend)
+    # two rows that are one row (an expanded student) are refused before any kernel as well
+    one = torch.randn(1, 30, requires_grad=True) * 1
+    with pytest.raises(ValueError, match="student_logits"):
+        kd_loss(one.expand(2, 30), torch.randn(2, 30), inplace_grad=True, backend=backend)
     # views of the same buffer that touch other elements are fine: other rows, column halves,
     # interleaved rows (the check compares elements, not the views' spans)
     wide = torch.randn(4, 20, requires_grad=True) * 1

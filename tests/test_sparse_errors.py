@@ -27,6 +27,8 @@ CASES = [
      r"target_ids must be in \[0, 12\) or -1 \(padding\); found -2"),
     ("duplicate id", lambda s, i, l, kw: i.__setitem__((3, 2), 11), ValueError,
      "target_ids repeats id 11 in row 3"),
+    ("duplicate id 0", lambda s, i, l, kw: i.__setitem__((1, 1), 0) or i.__setitem__((1, 0), 0),
+     ValueError, "target_ids repeats id 0 in row 1"),
     ("NaN logprob", lambda s, i, l, kw: l.__setitem__((0, 2), float("nan")), ValueError,
      "target_logprobs has NaN"),
     ("+inf logprob", lambda s, i, l, kw: l.__setitem__((3, 0), float("inf")), ValueError,
@@ -82,6 +84,9 @@ def test_renorm_takes_unnormalised_weights_and_tail_mode_some_slack():
     s, ids, lp = _inputs()
     assert torch.isfinite(sparse_kd_loss(s, ids, lp + 3.0))
     assert torch.isfinite(sparse_kd_loss(s, ids, lp + 5e-3, tail="tail"))
+    # and a given tail_logmass a rounding above 0 (log 1) as well
+    assert torch.isfinite(sparse_kd_loss(s, ids, lp - 20.0, tail="tail",
+                                         tail_logmass=torch.full((4,), 5e-3)))
 
 
 def test_bad_types_and_shapes():
@@ -102,6 +107,8 @@ def test_bad_types_and_shapes():
         sparse_kd_loss(s.long(), ids, lp)
     with pytest.raises(TypeError, match="needs target_logprobs"):
         sparse_kd_loss(s, ids)
+    with pytest.raises(TypeError, match="^tail_logmass must be a float tensor"):
+        sparse_kd_loss(s, ids, lp, tail_logmass=torch.zeros(4, dtype=torch.long))
     t = SparseTargets(ids, lp, torch.zeros(4))
     with pytest.raises(ValueError, match="either a SparseTargets or"):
         sparse_kd_loss(s, t, lp)

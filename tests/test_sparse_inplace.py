@@ -96,10 +96,14 @@ def test_reduction_none_views_and_no_grad(backend):
     assert rel_err(leaf.grad[:, 5:5 + v], ref_grad) < 1e-5
     assert torch.count_nonzero(leaf.grad[:, :5]) == 0 and torch.count_nonzero(leaf.grad[:, -5:]) == 0
     assert rel_err(x.detach()[:, 5:5 + v], ref_grad) < 1e-5
-    # Without a gradient to compute, the student is left alone.
+    # Without a gradient to compute, the student is left alone (under torch.no_grad() too).
     x = s.clone()
     sparse_kd_loss(x, ids, lp, inplace_grad=True, backend=backend)
     assert torch.equal(x, s)
+    x = s.clone().requires_grad_(True) * 1
+    with torch.no_grad():
+        sparse_kd_loss(x, ids, lp, inplace_grad=True, backend=backend)
+    assert torch.equal(x.detach(), s)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

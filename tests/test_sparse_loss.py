@@ -318,6 +318,12 @@ def test_an_ignored_row_may_have_undefined_targets(backend, tail):
     assert torch.count_nonzero(x.grad[1]) == 0
     with pytest.raises(ValueError, match="target_logprobs has NaN at a valid"):
         sparse_kd_loss(s, targets, labels=torch.tensor([2, 3, 5]), **kw)
+    # nor is an ignored row's mass checked (tail mode: at most 1)
+    heavy = targets.logprobs.clone()
+    heavy[1] = 0.0
+    x.grad = None
+    again = sparse_kd_loss(x, targets.ids, heavy, labels=labels, **kw)
+    assert rel_err(again, ref) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])

@@ -122,7 +122,9 @@ def _terms(lq, lp, wp, wq, lwp, lwq, cap, DIV: tl.constexpr):
 @triton.jit
 def _write_grad(g_row, offs, mask, s, q, qg, C, m1, lz1, label, soft_scale, hard_coef, scale,
                 x_raw, cap, CAP: tl.constexpr, HARD: tl.constexpr):
-    g = soft_scale * (qg - q * C)
+    # (soft_coef = 0: no divergence term, so nothing of the teacher's, NaN or -inf rows included,
+    # reaches the gradient: the C++ kernels do not even read it then)
+    g = tl.where(soft_scale != 0, soft_scale * (qg - q * C), 0.0)
     if HARD:
         g += hard_coef * (tl.exp((s - m1) - lz1) - tl.where(offs == label, 1.0, 0.0))
     if CAP:
@@ -215,7 +217,7 @@ def _dense_kd_row(
             if NEED_GRAD and DIV <= 1:  # mixtures know C only after this pass: see pass 3
                 _write_grad(g_row, offs, mask, s, q, qg, C, m_1s, lz_1, label, soft_scale, hard_coef,
                             scale, x, cap, CAP, HARD)
-        loss = soft_coef * tl.sum(loss_acc, axis=0)
+        loss = tl.where(soft_coef != 0, soft_coef * tl.sum(loss_acc, axis=0), 0.0)
         if HARD:
             loss += hard_coef * ((m_1s - s_lab) + lz_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
