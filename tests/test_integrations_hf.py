@@ -390,3 +390,28 @@ def test_cached_targets_missing_say_so(tmp_path):
                                   args=args(tmp_path), train_dataset=ListDataset())
     with pytest.raises(ValueError, match="cached targets: ids, logprobs"):
         trainer.compute_loss(trainer.model, _batch())
+
+
+def test_a_batchs_own_shift_labels_are_used(tmp_path):
+    """A batch carrying already-aligned 'shift_labels' (e.g. completion-only masks) is scored with
+    those labels as given, not re-derived from 'labels'."""
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                  kd_kwargs={})
+    ids = torch.randint(2, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    shift = torch.full_like(ids, -100)
+    shift[:, 3:7] = ids[:, 4:8]
+    loss = trainer.compute_loss(student, {"input_ids": ids, "shift_labels": shift})
+    ref = kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, labels=shift)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_zero_tensor_item_count_with_no_labels_gives_zero(tmp_path):
+    """num_items_in_batch as a tensor 0 (every label ignored) gives loss 0, not NaN from 0/0."""
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path),
+                                  kd_kwargs={})
+    ids = torch.randint(2, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    loss = trainer.compute_loss(student, {"input_ids": ids, "labels": torch.full_like(ids, -100)},
+                                num_items_in_batch=torch.tensor(0))
+    assert float(loss.detach()) == 0.0

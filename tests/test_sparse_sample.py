@@ -519,3 +519,11 @@ def test_triton_merges_many_samples_on_the_host(monkeypatch, s):
     _same_targets(a, b)
     assert torch.equal(a.ids, b.ids)
     assert len(calls) == (s > triton_topk.MERGE_IN_KERNEL_MAX_S)
+
+
+def test_seeds_are_not_truncated_to_32_bits():
+    """Seeds are taken modulo 2**63, not 2**32: seeds 5 and 5 + 2**32 draw different ids (the
+    trainer's 63-bit per-micro-batch hashes must not collide on their low 32 bits)."""
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    a, b = teacher_sample(x, 8, seed=5), teacher_sample(x, 8, seed=5 + 2 ** 32)
+    assert not torch.equal(a.ids, b.ids)
