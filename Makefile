@@ -80,11 +80,16 @@ DEVICE_DEPS := torch==2.11.0 transformers==5.17.0 tokenizers==0.23.2 accelerate=
                "numpy<2.4" pytest pytest-xdist ninja setuptools wheel safetensors tqdm pyyaml \
                matplotlib pyarrow pandas multiprocess xxhash fsspec
 
-$(DEVICE_VENV)/.deps:
-	$(DEVICE_PY) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(DEVICE_VENV)/bin/python -m pip install -q $(DEVICE_DEPS)
+# A venv of another Python with pinned packages: $(call other_venv,PYTHON,VENV,PACKAGES)
+define other_venv
+	$(1) -m venv $(2)
+	$(2)/bin/python -m pip install -q --upgrade pip
+	$(2)/bin/python -m pip install -q $(3)
 	touch $@
+endef
+
+$(DEVICE_VENV)/.deps:
+	$(call other_venv,$(DEVICE_PY),$(DEVICE_VENV),$(DEVICE_DEPS))
 
 device-twin: $(DEVICE_VENV)/.deps
 
@@ -121,13 +126,11 @@ FLOOR_TESTS := tests/test_public_api.py tests/test_dense_api.py tests/test_spars
                tests/test_packaging.py
 
 $(FLOOR_VENV)/.deps:
-	$(FLOOR_PY) -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_DEPS)
-	touch $@
+	$(call other_venv,$(FLOOR_PY),$(FLOOR_VENV),$(FLOOR_DEPS))
 
 floor-venv: $(FLOOR_VENV)/.deps
 
+# the floor's Python, for .ci/run to ask whether it exists here
 floor-py:
 	@echo $(FLOOR_PY)
 
