@@ -10,19 +10,16 @@ import torch
 
 from distill_ops.sparse import teacher_topk
 from distill_ops.trainer.eval import evaluate
-from distill_ops.trainer.models import llama
+from test_trainer import V, tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
-V = 96
 CPU = torch.device("cpu")
 
 
-def _models(teacher_seed=1, teacher_hidden=48):
-    student = llama(V, 32, 1, heads=2, max_positions=64, seed=0)
-    teacher = llama(V, teacher_hidden, 1, heads=2, max_positions=64, seed=teacher_seed)
-    return student, teacher
+def _models():
+    return tiny(), tiny(48, seed=1)
 
 
 def _ids(n=8, t=16):
@@ -58,8 +55,7 @@ def test_eval_kl_and_top1_with_a_teacher_match_a_manual_reference():
 def test_eval_top1_of_a_teacher_identical_to_the_student_is_exactly_one():
     """A teacher equal to the student agrees everywhere: top-1 agreement is exactly 1 and the KL 0,
     so agreement counted at unlabelled positions (top1 > 1) is caught."""
-    student = llama(V, 32, 1, heads=2, max_positions=64, seed=0)
-    teacher = llama(V, 32, 1, heads=2, max_positions=64, seed=0)
+    student, teacher = tiny(), tiny()
     out = evaluate(student, _ids(), batch_size=4, device=CPU, teacher=teacher)
     assert out["eval_top1"] == 1.0
     assert out["eval_kl"] == pytest.approx(0.0, abs=1e-5)

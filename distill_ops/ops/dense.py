@@ -6,8 +6,8 @@ torch.compile traces it without a graph break; the in-place-gradient variant, wh
 gradient into the student-logits buffer, is an autograd.Function for eager mode.
 """
 
-# (No `from __future__ import annotations`, and typing.List: torch 2.4's custom_op reads the
-# annotations as objects and knows typing.List[int], not list[int].)
+# (No `from __future__ import annotations`: torch 2.4's custom_op reads the annotations as
+# objects, not strings.)
 
 from typing import Optional
 

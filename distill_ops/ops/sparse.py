@@ -9,8 +9,8 @@ compiled CPU kernels on the CPU (where the extension loads), the reference other
 kernels run only when named (backend="cuda": they have not been run on a GPU yet).
 """
 
-# (No `from __future__ import annotations`, and typing.List: torch 2.4's custom_op reads the
-# annotations as objects and knows typing.List[int], not list[int].)
+# (No `from __future__ import annotations`: torch 2.4's custom_op reads the annotations as
+# objects, not strings.)
 
 import importlib
 import os
