@@ -31,6 +31,18 @@ its keywords. Cache items carry no ``labels``: then the labels are the ``input_i
 A cache written from padded batches holds sequences of different lengths; the default collator
 here is then ``distill_ops.trainer.data.collate`` (right padding, target ids padded with -1).
 
+``shard_teacher=True`` shards the teacher over the process group's ranks with FSDP2 (each decoder
+layer a unit, the root holding embeddings, final norm and lm_head; trainer/fsdp.py, as the thin
+trainer shards its own): each rank keeps 1/world of it and gathers one layer at a time in its
+forward, and the root's gathered parameters are freed after each step's loss (FSDP2 keeps a root
+gathered for a backward that a frozen teacher never has). It needs torch.distributed initialised
+with several ranks, which Trainer does under torchrun or accelerate launch; the student is wrapped
+as accelerate decides (DDP, FSDP), independently. By default (None) the teacher is sharded when
+accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks,
+and replicated otherwise, as before (FSDP1 and DeepSpeed ZeRO-3 leave it whole on every rank).
+Every rank holds the whole teacher in host memory until it is sharded (load it on the CPU): they
+must hold the same weights, which is checked (fully_shard keeps each rank's own slices).
+
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
 accumulated batch (``num_items_in_batch``), as transformers' own causal-LM loss is. Trainer counts
 it for every student here, from the shifted labels each training batch is given; a transformers
@@ -53,6 +65,7 @@ from .._dtensor import gathered
 from ..functional import kd_loss
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import sparse_kd_loss
+from ..trainer import fsdp
 from ..trainer.data import collate, shift_labels
 
 IGNORE_INDEX = -100
@@ -89,6 +102,14 @@ def _with_shift_labels(batch: Any) -> Any:
     return {**batch, "shift_labels": shift_labels(batch["labels"], ignore_index=IGNORE_INDEX)}
 
 
+def _auto_shard(trainer: Trainer) -> bool:
+    """shard_teacher's default: whether accelerate shards the student with FSDP2 over several
+    ranks (then a teacher left whole on every rank would undo what sharding the student saves)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return (bool(getattr(trainer, "is_fsdp_enabled", False)) and plugin is not None
+            and getattr(plugin, "fsdp_version", 1) == 2 and trainer.accelerator.num_processes > 1)
+
+
 def _keywords(fn) -> set:
     return set(inspect.signature(fn).parameters) - _PER_CALL
 
@@ -116,16 +137,26 @@ class DistillationTrainer(Trainer):
             plus chunk_size); without a teacher, those of ``sparse_kd_loss`` (or
             ``fused_linear_sparse_kd_loss``).
         fused_linear: the loss from hidden states and lm_heads, without logits (module docstring).
+        shard_teacher: shard the teacher over the ranks with FSDP2 (module docstring); None: when
+            accelerate shards the student with FSDP2 over several ranks.
         All other arguments go to ``transformers.Trainer``.
     """
 
     def __init__(self, *args: Any, teacher_model: Optional[torch.nn.Module],
                  kd_kwargs: Optional[dict] = None, fused_linear: bool = False,
-                 **kwargs: Any) -> None:
+                 shard_teacher: Optional[bool] = None, **kwargs: Any) -> None:
         if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError("teacher_model must be a torch.nn.Module (load it first, e.g. with "
                             "AutoModelForCausalLM.from_pretrained), or None for batches that "
                             "carry cached targets")
+        if shard_teacher is not None and not isinstance(shard_teacher, bool):
+            raise TypeError(f"shard_teacher must be True, False or None, got {shard_teacher!r}")
+        if shard_teacher and teacher_model is None:
+            raise ValueError("shard_teacher=True needs a teacher_model (without one the batches "
+                             "carry cached targets: there is no teacher to shard)")
+        if shard_teacher and getattr(teacher_model, "hf_device_map", None) is not None:
+            raise ValueError("shard_teacher=True and a teacher loaded with a device_map: it is "
+                             "spread over devices already; load it on the CPU to shard it")
         kd_kwargs = dict(kd_kwargs or {})
         allowed, fn = _ALLOWED[(bool(fused_linear), teacher_model is None)]
         bad = sorted(set(kd_kwargs) - allowed)
@@ -153,9 +184,20 @@ class DistillationTrainer(Trainer):
         self.fused_linear = bool(fused_linear)
         self._heads_checked = False
         self.teacher_model = teacher_model
+        self.shard_teacher = False
         if teacher_model is not None:
             teacher_model.eval()
             teacher_model.requires_grad_(False)
+            if shard_teacher is None:   # (a teacher spread over devices stays as it is)
+                shard_teacher = _auto_shard(self) and \
+                    getattr(teacher_model, "hf_device_map", None) is None
+            self.shard_teacher = shard_teacher
+        if self.shard_teacher:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_world_size() > 1):
+                raise ValueError("shard_teacher=True needs torch.distributed initialised with "
+                                 "several ranks (launch with torchrun or accelerate launch)")
+            fsdp.shard(teacher_model, self.accelerator.device)
 
     def _check_caches(self) -> None:
         """A TargetCache given as a dataset must suit the loss: sampled targets need
@@ -183,15 +225,22 @@ class DistillationTrainer(Trainer):
         (``device_map``: accelerate's hooks move its inputs and activations; moving it whole
         could not fit). Its outputs are then brought to the student's device."""
         teacher = self.teacher_model
-        if getattr(teacher, "hf_device_map", None) is None and \
+        if not self.shard_teacher and getattr(teacher, "hf_device_map", None) is None and \
                 next(teacher.parameters()).device != device:
             teacher.to(device)
         teacher.eval()
 
+    def _teacher_done(self) -> None:
+        """A sharded teacher's root parameters freed once its outputs are used (fsdp.reshard)."""
+        if self.shard_teacher:
+            fsdp.reshard(self.teacher_model)
+
     def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
         self._place_teacher(device)
         with torch.no_grad():
-            return self.teacher_model(**inputs).logits.to(device)
+            logits = self.teacher_model(**inputs).logits.to(device)
+        self._teacher_done()
+        return logits
 
     def _fused_hidden(self, model, inputs: dict, grad: bool):
         """(last hidden states, lm_head) of ``model`` run through its own forward (wrapper
@@ -232,6 +281,8 @@ class DistillationTrainer(Trainer):
                                     student_bias=s_head.bias, teacher_bias=t_bias,
                                     labels=labels, reduction=reduction, ignore_index=IGNORE_INDEX,
                                     **self.kd_kwargs)
+        # (the loss made its gradients in its forward: the teacher's head is not read again)
+        self._teacher_done()
         return out, loss
 
     def _set_signature_columns_if_needed(self) -> None:

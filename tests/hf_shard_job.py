@@ -1,0 +1,59 @@
+"""Run by tests/test_integrations_hf_shard.py under torchrun (two CPU processes, gloo): the same
+DistillationTrainer run with the teacher sharded (shard_teacher=True) and whole on every rank,
+through the logits and the fused-linear paths; each rank writes what it saw to
+``shard-<rank>.json`` in the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from distill_ops._dtensor import is_dtensor  # noqa: E402
+from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E402
+from distill_ops.trainer.models import llama  # noqa: E402
+from test_integrations_hf import V, ListDataset  # noqa: E402
+
+
+def run(shard: bool, fused_linear: bool, teacher_seed: int = 1) -> dict:
+    # two decoder layers: the teacher's layers are FSDP2 units of their own, the root another
+    student = llama(V, 32, 2, heads=2, seed=0)
+    teacher = llama(V, 48, 2, heads=2, seed=teacher_seed)
+    args = transformers.TrainingArguments(
+        output_dir="out", per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        max_steps=3, learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
+        use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=ListDataset(), eval_dataset=ListDataset(n=8),
+                                  kd_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0),
+                                  fused_linear=fused_linear, shard_teacher=shard)
+    out = trainer.train()
+    return {"train_loss": out.training_loss, "eval_loss": trainer.evaluate()["eval_loss"],
+            "params": [p.detach().double().sum().item() for p in student.parameters()],
+            "sharded": trainer.shard_teacher,
+            # resharded after each loss: the root's lm_head and a layer's weight are shards again
+            "head_is_shard": is_dtensor(teacher.lm_head.weight),
+            "layer_is_shard": is_dtensor(teacher.model.layers[0].mlp.up_proj.weight)}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    seen = {f"{name}-{fl}": run(shard, fl)
+            for fl in (False, True) for name, shard in (("sharded", True), ("whole", False))}
+    try:   # each rank's own teacher: refused, on every rank, before any step
+        run(True, False, teacher_seed=1 + rank)
+        seen["different_teachers"] = "not refused"
+    except RuntimeError as exc:
+        seen["different_teachers"] = str(exc)
+    Path(f"shard-{rank}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()

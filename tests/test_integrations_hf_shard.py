@@ -1,0 +1,88 @@
+"""DistillationTrainer(shard_teacher=...): the teacher sharded over the ranks with FSDP2 trains the
+student exactly as a teacher whole on every rank does, and is sharded again after every loss; the
+arguments are checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+transformers = pytest.importorskip("transformers")
+
+from distill_ops.integrations import hf_trainer  # noqa: E402
+from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E402
+from distill_ops.trainer.models import llama  # noqa: E402
+from test_integrations_hf import V, ListDataset, args  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+
+
+@pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    job = Path(__file__).resolve().parent / "hf_shard_job.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(job)]
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"shard-{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        for fl in (False, True):
+            sharded, whole = seen[f"sharded-{fl}"], seen[f"whole-{fl}"]
+            assert sharded["sharded"] and not whole["sharded"]
+            assert sharded["head_is_shard"] and sharded["layer_is_shard"], fl
+            assert not whole["head_is_shard"]
+            # the same teacher outputs: the same losses and student, up to the all-gathers'
+            # float32 re-association (bitwise on gloo, measured)
+            for key in ("train_loss", "eval_loss"):
+                assert sharded[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
+            assert sharded["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
+        assert "ranks hold different weights" in seen["different_teachers"]
+    # and the ranks' students agree (DDP)
+    assert ranks[0]["sharded-True"]["params"] == ranks[1]["sharded-True"]["params"]
+
+
+def test_shard_teacher_arguments_are_checked_first(tmp_path):
+    student, teacher = llama(V, 32, 1, heads=2, seed=0), llama(V, 48, 1, heads=2, seed=1)
+    common = dict(model=student, args=args(tmp_path), train_dataset=ListDataset())
+    with pytest.raises(TypeError, match="shard_teacher must be True, False or None"):
+        DistillationTrainer(teacher_model=teacher, shard_teacher=1, **common)
+    with pytest.raises(ValueError, match="shard_teacher=True needs a teacher_model"):
+        DistillationTrainer(teacher_model=None, shard_teacher=True, **common)
+    teacher.hf_device_map = {"": "cpu"}
+    with pytest.raises(ValueError, match="device_map"):
+        DistillationTrainer(teacher_model=teacher, shard_teacher=True, **common)
+    del teacher.hf_device_map
+    # one process, no process group: nothing to shard over
+    assert not (tdist.is_available() and tdist.is_initialized())
+    with pytest.raises(ValueError, match="several ranks"):
+        DistillationTrainer(teacher_model=teacher, shard_teacher=True, **common)
+    assert not any(type(p).__name__ == "DTensor" for p in teacher.parameters())
+    # by default, one process: the teacher stays whole
+    assert DistillationTrainer(teacher_model=teacher, **common).shard_teacher is False
+
+
+@pytest.mark.parametrize("enabled,version,processes,expected", [
+    (True, 2, 2, True), (True, 2, 1, False), (True, 1, 2, False), (False, None, 2, False)])
+def test_default_shards_the_teacher_only_beside_an_fsdp2_student(enabled, version, processes,
+                                                                 expected):
+    plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+    trainer = SimpleNamespace(is_fsdp_enabled=enabled, accelerator=SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), num_processes=processes))
+    assert hf_trainer._auto_shard(trainer) is expected
