@@ -122,7 +122,8 @@ FLOOR_DEPS  := torch==2.8.0 transformers==5.17.0 tokenizers==0.23.2 accelerate==
                pytest pytest-xdist safetensors tqdm pyyaml matplotlib setuptools wheel
 FLOOR_TESTS := tests/test_public_api.py tests/test_dense_api.py tests/test_sparse_loss.py \
                tests/test_topk.py tests/test_fused_linear.py tests/test_dense_compile.py \
-               tests/test_sparse_compile.py tests/test_integrations_hf.py tests/test_trainer.py \
+               tests/test_sparse_compile.py tests/test_integrations_hf.py \
+               tests/test_integrations_hf_shard.py tests/test_trainer.py \
                tests/test_packaging.py
 
 $(FLOOR_VENV)/.deps:

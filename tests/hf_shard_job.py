@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +54,14 @@ def main() -> None:
     except RuntimeError as exc:
         seen["different_teachers"] = str(exc)
     Path(f"shard-{rank}.json").write_text(json.dumps(seen))
+    # Leave as gloo_worker.gloo_process does: with the group torn down by the interpreter's exit,
+    # torch 2.11's gloo threads aborted the process ("terminate called without an active
+    # exception") after all was written
+    tdist.barrier()
+    tdist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
