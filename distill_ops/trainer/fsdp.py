@@ -39,8 +39,10 @@ def _layers(model: torch.nn.Module) -> list:
 def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
     """Raise unless every rank holds the same weights. fully_shard keeps each rank's own slice of
     its own tensors (DDP would broadcast rank 0's): ranks that loaded or initialised different
-    weights would train a model stitched from them. A float64 sum per tensor, compared."""
-    sums = [float(t.detach().double().sum()) for t in model.state_dict().values()]
+    weights would train a model stitched from them. A float64 sum per tensor, compared, made a
+    slice at a time: a float64 copy of a whole embedding (V x H) would be 8 V H bytes at once."""
+    sums = [sum(float(part.double().sum()) for part in t.detach().reshape(-1).split(1 << 24))
+            for t in model.state_dict().values()]
     # one collective: the largest of each sum and of its negation (minus the smallest)
     both = dist.all_reduce_max(sums + [-s for s in sums], device)
     high, low = both[:len(sums)], both[len(sums):]
