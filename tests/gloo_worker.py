@@ -17,10 +17,10 @@ import torch.distributed as tdist
 # torch 2.8's gloo reduce_scatter_tensor with ReduceOp.AVG returns the sum (two ranks of 1 and 2:
 # 3, not 1.5; 2.9 averages, and NCCL was never affected). FSDP2 averages its gradients that way, as
 # a DTensor Partial("avg") does, so on the CPU there they come out world-size times too large.
+GLOO_AVG_SUMS = torch.torch_version.TorchVersion(torch.__version__) < "2.9"
 FSDP2_ON_GLOO = pytest.mark.skipif(
-    torch.torch_version.TorchVersion(torch.__version__) < "2.9",
-    reason="torch < 2.9: gloo's reduce_scatter with ReduceOp.AVG sums, so FSDP2 on the CPU "
-           "does not average gradients")
+    GLOO_AVG_SUMS, reason="torch < 2.9: gloo's reduce_scatter with ReduceOp.AVG sums, so FSDP2 "
+                          "on the CPU does not average gradients")
 
 
 @contextlib.contextmanager

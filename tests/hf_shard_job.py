@@ -1,14 +1,16 @@
 """Run by tests/test_integrations_hf_shard.py under torchrun (two CPU processes, gloo): the same
 DistillationTrainer run with the teacher sharded (shard_teacher=True) and whole on every rank,
-through the logits and the fused-linear paths; each rank writes what it saw to
-``shard-<rank>.json`` in the working directory."""
+through the logits and the fused-linear paths, and with the default beside accelerate's FSDP2
+student; each rank writes what it saw to ``shard-<rank>.json`` in the working directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as tdist
@@ -19,24 +21,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_ops._dtensor import is_dtensor  # noqa: E402
 from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E402
 from distill_ops.trainer.models import llama  # noqa: E402
+from gloo_worker import GLOO_AVG_SUMS  # noqa: E402
 from test_integrations_hf import V, ListDataset  # noqa: E402
 
 
-def run(shard: bool, fused_linear: bool, teacher_seed: int = 1) -> dict:
+@contextlib.contextmanager
+def accelerate_fsdp_on_cpu():
+    """Make accelerate take the FSDP plugin on the CPU. It enables FSDP only for GPU-like device
+    types, so the default shard_teacher=None, which follows an FSDP2 student, is otherwise never
+    reached here; its FSDP2 preparation itself runs on gloo (fully_shard)."""
+    from accelerate.state import DistributedType, PartialState
+
+    state = PartialState()._shared_state
+    before = state["distributed_type"]
+    state["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        state["distributed_type"] = before
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def run(shard: Optional[bool], fused_linear: bool, teacher_seed: int = 1,
+        fsdp_student: bool = False) -> dict:
     # two decoder layers: the teacher's layers are FSDP2 units of their own, the root another
     student = llama(V, 32, 2, heads=2, seed=0)
     teacher = llama(V, 48, 2, heads=2, seed=teacher_seed)
+    fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap":
+                                        ["LlamaDecoderLayer"]}) if fsdp_student else {}
     args = transformers.TrainingArguments(
         output_dir="out", per_device_train_batch_size=2, per_device_eval_batch_size=2,
         max_steps=3, learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
-        use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=ListDataset(), eval_dataset=ListDataset(n=8),
-                                  kd_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0),
-                                  fused_linear=fused_linear, shard_teacher=shard)
-    out = trainer.train()
-    return {"train_loss": out.training_loss, "eval_loss": trainer.evaluate()["eval_loss"],
-            "params": [p.detach().double().sum().item() for p in student.parameters()],
+        use_cpu=True, disable_tqdm=True, seed=0, **fsdp)
+    with accelerate_fsdp_on_cpu() if fsdp_student else contextlib.nullcontext():
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=ListDataset(), eval_dataset=ListDataset(n=8),
+                                      kd_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0),
+                                      fused_linear=fused_linear, shard_teacher=shard)
+        out = trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+    return {"train_loss": out.training_loss, "eval_loss": eval_loss,
+            "params": [full(p.detach()).double().sum().item() for p in student.parameters()],
+            # (a layer's: after the evaluation's forward the student's root stays gathered)
+            "fsdp_student": bool(trainer.is_fsdp_enabled) and is_dtensor(
+                student.model.layers[0].mlp.up_proj.weight),
             "sharded": trainer.shard_teacher,
             # resharded after each loss: the root's lm_head and a layer's weight are shards again
             "head_is_shard": is_dtensor(teacher.lm_head.weight),
@@ -48,6 +79,9 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     seen = {f"{name}-{fl}": run(shard, fl)
             for fl in (False, True) for name, shard in (("sharded", True), ("whole", False))}
+    for fl in (False, True):   # the default beside accelerate's FSDP2 student
+        if not GLOO_AVG_SUMS:   # (whose gradients torch < 2.9 sums on gloo instead of averaging)
+            seen[f"default-fsdp2-{fl}"] = run(None, fl, fsdp_student=True)
     try:   # each rank's own teacher: refused, on every rank, before any step
         run(True, False, teacher_seed=1 + rank)
         seen["different_teachers"] = "not refused"
