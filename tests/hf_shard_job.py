@@ -46,10 +46,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(shard: Optional[bool], fused_linear: bool, teacher_seed: int = 1,
-        fsdp_student: bool = False) -> dict:
+        fsdp_student: bool = False, meta_ranks: tuple = ()) -> dict:
+    """``meta_ranks``: the ranks that build the teacher on the meta device (no weights)."""
     # two decoder layers: the teacher's layers are FSDP2 units of their own, the root another
     student = llama(V, 32, 2, heads=2, seed=0)
-    teacher = llama(V, 48, 2, heads=2, seed=teacher_seed)
+    meta = int(os.environ["RANK"]) in meta_ranks
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        teacher = llama(V, 48, 2, heads=2, seed=teacher_seed)
     fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap":
                                         ["LlamaDecoderLayer"]}) if fsdp_student else {}
     args = transformers.TrainingArguments(
@@ -79,6 +82,8 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     seen = {f"{name}-{fl}": run(shard, fl)
             for fl in (False, True) for name, shard in (("sharded", True), ("whole", False))}
+    for fl in (False, True):   # rank 1's teacher built on the meta device: rank 0's weights
+        seen[f"from-rank0-{fl}"] = run(True, fl, teacher_seed=1 + rank, meta_ranks=(1,))
     for fl in (False, True):   # the default beside accelerate's FSDP2 student
         if not GLOO_AVG_SUMS:   # (whose gradients torch < 2.9 sums on gloo instead of averaging)
             seen[f"default-fsdp2-{fl}"] = run(None, fl, fsdp_student=True)
@@ -87,6 +92,11 @@ def main() -> None:
         seen["different_teachers"] = "not refused"
     except RuntimeError as exc:
         seen["different_teachers"] = str(exc)
+    try:   # rank 0 without weights: refused on every rank
+        run(True, False, meta_ranks=(0,))
+        seen["rank0_on_meta"] = "not refused"
+    except ValueError as exc:
+        seen["rank0_on_meta"] = str(exc)
     Path(f"shard-{rank}.json").write_text(json.dumps(seen))
     # Leave as gloo_worker.gloo_process does: with the group torn down by the interpreter's exit,
     # torch 2.11's gloo threads aborted the process ("terminate called without an active

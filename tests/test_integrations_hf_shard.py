@@ -55,6 +55,13 @@ def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
             for key in ("train_loss", "eval_loss"):
                 assert sharded[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
             assert sharded["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
+            # rank 1 built its teacher on the meta device (its weights, had it any, would differ
+            # from rank 0's: seeded by rank): rank 0's are the teacher's
+            rank0 = seen[f"from-rank0-{fl}"]
+            assert rank0["sharded"] and rank0["head_is_shard"] and rank0["layer_is_shard"]
+            for key in ("train_loss", "eval_loss"):
+                assert rank0[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
+            assert rank0["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
             # the default (None) beside an FSDP2 student: sharded, and the same training again
             # (torch < 2.9: not run, FSDP2 on gloo sums the student's gradients; gloo_worker)
             if GLOO_AVG_SUMS:
@@ -66,6 +73,7 @@ def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
             assert default["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
             assert not whole["fsdp_student"]
         assert "ranks hold different weights" in seen["different_teachers"]
+        assert "rank 0's teacher is on the meta device" in seen["rank0_on_meta"]
     # and the ranks' students agree (DDP)
     assert ranks[0]["sharded-True"]["params"] == ranks[1]["sharded-True"]["params"]
 

@@ -41,7 +41,10 @@ as accelerate decides (DDP, FSDP), independently. By default (None) the teacher 
 accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks,
 and replicated otherwise, as before (FSDP1 and DeepSpeed ZeRO-3 leave it whole on every rank).
 Every rank holds the whole teacher in host memory until it is sharded (load it on the CPU): they
-must hold the same weights, which is checked (fully_shard keeps each rank's own slices).
+must hold the same weights, which is checked (fully_shard keeps each rank's own slices). Or only
+rank 0 loads it, and the other ranks build it on the meta device (``from_config`` under
+``torch.device("meta")``): rank 0's weights are then broadcast into every rank's shards, one
+tensor at a time, and one copy sits in host memory instead of one per rank.
 
 With gradient accumulation the loss is normalised by the number of labelled tokens of the whole
 accumulated batch (``num_items_in_batch``), as transformers' own causal-LM loss is. Trainer counts
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -65,7 +69,7 @@ from .._dtensor import gathered
 from ..functional import kd_loss
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import sparse_kd_loss
-from ..trainer import fsdp
+from ..trainer import dist, fsdp
 from ..trainer.data import collate, shift_labels
 
 IGNORE_INDEX = -100
@@ -108,6 +112,22 @@ def _auto_shard(trainer: Trainer) -> bool:
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     return (bool(getattr(trainer, "is_fsdp_enabled", False)) and plugin is not None
             and getattr(plugin, "fsdp_version", 1) == 2 and trainer.accelerator.num_processes > 1)
+
+
+def _teacher_from_rank0(teacher: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the teacher to shard comes from rank 0 alone: some rank built it on the meta device
+    (no weights), so rank 0's are broadcast into every rank's shards (fsdp.shard's from_rank0).
+    Every rank calls it and gets the same answer; rank 0 without weights is refused on all."""
+    tensors = itertools.chain(teacher.parameters(), teacher.buffers())
+    on_meta = any(t.is_meta for t in tensors)
+    somewhere, on_rank0 = dist.all_reduce_max(
+        [float(on_meta), float(on_meta and dist.rank() == 0)], device)
+    if on_rank0:
+        raise ValueError("shard_teacher: rank 0's teacher is on the meta device; rank 0 must hold "
+                         "its weights (the other ranks may build it on the meta device, "
+                         "AutoModelForCausalLM.from_config under torch.device('meta'), and "
+                         "receive rank 0's)")
+    return bool(somewhere)
 
 
 def _keywords(fn) -> set:
@@ -197,7 +217,8 @@ class DistillationTrainer(Trainer):
                     and torch.distributed.get_world_size() > 1):
                 raise ValueError("shard_teacher=True needs torch.distributed initialised with "
                                  "several ranks (launch with torchrun or accelerate launch)")
-            fsdp.shard(teacher_model, self.accelerator.device)
+            device = self.accelerator.device
+            fsdp.shard(teacher_model, device, from_rank0=_teacher_from_rank0(teacher_model, device))
 
     def _check_caches(self) -> None:
         """A TargetCache given as a dataset must suit the loss: sampled targets need
