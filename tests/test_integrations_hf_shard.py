@@ -28,6 +28,14 @@ from test_integrations_hf import V, ListDataset, args  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
+def assert_same_training(run: dict, whole: dict, fused_linear: bool) -> None:
+    """The same teacher outputs: the same losses and student, up to the all-gathers' float32
+    re-association (bitwise on gloo, measured)."""
+    for key in ("train_loss", "eval_loss"):
+        assert run[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fused_linear, key)
+    assert run["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fused_linear
+
+
 @pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
@@ -50,27 +58,19 @@ def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
             assert sharded["sharded"] and not whole["sharded"]
             assert sharded["head_is_shard"] and sharded["layer_is_shard"], fl
             assert not whole["head_is_shard"]
-            # the same teacher outputs: the same losses and student, up to the all-gathers'
-            # float32 re-association (bitwise on gloo, measured)
-            for key in ("train_loss", "eval_loss"):
-                assert sharded[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
-            assert sharded["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
+            assert_same_training(sharded, whole, fl)
             # rank 1 built its teacher on the meta device (its weights, had it any, would differ
             # from rank 0's: seeded by rank): rank 0's are the teacher's
             rank0 = seen[f"from-rank0-{fl}"]
             assert rank0["sharded"] and rank0["head_is_shard"] and rank0["layer_is_shard"]
-            for key in ("train_loss", "eval_loss"):
-                assert rank0[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
-            assert rank0["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
+            assert_same_training(rank0, whole, fl)
             # the default (None) beside an FSDP2 student: sharded, and the same training again
             # (torch < 2.9: not run, FSDP2 on gloo sums the student's gradients; gloo_worker)
             if GLOO_AVG_SUMS:
                 continue
             default = seen[f"default-fsdp2-{fl}"]
             assert default["fsdp_student"] and default["sharded"] and default["head_is_shard"]
-            for key in ("train_loss", "eval_loss"):
-                assert default[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fl, key)
-            assert default["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fl
+            assert_same_training(default, whole, fl)
             assert not whole["fsdp_student"]
         assert "ranks hold different weights" in seen["different_teachers"]
         assert "rank 0's teacher is on the meta device" in seen["rank0_on_meta"]
