@@ -46,27 +46,37 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(shard: Optional[bool], fused_linear: bool, teacher_seed: int = 1,
-        fsdp_student: bool = False, meta_ranks: tuple = ()) -> dict:
-    """``meta_ranks``: the ranks that build the teacher on the meta device (no weights)."""
+        fsdp_student: bool = False, meta_ranks: tuple = (),
+        meta_dtype: torch.dtype = torch.float32) -> dict:
+    """``meta_ranks``: the ranks that build the teacher on the meta device (no weights), in
+    ``meta_dtype``."""
     # two decoder layers: the teacher's layers are FSDP2 units of their own, the root another
     student = llama(V, 32, 2, heads=2, seed=0)
     meta = int(os.environ["RANK"]) in meta_ranks
     with torch.device("meta") if meta else contextlib.nullcontext():
         teacher = llama(V, 48, 2, heads=2, seed=teacher_seed)
+    if meta:
+        teacher.to(meta_dtype)
     fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap":
                                         ["LlamaDecoderLayer"]}) if fsdp_student else {}
     args = transformers.TrainingArguments(
         output_dir="out", per_device_train_batch_size=2, per_device_eval_batch_size=2,
         max_steps=3, learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
         use_cpu=True, disable_tqdm=True, seed=0, **fsdp)
+    common = dict(model=student, teacher_model=teacher, args=args, eval_dataset=ListDataset(n=8),
+                  kd_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0),
+                  fused_linear=fused_linear, shard_teacher=shard)
     with accelerate_fsdp_on_cpu() if fsdp_student else contextlib.nullcontext():
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                      train_dataset=ListDataset(), eval_dataset=ListDataset(n=8),
-                                      kd_kwargs=dict(divergence="jsd", beta=0.3, temperature=2.0),
-                                      fused_linear=fused_linear, shard_teacher=shard)
+        trainer = DistillationTrainer(train_dataset=ListDataset(), **common)
         out = trainer.train()
+        # resharded after each training loss (before any evaluation)
+        head_after_train = is_dtensor(teacher.lm_head.weight)
         eval_loss = trainer.evaluate()["eval_loss"]
-    return {"train_loss": out.training_loss, "eval_loss": eval_loss,
+        # the same teacher given to another trainer (sharded already: used as it is); not beside
+        # an FSDP2 student, which accelerate 1.15 prepares for evaluation only with an optimizer
+        eval_again = None if fsdp_student else DistillationTrainer(**common).evaluate()["eval_loss"]
+    return {"train_loss": out.training_loss, "eval_loss": eval_loss, "eval_again": eval_again,
+            "head_after_train": head_after_train,
             "params": [full(p.detach()).double().sum().item() for p in student.parameters()],
             # (a layer's: after the evaluation's forward the student's root stays gathered)
             "fsdp_student": bool(trainer.is_fsdp_enabled) and is_dtensor(
@@ -92,11 +102,17 @@ def main() -> None:
         seen["different_teachers"] = "not refused"
     except RuntimeError as exc:
         seen["different_teachers"] = str(exc)
-    try:   # rank 0 without weights: refused on every rank
-        run(True, False, meta_ranks=(0,))
-        seen["rank0_on_meta"] = "not refused"
-    except ValueError as exc:
-        seen["rank0_on_meta"] = str(exc)
+    refused = {"rank0_on_meta": dict(meta_ranks=(0,)),   # rank 0 without weights
+               # rank 1's teacher on meta in another dtype than rank 0's
+               "other_dtype_on_meta": dict(meta_ranks=(1,), meta_dtype=torch.float64),
+               # a teacher on meta that is not to be sharded: nothing would give it weights
+               "meta_unsharded": dict(shard=False, meta_ranks=(1,))}
+    for name, kw in refused.items():   # each on every rank, before any step
+        try:
+            run(**{"shard": True, "fused_linear": False, **kw})
+            seen[name] = "not refused"
+        except ValueError as exc:
+            seen[name] = str(exc)
     Path(f"shard-{rank}.json").write_text(json.dumps(seen))
     # Leave as gloo_worker.gloo_process does: with the group torn down by the interpreter's exit,
     # torch 2.11's gloo threads aborted the process ("terminate called without an active

@@ -34,6 +34,8 @@ def assert_same_training(run: dict, whole: dict, fused_linear: bool) -> None:
     for key in ("train_loss", "eval_loss"):
         assert run[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), (fused_linear, key)
     assert run["params"] == pytest.approx(whole["params"], rel=1e-6, abs=1e-7), fused_linear
+    # a second trainer given the same teacher (sharded already) evaluates the same
+    assert run["eval_again"] in (run["eval_loss"], None), fused_linear
 
 
 @pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
@@ -57,6 +59,8 @@ def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
             sharded, whole = seen[f"sharded-{fl}"], seen[f"whole-{fl}"]
             assert sharded["sharded"] and not whole["sharded"]
             assert sharded["head_is_shard"] and sharded["layer_is_shard"], fl
+            assert sharded["head_after_train"], fl
+            assert sharded["eval_again"] is not None and whole["eval_again"] is not None
             assert not whole["head_is_shard"]
             assert_same_training(sharded, whole, fl)
             # rank 1 built its teacher on the meta device (its weights, had it any, would differ
@@ -74,6 +78,8 @@ def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
             assert not whole["fsdp_student"]
         assert "ranks hold different weights" in seen["different_teachers"]
         assert "rank 0's teacher is on the meta device" in seen["rank0_on_meta"]
+        assert "models differ from rank 0's" in seen["other_dtype_on_meta"]
+        assert "on the meta device (no weights) on some rank" in seen["meta_unsharded"]
     # and the ranks' students agree (DDP)
     assert ranks[0]["sharded-True"]["params"] == ranks[1]["sharded-True"]["params"]
 

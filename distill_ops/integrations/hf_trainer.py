@@ -38,8 +38,9 @@ forward, and the root's gathered parameters are freed after each step's loss (FS
 gathered for a backward that a frozen teacher never has). It needs torch.distributed initialised
 with several ranks, which Trainer does under torchrun or accelerate launch; the student is wrapped
 as accelerate decides (DDP, FSDP), independently. By default (None) the teacher is sharded when
-accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks,
-and replicated otherwise, as before (FSDP1 and DeepSpeed ZeRO-3 leave it whole on every rank).
+accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks
+and the teacher has no ``device_map``, and replicated otherwise, as before (FSDP1 and DeepSpeed
+ZeRO-3 leave it whole on every rank). A teacher sharded by an earlier trainer is used as it is.
 Every rank holds the whole teacher in host memory until it is sharded (load it on the CPU): they
 must hold the same weights, which is checked (fully_shard keeps each rank's own slices). Or only
 rank 0 loads it, and the other ranks build it on the meta device (``from_config`` under
@@ -114,22 +115,6 @@ def _auto_shard(trainer: Trainer) -> bool:
             and getattr(plugin, "fsdp_version", 1) == 2 and trainer.accelerator.num_processes > 1)
 
 
-def _teacher_from_rank0(teacher: torch.nn.Module, device: torch.device) -> bool:
-    """Whether the teacher to shard comes from rank 0 alone: some rank built it on the meta device
-    (no weights), so rank 0's are broadcast into every rank's shards (fsdp.shard's from_rank0).
-    Every rank calls it and gets the same answer; rank 0 without weights is refused on all."""
-    tensors = itertools.chain(teacher.parameters(), teacher.buffers())
-    on_meta = any(t.is_meta for t in tensors)
-    somewhere, on_rank0 = dist.all_reduce_max(
-        [float(on_meta), float(on_meta and dist.rank() == 0)], device)
-    if on_rank0:
-        raise ValueError("shard_teacher: rank 0's teacher is on the meta device; rank 0 must hold "
-                         "its weights (the other ranks may build it on the meta device, "
-                         "AutoModelForCausalLM.from_config under torch.device('meta'), and "
-                         "receive rank 0's)")
-    return bool(somewhere)
-
-
 def _keywords(fn) -> set:
     return set(inspect.signature(fn).parameters) - _PER_CALL
 
@@ -174,9 +159,6 @@ class DistillationTrainer(Trainer):
         if shard_teacher and teacher_model is None:
             raise ValueError("shard_teacher=True needs a teacher_model (without one the batches "
                              "carry cached targets: there is no teacher to shard)")
-        if shard_teacher and getattr(teacher_model, "hf_device_map", None) is not None:
-            raise ValueError("shard_teacher=True and a teacher loaded with a device_map: it is "
-                             "spread over devices already; load it on the CPU to shard it")
         kd_kwargs = dict(kd_kwargs or {})
         allowed, fn = _ALLOWED[(bool(fused_linear), teacher_model is None)]
         bad = sorted(set(kd_kwargs) - allowed)
@@ -208,17 +190,47 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             teacher_model.eval()
             teacher_model.requires_grad_(False)
-            if shard_teacher is None:   # (a teacher spread over devices stays as it is)
-                shard_teacher = _auto_shard(self) and \
-                    getattr(teacher_model, "hf_device_map", None) is None
-            self.shard_teacher = shard_teacher
-        if self.shard_teacher:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1):
-                raise ValueError("shard_teacher=True needs torch.distributed initialised with "
-                                 "several ranks (launch with torchrun or accelerate launch)")
-            device = self.accelerator.device
-            fsdp.shard(teacher_model, device, from_rank0=_teacher_from_rank0(teacher_model, device))
+            self.shard_teacher = self._prepare_teacher(shard_teacher)
+
+    def _prepare_teacher(self, requested: Optional[bool]) -> bool:
+        """Decide whether the teacher is sharded (``requested``, or the default) and shard it;
+        return the decision. What one rank alone could fail (a device_map, a teacher on the meta
+        device) is agreed by every rank first, in one all-reduce, so that all raise together
+        rather than some waiting in a collective the others never reach."""
+        from torch.distributed.fsdp import FSDPModule
+
+        teacher, device = self.teacher_model, self.accelerator.device
+        if isinstance(teacher, FSDPModule):   # sharded by an earlier trainer: used as it is
+            if requested is False:
+                raise ValueError("shard_teacher=False, but the teacher is sharded already (by an "
+                                 "earlier DistillationTrainer?)")
+            return True
+        several = dist.world_size() > 1
+        on_meta = any(t.is_meta for t in itertools.chain(teacher.parameters(), teacher.buffers()))
+        mine = [float(getattr(teacher, "hf_device_map", None) is not None), float(on_meta),
+                float(on_meta and dist.rank() == 0)]
+        spread, meta, meta_on_rank0 = (bool(x) for x in (
+            dist.all_reduce_max(mine, device) if several else mine))
+        # (the default leaves a teacher spread over devices as it is)
+        shard = (_auto_shard(self) and not spread) if requested is None else requested
+        if shard and spread:
+            raise ValueError("shard_teacher=True and a teacher loaded with a device_map: it is "
+                             "spread over devices already; load it on the CPU to shard it")
+        if shard and not several:
+            raise ValueError("shard_teacher=True needs torch.distributed initialised with "
+                             "several ranks (launch with torchrun or accelerate launch)")
+        if meta and not shard:
+            raise ValueError("the teacher is on the meta device (no weights) on some rank: only "
+                             "a sharded teacher (shard_teacher=True) receives rank 0's weights")
+        if meta_on_rank0:
+            raise ValueError("shard_teacher: rank 0's teacher is on the meta device; rank 0 must "
+                             "hold its weights (the other ranks may build it on the meta device, "
+                             "AutoModelForCausalLM.from_config under torch.device('meta'), and "
+                             "receive rank 0's)")
+        if shard:
+            # a rank on meta: rank 0's weights broadcast into every rank's shards
+            fsdp.shard(teacher, device, from_rank0=meta, hint="use shard_teacher=False")
+        return shard
 
     def _check_caches(self) -> None:
         """A TargetCache given as a dataset must suit the loss: sampled targets need
@@ -258,10 +270,11 @@ class DistillationTrainer(Trainer):
 
     def _teacher_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
         self._place_teacher(device)
-        with torch.no_grad():
-            logits = self.teacher_model(**inputs).logits.to(device)
-        self._teacher_done()
-        return logits
+        try:
+            with torch.no_grad():
+                return self.teacher_model(**inputs).logits.to(device)
+        finally:
+            self._teacher_done()
 
     def _fused_hidden(self, model, inputs: dict, grad: bool):
         """(last hidden states, lm_head) of ``model`` run through its own forward (wrapper
@@ -283,7 +296,10 @@ class DistillationTrainer(Trainer):
                                 gathered(head.bias, hidden.dtype)).float()
                 theirs = out.logits[..., -1, :].float()
                 tol = 2e-2 * float(theirs.abs().max().clamp_min(1.0))
-                if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:
+                bad = mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol
+                if dist.world_size() > 1:   # each rank saw its own batch: all raise, or none
+                    bad = bool(dist.all_reduce_max([float(bad)], hidden.device)[0])
+                if bad:
                     raise ValueError(
                         f"fused_linear: {type(core).__name__}'s logits are not lm_head(last "
                         "hidden state) (a softcap or a logit scale?); use fused_linear=False")
@@ -293,17 +309,19 @@ class DistillationTrainer(Trainer):
         out, h_s, s_head = self._fused_hidden(model, inputs, grad=True)
         dev = h_s.device
         self._place_teacher(dev)
-        # (not kept: the teacher's output holds every layer's hidden states)
-        h_t, t_head = self._fused_hidden(self.teacher_model, inputs, grad=False)[1:]
-        self._heads_checked = True
-        # a teacher spread over devices: its lm_head is copied to the student's each step
-        t_bias = None if t_head.bias is None else t_head.bias.to(dev)
-        loss = fused_linear_kd_loss(h_s, s_head.weight, h_t.to(dev), t_head.weight.to(dev),
-                                    student_bias=s_head.bias, teacher_bias=t_bias,
-                                    labels=labels, reduction=reduction, ignore_index=IGNORE_INDEX,
-                                    **self.kd_kwargs)
-        # (the loss made its gradients in its forward: the teacher's head is not read again)
-        self._teacher_done()
+        try:
+            # (not kept: the teacher's output holds every layer's hidden states)
+            h_t, t_head = self._fused_hidden(self.teacher_model, inputs, grad=False)[1:]
+            self._heads_checked = True
+            # a teacher spread over devices: its lm_head is copied to the student's each step
+            t_bias = None if t_head.bias is None else t_head.bias.to(dev)
+            loss = fused_linear_kd_loss(h_s, s_head.weight, h_t.to(dev), t_head.weight.to(dev),
+                                        student_bias=s_head.bias, teacher_bias=t_bias,
+                                        labels=labels, reduction=reduction,
+                                        ignore_index=IGNORE_INDEX, **self.kd_kwargs)
+        finally:
+            # (the loss made its gradients in its forward: the teacher's head is not read again)
+            self._teacher_done()
         return out, loss
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -26,14 +26,31 @@ from .._dtensor import is_dtensor
 from . import dist
 
 
-def _layers(model: torch.nn.Module) -> list:
+def _layers(model: torch.nn.Module, hint: str) -> list:
     """The decoder layers of a transformers causal LM (``model.model.layers`` and the like)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
     if layers is None:
         raise ValueError(f"fsdp: cannot find the decoder layers of {type(model).__name__} (no "
-                         ".layers or .h on its decoder); use fsdp=false (DDP)")
+                         f".layers or .h on its decoder); {hint}")
     return list(layers)
+
+
+def _check_same_layout(model: torch.nn.Module, tensors: list, device: torch.device) -> None:
+    """Raise on every rank unless every rank's model has rank 0's tensor names, shapes and dtypes
+    (``tensors``: (name, tensor) pairs). Rank 0's weights go into the others' shards one tensor
+    at a time: a model built with another dtype or config would fail inside a collective, or
+    hang there (a from_config without the dtype that from_pretrained was given, say)."""
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
+    theirs = [layout if dist.rank() == 0 else None]
+    torch.distributed.broadcast_object_list(theirs, src=0)
+    first = next((f"{a} here, {b} on rank 0" for a, b in zip(layout, theirs[0]) if a != b),
+                 None if len(layout) == len(theirs[0]) else
+                 f"{len(layout)} tensors here, {len(theirs[0])} on rank 0")
+    if dist.all_reduce_max([float(first is not None)], device)[0]:
+        raise ValueError(f"fsdp: the ranks' {type(model).__name__} models differ from rank 0's "
+                         f"(names, shapes or dtypes: {first or 'on another rank'}); build them "
+                         "from the same config, with the same dtype")
 
 
 def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
@@ -52,14 +69,16 @@ def _check_same_weights(model: torch.nn.Module, device: torch.device) -> None:
                            "their shards")
 
 
-def shard(model: torch.nn.Module, device: torch.device, *,
-          from_rank0: bool = False) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, *, from_rank0: bool = False,
+          hint: str = "use fsdp=false (DDP)") -> torch.nn.Module:
     """fully_shard every decoder layer, then the model (the root), over all ranks on ``device``.
     The parameters move to ``device`` as shards: the whole model never sits on one device.
 
     ``from_rank0``: rank 0's model holds the weights and every other rank's is the same
     architecture on the meta device; those ranks allocate their shards and rank 0 broadcasts its
-    tensors into them. Otherwise every rank holds the weights, checked equal first."""
+    tensors into them (their names, shapes and dtypes checked equal first). Otherwise every rank
+    holds the weights, checked equal first. ``hint``: what to do instead, said in the error for a
+    model whose decoder layers are not found."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -69,10 +88,12 @@ def shard(model: torch.nn.Module, device: torch.device, *,
         state = model.state_dict()
         full = state if dist.rank() == 0 else {}
         buffers = [name for name, _ in model.named_buffers() if name not in state]
+        _check_same_layout(model, list(state.items())
+                           + [(name, model.get_buffer(name)) for name in buffers], device)
     else:
         _check_same_weights(model, device)
     mesh = init_device_mesh(device.type, (dist.world_size(),))
-    for layer in _layers(model):
+    for layer in _layers(model, hint):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if from_rank0:
