@@ -33,9 +33,9 @@ here is then ``distill_ops.trainer.data.collate`` (right padding, target ids pad
 
 ``shard_teacher=True`` shards the teacher over the process group's ranks with FSDP2 (each decoder
 layer a unit, the root holding embeddings, final norm and lm_head; trainer/fsdp.py, as the thin
-trainer shards its own): each rank keeps 1/world of it and gathers one layer at a time in its
-forward, and the root's gathered parameters are freed after each step's loss (FSDP2 keeps a root
-gathered for a backward that a frozen teacher never has). It needs torch.distributed initialised
+trainer shards its own): each rank keeps 1/world of it; its forward gathers the root for the
+whole forward and each decoder layer in turn, and the root is freed again after each step's loss
+(FSDP2 keeps a root gathered for a backward that a frozen teacher never has). It needs torch.distributed initialised
 with several ranks, which Trainer does under torchrun or accelerate launch; the student is wrapped
 as accelerate decides (DDP, FSDP), independently. By default (None) the teacher is sharded when
 accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks
@@ -209,8 +209,7 @@ class DistillationTrainer(Trainer):
         on_meta = any(t.is_meta for t in itertools.chain(teacher.parameters(), teacher.buffers()))
         mine = [float(getattr(teacher, "hf_device_map", None) is not None), float(on_meta),
                 float(on_meta and dist.rank() == 0)]
-        spread, meta, meta_on_rank0 = (bool(x) for x in (
-            dist.all_reduce_max(mine, device) if several else mine))
+        spread, meta, meta_on_rank0 = (bool(x) for x in dist.all_reduce_max(mine, device))
         # (the default leaves a teacher spread over devices as it is)
         shard = (_auto_shard(self) and not spread) if requested is None else requested
         if shard and spread:
@@ -297,9 +296,8 @@ class DistillationTrainer(Trainer):
                 theirs = out.logits[..., -1, :].float()
                 tol = 2e-2 * float(theirs.abs().max().clamp_min(1.0))
                 bad = mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol
-                if dist.world_size() > 1:   # each rank saw its own batch: all raise, or none
-                    bad = bool(dist.all_reduce_max([float(bad)], hidden.device)[0])
-                if bad:
+                # each rank saw its own batch: all raise, or none
+                if dist.all_reduce_max([float(bad)], hidden.device)[0]:
                     raise ValueError(
                         f"fused_linear: {type(core).__name__}'s logits are not lm_head(last "
                         "hidden state) (a softcap or a logit scale?); use fused_linear=False")
