@@ -7,12 +7,17 @@ import contextlib
 import datetime
 import faulthandler
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed as tdist
+
+NEEDS_GLOO = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
 
 # torch 2.8's gloo reduce_scatter_tensor with ReduceOp.AVG returns the sum (two ranks of 1 and 2:
 # 3, not 1.5; 2.9 averages, and NCCL was never affected). FSDP2 averages its gradients that way, as
@@ -43,3 +48,15 @@ def gloo_process(rank: int, world: int, tmp: str) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def torchrun(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 *args`` in ``cwd``, as
+    users launch several GPUs, here two CPU processes; one intra-op thread each, and the
+    repository first on the path (`make test-twin` runs the package from the source tree)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})

@@ -9,14 +9,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from gloo_worker import FSDP2_ON_GLOO, gloo_process
+from gloo_worker import FSDP2_ON_GLOO, NEEDS_GLOO, gloo_process
 
-pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available"),
-              FSDP2_ON_GLOO, pytest.mark.usefixtures("one_intraop_thread")]
+pytestmark = [NEEDS_GLOO, FSDP2_ON_GLOO, pytest.mark.usefixtures("one_intraop_thread")]
 
 V, H, N, WORLD = 40, 8, 6, 2
 
@@ -123,10 +120,6 @@ def test_an_fsdp2_lm_head_gets_the_averaged_gradient(tmp_path):
     """TRL's full_tensor() gather gave each shard one rank's gradient (1.5e-2 off here). HSDP's
     2-D mesh and FSDP2's bfloat16 mixed precision (a float32 shard beside bfloat16 hidden states)
     work too."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     errors = torch.load(tmp_path / "result.pt")
     for label, errs in errors.items():

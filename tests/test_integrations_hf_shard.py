@@ -6,14 +6,10 @@ before anything runs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import torch.distributed as tdist
 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
@@ -22,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from distill_ops.integrations import hf_trainer  # noqa: E402
 from distill_ops.integrations.hf_trainer import DistillationTrainer  # noqa: E402
 from distill_ops.trainer.models import llama  # noqa: E402
-from gloo_worker import GLOO_AVG_SUMS  # noqa: E402
+from gloo_worker import GLOO_AVG_SUMS, NEEDS_GLOO, torchrun  # noqa: E402
 from test_integrations_hf import V, ListDataset, args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -38,20 +34,9 @@ def assert_same_training(run: dict, whole: dict, fused_linear: bool) -> None:
     assert run["eval_again"] in (run["eval_loss"], None), fused_linear
 
 
-@pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@NEEDS_GLOO
 def test_sharded_teacher_trains_as_a_whole_one_under_torchrun(tmp_path):
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
-    job = Path(__file__).resolve().parent / "hf_shard_job.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(job)]
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    run = torchrun([str(Path(__file__).resolve().parent / "hf_shard_job.py")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"shard-{r}.json").read_text()) for r in range(2)]
     for seen in ranks:

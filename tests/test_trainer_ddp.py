@@ -13,12 +13,10 @@ import torch.multiprocessing as mp
 
 from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
-from gloo_worker import gloo_process
+from gloo_worker import NEEDS_GLOO, gloo_process
 
 
-pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available"),
-              pytest.mark.usefixtures("one_intraop_thread")]
+pytestmark = [NEEDS_GLOO, pytest.mark.usefixtures("one_intraop_thread")]
 
 V = 64
 

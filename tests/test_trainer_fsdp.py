@@ -9,16 +9,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from distill_ops.trainer import TrainConfig, train
 from distill_ops.trainer.models import llama
-from gloo_worker import FSDP2_ON_GLOO, gloo_process
+from gloo_worker import FSDP2_ON_GLOO, NEEDS_GLOO, gloo_process
 
-pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available"),
-              FSDP2_ON_GLOO,
+pytestmark = [NEEDS_GLOO, FSDP2_ON_GLOO,
               pytest.mark.usefixtures("one_intraop_thread")]
 
 V = 64

@@ -6,28 +6,16 @@ printed (every rank printed one until 2026-12-07)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-import torch.distributed as tdist
 
 from distill_ops.trainer.data import train_bpe_tokenizer
 from distill_ops.trainer.models import llama
-from gloo_worker import FSDP2_ON_GLOO
+from gloo_worker import FSDP2_ON_GLOO, NEEDS_GLOO, torchrun
 
-pytestmark = [pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available"),
-              FSDP2_ON_GLOO]
+pytestmark = [NEEDS_GLOO, FSDP2_ON_GLOO]
 
 
 def test_torchrun_two_processes_fsdp_from_the_cli(tmp_path):
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch has no FSDP2 (fully_shard)")
     docs = ["import os\nprint(os.getcwd())\n" * 30, "Lists are mutable sequences. " * 40] * 3
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     tok = train_bpe_tokenizer(docs, 200, str(tmp_path / "student"))
@@ -37,13 +25,7 @@ def test_torchrun_two_processes_fsdp_from_the_cli(tmp_path):
         "student: student\nteacher: teacher\ntrain_data: corpus.jsonl\nseq_len: 16\n"
         "micro_batch_size: 2\nmax_steps: 3\noutput_dir: run\nprogress: false\n"
         "eval_fraction: 0.2\ndevice: cpu\nfsdp: true\nfused_linear: true\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "distill_ops.cli", "train", "--config", "run.yaml"]
-    # (the repository on the path: `make test-twin` runs the package from the source tree)
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    run = torchrun(["-m", "distill_ops.cli", "train", "--config", "run.yaml"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done: 3 steps") == 1, run.stdout
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
