@@ -42,6 +42,16 @@ def gloo_process(rank: int, world: int, tmp: str) -> Iterator[None]:
                              world_size=world, timeout=datetime.timedelta(minutes=2))
     try:
         yield
+    except BaseException:
+        tdist.destroy_process_group()
+        raise
+    leave()
+
+
+def leave() -> None:
+    """End a worker whose work is done: leave the group once every rank is done with it, then
+    exit without interpreter finalisation (gloo_process says why)."""
+    try:
         tdist.barrier()   # neither rank tears down while the other still talks
     finally:
         tdist.destroy_process_group()
