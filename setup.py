@@ -66,6 +66,8 @@ def _cuda_status(torch, cpp_extension) -> tuple[bool, str]:
 
 # nvcc's flags besides the gencode list (bench/ptxas_spills.py compiles with the same).
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DDISTILL_OPS_WITH_CUDA=1"]
+# ptxas's per-kernel register and spill report (DISTILL_OPS_PTXAS_REPORT=1; bench/ptxas_spills.py)
+PTXAS_REPORT = ["-Xptxas", "-v"]
 
 
 def _gencode() -> list[str]:
@@ -119,7 +121,7 @@ def extensions():
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = NVCC_FLAGS + _gencode()
         if os.environ.get("DISTILL_OPS_PTXAS_REPORT") == "1":
-            nvcc += ["-Xptxas", "-v"]
+            nvcc += PTXAS_REPORT
         print(f"distill_ops: building the CPU and CUDA kernels (CUDA {torch.version.cuda}, "
               f"nvcc in {cpp_extension.CUDA_HOME})", file=sys.stderr)
         return [cpp_extension.CUDAExtension(

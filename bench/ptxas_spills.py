@@ -107,7 +107,7 @@ def compile_log(path: str, arch: str) -> str:
     incs.append(f"-I{sysconfig.get_paths()['include']}")
     cmd = [os.path.join(home, "bin", "nvcc"), "-std=c++20", *setup_py.NVCC_FLAGS,
            "-D_GLIBCXX_USE_CXX11_ABI=1", *incs,
-           "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+           "-gencode", f"arch=compute_{arch},code=sm_{arch}", *setup_py.PTXAS_REPORT,
            # device code only: ptxas's report is all this needs, and the host half (g++ over
            # torch's headers, half the time) is the extension build's job
            "-cubin", path, "-o", os.devnull]

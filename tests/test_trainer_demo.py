@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from distill_ops.trainer import demo
 from distill_ops.trainer.objective import cache_available
