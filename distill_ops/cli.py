@@ -1,9 +1,10 @@
-"""The ``distill-ops`` command: ``train``, ``demo`` and ``cache-teacher``.
+"""The ``distill-ops`` command: ``train``, ``demo``, ``cache-teacher`` and ``env``.
 
     distill-ops train --config run.yaml --max-steps 200      # flags override the YAML
     distill-ops train --student ./s --teacher ./t --train-data corpus.txt --temperature 2
     distill-ops demo [--out-dir demo_out]
     distill-ops cache-teacher ...                             # see distill-ops cache-teacher -h
+    distill-ops env [--json]                                  # versions, kernels, auto's picks
 
 Under ``torchrun --nproc-per-node N -m distill_ops.cli train ...`` each process trains its shard
 (DistributedDataParallel).
@@ -89,7 +90,15 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return int(demo.main(list(argv)) or 0)
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "cache-teacher": cmd_cache_teacher}
+def cmd_env(argv: Sequence[str]) -> int:
+    """``distill-ops env``: env_report.main (what this installation can run); returns 0."""
+    from . import env_report
+
+    return env_report.main(list(argv))
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "cache-teacher": cmd_cache_teacher,
+            "env": cmd_env}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -99,10 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     2; other exceptions keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = ("usage: distill-ops {train,demo,cache-teacher} [options]\n"
+        usage = ("usage: distill-ops {train,demo,cache-teacher,env} [options]\n"
                  "  train          distil a student (flags or --config YAML)\n"
                  "  demo           the self-contained CPU/GPU demo (no downloads)\n"
-                 "  cache-teacher  write a teacher's top-k or sampled targets to an offline cache")
+                 "  cache-teacher  write a teacher's top-k or sampled targets to an offline cache\n"
+                 "  env            versions, compiled kernels, GPUs and what backend='auto' picks")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"distill-ops: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2
