@@ -85,6 +85,8 @@ for p in "${phases[@]}"; do
   esac
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+# what the installation ran with (versions, kernels built, auto's picks): into the logs archive
+"$PY" -m distill_ops.env_report >"$OUT/env.log" 2>&1
 echo "== $(cat "$OUT/gpu.txt") | commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 for line in "${summary[@]}"; do echo "$line"; done
 # The device tool brings back at most 8 files from $OUT: the logs travel as one archive, so the
