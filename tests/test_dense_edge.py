@@ -121,6 +121,47 @@ def test_masked_teacher_or_student_columns(backend, device, divergence):
         assert torch.isfinite(grad[0]).all() and rel_err(grad[0], ref_grad[0]) < 1e-5
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_first_block_entirely_minus_inf(backend, device, divergence):
+    """-inf in every column of the first Triton block (8192 columns) of both sides: the online
+    softmax starts from a block whose max is -inf (exp(-inf - -inf) must not make the running sum
+    NaN). Finite, equal to the oracle, zero gradient in the masked columns."""
+    v = 8192 + 40
+    s, t = make_logits(2, v, seed=24, device=device)
+    labels = torch.tensor([8200, -100], device=device)
+    s[:, :8192] = -math.inf
+    t[:, :8192] = -math.inf
+    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.5, backend=backend)
+    loss, grad = run_kd(s, t, labels, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad[:, :8192]) == 0
+    check_against_oracle(s, t, labels, **kw)
+
+
+@pytest.mark.parametrize("divergence,other,inf_row", [("skew_forward_kl", "forward_kl", 0),
+                                                      ("skew_reverse_kl", "reverse_kl", 2)])
+def test_skew_kl_at_alpha_zero_keeps_the_infinite_rows(backend, device, divergence, other, inf_row):
+    """alpha = 0 collapses the mixture onto one side (M = q, resp. p): a zero of M where the measured
+    side has mass is the plain KL's +inf, not NaN (log M is a log-add-exp with one operand -inf
+    from the zero weight and the other -inf from the masked logit: -inf, not -inf - -inf). The
+    other rows, with columns masked on both sides, match the oracle."""
+    s, t = make_logits(4, 30, seed=22, device=device)
+    s[0, 3] = -math.inf   # student excludes a token the teacher likes
+    t[2, 4] = -math.inf   # teacher excludes a token the student likes
+    s[:, 25:] = -math.inf
+    t[:, 25:] = -math.inf
+    kw = dict(temperature=1.5, reduction="none", backend=backend)
+    loss = kd_loss(s, t, divergence=divergence, alpha=0.0, **kw)
+    ref = kd_loss(s, t, divergence=other, **kw)
+    assert loss[inf_row].item() == math.inf, loss
+    want, _ = oracle(s, t, divergence=divergence, alpha=0.0, temperature=1.5, reduction="none")
+    assert want[inf_row].item() == math.inf
+    rows = [r for r in range(4) if r != inf_row]
+    assert torch.isfinite(loss[rows]).all(), loss
+    assert rel_err(loss[rows], want[rows]) < 1e-5
+    assert rel_err(loss[rows], ref[rows]) < 1e-5
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_nan_propagates(backend, device, divergence, side):

@@ -236,6 +236,47 @@ def test_bad_grad_outputs_are_refused_by_both_ops(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_ops_refuse_labels_and_ids_outside_the_row(device):
+    """The kernels index a row with the labels and the target ids. A label that is neither
+    ignore_index nor in [0, V), or an id neither -1 nor in [0, V) (each bound just outside: V,
+    -1 / -2): the CPU kernels refuse it, naming the argument; the CUDA kernels, which would need a
+    host sync to check, make that row's loss NaN and read nothing outside the row (the emulator's
+    AddressSanitizer watches), as Triton's do (test_sparse_loss). V - 1, 0 and the padding pass.
+    (The Python API checks the values first in eager mode: only a direct call, or a compiled one,
+    reaches these.)"""
+    host_checks = device == "cpu" and os.environ.get("DISTILL_OPS_CUDA_EMU") != "1"
+    v = 8
+    s, t = logits(3, v, seed=0, device=device)
+    ids = torch.tensor([[0, 1], [2, -1], [5, v - 1]], dtype=torch.int32, device=device)
+    lp = torch.log(torch.full((3, 2), 0.5, device=device))
+    lab = lambda *x: torch.tensor(x, device=device)  # noqa: E731
+    # (native.OPS: the emulated kernels' operators under DISTILL_OPS_CUDA_EMU=1)
+    sparse = lambda i, labels: native.OPS.sparse_forward(  # noqa: E731
+        s, i, lp, None, labels, None, None, 0, 0.5, 0, 1.0, 1.0, 1.0, 0.5, -100)
+    dense = lambda labels: run(s, t, labels, grad=False, **opts(hard_coef=0.5))[0]  # noqa: E731
+
+    def refused(call, pattern, bad_row):
+        if host_checks:
+            with pytest.raises(RuntimeError, match=pattern):
+                call()
+        else:
+            loss = call()
+            assert torch.isnan(loss[bad_row]).item(), loss
+            assert torch.isfinite(loss[[r for r in range(3) if r != bad_row]]).all(), loss
+
+    for labels in (lab(0, v, 1), lab(0, -1, 1), lab(-100, -101, 2)):
+        refused(lambda: dense(labels), r"labels\[1\] = .* is neither ignore_index", 1)
+        refused(lambda: sparse(ids, labels), r"labels\[1\] = .* is neither ignore_index", 1)
+    for bad in (v, -2):
+        i = ids.clone()
+        i[2, 0] = bad
+        refused(lambda: sparse(i, None), r"ids\[2, 0\] = .* is neither -1 nor in", 2)
+    ok = lab(v - 1, -100, 0)
+    assert torch.isfinite(dense(ok)).all()
+    assert torch.isfinite(sparse(ids, ok)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sparse_tail_mode_needs_the_target_bits(device):
     """Tail mode sums the student's mass outside the targets column by column, so the op takes
     their bit set (reference_sparse.target_bits) and refuses a call without it or of the wrong

@@ -219,6 +219,43 @@ def test_topk_targets_with_full_support_equal_dense(backend, divergence):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("given_tail", [False, True])
+def test_targets_covering_the_vocabulary_have_no_tail_bucket(backend, divergence, given_tail):
+    """Tail mode with ids covering all V columns: no tail bucket on either side, whatever the
+    teacher's numbers say -- a given finite tail_logmass, or logprobs whose sum falls short of 1
+    (log1mexp of it is finite). A teacher tail against the student's empty one (-inf) would make
+    forward KL infinite. Equal to the float64 oracle (which drops the bucket too)."""
+    require_backend(backend)
+    n, v = 3, 12
+    g = torch.Generator().manual_seed(seed_of("cover", divergence, given_tail))
+    ids = torch.stack([torch.randperm(v, generator=g) for _ in range(n)]).int()
+    lp = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    lp = lp.gather(1, ids.long()).float()
+    lp = lp - 1e-3  # the weights sum to 0.999: a finite log1mexp (without a given tail)
+    tail = torch.full((n,), -8.0) if given_tail else None  # exp(-8) = 3.4e-4: total <= 1
+    s = make_student(n, v, seed=seed_of("cover-s", divergence))
+    check_sparse(s, ids, lp, tail_logmass=tail, tail="tail", divergence=divergence,
+                 backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+def test_renorm_row_whose_targets_all_have_zero_weight(backend, divergence):
+    """Renorm mode, a row whose ids are valid but whose logprobs are all -inf (no teacher mass to
+    renormalise: log_softmax would be -inf - -inf = NaN): that row's soft term and gradient are
+    0, as for a row of padding; the other rows match the oracle."""
+    require_backend(backend)
+    ids, lp, _ = make_targets(3, V, K, seed=33, pad=False)
+    lp[0] = -torch.inf
+    s = make_student(3, V, seed=33)
+    check_sparse(s, ids, lp, divergence=divergence, reduction="none", backend=backend)
+    loss, grad = run_sparse(s, ids, lp, divergence=divergence, reduction="none",
+                            backend=backend)
+    assert loss[0].item() == 0.0 and torch.count_nonzero(grad[0]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("dtype,gap", [(torch.float32, 18.0), (torch.bfloat16, 18.0),
                                        (torch.float32, 40.0), (torch.bfloat16, 40.0),
                                        (torch.float32, 130.0), (torch.bfloat16, 400.0),
@@ -497,6 +534,14 @@ def test_triton_kernels_read_no_label_or_id_outside_the_row():
                                     grad=None, grad_scale=None)
         assert torch.isnan(out[0]) and torch.isfinite(out[2])
         assert torch.isnan(out[1]) == (lab is not None)
+    # ... and never a store past the row: the gradient, in a buffer with 8 spare columns a row
+    # (stride 48), keeps its spare columns (an id v + 1 would land in row 0's spare column 1).
+    buf = torch.zeros(n, v + 8)
+    out = sparse.sparse_forward(s, ids, lp, None, None, divergence=0, mix=0.0, mode=0,
+                                temperature=1.0, target_scale=1.0, soft_coef=1.0, hard_coef=0.0,
+                                ignore_index=-100, grad=buf[:, :v], grad_scale=None)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+    assert torch.count_nonzero(buf[:, v:]) == 0, buf[:, v:]
 
 
 @OPS_LAYER_AT_SCALE

@@ -453,17 +453,17 @@ def _noise(seed, row, num_samples, cols, dtype):
     return rng.gumbel(sk.unsqueeze(-1), rng.vocab_keys(cols), dtype)[0]
 
 
-def _near_tie_rows(dtype, num_samples, seed, n=16, v=1300):
+def _near_tie_rows(dtype, num_samples, seed, n=16, v=1300, top=8.0):
     """Rows where sample 0's winner is decided by one ulp: column m holds the row max (the race's
     start), and an earlier column j (another chunk for the CPU kernel, another tile for Triton) is
     given the logit whose score ties m's exactly (even rows: j wins, the lower id) or falls one ulp
     short (odd rows: m wins). A skip test without enough slack drops j in the tie rows."""
-    x = torch.full((n, v), -60.0, dtype=dtype)
+    x = torch.full((n, v), top - 68.0, dtype=dtype)
     m = v - 300
     cols = torch.arange(v)
     want = []
     for r in range(n):
-        x[r, m] = 8.0
+        x[r, m] = top
         g = _noise(seed, r, num_samples, cols, dtype)[0]
         target = x[r, m] + g[m]
         if r % 2:
@@ -502,6 +502,21 @@ def test_one_ulp_races_are_not_pruned(monkeypatch, backend, dtype, num_samples):
     for r in range(x.shape[0]):
         # sample 0's draw is in the targets, and no other sample can reach either column
         assert int(want[r]) in b.ids[r].tolist()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_one_ulp_races_at_large_logits_are_not_pruned(monkeypatch, backend):
+    """The same near ties with the row max at 1e6, where a float32 score rounds at 0.06: the
+    score a_j + g_j that ties the leader's is the rounded sum, up to half an ulp of the bound
+    above the exact one, and the pruning bound (rng.h losing_rank) must leave that much room
+    (its 4e-6 |bound| term). The ids are the reference's."""
+    require_backend(backend)
+    monkeypatch.setattr(triton_topk, "BLOCK_OVERRIDE", 256)
+    x, want = _near_tie_rows(torch.float32, 1, seed=11, n=8, top=1e6)
+    a = teacher_sample(x, 1, seed=11, backend="torch")
+    b = teacher_sample(x, 1, seed=11, backend=backend)
+    assert torch.equal(a.ids, b.ids)
+    assert torch.equal(a.ids[:, 0].long(), want)
 
 
 @pytest.mark.parametrize("s", [100, 200])
