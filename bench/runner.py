@@ -265,6 +265,11 @@ class Runner:
         work = [(case, providers_for(case)) for case in cases]
         total = sum(len(p) for _, p in work)
         bar = _progress(total, self.progress)
+        # The gc.collect() between rows (_free_memory, measure.peak_extra_bytes) walks every object
+        # the process holds: 0.18 s a call with torch and the peers imported, two calls a row
+        # (2-core EPYC). What exists before the first row is no row's garbage: frozen out of the
+        # collections for the run, they cost 0.01 s.
+        gc.freeze()
         try:
             for case, provs in work:
                 case_rows = []
@@ -286,6 +291,7 @@ class Runner:
                 if self.on_row is not None:
                     self.on_row(self.rows)
         finally:
+            gc.unfreeze()
             bar.close()
         return self.rows
 
