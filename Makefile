@@ -40,8 +40,8 @@ demo: $(VENV)/.built
 # pytest-xdist's workers where it is installed (one per core: the tests are independent)
 XDIST = $$($(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-# (The plain pass leaves test_cuda_emu.py to the emulator's pass, which runs it under AddressSanitizer
-# where gcc has it, else plainly: in both passes it cost a second build of the emulator.)
+# (The plain pass leaves test_cuda_emu.py to the emulator's pass, which runs it under
+# AddressSanitizer where gcc has it, else plainly: in both it cost a second emulator build.)
 test: $(VENV)/.built
 	$(PYTHON) -m pytest -q -ra --durations=15 $(XDIST) --ignore=tests/test_cuda_emu.py
 	$(PYTHON) tests/cuda_emu/run.py -q -ra $(XDIST) -k "cpu or cuda_emu" $(EMU_TESTS)

@@ -268,7 +268,7 @@ class Runner:
         # The gc.collect() between rows (_free_memory, measure.peak_extra_bytes) walks every object
         # the process holds: 0.18 s a call with torch and the peers imported, two calls a row
         # (2-core EPYC). What exists before the first row is no row's garbage: frozen out of the
-        # collections for the run, they cost 0.01 s.
+        # collections for the run, a call costs 0.05 s.
         gc.freeze()
         try:
             for case, provs in work:
