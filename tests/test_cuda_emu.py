@@ -143,6 +143,24 @@ def test_dense_forced_splits(monkeypatch, splits, dtype, div):
     assert torch.equal(loss, loss2) and torch.equal(g, buf)
 
 
+@pytest.mark.parametrize("splits", ["3", "7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("div", [FORWARD_KL, REVERSE_KL, JSD])
+def test_dense_forced_splits_aligned_rows(monkeypatch, splits, dtype, div):
+    """The split-row kernels on 16-byte aligned rows (V = 5000: their vector loads and stores;
+    the other split tests' rows are not aligned and take the scalar ones): each split's columns
+    start on a vector boundary (the emulator fails a misaligned vector load, as a GPU does). The
+    oracle's result, and the same bits in place."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_SPLITS", splits)
+    s, t = logits(3, 5000, seed=45, dtype=dtype)
+    labels = torch.tensor([4999, -100, 17])
+    kw = opts(divergence=div, temperature=0.7, hard_coef=0.5)
+    loss, g = check(s, t, labels, grad_scale=0.5, **kw)
+    buf = s.clone()
+    loss2 = native.dense_forward(buf, t, labels, grad=buf, grad_scale=torch.tensor(0.5), **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, buf)
+
+
 @pytest.mark.parametrize("div", DIVS)
 def test_dense_auto_split_path(monkeypatch, div):
     """Few rows of a long vocabulary split on their own (4 emulated SMs: N = 3 < 8 rows, V >= 16384:
@@ -443,3 +461,63 @@ def test_sample_rows_of_minus_inf_inf_and_nan():
     assert torch.equal(a, b)
     assert (b[0] == 0).all() and (b[1] < 100).all() and (b[2] == 7000).all()
     assert (b[3] % 3 != 0).all() and (b[4] < 4000).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("div", [FORWARD_KL, JSD])
+def test_dense_resident_aligned_rows_with_a_partial_last_vector(monkeypatch, dtype, div):
+    """Rows whose stride is 16-byte aligned but whose V is not a whole number of vectors (views
+    into wider buffers, and a single row): the resident kernel takes its vector path and the last,
+    partial vector of each row is loaded and stored element by element. The oracle's result, the
+    same bits in place, and the buffers' columns past V untouched (a whole-vector store there
+    would write into them)."""
+    monkeypatch.setenv("DISTILL_OPS_CUDA_RESIDENT", "require")
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    v = 2 * 256 * 4 * vec + 3  # two blocks of 256 threads and 3 columns: a third block's vector
+    width = v + vec - 3        # row stride a multiple of the vector width
+    s_full, t_full = logits(2, width, seed=41, dtype=dtype)
+    s, t = s_full[:, :v], t_full[:, :v]
+    labels = torch.tensor([v - 1, 5])
+    kw = opts(divergence=div, temperature=0.8, hard_coef=0.5)
+    for rows in (slice(0, 2), slice(0, 1)):
+        gbuf = torch.full((2, width), 7.0, dtype=dtype)[rows]
+        loss = native.dense_forward(s[rows], t[rows], labels[rows], grad=gbuf[:, :v],
+                                    grad_scale=None, **kw)
+        loss_c, g_c = check(s[rows], t[rows], labels[rows], **kw)  # the oracle's, to rounding
+        assert torch.equal(loss, loss_c) and torch.equal(gbuf[:, :v], g_c)
+        assert (gbuf[:, v:] == 7.0).all(), gbuf[:, v:]
+        buf = s_full[rows].clone()
+        loss2 = native.dense_forward(buf[:, :v], t[rows], labels[rows], grad=buf[:, :v],
+                                     grad_scale=None, **kw)
+        assert torch.equal(loss, loss2) and torch.equal(buf[:, :v], gbuf[:, :v])
+        assert torch.equal(buf[:, v:], s_full[rows, v:])
+
+
+@pytest.mark.parametrize("k", [1, 64])
+def test_topk_filter_threshold_lets_one_ulp_above_in(k):
+    """After the first compaction (the buffer full after 4096 float32 elements) the threshold is
+    the k-th best key so far; a later element one ulp above it (positive row, negative row) beats
+    the k-th and must enter the buffer: it is among the top k, the old k-th is not."""
+    g = torch.Generator().manual_seed(43)
+    t = torch.full((2, 20000), -30.0)
+    t[:, :4096] = torch.randn(2, 4096, generator=g) * 3
+    t[1, :4096] -= 20.0
+    for row in range(2):
+        kth = t[row, :4096].topk(k).values[-1]
+        t[row, 10000] = torch.nextafter(kth, torch.tensor(float("inf")))
+    out = check_topk(t, k, backend="cpu")
+    assert (out.ids[:, :k] == 10000).any(dim=1).all()
+
+
+def test_sample_last_column_split_stays_in_its_row():
+    """V = 9001 over two column splits of 4501: the last split ends at V, one column short of a
+    whole slice; the next row starts with a logit far above the rest, which a read past the row
+    would draw (an id V). The raw draws of the CPU kernel, all inside the row."""
+    g = torch.Generator().manual_seed(44)
+    t = torch.randn(3, 9001, generator=g)
+    t[1:, 0] = 1e4
+    inv_prop = torch.tensor(1 / 1.3).item()
+    a = torch.ops.distill_ops_native.teacher_sample_draws(t, 5, inv_prop, 78)
+    b = native.OPS.teacher_sample_draws(t, 5, inv_prop, 78)
+    assert torch.equal(a, b)
+    assert (b[0] < 9001).all() and (b[1:] == 0).all()

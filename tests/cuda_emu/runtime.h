@@ -559,6 +559,12 @@ inline T atomicAdd(T* p, T v) {
 
 template <typename T>
 inline T __ldg(const T* p) {
+  // A GPU faults on a load not aligned to its size (a 16-byte vector at an address that is not a
+  // multiple of 16: "misaligned address"); the host's loads do not, so it is checked here.
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+    ::emu::fail("misaligned address: a load of " + std::to_string(sizeof(T)) +
+                " bytes at an address that is not a multiple of " + std::to_string(alignof(T)));
+  }
   return *p;
 }
 
