@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from distill_ops import backends, cli, env_report
 
@@ -17,11 +19,9 @@ def run_cli(capsys, *args: str) -> str:
 def test_json_report_says_what_auto_picks(capsys, monkeypatch):
     """The JSON form: the same picks as the dispatcher's for a CPU tensor, the extension's and
     Triton's status, and no DISTILL_OPS_* variables when none is set."""
-    for key in [k for k in env_report.os.environ if k.startswith("DISTILL_OPS_")]:
+    for key in [k for k in os.environ if k.startswith("DISTILL_OPS_")]:
         monkeypatch.delenv(key)
     r = json.loads(run_cli(capsys, "--json"))
-    import torch
-
     assert r["auto"]["cpu"]["dense"] == backends.resolve("auto", torch.device("cpu"))
     assert r["extension"]["cpu"] == backends.native_status("cpu")[0]
     assert r["packages"]["torch"] and r["distill_ops"]["version"]

@@ -35,12 +35,13 @@ here is then ``distill_ops.trainer.data.collate`` (right padding, target ids pad
 layer a unit, the root holding embeddings, final norm and lm_head; trainer/fsdp.py, as the thin
 trainer shards its own): each rank keeps 1/world of it; its forward gathers the root for the
 whole forward and each decoder layer in turn, and the root is freed again after each step's loss
-(FSDP2 keeps a root gathered for a backward that a frozen teacher never has). It needs torch.distributed initialised
-with several ranks, which Trainer does under torchrun or accelerate launch; the student is wrapped
-as accelerate decides (DDP, FSDP), independently. By default (None) the teacher is sharded when
-accelerate shards the student with FSDP2 (``fsdp_config={"fsdp_version": 2}``) over several ranks
-and the teacher has no ``device_map``, and replicated otherwise, as before (FSDP1 and DeepSpeed
-ZeRO-3 leave it whole on every rank). A teacher sharded by an earlier trainer is used as it is.
+(FSDP2 keeps a root gathered for a backward that a frozen teacher never has). It needs
+torch.distributed initialised with several ranks, which Trainer does under torchrun or
+accelerate launch; the student is wrapped as accelerate decides (DDP, FSDP), independently.
+By default (None) the teacher is sharded when accelerate shards the student with FSDP2
+(``fsdp_config={"fsdp_version": 2}``) over several ranks and the teacher has no ``device_map``,
+and replicated otherwise, as before (FSDP1 and DeepSpeed ZeRO-3 leave it whole on every rank).
+A teacher sharded by an earlier trainer is used as it is.
 Every rank holds the whole teacher in host memory until it is sharded (load it on the CPU): they
 must hold the same weights, which is checked (fully_shard keeps each rank's own slices). Or only
 rank 0 loads it, and the other ranks build it on the meta device (``from_config`` under
