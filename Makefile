@@ -114,8 +114,8 @@ test-twin: .prebuilt/stamp.json peers-dir
 	  -p no:cacheprovider --ignore=tests/test_cuda_emu.py
 
 # The oldest torch pyproject.toml accepts (2.8.0, with its Triton 3.4), on the oldest Python it
-# accepts (3.10): `make test-floor` runs the loss API, compile, the HF Trainer integration and
-# the trainer there, on the torch and Triton (interpreter) backends. Not the C++ extension (no
+# accepts (3.10): `make test-floor` runs the loss API, compile, the HF Trainer integration, the
+# trainer and the documentation's examples there, on the torch and Triton (interpreter) backends. Not the C++ extension (no
 # build: the .so files of the other environments are for other Pythons, so this one imports
 # none); 2026-12-07 it built and passed the whole suite at 2.8.0 once by hand (bench/NOTES.md).
 FLOOR_PY    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
@@ -126,7 +126,7 @@ FLOOR_TESTS := tests/test_public_api.py tests/test_dense_api.py tests/test_spars
                tests/test_topk.py tests/test_fused_linear.py tests/test_dense_compile.py \
                tests/test_sparse_compile.py tests/test_integrations_hf.py \
                tests/test_integrations_hf_shard.py tests/test_trainer.py \
-               tests/test_packaging.py
+               tests/test_packaging.py tests/test_doc_examples.py
 
 $(FLOOR_VENV)/.deps:
 	$(call other_venv,$(FLOOR_PY),$(FLOOR_VENV),$(FLOOR_DEPS))
