@@ -17,7 +17,8 @@ The trainer (``distill_ops.trainer``), the offline target cache (``distill_ops.t
 drop-ins for transformers / TRL (``distill_ops.integrations``) are imported on demand.
 """
 
-from .functional import DIVERGENCES, kd_loss
+from .constants import DIVERGENCES
+from .functional import kd_loss
 from .fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from .modules import FusedLinearKDLoss, KDLoss, SparseKDLoss
 from .sparse import TAILS, SparseTargets, sparse_kd_loss, teacher_sample, teacher_topk

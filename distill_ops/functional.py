@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import _validate as check
 from . import backends
-from .backends.base import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
-from .ops.dense import dense_kd, inplace_dense_kd
+from .constants import divergence_constants, needs_labels
+from .ops import scalar_args
+from .ops.dense import dense_kd, dense_kd_scalars, inplace_dense_kd
 from .ops.fused_grad import REDUCTIONS
 from .ops.teacher_dtype import teacher_as
 
-DIVERGENCES = tuple(DIVERGENCE_CODES) + ("generalized_jsd",)
 VOCAB_MODES = ("strict", "common_prefix")
-
-
-def resolve_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, float]:
-    """Map a divergence name and its parameters to (kernel code, mix).
-
-    ``generalized_jsd`` follows TRL's GKD convention: beta = 0 is forward KL, beta = 1 reverse KL,
-    and in between JSD(beta) with the mixture M = beta p + (1 - beta) q.
-    """
-    if divergence == "generalized_jsd":
-        if beta == 0.0:
-            return FORWARD_KL, 0.0
-        if beta == 1.0:
-            return REVERSE_KL, 0.0
-        return JSD, beta
-    code = DIVERGENCE_CODES[divergence]
-    if divergence == "jsd":
-        return code, beta
-    if divergence.startswith("skew"):
-        return code, alpha
-    return code, 0.0
+# A hyperparameter: a number, or a 0-d CPU tensor (ops/scalar_args.py)
+Scalar = Union[float, torch.Tensor]
 
 
 def loss_constants(*, divergence: str, temperature: float, beta: float, alpha: float,
@@ -46,21 +28,15 @@ def loss_constants(*, divergence: str, temperature: float, beta: float, alpha: f
     which call this at construction; each error names its argument) and turn them into the
     kernels' constants: (divergence code, mix, tau, softcap or 0, soft coefficient with the tau^2
     factor, hard coefficient)."""
-    check.choice("divergence", divergence, DIVERGENCES)
-    tau = check.temperature("temperature", temperature)
-    beta = check.unit_interval("beta", beta)
-    alpha = check.unit_interval("alpha", alpha)
-    hard_weight = check.non_negative("hard_weight", hard_weight)
-    soft_weight = check.non_negative("soft_weight", soft_weight)
+    code, mix, tau, soft_coef, hard_weight = divergence_constants(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature)
     cap = 0.0 if softcap is None else check.positive("softcap", softcap)
     check.integer("ignore_index", ignore_index)
     check.choice("reduction", reduction, reductions)
     check.choice("vocab", vocab, VOCAB_MODES)
     check.choice("backend", backend, backends.BACKENDS)
     check.flag("inplace_grad", inplace_grad)
-    code, mix = resolve_divergence(divergence, beta, alpha)
-    soft_coef = soft_weight * (tau * tau if check.flag("scale_temperature", scale_temperature)
-                               else 1.0)
     return code, mix, tau, cap, soft_coef, hard_weight
 
 
@@ -69,12 +45,12 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: Scalar = 1.0,
+    beta: Scalar = 0.5,
+    alpha: Scalar = 0.1,
     labels: Optional[torch.Tensor] = None,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    hard_weight: Scalar = 0.0,
+    soft_weight: Scalar = 1.0,
     scale_temperature: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -98,6 +74,10 @@ def kd_loss(
             max (the softmax is unchanged; not with a softcap, which is not shift-invariant).
         labels: optional integer (...) hard labels; rows equal to ``ignore_index`` contribute
             nothing, get a zero gradient and are not counted by ``mean``.
+        temperature, beta, alpha, hard_weight, soft_weight: numbers, or 0-d floating CPU tensors
+            (not requiring grad). Under torch.compile a float is a constant of the graph, so a
+            new value compiles the step anew; a tensor, changed in place between steps (as
+            torch.optim's tensor learning rates), serves every value with one graph.
         reduction: ``none`` (per token, float32), ``sum``, ``mean`` (over non-ignored tokens; 0 if
             all are ignored) or ``batchmean`` (sum over the number of tokens, ignored ones
             included: F.kl_div's batchmean on (tokens, V) inputs; TRL's GKD batchmean, which
@@ -118,11 +98,12 @@ def kd_loss(
     teacher = check.logits("teacher_logits", teacher_logits)
     check.same_device("teacher_logits", teacher, "student_logits", student)
     check.leading_shape("teacher_logits", teacher, "student_logits", student)
+    hyper, held = scalar_args.resolve(dict(temperature=temperature, beta=beta, alpha=alpha,
+                                           soft_weight=soft_weight, hard_weight=hard_weight))
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
-        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
-        ignore_index=ignore_index, softcap=softcap, reduction=reduction, backend=backend,
-        vocab=vocab, inplace_grad=inplace_grad)
+        divergence=divergence, **scalar_args.stand_ins(hyper),
+        scale_temperature=scale_temperature, ignore_index=ignore_index, softcap=softcap,
+        reduction=reduction, backend=backend, vocab=vocab, inplace_grad=inplace_grad)
 
     v_student, v_teacher = student.shape[-1], teacher.shape[-1]
     if v_student != v_teacher:
@@ -138,8 +119,7 @@ def kd_loss(
         student, teacher = student[..., :v], teacher[..., :v]
     vocab_size = student.shape[-1]
     label_rows = check.labels(labels, student, vocab_size, ignore_index)
-    if hard_weight > 0 and label_rows is None:
-        raise ValueError("hard_weight > 0 needs labels")
+    needs_labels(hard_weight, label_rows)
 
     name = backends.resolve(backend, student.device)
     lead = student.shape[:-1]
@@ -165,6 +145,10 @@ def kd_loss(
         check.distinct_rows("student_logits", student2d)
         check.no_overlap("teacher_logits", teacher2d, "student_logits", student2d)
         loss = inplace_dense_kd(student2d, teacher2d, label_rows, *args, name)
+    elif held:   # compiled, with tensor hyperparameters: read when the op runs
+        loss, _ = dense_kd_scalars(student2d, teacher2d, label_rows, scalar_args.pack(hyper),
+                                   divergence, scale_temperature, cap, ignore_index, red,
+                                   need_grad, name)
     else:
         loss, _ = dense_kd(student2d, teacher2d, label_rows, *args, need_grad, name)
     return loss.reshape(lead) if red == 0 else loss

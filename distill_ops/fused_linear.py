@@ -23,7 +23,9 @@ import torch
 from . import _validate as check
 from . import backends
 from ._dtensor import gathered, is_dtensor
-from .functional import loss_constants
+from .constants import needs_labels
+from .functional import Scalar, loss_constants
+from .ops import scalar_args
 from .ops.fused_grad import (REDUCTIONS, defers_mean, grad_scale_for, once_differentiable,
                               scale_saved_grad)
 from .ops.fused_linear_chunks import run_chunks, run_chunks_traced
@@ -45,7 +47,7 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor, h_name: str, w_name: str) -
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, kind, targets, labels, consts, reduction, chunk, backend,
-                needs, wide, entropy=None):
+                needs, wide, entropy=None, held=None):
         n = h_s.shape[0]
         red = REDUCTIONS.index(reduction)
         scale = grad_scale_for(red, labels, consts[-1], n, h_s.device, wide=wide)
@@ -53,10 +55,11 @@ class _FusedLinear(torch.autograd.Function):
         # defers_mean); the gradients are then sums over the tokens (weight and bias in float32)
         defer = defers_mean(h_s.dtype) and scale is not None
         # Compiled, the loop is one custom op: traced, it would pin N (a graph per token count)
+        # (``held``, tensor hyperparameters, comes only compiled: ops/scalar_args.py)
         loop = run_chunks_traced if torch.compiler.is_compiling() else run_chunks
         total, grad_h, grad_w, grad_b, ent = loop(
             kind, h_s, w_s, b_s, targets, labels, consts, scale, chunk, backend, needs, defer,
-            wide, entropy is not None)
+            wide, entropy is not None, **({} if held is None else {"held": held}))
         if entropy is not None:   # a list: the student's entropy sum
             entropy.append(ent)
         loss = total if scale is None else total * scale.to(total.dtype)
@@ -78,7 +81,7 @@ class _FusedLinear(torch.autograd.Function):
                 g = scale_saved_grad(g, grad_loss)
                 g = g if dtype is None else g.to(dtype)
             out.append(once_differentiable(g, "fused_linear_kd_loss"))
-        return tuple(out) + (None,) * 10
+        return tuple(out) + (None,) * 11
 
 
 def _hidden_and_head(side: str, hidden, weight) -> tuple:
@@ -140,10 +143,11 @@ def _check_bias(name, b, hs, w, w_name):
 
 
 def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk_size, name,
-           entropy=None):
+           entropy=None, held=None):
     """Flatten, pick the compute dtype, and run the autograd Function (``entropy``: a list that
-    gets the student's entropy sum; dense only). The loop picks the default chunk size itself
-    (chunk 0): computed here from N, it would pin N under torch.compile."""
+    gets the student's entropy sum; dense only; ``held``: run_chunks_traced's). The loop picks
+    the default chunk size itself (chunk 0): computed here from N, it would pin N under
+    torch.compile."""
     dt_s = _compute_dtype(hs, ws, "student_hidden", "student_weight")
     # The loss is float64 when the kernels see float64: the student's chunk of logits (the dense
     # teacher's is cast to it) or the sparse log-weights. The fake kernel declares this dtype, so
@@ -157,7 +161,7 @@ def _apply(hs, ws, student_bias, kind, targets, labels, consts, reduction, chunk
     with torch.autocast(hs.device.type, enabled=False) if torch.is_autocast_enabled(
             hs.device.type) else contextlib.nullcontext():
         return _FusedLinear.apply(h_s2.to(dt_s), ws, student_bias, kind, targets, labels, consts,
-                                  reduction, chunk_size or 0, name, needs, wide, entropy)
+                                  reduction, chunk_size or 0, name, needs, wide, entropy, held)
 
 
 def fused_linear_kd_loss(
@@ -170,11 +174,11 @@ def fused_linear_kd_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    temperature: Scalar = 1.0,
+    beta: Scalar = 0.5,
+    alpha: Scalar = 0.1,
+    hard_weight: Scalar = 0.0,
+    soft_weight: Scalar = 1.0,
     scale_temperature: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -225,21 +229,27 @@ def _dense_call(student_hidden, student_weight, teacher_hidden, teacher_weight, 
         raise ValueError(f"teacher_weight has vocabulary {wt.shape[0]} but student_weight has "
                          f"{vocab_size}; slice both weights to the common vocabulary")
     teacher_bias = _check_bias("teacher_bias", teacher_bias, hs, wt, "teacher_weight")
+    hyper, held = scalar_args.resolve(dict(temperature=temperature, beta=beta, alpha=alpha,
+                                           soft_weight=soft_weight, hard_weight=hard_weight))
     code, mix, tau, cap, soft_coef, hard_weight = loss_constants(
-        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-        hard_weight=hard_weight, soft_weight=soft_weight, scale_temperature=scale_temperature,
-        ignore_index=ignore_index, softcap=softcap, reduction=reduction, backend=backend,
-        reductions=FUSED_REDUCTIONS)
+        divergence=divergence, **scalar_args.stand_ins(hyper),
+        scale_temperature=scale_temperature, ignore_index=ignore_index, softcap=softcap,
+        reduction=reduction, backend=backend, reductions=FUSED_REDUCTIONS)
     label_rows = check.labels(labels, hs, vocab_size, ignore_index)   # shape: hs's leading shape
-    if hard_weight > 0 and label_rows is None:
-        raise ValueError("hard_weight > 0 needs labels")
+    needs_labels(hard_weight, label_rows)
     dt_t = _compute_dtype(ht, wt, "teacher_hidden", "teacher_weight")
     name = backends.resolve(backend, hs.device)
     targets = (ht.reshape(-1, ht.shape[-1]).detach().to(dt_t), wt.detach(),
                None if teacher_bias is None else teacher_bias.detach())
     consts = (code, mix, tau, cap, soft_coef, hard_weight, ignore_index)
     return _apply(hs, ws, student_bias, "dense", targets, label_rows, consts, reduction,
-                  chunk_size, name, entropy=entropy)
+                  chunk_size, name, entropy=entropy,
+                  held=_held(hyper, held, divergence, "renorm", scale_temperature))
+
+
+def _held(hyper: dict, held: bool, divergence: str, tail: str, scale_temperature: bool):
+    """run_chunks_traced's ``held`` for tensor hyperparameters (compiled), else None."""
+    return (scalar_args.pack(hyper), divergence, tail, scale_temperature) if held else None
 
 
 def fused_linear_sparse_kd_loss(
@@ -250,18 +260,18 @@ def fused_linear_sparse_kd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: Scalar = 1.0,
     tail: str = "renorm",
     tail_logmass: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    hard_weight: Scalar = 0.0,
+    soft_weight: Scalar = 1.0,
     scale_temperature: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
     target_temperature: Optional[float] = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: Scalar = 0.5,
+    alpha: Scalar = 0.1,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -282,11 +292,13 @@ def fused_linear_sparse_kd_loss(
                                                      chunk_size)
     # The sparse checks need only the logits' shape, dtype and device: a zero-stride stand-in.
     shape_ref = hs.new_empty(()).expand(*hs.shape[:-1], vocab_size)
+    hyper, held = scalar_args.resolve(dict(temperature=temperature, beta=beta, alpha=alpha,
+                                           soft_weight=soft_weight, hard_weight=hard_weight))
     call = prepare_sparse_call(
-        shape_ref, target_ids, target_logprobs, divergence=divergence, temperature=temperature,
-        tail=tail, tail_logmass=tail_logmass, labels=labels, hard_weight=hard_weight,
-        soft_weight=soft_weight, scale_temperature=scale_temperature, ignore_index=ignore_index,
-        reduction=reduction, target_temperature=target_temperature, beta=beta, alpha=alpha,
-        backend=backend, reductions=FUSED_REDUCTIONS)
+        shape_ref, target_ids, target_logprobs, divergence=divergence,
+        **scalar_args.stand_ins(hyper), tail=tail, tail_logmass=tail_logmass, labels=labels,
+        scale_temperature=scale_temperature, ignore_index=ignore_index, reduction=reduction,
+        target_temperature=target_temperature, backend=backend, reductions=FUSED_REDUCTIONS)
     return _apply(hs, ws, student_bias, "sparse", (call.ids, call.logprobs, call.tail),
-                  call.labels, call.consts, reduction, chunk_size, call.backend)
+                  call.labels, call.consts, reduction, chunk_size, call.backend,
+                  held=_held(hyper, held, divergence, tail, scale_temperature))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .functional import kd_loss, loss_constants
+from .ops import scalar_args
 from .fused_linear import FUSED_REDUCTIONS, check_chunk_size, fused_linear_kd_loss
 from .sparse import sparse_keywords, sparse_kd_loss
 from .targets.types import SparseTargets
@@ -23,7 +24,11 @@ def check_keywords(loss: Callable, n_tensors: int, kwargs: dict, checker: Callab
     bound = inspect.signature(loss).bind(*([None] * n_tensors), **kwargs)
     bound.apply_defaults()
     accepted = inspect.signature(checker).parameters
-    checker(**{k: v for k, v in bound.arguments.items() if k in accepted}, **fixed)
+    values = {k: v for k, v in bound.arguments.items() if k in accepted}
+    # Hyperparameters given as tensors are checked as their values now (changed in place later,
+    # they are checked again at each call).
+    hyper, _ = scalar_args.resolve({k: values[k] for k in scalar_args.NAMES if k in values})
+    checker(**dict(values, **scalar_args.stand_ins(hyper)), **fixed)
 
 
 class KDLoss(nn.Module):

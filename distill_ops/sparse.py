@@ -10,12 +10,13 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import _validate as check
-from .backends.base import FORWARD_KL
-from .backends.reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL
-from .functional import loss_constants
+from .backends.reference_sparse import MODE_TAIL
+from .constants import needs_labels, sparse_mode
+from .functional import Scalar, loss_constants
 from .ops.fused_grad import REDUCTIONS
 from .ops.sparse import resolve as resolve_backend
-from .ops.sparse import inplace_sparse_kd, sparse_kd
+from .ops import scalar_args
+from .ops.sparse import inplace_sparse_kd, sparse_kd, sparse_kd_scalars
 from .targets.sample import teacher_sample
 from .targets.topk import TRITON_MAX_K, teacher_topk
 from .targets.types import SparseTargets
@@ -144,18 +145,18 @@ def sparse_kd_loss(
     target_logprobs: Optional[torch.Tensor] = None,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: Scalar = 1.0,
     tail: str = "renorm",
     tail_logmass: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    hard_weight: Scalar = 0.0,
+    soft_weight: Scalar = 1.0,
     scale_temperature: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
     target_temperature: Optional[float] = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: Scalar = 0.5,
+    alpha: Scalar = 0.1,
     inplace_grad: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -187,22 +188,26 @@ def sparse_kd_loss(
         target_logprobs: float (..., k): log-weights of the ids (no NaN or +inf at valid slots).
             The targets are constants: no gradient flows into them (nor into tail_logmass).
         tail_logmass: optional float (...): log of the teacher mass outside the ids (tail mode).
-        labels, hard_weight, soft_weight, scale_temperature, ignore_index, reduction,
-            inplace_grad, backend: as in :func:`distill_ops.kd_loss` (``inplace_grad=True``
-            writes the gradient over ``student_logits``; eager mode only). Backends: ``torch``, ``triton`` and ``cpu`` (``auto``
-            picks Triton on a GPU, the compiled CPU kernels on the CPU; ``cuda`` when named).
+        temperature, beta, alpha, labels, hard_weight, soft_weight, scale_temperature,
+            ignore_index, reduction, inplace_grad, backend: as in :func:`distill_ops.kd_loss`
+            (the five numbers may be 0-d CPU tensors here too; ``inplace_grad=True`` writes
+            the gradient over ``student_logits``, eager mode only). Backends: ``torch``,
+            ``triton`` and ``cpu`` (``auto`` picks Triton on a GPU, the compiled CPU kernels on
+            the CPU; ``cuda`` when named).
 
     Returns:
         The loss (float32; float64 if an input is float64): a scalar, or (...) for
         ``reduction="none"``.
     """
     student = check.logits("student_logits", student_logits)
+    hyper, held = scalar_args.resolve(dict(temperature=temperature, beta=beta, alpha=alpha,
+                                           soft_weight=soft_weight, hard_weight=hard_weight))
     call = prepare_sparse_call(student, target_ids, target_logprobs, divergence=divergence,
-                               temperature=temperature, tail=tail, tail_logmass=tail_logmass,
-                               labels=labels, hard_weight=hard_weight, soft_weight=soft_weight,
+                               **scalar_args.stand_ins(hyper), tail=tail,
+                               tail_logmass=tail_logmass, labels=labels,
                                scale_temperature=scale_temperature, ignore_index=ignore_index,
                                reduction=reduction, target_temperature=target_temperature,
-                               beta=beta, alpha=alpha, backend=backend)
+                               backend=backend)
     v = student.shape[-1]
     lead = student.shape[:-1]
     student2d = student.reshape(-1, v)
@@ -218,6 +223,12 @@ def sparse_kd_loss(
             check.no_overlap(arg, t, "student_logits", student2d)
         loss = inplace_sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
                                      *call.consts, red, call.backend)
+    elif held:   # compiled, with tensor hyperparameters: read when the op runs
+        target_scale = call.consts[4]
+        loss, _ = sparse_kd_scalars(student2d, call.ids, call.logprobs, call.tail, call.labels,
+                                    scalar_args.pack(hyper), divergence, tail, target_scale,
+                                    scale_temperature, ignore_index, red, need_grad,
+                                    call.backend)
     else:
         loss, _ = sparse_kd(student2d, call.ids, call.logprobs, call.tail, call.labels,
                             *call.consts, red, need_grad, call.backend)
@@ -246,11 +257,7 @@ def sparse_keywords(*, divergence: str, temperature: float, tail: str, hard_weig
         if tail == "tail":
             raise ValueError("target_temperature re-tempers the targets over their ids and needs "
                              "tail='renorm' (the tail bucket cannot be re-tempered)")
-    if tail == "tail":
-        mode = MODE_TAIL
-    else:
-        mode = MODE_FULL if code == FORWARD_KL else MODE_SUPPORT
-    return code, mix, mode, tau, target_scale, soft_coef, hard_weight
+    return code, mix, sparse_mode(tail, code), tau, target_scale, soft_coef, hard_weight
 
 
 class SparseCall(NamedTuple):
@@ -295,8 +302,7 @@ def prepare_sparse_call(student: torch.Tensor, target_ids, target_logprobs, *, d
     counted = None if label_rows is None else (label_rows != ignore_index).reshape(labels.shape)
     logprobs = _check_logprobs(target_logprobs, ids, counted)
     tails = _check_tail(tail_logmass, student, counted)
-    if hard_weight > 0 and label_rows is None:
-        raise ValueError("hard_weight > 0 needs labels")
+    needs_labels(hard_weight, label_rows)
     if mode == MODE_TAIL:
         _check_tail_mode_mass(logprobs, ids, tails, counted)
 

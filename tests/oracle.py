@@ -17,7 +17,7 @@ import torch
 
 from distill_ops import backends
 from distill_ops.backends import reference
-from distill_ops.functional import resolve_divergence
+from distill_ops.constants import resolve_divergence
 from distill_ops.ops.fused_grad import REDUCTIONS
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",

@@ -13,7 +13,7 @@ import torch
 
 from distill_ops.backends import reference
 from distill_ops.backends.base import FORWARD_KL
-from distill_ops.functional import resolve_divergence
+from distill_ops.constants import resolve_divergence
 
 
 def oracle_rows(s, ids, lw, *, divergence="forward_kl", temperature=1.0, tail="renorm",

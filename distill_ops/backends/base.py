@@ -55,6 +55,11 @@ DIVERGENCE_CODES = {
 }
 
 
+# Sparse-loss modes shared with the kernels (csrc/include/distill_ops/sparse_math.h, triton/sparse.py):
+# student normalised over the full vocabulary, over the target support, or with a tail bucket.
+MODE_FULL, MODE_SUPPORT, MODE_TAIL = 0, 1, 2
+
+
 class DenseForward(Protocol):
     def __call__(
         self,

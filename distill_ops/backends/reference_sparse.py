@@ -40,9 +40,9 @@ from typing import Optional
 import torch
 
 from ..targets import rng
+from .base import MODE_FULL, MODE_SUPPORT, MODE_TAIL  # noqa: F401  (importers read them here too)
 from .reference import divergence_terms, qg_terms
 
-MODE_FULL, MODE_SUPPORT, MODE_TAIL = 0, 1, 2
 CHUNK_ELEMENTS = 1 << 22
 LN2 = math.log(2.0)
 

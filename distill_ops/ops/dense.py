@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 from .. import backends
+from ..constants import divergence_constants, needs_labels
+from . import scalar_args
 from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
                          grad_scale_for, kernel_grad_scale, reduce_rows,
                          register_saved_grad_autograd)
@@ -31,12 +33,18 @@ def _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_c
     return reduce_rows(rows, reduction, scale)
 
 
-def _deferred(inputs: tuple) -> Optional[torch.Tensor]:
-    """fused_grad.deferred_scale of dense_kd's inputs (student, teacher, labels, ...,
-    ignore_index, reduction, ...), or of InplaceGradKD's, which follow the same order."""
-    student, teacher, labels = inputs[:3]
-    return deferred_scale(student, inputs[10], labels, inputs[9],
-                          wide=torch.float64 in (student.dtype, teacher.dtype))
+def _deferred_at(ignore_at: int):
+    """fused_grad.deferred_scale of an op's inputs (student, teacher, labels, ...) whose
+    ignore_index is input ``ignore_at`` and reduction the next."""
+    def deferred(inputs: tuple) -> Optional[torch.Tensor]:
+        student, teacher, labels = inputs[:3]
+        return deferred_scale(student, inputs[ignore_at + 1], labels, inputs[ignore_at],
+                              wide=torch.float64 in (student.dtype, teacher.dtype))
+    return deferred
+
+
+# dense_kd's, and InplaceGradKD's (its inputs follow the same order)
+_deferred = _deferred_at(9)
 
 
 @torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
@@ -56,6 +64,12 @@ def dense_kd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
+    return _loss_and_grad(student, teacher, labels, divergence, mix, temperature, softcap,
+                          soft_coef, hard_coef, ignore_index, reduction, need_grad, backend)
+
+
+def _loss_and_grad(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
+                   hard_coef, ignore_index, reduction, need_grad, backend):
     grad = grad_buffer(student, need_grad)
     loss = _run(student, teacher, labels, divergence, mix, temperature, softcap, soft_coef,
                 hard_coef, ignore_index, reduction, grad if need_grad else None, backend)
@@ -76,3 +90,39 @@ def inplace_dense_kd(student: torch.Tensor, *args) -> torch.Tensor:
     """dense_kd's loss, eager only, with the gradient written over ``student`` (InplaceGradKD);
     ``args`` are dense_kd's from ``teacher`` to ``reduction``, then the backend."""
     return InplaceGradKD.apply(_run, _deferred, student, *args)
+
+
+@torch.library.custom_op("distill_ops::dense_kd_scalars", mutates_args=(),
+                         **scalar_args.OP_TAGS)
+def dense_kd_scalars(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    scalars: torch.Tensor,
+    divergence: str,
+    scale_temperature: bool,
+    softcap: float,
+    ignore_index: int,
+    reduction: int,
+    need_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dense_kd with the temperature, beta, alpha and weights packed in ``scalars``
+    (ops/scalar_args.py), read and checked when it runs: one compiled graph for all values."""
+    code, mix, tau, soft_coef, hard_coef = divergence_constants(
+        divergence=divergence, scale_temperature=scale_temperature,
+        **scalar_args.unpack(scalars, student))
+    needs_labels(hard_coef, labels)
+    return _loss_and_grad(student, teacher, labels, code, mix, tau, softcap, soft_coef, hard_coef,
+                          ignore_index, reduction, need_grad, backend)
+
+
+@dense_kd_scalars.register_fake
+def _(student, teacher, labels, scalars, divergence, scale_temperature, softcap, ignore_index,
+      reduction, need_grad, backend):
+    return fake_loss_and_grad(student, torch.float64 in (student.dtype, teacher.dtype), reduction,
+                              need_grad)
+
+
+register_saved_grad_autograd(dense_kd_scalars, need_grad_at=9, what="a loss",
+                             deferred=_deferred_at(7))

@@ -18,6 +18,8 @@ from typing import List, Optional
 import torch
 
 from .. import backends
+from ..constants import divergence_constants, needs_labels, sparse_mode
+from . import scalar_args
 from .sparse import _impl as sparse_impl
 from .teacher_dtype import teacher_as
 
@@ -168,18 +170,73 @@ def fused_linear_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """run_chunks as one node: (loss, grad_h, grad_w, grad_b, entropy), a gradient not needed (and
     the entropy not asked for) as an empty tensor."""
+    consts = _merged(kind, int_consts, float_consts)
+    return _as_outputs(h_s, run_chunks(kind, h_s, w_s, b_s, (target0, target1, target2), labels,
+                                       consts, scale, chunk, backend, tuple(needs), defer, wide,
+                                       entropy))
+
+
+@torch.library.custom_op("distill_ops::fused_linear_chunks_scalars", mutates_args=(),
+                         **scalar_args.OP_TAGS)
+def fused_linear_chunks_scalars(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: Optional[torch.Tensor],
+    target0: torch.Tensor,
+    target1: torch.Tensor,
+    target2: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    kind: str,
+    int_consts: List[int],
+    float_consts: List[float],
+    chunk: int,
+    backend: str,
+    needs: List[bool],
+    defer: bool,
+    wide: bool,
+    entropy: bool,
+    scalars: torch.Tensor,
+    divergence: str,
+    tail: str,
+    scale_temperature: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_linear_chunks with the temperature, beta, alpha and weights packed in ``scalars``
+    (ops/scalar_args.py), read and checked when it runs; the constants they make replace
+    the stand-ins' in ``int_consts`` and ``float_consts``."""
+    consts = _with_values(kind, _merged(kind, int_consts, float_consts), h_s, labels, scalars,
+                          divergence, tail, scale_temperature)
+    return _as_outputs(h_s, run_chunks(kind, h_s, w_s, b_s, (target0, target1, target2), labels,
+                                       consts, scale, chunk, backend, tuple(needs), defer, wide,
+                                       entropy))
+
+
+def _merged(kind: str, int_consts, float_consts) -> tuple:
     ints, floats = iter(int_consts), iter(float_consts)
-    consts = tuple(next(ints) if i in INT_SLOTS[kind] else next(floats)
-                   for i in range(len(int_consts) + len(float_consts)))
-    out = run_chunks(kind, h_s, w_s, b_s, (target0, target1, target2), labels, consts, scale,
-                     chunk, backend, tuple(needs), defer, wide, entropy)
+    return tuple(next(ints) if i in INT_SLOTS[kind] else next(floats)
+                 for i in range(len(int_consts) + len(float_consts)))
+
+
+def _with_values(kind: str, consts: tuple, h_s, labels, scalars, divergence: str, tail: str,
+                 scale_temperature: bool) -> tuple:
+    code, mix, tau, soft_coef, hard_coef = divergence_constants(
+        divergence=divergence, scale_temperature=scale_temperature,
+        **scalar_args.unpack(scalars, h_s))
+    needs_labels(hard_coef, labels)
+    if kind == "dense":
+        cap, ignore_index = consts[3], consts[6]
+        return (code, mix, tau, cap, soft_coef, hard_coef, ignore_index)
+    target_scale, ignore_index = consts[4], consts[7]
+    return (code, mix, sparse_mode(tail, code), tau, target_scale, soft_coef, hard_coef,
+            ignore_index)
+
+
+def _as_outputs(h_s: torch.Tensor, out: tuple) -> tuple:
     # a fresh empty per slot: outputs may not alias one another
     return tuple(h_s.new_empty(0) if t is None else t for t in out)
 
 
-@fused_linear_chunks.register_fake
-def _(h_s, w_s, b_s, target0, target1, target2, labels, scale, kind, int_consts, float_consts,
-      chunk, backend, needs, defer, wide, entropy):
+def _fake_outputs(h_s, w_s, b_s, needs, defer, wide, entropy) -> tuple:
     w_dtype, b_dtype = grad_dtypes(w_s, b_s, defer)
     need_h, need_w, need_b = needs
     return (h_s.new_empty((), dtype=torch.float64 if wide else torch.float32),
@@ -189,15 +246,30 @@ def _(h_s, w_s, b_s, target0, target1, target2, labels, scale, kind, int_consts,
             h_s.new_empty((), dtype=torch.float32) if entropy else h_s.new_empty(0))
 
 
+@fused_linear_chunks.register_fake
+def _(h_s, w_s, b_s, target0, target1, target2, labels, scale, kind, int_consts, float_consts,
+      chunk, backend, needs, defer, wide, entropy):
+    return _fake_outputs(h_s, w_s, b_s, needs, defer, wide, entropy)
+
+
+@fused_linear_chunks_scalars.register_fake
+def _(h_s, w_s, b_s, target0, target1, target2, labels, scale, kind, int_consts, float_consts,
+      chunk, backend, needs, defer, wide, entropy, scalars, divergence, tail, scale_temperature):
+    return _fake_outputs(h_s, w_s, b_s, needs, defer, wide, entropy)
+
+
 def run_chunks_traced(kind: str, h_s, w_s, b_s, targets: tuple, labels, consts: tuple, scale,
                       chunk: int, backend: str, needs: tuple, defer: bool, wide: bool,
-                      entropy: bool) -> tuple:
-    """run_chunks through the custom op (under torch.compile), with its Nones back."""
+                      entropy: bool, held: Optional[tuple] = None) -> tuple:
+    """run_chunks through the custom op (under torch.compile), with its Nones back. ``held``:
+    (scalars, divergence, tail, scale_temperature) when the hyperparameters are tensors (then
+    ``consts`` holds stand-ins for what they make)."""
     slots = INT_SLOTS[kind]
-    out = fused_linear_chunks(
-        h_s, w_s, b_s, *targets, labels, scale, kind,
-        [c for i, c in enumerate(consts) if i in slots],
-        [c for i, c in enumerate(consts) if i not in slots], chunk, backend, list(needs), defer,
-        wide, entropy)
+    args = (h_s, w_s, b_s, *targets, labels, scale, kind,
+            [c for i, c in enumerate(consts) if i in slots],
+            [c for i, c in enumerate(consts) if i not in slots], chunk, backend, list(needs),
+            defer, wide, entropy)
+    out = (fused_linear_chunks(*args) if held is None
+           else fused_linear_chunks_scalars(*args, *held))
     keep = (True,) + tuple(needs) + (entropy,)
     return tuple(t if k else None for t, k in zip(out, keep))

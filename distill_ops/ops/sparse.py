@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 
 from .. import backends
+from ..constants import divergence_constants, needs_labels, sparse_mode
+from . import scalar_args
 from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
                          grad_scale_for, kernel_grad_scale, reduce_rows,
                          register_saved_grad_autograd)
@@ -76,6 +78,14 @@ def sparse_kd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): loss reduced as asked; grad = d loss / d student (empty if not needed)."""
+    return _loss_and_grad(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
+                          temperature, target_scale, soft_coef, hard_coef, ignore_index,
+                          reduction, need_grad, backend)
+
+
+def _loss_and_grad(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode,
+                   temperature, target_scale, soft_coef, hard_coef, ignore_index, reduction,
+                   need_grad, backend):
     grad = grad_buffer(student, need_grad)
     loss = _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, temperature,
                 target_scale, soft_coef, hard_coef, ignore_index, reduction,
@@ -97,12 +107,18 @@ def _run(student, ids, logprobs, tail_logmass, labels, divergence, mix, mode, te
     return reduce_rows(rows, reduction, scale)
 
 
-def _deferred(inputs: tuple) -> Optional[torch.Tensor]:
-    """fused_grad.deferred_scale of sparse_kd's inputs (student, ids, logprobs, tail_logmass,
-    labels, ..., ignore_index, reduction, ...), or of InplaceGradKD's (the same order)."""
-    student, logprobs, labels = inputs[0], inputs[2], inputs[4]
-    return deferred_scale(student, inputs[13], labels, inputs[12],
-                          wide=torch.float64 in (student.dtype, logprobs.dtype))
+def _deferred_at(ignore_at: int):
+    """fused_grad.deferred_scale of an op's inputs (student, ids, logprobs, tail_logmass,
+    labels, ...) whose ignore_index is input ``ignore_at`` and reduction the next."""
+    def deferred(inputs: tuple) -> Optional[torch.Tensor]:
+        student, logprobs, labels = inputs[0], inputs[2], inputs[4]
+        return deferred_scale(student, inputs[ignore_at + 1], labels, inputs[ignore_at],
+                              wide=torch.float64 in (student.dtype, logprobs.dtype))
+    return deferred
+
+
+# sparse_kd's, and InplaceGradKD's (its inputs follow the same order)
+_deferred = _deferred_at(12)
 
 
 @sparse_kd.register_fake
@@ -120,6 +136,46 @@ def inplace_sparse_kd(student: torch.Tensor, *args) -> torch.Tensor:
     """sparse_kd's loss, eager only, with the gradient written over ``student`` (InplaceGradKD);
     ``args`` are sparse_kd's from ``ids`` to ``reduction``, then the backend."""
     return InplaceGradKD.apply(_run, _deferred, student, *args)
+
+
+@torch.library.custom_op("distill_ops::sparse_kd_scalars", mutates_args=(),
+                         **scalar_args.OP_TAGS)
+def sparse_kd_scalars(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail_logmass: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    scalars: torch.Tensor,
+    divergence: str,
+    tail: str,
+    target_scale: float,
+    scale_temperature: bool,
+    ignore_index: int,
+    reduction: int,
+    need_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_kd with the temperature, beta, alpha and weights packed in ``scalars``
+    (ops/scalar_args.py), read and checked when it runs: one compiled graph for all values."""
+    code, mix, tau, soft_coef, hard_coef = divergence_constants(
+        divergence=divergence, scale_temperature=scale_temperature,
+        **scalar_args.unpack(scalars, student))
+    needs_labels(hard_coef, labels)
+    return _loss_and_grad(student, ids, logprobs, tail_logmass, labels, code, mix,
+                          sparse_mode(tail, code), tau, target_scale, soft_coef, hard_coef,
+                          ignore_index, reduction, need_grad, backend)
+
+
+@sparse_kd_scalars.register_fake
+def _(student, ids, logprobs, tail_logmass, labels, scalars, divergence, tail, target_scale,
+      scale_temperature, ignore_index, reduction, need_grad, backend):
+    return fake_loss_and_grad(student, torch.float64 in (student.dtype, logprobs.dtype), reduction,
+                              need_grad)
+
+
+register_saved_grad_autograd(sparse_kd_scalars, need_grad_at=12, what="a sparse loss",
+                             deferred=_deferred_at(10))
 
 
 # ----------------------------------------------------------------------------- the teacher side

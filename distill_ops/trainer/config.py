@@ -153,7 +153,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every value and their combinations (ConfigError naming the field); returns self.
         Runs on construction; train() runs it again (fields may have been set since)."""
-        from ..functional import DIVERGENCES
+        from ..constants import DIVERGENCES
         from ..backends import BACKENDS
 
         def choice(name, allowed):
