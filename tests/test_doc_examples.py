@@ -1,8 +1,9 @@
 """The documentation's examples, run as written.
 
 README.md's Python blocks are executed in order, in one namespace, on a tiny random Llama (no
-hub); each block's loss is then held against the float64 oracle, and the "Full signature" block
-against kd_loss's real signature. docs/trainer.md's runnable blocks (the thin trainer, the
+hub); each block's loss is then held against the float64 oracle (the compiled schedule's against
+the float temperature's, with its graph count), and the "Full signature" block against kd_loss's
+real signature. docs/trainer.md's runnable blocks (the thin trainer, the
 transformers.Trainer subclass on a teacher and on a target cache) train for real on tiny models.
 An example that drifts from the API (a renamed keyword, a changed default, an attribute that
 moved) fails here instead of in a user's first five minutes.
@@ -49,10 +50,13 @@ def tiny_llama(seed: int):
 @pytest.fixture(scope="module")
 def ran():
     """The namespace after each README Python block, in order, with the student's lm_head
-    gradient at that point as ``lm_head_grad`` (a copy: later blocks accumulate into it)."""
+    gradient at that point as ``lm_head_grad`` (a copy: later blocks accumulate into it) and
+    the graphs torch.compile made so far as ``graphs_so_far``."""
+    from torch._dynamo.utils import counters
+
     pytest.importorskip("transformers")
     blocks = fenced_blocks(README.read_text(), "python")
-    assert len(blocks) == 3, "README's Python examples changed: update this test with them"
+    assert len(blocks) == 4, "README's Python examples changed: update this test with them"
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, V, (2, 9), generator=g)
     labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), -100)], dim=1)
@@ -61,10 +65,13 @@ def ran():
     ns = {"model": model, "student": model, "teacher": tiny_llama(1).eval(),
           "input_ids": input_ids, "labels": labels}
     after = []
+    torch._dynamo.reset()
+    counters.clear()
     for block in blocks:
         exec(compile(block, str(README), "exec"), ns)
         grad = model.lm_head.weight.grad
-        after.append(dict(ns, lm_head_grad=None if grad is None else grad.clone()))
+        after.append(dict(ns, lm_head_grad=None if grad is None else grad.clone(),
+                          graphs_so_far=counters["stats"]["unique_graphs"]))
     return after
 
 
@@ -84,8 +91,17 @@ def test_the_kd_loss_example_gives_the_oracle_s_loss(ran):
     assert rel_err(ns["loss"], ref) < 1e-5
 
 
-def test_the_fused_linear_example_gives_kd_loss_on_the_projected_logits(ran):
+def test_the_schedule_example_compiles_once(ran):
+    """Block 2 changes a tensor temperature between compiled calls: its last loss is the float
+    temperature's, and one graph served the three values."""
     ns = ran[1]
+    s, t = ns["student_logits"], ns["teacher_logits"]
+    assert torch.equal(ns["loss"], kd_loss(s, t, temperature=2.0, divergence="jsd"))
+    assert ns["graphs_so_far"] == 1
+
+
+def test_the_fused_linear_example_gives_kd_loss_on_the_projected_logits(ran):
+    ns = ran[2]
     s = ns["h_s"] @ ns["student"].lm_head.weight.T
     t = ns["h_t"] @ ns["teacher"].lm_head.weight.T
     ref, _ = oracle(s, t, ns["labels"], hard_weight=0.5, temperature=2.0)
@@ -93,7 +109,7 @@ def test_the_fused_linear_example_gives_kd_loss_on_the_projected_logits(ran):
 
 
 def test_the_sparse_example_gives_the_oracle_s_loss(ran):
-    ns = ran[2]
+    ns = ran[3]
     targets, s = ns["targets"], ns["student_logits"]
     assert targets.ids.shape == (2, 9, 64)
     ref, _ = sparse_oracle(s, targets.ids, targets.logprobs, labels=ns["labels"], hard_weight=0.5,
@@ -143,8 +159,8 @@ def test_the_loss_modules_docstring_examples_run(ran, name):
     """Each module's example, with the README's tensors: a finite scalar loss with a gradient."""
     import distill_ops
 
-    ns = dict(ran[1], **{name: getattr(distill_ops, name)}, teacher_topk=distill_ops.teacher_topk,
-              h_student=ran[1]["h_s"], h_teacher=ran[1]["h_t"])
+    ns = dict(ran[2], **{name: getattr(distill_ops, name)}, teacher_topk=distill_ops.teacher_topk,
+              h_student=ran[2]["h_s"], h_teacher=ran[2]["h_t"])
     exec(compile(docstring_example(getattr(distill_ops, name)), name, "exec"), ns)
     loss = ns["loss"]
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
