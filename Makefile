@@ -114,10 +114,11 @@ test-twin: .prebuilt/stamp.json peers-dir
 	  -p no:cacheprovider --ignore=tests/test_cuda_emu.py
 
 # The oldest torch pyproject.toml accepts (2.8.0, with its Triton 3.4), on the oldest Python it
-# accepts (3.10): `make test-floor` runs the loss API, compile, the HF Trainer integration, the
-# trainer and the documentation's examples there, on the torch and Triton (interpreter) backends. Not the C++ extension (no
-# build: the .so files of the other environments are for other Pythons, so this one imports
-# none); 2026-12-07 it built and passed the whole suite at 2.8.0 once by hand (bench/NOTES.md).
+# accepts (3.10): `make test-floor` runs the loss API, compile (tensor hyperparameters included),
+# the HF Trainer integration, the trainer and the documentation's examples there, on the torch
+# and Triton (interpreter) backends. Not the C++ extension (no build: the .so files of the other
+# environments are for other Pythons, so this one imports none); 2026-12-07 it built and passed
+# the whole suite at 2.8.0 once by hand (bench/NOTES.md).
 FLOOR_PY    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 FLOOR_VENV  ?= .venv-floor
 FLOOR_DEPS  := torch==2.8.0 transformers==5.17.0 tokenizers==0.23.2 accelerate==1.15.0 "numpy<2.4" \
@@ -126,7 +127,8 @@ FLOOR_TESTS := tests/test_public_api.py tests/test_dense_api.py tests/test_spars
                tests/test_topk.py tests/test_fused_linear.py tests/test_dense_compile.py \
                tests/test_sparse_compile.py tests/test_integrations_hf.py \
                tests/test_integrations_hf_shard.py tests/test_trainer.py \
-               tests/test_packaging.py tests/test_doc_examples.py
+               tests/test_packaging.py tests/test_doc_examples.py \
+               tests/test_tensor_hyperparameters.py
 
 $(FLOOR_VENV)/.deps:
 	$(call other_venv,$(FLOOR_PY),$(FLOOR_VENV),$(FLOOR_DEPS))
