@@ -70,7 +70,8 @@ def test_inplace_grad_refuses_to_compile():
 def test_a_temperature_schedule_compiles():
     """A float argument that changes between calls becomes symbolic in dynamo: the argument
     checks' math.isfinite could not trace it, so fullgraph=True raised at the second
-    temperature. (Each value still compiles once: the ops take their constants as floats.)"""
+    temperature. (Each float still compiles once, a constant of the graph; as 0-d tensors one
+    graph serves every value: tests/test_tensor_hyperparameters.py.)"""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
     s = torch.randn(4, 30, generator=g)
