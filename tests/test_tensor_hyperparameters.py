@@ -25,17 +25,17 @@ SCHEDULE = [(1.0, 0.0, 0.1, 1.0, 0.0), (2.5, 1.0, 0.2, 0.5, 0.3), (0.7, 0.3, 0.1
             (4.0, 0.5, 0.9, 0.0, 1.0)]
 
 
-def _inputs(seed: int = 0) -> dict:
+def _inputs(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
     g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(N, H, generator=g)
-    ws = torch.randn(V, H, generator=g) * 0.5
-    ht = torch.randn(N, H, generator=g)
-    wt = torch.randn(V, H, generator=g) * 0.5
+    hs = torch.randn(N, H, generator=g).to(dtype)
+    ws = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    ht = torch.randn(N, H, generator=g).to(dtype)
+    wt = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[2] = -100
     teacher = ht @ wt.T
     return dict(hs=hs, ws=ws, ht=ht, wt=wt, labels=labels, teacher=teacher,
-                targets=teacher_topk(teacher, K))
+                targets=teacher_topk(teacher.float(), K))
 
 
 def _loss(kind: str, x: dict, hs: torch.Tensor, ws: torch.Tensor, backend: str, tail: str,
@@ -76,12 +76,20 @@ def test_eager_tensors_give_the_floats_results(kind, backend, tail):
                           _loss_and_grads(_loss, kind, x, backend, tail, **floats))
 
 
-@pytest.mark.parametrize("kind,tail,backend,compiler", [
-    ("dense", "renorm", "cpu", "inductor"), ("dense", "renorm", "triton", "aot_eager"),
-    ("sparse", "renorm", "cpu", "aot_eager"), ("sparse", "tail", "torch", "aot_eager"),
-    ("fused_dense", "renorm", "cpu", "aot_eager"), ("fused_sparse", "tail", "cpu", "aot_eager"),
+F16 = torch.float16
+
+
+@pytest.mark.parametrize("kind,tail,backend,compiler,dtype", [
+    ("dense", "renorm", "cpu", "inductor", None), ("dense", "renorm", "triton", "aot_eager", None),
+    ("sparse", "renorm", "cpu", "aot_eager", None), ("sparse", "tail", "torch", "aot_eager", None),
+    ("fused_dense", "renorm", "cpu", "aot_eager", None),
+    ("fused_sparse", "tail", "cpu", "aot_eager", None),
+    # float16 leaves the mean's 1/N to the backward (fused_grad.defers_mean), which finds the
+    # reduction and ignore_index among the op's inputs
+    ("dense", "renorm", "torch", "aot_eager", F16), ("sparse", "renorm", "torch", "aot_eager", F16),
+    ("fused_dense", "renorm", "torch", "aot_eager", F16),
 ])
-def test_one_compiled_graph_serves_every_value(kind, tail, backend, compiler):
+def test_one_compiled_graph_serves_every_value(kind, tail, backend, compiler, dtype):
     """Tensors changed in place between calls: one graph, and each step's loss and gradients are
     the eager floats' to the bit."""
     from torch._dynamo.utils import counters
@@ -89,7 +97,7 @@ def test_one_compiled_graph_serves_every_value(kind, tail, backend, compiler):
     require_backend(backend)
     torch._dynamo.reset()
     counters.clear()
-    x = _inputs(1)
+    x = _inputs(1, dtype or torch.float32)
     tensors = {k: torch.tensor(0.0, dtype=torch.float64) for k in NAMES}
     compiled = torch.compile(_loss, fullgraph=True, backend=compiler)
     for values in SCHEDULE:
