@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..constants import divergence_constants, needs_labels
 from . import scalar_args
 from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
                          grad_scale_for, kernel_grad_scale, reduce_rows,
@@ -109,10 +108,8 @@ def dense_kd_scalars(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dense_kd with the temperature, beta, alpha and weights packed in ``scalars``
     (ops/scalar_args.py), read and checked when it runs: one compiled graph for all values."""
-    code, mix, tau, soft_coef, hard_coef = divergence_constants(
-        divergence=divergence, scale_temperature=scale_temperature,
-        **scalar_args.unpack(scalars, student))
-    needs_labels(hard_coef, labels)
+    code, mix, tau, soft_coef, hard_coef = scalar_args.read_constants(
+        scalars, student, labels, divergence=divergence, scale_temperature=scale_temperature)
     return _loss_and_grad(student, teacher, labels, code, mix, tau, softcap, soft_coef, hard_coef,
                           ignore_index, reduction, need_grad, backend)
 

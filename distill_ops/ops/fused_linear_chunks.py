@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from ..constants import divergence_constants, needs_labels, sparse_mode
+from ..constants import sparse_mode
 from . import scalar_args
 from .sparse import _impl as sparse_impl
 from .teacher_dtype import teacher_as
@@ -219,10 +219,8 @@ def _merged(kind: str, int_consts, float_consts) -> tuple:
 
 def _with_values(kind: str, consts: tuple, h_s, labels, scalars, divergence: str, tail: str,
                  scale_temperature: bool) -> tuple:
-    code, mix, tau, soft_coef, hard_coef = divergence_constants(
-        divergence=divergence, scale_temperature=scale_temperature,
-        **scalar_args.unpack(scalars, h_s))
-    needs_labels(hard_coef, labels)
+    code, mix, tau, soft_coef, hard_coef = scalar_args.read_constants(
+        scalars, h_s, labels, divergence=divergence, scale_temperature=scale_temperature)
     if kind == "dense":
         cap, ignore_index = consts[3], consts[6]
         return (code, mix, tau, cap, soft_coef, hard_coef, ignore_index)

@@ -17,6 +17,8 @@ from typing import Mapping
 
 import torch
 
+from ..constants import divergence_constants, needs_labels
+
 NAMES = ("temperature", "beta", "alpha", "soft_weight", "hard_weight")
 
 # Valid stand-ins for the tensor-held values while the losses check their other arguments at
@@ -90,3 +92,13 @@ def unpack(scalars: torch.Tensor, student: torch.Tensor) -> dict:
             "runs, and a CUDA graph would replay the values read at capture; capture it with "
             "float hyperparameters, or run it outside the graph")
     return dict(zip(NAMES, scalars.tolist()))
+
+
+def read_constants(scalars: torch.Tensor, student: torch.Tensor, labels: object, *,
+                   divergence: str, scale_temperature: bool) -> tuple:
+    """constants.divergence_constants of pack's values, read and checked as the op runs (and a
+    hard weight above 0 needs ``labels``): (code, mix, tau, soft coefficient, hard coefficient)."""
+    consts = divergence_constants(divergence=divergence, scale_temperature=scale_temperature,
+                                  **unpack(scalars, student))
+    needs_labels(consts[4], labels)
+    return consts

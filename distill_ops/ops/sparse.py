@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..constants import divergence_constants, needs_labels, sparse_mode
+from ..constants import sparse_mode
 from . import scalar_args
 from .fused_grad import (InplaceGradKD, deferred_scale, fake_loss_and_grad, grad_buffer,
                          grad_scale_for, kernel_grad_scale, reduce_rows,
@@ -158,10 +158,8 @@ def sparse_kd_scalars(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sparse_kd with the temperature, beta, alpha and weights packed in ``scalars``
     (ops/scalar_args.py), read and checked when it runs: one compiled graph for all values."""
-    code, mix, tau, soft_coef, hard_coef = divergence_constants(
-        divergence=divergence, scale_temperature=scale_temperature,
-        **scalar_args.unpack(scalars, student))
-    needs_labels(hard_coef, labels)
+    code, mix, tau, soft_coef, hard_coef = scalar_args.read_constants(
+        scalars, student, labels, divergence=divergence, scale_temperature=scale_temperature)
     return _loss_and_grad(student, ids, logprobs, tail_logmass, labels, code, mix,
                           sparse_mode(tail, code), tau, target_scale, soft_coef, hard_coef,
                           ignore_index, reduction, need_grad, backend)
