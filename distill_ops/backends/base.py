@@ -55,8 +55,9 @@ DIVERGENCE_CODES = {
 }
 
 
-# Sparse-loss modes shared with the kernels (csrc/include/distill_ops/sparse_math.h, triton/sparse.py):
-# student normalised over the full vocabulary, over the target support, or with a tail bucket.
+# Sparse-loss modes shared with the kernels (csrc/include/distill_ops/sparse_math.h,
+# triton/sparse.py): the student normalised over the full vocabulary, over the target support, or
+# with a tail bucket.
 MODE_FULL, MODE_SUPPORT, MODE_TAIL = 0, 1, 2
 
 
