@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import _validate as check
-from .backends.reference_sparse import MODE_TAIL
+from .backends.base import MODE_TAIL
 from .constants import needs_labels, sparse_mode
 from .functional import Scalar, loss_constants
 from .ops.fused_grad import REDUCTIONS

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import reference_sparse
-from .reference_sparse import MODE_TAIL, merge_sampled
+from .base import MODE_TAIL
+from .reference_sparse import merge_sampled
 
 _LOAD_ERROR: Optional[str] = None
 try:  # the extension registers its operators under torch.ops.distill_ops_native on import

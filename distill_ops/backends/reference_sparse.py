@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from ..targets import rng
-from .base import MODE_FULL, MODE_SUPPORT, MODE_TAIL  # noqa: F401  (importers read them here too)
+from .base import MODE_FULL, MODE_SUPPORT, MODE_TAIL
 from .reference import divergence_terms, qg_terms
 
 CHUNK_ELEMENTS = 1 << 22

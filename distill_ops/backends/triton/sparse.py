@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..base import FORWARD_KL, JSD, REVERSE_KL, SKEW_FORWARD_KL, SKEW_REVERSE_KL
-from ..reference_sparse import MODE_FULL, MODE_SUPPORT, MODE_TAIL, target_bits
+from ..base import (FORWARD_KL, JSD, MODE_FULL, MODE_SUPPORT, MODE_TAIL, REVERSE_KL,
+                    SKEW_FORWARD_KL, SKEW_REVERSE_KL)
+from ..reference_sparse import target_bits
 from .dense import _mixture_args, _online_update, _terms
 from .mul_rn import mul_rn
 from .scalars import acc_scalar
