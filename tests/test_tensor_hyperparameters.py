@@ -152,6 +152,19 @@ def test_a_bad_tensor_is_named(kind, bad, error, match):
             _loss(kind, x, x["hs"], x["ws"], "torch", "renorm", temperature=bad)
 
 
+@pytest.mark.parametrize("name,bad_value", [("beta", 1.5), ("alpha", -0.1), ("soft_weight", -1.0),
+                                            ("hard_weight", float("inf"))])
+@pytest.mark.parametrize("kind", LOSSES)
+def test_each_hyperparameter_s_tensor_is_checked_under_its_name(kind, name, bad_value):
+    """Eager: the other four take tensors too, and a bad form or value names its argument."""
+    x = _inputs(3)
+    with pytest.raises(ValueError, match=f"{name} as a tensor must be 0-d"):
+        _loss(kind, x, x["hs"], x["ws"], "torch", "renorm", **{name: torch.tensor([0.5])})
+    with pytest.raises(ValueError, match=name):
+        _loss(kind, x, x["hs"], x["ws"], "torch", "renorm",
+              **{name: torch.tensor(bad_value, dtype=torch.float64)})
+
+
 def test_a_module_reads_its_tensor_at_each_call():
     x = _inputs(4)
     s = x["hs"] @ x["ws"].T
